@@ -1,0 +1,9 @@
+"""Flax linen models. Every model's `__call__(x, *, train)` returns
+`(logits, features)`: `features` is a flat dict of named intermediate arrays
+(NHWC maps, NLD tokens, `"embedding"` for a pooled vector). See each module's
+docstring for its feature names.
+"""
+from kd_jax.models.registry import build, names, register
+
+# Importing a module registers its models.
+from kd_jax.models import unet  # noqa: F401,E402

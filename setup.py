@@ -1,0 +1,36 @@
+"""kd_jax: knowledge distillation for medical imaging in JAX/Flax."""
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax>=0.4.30",
+    "flax>=0.10",
+    "optax>=0.2.3",
+    "orbax-checkpoint>=0.6",
+    "tensorflow-datasets>=4.9.6",
+    "grain>=0.2.2",
+    "ml_collections>=0.1.1",
+    "clu>=0.0.12",
+    # clu.metric_writers and clu.periodic_actions import TensorFlow's summary
+    # writer; without these two the TensorBoard event files cannot be written.
+    "tensorflow-cpu>=2.16",
+    "tensorboard>=2.16",
+    "numpy",
+    "scipy",
+    "matplotlib",
+    "h5py",
+    "pillow",
+]
+
+setup(
+    name="kd_jax",
+    version="0.1.0",
+    description="Knowledge distillation for medical imaging in JAX/Flax.",
+    packages=find_packages(include=["kd_jax", "kd_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        "test": ["pytest>=7", "pytest-xdist"],
+        # PyTorch eager is the baseline the benchmarks compare against.
+        "bench": ["torch>=2.1"],
+    },
+)
