@@ -4,6 +4,7 @@
 docstring for its feature names.
 """
 from kd_jax.models.registry import build, names, register
+from kd_jax.models.summary import default_input, summary  # noqa: E402
 
 # Importing a module registers its models.
 from kd_jax.models import unet  # noqa: F401,E402
