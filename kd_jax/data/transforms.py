@@ -1,0 +1,351 @@
+"""Per-example grain transforms and intensity helpers (numpy, before batching).
+
+Every transform takes and returns one example dict
+`{"image": float32 HWC, "label": int32 HW or int32 (), ...}` and keeps the
+dtype and (unless it is a resize or crop) the shape of every array.
+
+Spatial transforms move three kinds of keys together:
+
+* the image (`"image"`, HWC): bilinear interpolation (order 1);
+* label-like maps (`spatial_keys`, default `"label"`, `"mask"`, `"fov"`):
+  nearest neighbour (order 0) so class ids stay class ids. A key is treated
+  as a map only when its first two dimensions equal the image's, so a
+  classification `"label"` of shape `()` is left alone;
+* landmarks (`point_keys`, default `"fovea_xy"`, `"disc_xy"`): `(x, y)` pixel
+  coordinates (x = column, y = row, pixel centres at integers), mapped by the
+  same geometry as the image.
+
+Intensity helpers: `ct_window` (Hounsfield units → [0, 1]) and
+`normalize_slice` (per-slice z-score, for MRI).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+from scipy import ndimage
+
+Example = dict[str, Any]
+
+SPATIAL_KEYS = ("label", "mask", "fov")
+POINT_KEYS = ("fovea_xy", "disc_xy")
+
+
+# --------------------------------------------------------------------------
+# Intensity helpers.
+
+
+def ct_window(hu: np.ndarray, low: float = -125.0,
+              high: float = 275.0) -> np.ndarray:
+  """Clips Hounsfield units to `[low, high]` and scales to float32 [0, 1].
+
+  The default window (-125, 275) HU is the abdominal soft-tissue window of the
+  TransUNet Synapse preprocessing (centre 75, width 400).
+  """
+  if high <= low:
+    raise ValueError(f"ct_window needs high > low, got low={low}, high={high}")
+  hu = np.asarray(hu, np.float32)
+  return ((np.clip(hu, low, high) - low) / (high - low)).astype(np.float32)
+
+
+def normalize_slice(image: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+  """Z-scores one 2D slice (HW or HWC): zero mean, unit std over all pixels.
+
+  MRI intensities have no absolute scale, so each slice is normalised on its
+  own. A constant slice maps to zeros (std clamped by `eps`).
+  """
+  image = np.asarray(image, np.float32)
+  std = image.std()
+  return ((image - image.mean()) / max(float(std), eps)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------
+# Geometry helpers shared by the transforms (numpy, any key).
+
+
+def resize_image(image: np.ndarray, size: Sequence[int],
+                 order: int = 1) -> np.ndarray:
+  """Resizes the first two axes of `image` to `size` = (H, W).
+
+  order 1 = bilinear (images), 0 = nearest (masks). Pixel areas are aligned
+  (`grid_mode=True`, like `align_corners=False`), edges replicate.
+  """
+  h, w = image.shape[:2]
+  out_h, out_w = int(size[0]), int(size[1])
+  if (h, w) == (out_h, out_w):
+    return image
+  factors = (out_h / h, out_w / w) + (1.0,) * (image.ndim - 2)
+  src = image if order == 0 else image.astype(np.float32)
+  out = ndimage.zoom(src, factors, order=order, mode="nearest",
+                     grid_mode=True)
+  # zoom rounds the output shape; guard against float round-off.
+  out = out[:out_h, :out_w]
+  if out.shape[:2] != (out_h, out_w):
+    pad = [(0, out_h - out.shape[0]), (0, out_w - out.shape[1])]
+    out = np.pad(out, pad + [(0, 0)] * (out.ndim - 2), mode="edge")
+  return out.astype(image.dtype, copy=False)
+
+
+def _is_map(example: Example, key: str) -> bool:
+  value = example.get(key)
+  image = example["image"]
+  return (isinstance(value, np.ndarray) and value.ndim >= 2
+          and value.shape[:2] == image.shape[:2])
+
+
+def _apply_geometry(example: Example, image_fn, map_fn, point_fn,
+                    spatial_keys, point_keys) -> Example:
+  """Applies one geometric op to the image, the maps and the points."""
+  out = dict(example)
+  out["image"] = image_fn(example["image"]).astype(
+      example["image"].dtype, copy=False)
+  for key in spatial_keys:
+    if _is_map(example, key):
+      out[key] = map_fn(example[key]).astype(example[key].dtype, copy=False)
+  for key in point_keys:
+    if key in example:
+      xy = np.asarray(example[key])
+      out[key] = np.asarray(point_fn(xy.astype(np.float64)), xy.dtype)
+  return out
+
+
+def _affine(array: np.ndarray, matrix: np.ndarray, offset: np.ndarray,
+            order: int, cval: float) -> np.ndarray:
+  """out[o] = array[matrix @ o + offset] on the first two axes."""
+  full = np.eye(array.ndim)
+  full[:2, :2] = matrix
+  full_offset = np.zeros(array.ndim)
+  full_offset[:2] = offset
+  src = array if order == 0 else array.astype(np.float32)
+  return ndimage.affine_transform(src, full, offset=full_offset,
+                                  order=order, mode="constant", cval=cval)
+
+
+def rotate(example: Example, angle_deg: float,
+           spatial_keys: Sequence[str] = SPATIAL_KEYS,
+           point_keys: Sequence[str] = POINT_KEYS) -> Example:
+  """Rotates about the image centre by `angle_deg` (counter-clockwise as
+  displayed with row 0 at the top), keeping the shape; outside is 0."""
+  h, w = example["image"].shape[:2]
+  centre = np.array([(h - 1) / 2.0, (w - 1) / 2.0])  # (row, col)
+  t = np.deg2rad(angle_deg)
+  # Forward map on (row, col) for a counter-clockwise turn on screen.
+  fwd = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+  inv = fwd.T
+  offset = centre - inv @ centre
+
+  def point_fn(xy):
+    rc = np.array([xy[1], xy[0]])
+    r, c = fwd @ (rc - centre) + centre
+    return np.array([c, r])
+
+  return _apply_geometry(
+      example,
+      lambda a: _affine(a, inv, offset, 1, 0.0),
+      lambda a: _affine(a, inv, offset, 0, 0),
+      point_fn, spatial_keys, point_keys)
+
+
+def rot90(example: Example, k: int,
+          spatial_keys: Sequence[str] = SPATIAL_KEYS,
+          point_keys: Sequence[str] = POINT_KEYS) -> Example:
+  """`np.rot90(·, k, axes=(0, 1))` on image and maps (counter-clockwise)."""
+  k = k % 4
+  h, w = example["image"].shape[:2]
+
+  def point_fn(xy):
+    x, y = xy
+    hh, ww = h, w
+    for _ in range(k):  # one counter-clockwise quarter turn at a time
+      x, y = y, ww - 1 - x
+      hh, ww = ww, hh
+    return np.array([x, y])
+
+  turn = lambda a: np.ascontiguousarray(np.rot90(a, k, axes=(0, 1)))
+  return _apply_geometry(example, turn, turn, point_fn, spatial_keys,
+                         point_keys)
+
+
+def flip(example: Example, axis: int,
+         spatial_keys: Sequence[str] = SPATIAL_KEYS,
+         point_keys: Sequence[str] = POINT_KEYS) -> Example:
+  """Mirrors rows (`axis=0`, vertical flip) or columns (`axis=1`)."""
+  h, w = example["image"].shape[:2]
+
+  def point_fn(xy):
+    x, y = xy
+    return np.array([w - 1 - x, y]) if axis == 1 else np.array([x, h - 1 - y])
+
+  mirror = lambda a: np.ascontiguousarray(np.flip(a, axis=axis))
+  return _apply_geometry(example, mirror, mirror, point_fn, spatial_keys,
+                         point_keys)
+
+
+def resize(example: Example, size: Sequence[int],
+           spatial_keys: Sequence[str] = SPATIAL_KEYS,
+           point_keys: Sequence[str] = POINT_KEYS) -> Example:
+  """Resizes image (bilinear), maps (nearest) and scales points to `size`."""
+  h, w = example["image"].shape[:2]
+  sy, sx = size[0] / h, size[1] / w
+  # Pixel centres: continuous coordinate x + 0.5 scales by sx.
+  point_fn = lambda xy: np.array([(xy[0] + 0.5) * sx - 0.5,
+                                  (xy[1] + 0.5) * sy - 0.5])
+  return _apply_geometry(
+      example, lambda a: resize_image(a, size, 1),
+      lambda a: resize_image(a, size, 0), point_fn, spatial_keys, point_keys)
+
+
+# --------------------------------------------------------------------------
+# grain transforms.
+
+
+class SegmentationAugment(grain.transforms.RandomMap):
+  """TransUNet's training augmentation: random rot90 + flip, or a small
+  random rotation.
+
+  As in TransUNet's `RandomGenerator`: with probability 1/2 the example is
+  turned by k·90° (k uniform in 0..3) and mirrored along a random axis;
+  otherwise, with probability 1/2, it is rotated by an angle uniform in
+  [-max_rotation_deg, max_rotation_deg]. Image bilinear, label nearest
+  (TransUNet used nearest for both; bilinear keeps image intensities smooth).
+  On non-square images only k ∈ {0, 2} is used so the shape is kept.
+  """
+
+  def __init__(self, flip: bool = True, rot90: bool = True,
+               max_rotation_deg: float = 20.0,
+               spatial_keys: Sequence[str] = SPATIAL_KEYS,
+               point_keys: Sequence[str] = POINT_KEYS):
+    self.flip = flip
+    self.rot90 = rot90
+    self.max_rotation_deg = float(max_rotation_deg)
+    self.spatial_keys = tuple(spatial_keys)
+    self.point_keys = tuple(point_keys)
+
+  def random_map(self, element: Example, rng: np.random.Generator) -> Example:
+    keys = dict(spatial_keys=self.spatial_keys, point_keys=self.point_keys)
+    if (self.flip or self.rot90) and rng.random() < 0.5:
+      if self.rot90:
+        h, w = element["image"].shape[:2]
+        k = int(rng.integers(4)) if h == w else 2 * int(rng.integers(2))
+        element = rot90(element, k, **keys)
+      if self.flip:
+        element = flip(element, int(rng.integers(2)), **keys)
+    elif self.max_rotation_deg > 0 and rng.random() < 0.5:
+      angle = rng.uniform(-self.max_rotation_deg, self.max_rotation_deg)
+      element = rotate(element, angle, **keys)
+    return element
+
+
+class Resize(grain.transforms.Map):
+  """Resizes image (bilinear), label maps (nearest) and points to `size`."""
+
+  def __init__(self, size: Sequence[int],
+               spatial_keys: Sequence[str] = SPATIAL_KEYS,
+               point_keys: Sequence[str] = POINT_KEYS):
+    self.size = (int(size[0]), int(size[1]))
+    self.spatial_keys = tuple(spatial_keys)
+    self.point_keys = tuple(point_keys)
+
+  def map(self, element: Example) -> Example:
+    return resize(element, self.size, self.spatial_keys, self.point_keys)
+
+
+class RandomScaleCrop(grain.transforms.RandomMap):
+  """Structured KD / PSPNet training augmentation: random scale, pad, crop,
+  horizontal flip.
+
+  The example is resized by a factor uniform in `scale_range` (image bilinear,
+  maps nearest), padded at the bottom/right to at least `crop_size` (image
+  with 0, label maps with `pad_label`; use an ignore index such as 255 when
+  the loss and `confusion_matrix` should skip padding, since out-of-range
+  labels are ignored there), randomly cropped to `crop_size`, and mirrored
+  left-right with probability 1/2 when `flip`.
+  """
+
+  def __init__(self, crop_size: Sequence[int],
+               scale_range: tuple[float, float] = (0.5, 2.0),
+               flip: bool = True, pad_label: int = 0,
+               spatial_keys: Sequence[str] = SPATIAL_KEYS,
+               point_keys: Sequence[str] = POINT_KEYS):
+    self.crop_size = (int(crop_size[0]), int(crop_size[1]))
+    self.scale_range = (float(scale_range[0]), float(scale_range[1]))
+    self.flip = flip
+    self.pad_label = pad_label
+    self.spatial_keys = tuple(spatial_keys)
+    self.point_keys = tuple(point_keys)
+
+  def random_map(self, element: Example, rng: np.random.Generator) -> Example:
+    keys = dict(spatial_keys=self.spatial_keys, point_keys=self.point_keys)
+    h, w = element["image"].shape[:2]
+    s = rng.uniform(*self.scale_range)
+    element = resize(element, (max(1, round(h * s)), max(1, round(w * s))),
+                     **keys)
+    h, w = element["image"].shape[:2]
+    ch, cw = self.crop_size
+    top = int(rng.integers(max(h - ch, 0) + 1))
+    left = int(rng.integers(max(w - cw, 0) + 1))
+
+    def crop(a, fill):
+      a = a[top:top + ch, left:left + cw]
+      pad = [(0, ch - a.shape[0]), (0, cw - a.shape[1])]
+      pad += [(0, 0)] * (a.ndim - 2)
+      return np.pad(a, pad, constant_values=fill)
+
+    element = _apply_geometry(
+        element, lambda a: crop(a, 0), lambda a: crop(a, self.pad_label),
+        lambda xy: xy - np.array([left, top]), **keys)
+    if self.flip and rng.random() < 0.5:
+      element = flip(element, 1, **keys)
+    return element
+
+
+class ColorJitter(grain.transforms.RandomMap):
+  """Random brightness, contrast and saturation for [0, 1] colour images
+  (fundus photographs).
+
+  Each factor is uniform in [1 - s, 1 + s]: brightness multiplies, contrast
+  scales around the mean grey level, saturation scales around each pixel's
+  grey value (skipped for one-channel images). Results are clipped to [0, 1]
+  when `clip`.
+  """
+
+  def __init__(self, brightness: float = 0.2, contrast: float = 0.2,
+               saturation: float = 0.2, clip: bool = True):
+    self.brightness = brightness
+    self.contrast = contrast
+    self.saturation = saturation
+    self.clip = clip
+
+  def random_map(self, element: Example, rng: np.random.Generator) -> Example:
+    image = element["image"]
+    x = image.astype(np.float32)
+    factor = lambda s: rng.uniform(1.0 - s, 1.0 + s) if s > 0 else 1.0
+    x = x * factor(self.brightness)
+    grey = x.mean(axis=-1, keepdims=True)
+    x = (x - grey.mean()) * factor(self.contrast) + grey.mean()
+    if x.shape[-1] == 3 and self.saturation > 0:
+      grey = x @ np.array([0.299, 0.587, 0.114], np.float32)
+      x = (x - grey[..., None]) * factor(self.saturation) + grey[..., None]
+    if self.clip:
+      x = np.clip(x, 0.0, 1.0)
+    return {**element, "image": x.astype(image.dtype)}
+
+
+class CTWindow(grain.transforms.Map):
+  """Applies `ct_window` to an image in Hounsfield units."""
+
+  def __init__(self, low: float = -125.0, high: float = 275.0):
+    self.low, self.high = float(low), float(high)
+
+  def map(self, element: Example) -> Example:
+    return {**element, "image": ct_window(element["image"], self.low,
+                                          self.high)}
+
+
+class NormalizeSlice(grain.transforms.Map):
+  """Applies `normalize_slice` (per-slice z-score, MRI)."""
+
+  def map(self, element: Example) -> Example:
+    return {**element, "image": normalize_slice(element["image"])}
