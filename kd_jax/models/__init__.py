@@ -8,3 +8,4 @@ from kd_jax.models.summary import default_input, summary  # noqa: E402
 
 # Importing a module registers its models.
 from kd_jax.models import unet  # noqa: F401,E402
+from kd_jax.models import resnet  # noqa: F401,E402

@@ -2,7 +2,7 @@
 
     from kd_jax import models
     models.summary(models.build("resnet50"), (1, 224, 224, 3))
-    # {'params': 25557032, 'batch_stats': 53120, 'flops': 8.2e9}
+    # {"params": 25557032, "batch_stats": 53120, "flops": 8.0e9}
 
 * `params` counts the `"params"` collection only (what an optimizer trains);
   `batch_stats` counts the BatchNorm running statistics (and spectral-norm
@@ -10,7 +10,7 @@
   memory is allocated and even PSPNet-ResNet101 counts in about a second.
 * `flops` is XLA's cost analysis of the jitted eval-mode forward
   (`model.apply(variables, x, train=False)`), compiled but never run. XLA
-  counts a multiply-add as two FLOPs, so ResNet-50 at 224² reads ≈ 8.2e9
+  counts a multiply-add as two FLOPs, so ResNet-50 at 224² reads ≈ 8.0e9
   where papers quoting "GFLOPs" as multiply-adds say 4.1. Elementwise work
   (BatchNorm, activations, resizes) is included. The number is for the
   whole `input_shape` batch: use batch 1 for a per-image figure.
