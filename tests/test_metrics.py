@@ -77,3 +77,155 @@ def test_segmentation_scores_one_sided_and_all_absent():
   assert np.isnan(s["mean_dice"]) and np.isnan(s["mean_iou"])
   assert float(s["dice"][0]) == 1.0
   assert float(s["pixel_accuracy"]) == 1.0
+
+
+# --------------------------------------------------------------------------
+# HD95 against a brute-force reference.
+
+
+def _brute_surface(mask):
+  """Voxels of `mask` with a face neighbour outside it or off the array."""
+  padded = np.pad(mask, 1, constant_values=False)
+  inner = np.ones_like(mask, bool)
+  for axis in range(mask.ndim):
+    for shift in (-1, 1):
+      sl = [slice(1, -1)] * mask.ndim
+      sl[axis] = slice(1 + shift, padded.shape[axis] - 1 + shift)
+      inner &= padded[tuple(sl)]
+  return mask & ~inner
+
+
+def _brute_hd95(a, b, spacing, pooled=True):
+  pa = np.argwhere(_brute_surface(a)) * np.asarray(spacing)
+  pb = np.argwhere(_brute_surface(b)) * np.asarray(spacing)
+  d = np.sqrt(((pa[:, None, :] - pb[None, :, :]) ** 2).sum(-1))
+  d_ab, d_ba = d.min(1), d.min(0)
+  if pooled:
+    return np.percentile(np.concatenate([d_ab, d_ba]), 95)
+  return max(np.percentile(d_ab, 95), np.percentile(d_ba, 95))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_hd95_matches_brute_force_on_random_volumes(seed):
+  rng = np.random.default_rng(seed)
+  shape = (5, 9, 8)
+  # Smooth random blobs so surfaces are not trivial.
+  a = np.zeros(shape, bool)
+  b = np.zeros(shape, bool)
+  a[1:4, 2:7, 1:6] = rng.random((3, 5, 5)) > 0.2
+  b[0:5, 3:9, 2:8] = rng.random((5, 6, 6)) > 0.3
+  spacing = (2.5, 0.7, 1.1)
+  for pooled in (True, False):
+    np.testing.assert_allclose(metrics.hd95(a, b, spacing, pooled),
+                               _brute_hd95(a, b, spacing, pooled), rtol=1e-6)
+
+
+def test_hd95_hand_computed_with_spacing():
+  a = np.zeros((1, 5), bool)
+  b = np.zeros((1, 5), bool)
+  a[0, 0] = b[0, 3] = True
+  assert metrics.hd95(a, b, spacing=(1.0, 2.0)) == pytest.approx(6.0)
+  assert metrics.hd95(a, a) == 0.0
+  with pytest.raises(ValueError, match="non-empty"):
+    metrics.hd95(a, np.zeros_like(a))
+
+
+def test_volume_scores_empty_mask_conventions():
+  empty = np.zeros((2, 4, 4), bool)
+  full = np.zeros((2, 4, 4), bool)
+  full[0, 1:3, 1:3] = True
+  diag = np.sqrt(2 ** 2 * 9 + 4 ** 2 + 4 ** 2)  # spacing (3, 1, 1)
+  spacing = (3.0, 1.0, 1.0)
+  f = metrics.binary_volume_scores
+  assert f(full, full, spacing) == (1.0, 0.0)
+  assert all(np.isnan(f(empty, empty, spacing)))
+  assert f(full, empty, spacing) == pytest.approx((0.0, diag))
+  assert f(empty, full, spacing) == pytest.approx((0.0, diag))
+  # TransUNet's calculate_metric_percase, quirks included.
+  assert f(full, empty, convention="transunet") == (1.0, 0.0)
+  assert f(empty, full, convention="transunet") == (0.0, 0.0)
+  assert f(empty, empty, convention="transunet") == (0.0, 0.0)
+  with pytest.raises(ValueError, match="convention"):
+    f(full, full, convention="medpy")
+
+
+def test_volume_scores_and_summary():
+  label = np.zeros((3, 6, 6), np.int32)
+  label[:, 1:4, 1:4] = 1
+  pred = label.copy()
+  pred[0, 1, 1] = 0  # class 1 slightly wrong; class 2 absent; class 3 missed
+  label[2, 5, 5] = 3
+  r = metrics.volume_scores(pred, label, 4)
+  assert np.isnan(r["dice"][0]) and np.isnan(r["dice"][2])
+  np.testing.assert_allclose(r["dice"][1], 2 * 26 / (26 + 27))
+  assert r["dice"][3] == 0.0 and r["hd95"][3] > 8
+  np.testing.assert_allclose(r["mean_dice"], (2 * 26 / 53 + 0) / 2)
+  s = metrics.summarize_volumes([r, metrics.volume_scores(label, label, 4)])
+  np.testing.assert_allclose(s["dice"][1], (2 * 26 / 53 + 1) / 2)
+  np.testing.assert_allclose(s["dice"][3], 0.5)
+  assert np.isnan(s["dice"][2])
+
+
+def test_evaluate_volume_slice_by_slice_with_resize():
+  label = np.zeros((5, 12, 10), np.int32)
+  label[:, 2:10, 3:8] = 1
+  label[1:4, 4:8, 4:7] = 2
+  volume = label.astype(np.float32) / 2.0
+  calls = []
+
+  def predict_fn(x):
+    calls.append(x.shape)
+    return np.rint(x[..., 0] * 2).astype(np.int32)
+
+  r = metrics.evaluate_volume(predict_fn, volume, label, 3, batch_size=2)
+  np.testing.assert_allclose(r["dice"][1:], [1.0, 1.0])
+  np.testing.assert_allclose(r["hd95"][1:], [0.0, 0.0])
+  assert calls == [(2, 12, 10, 1)] * 3  # fixed batch: the last one is padded
+  calls.clear()
+  r = metrics.evaluate_volume(predict_fn, volume, label, 3,
+                              input_size=(24, 20), batch_size=8)
+  assert calls == [(8, 24, 20, 1)] and r["pred"].shape == label.shape
+  assert r["mean_dice"] > 0.9
+
+
+# --------------------------------------------------------------------------
+# Classification and landmarks.
+
+
+def test_classification_metrics_hand_computed():
+  assert metrics.accuracy([0, 1, 1, 2], [0, 1, 2, 2]) == 0.75
+  f1 = metrics.f1_scores([0, 1, 1, 2], [0, 1, 2, 2], 4)
+  np.testing.assert_allclose(f1, [1.0, 2 / 3, 2 / 3, np.nan])
+  assert metrics.macro_f1([0, 1, 1, 2], [0, 1, 2, 2], 4) == pytest.approx(7 / 9)
+  kappa = metrics.quadratic_weighted_kappa([0, 2, 2, 1], [0, 1, 2, 2], 3)
+  assert kappa == pytest.approx(7 / 11)
+  assert metrics.quadratic_weighted_kappa([0, 1, 2], [0, 1, 2], 3) == 1.0
+  assert np.isnan(metrics.quadratic_weighted_kappa([1, 1], [1, 1], 3))
+
+
+def test_roc_auc_binary_ties_and_one_vs_rest():
+  assert metrics.roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75
+  assert metrics.roc_auc([0.5, 0.5, 0.5, 0.9], [0, 1, 0, 1]) == 0.75
+  two_col = np.array([[0.9, 0.1], [0.6, 0.4], [0.65, 0.35], [0.2, 0.8]])
+  assert metrics.roc_auc(two_col, [0, 0, 1, 1]) == 0.75
+  assert np.isnan(metrics.roc_auc([0.2, 0.3], [1, 1]))
+  # One-vs-rest macro: class 0 perfectly ranked (1.0), class 1 (0.5 by
+  # ties), class 2 never occurs (NaN, skipped).
+  scores = np.array([[0.9, 0.5, 0.0], [0.8, 0.5, 0.1], [0.1, 0.5, 0.2],
+                     [0.2, 0.5, 0.3]])
+  assert metrics.roc_auc(scores, [0, 0, 1, 1]) == pytest.approx(0.75)
+
+
+def test_classification_scores_fidelity_and_landmarks():
+  logits = np.array([[2.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 3.0]])
+  s = metrics.classification_scores(logits, [0, 1, 1, 1])
+  assert s["accuracy"] == 0.75 and s["auc"] == 1.0
+  assert s["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)
+  fid = metrics.fidelity([0, 1, 1, 0], [0, 1, 0, 0], 2)
+  assert fid["fidelity_accuracy"] == 0.75
+  assert fid["fidelity_f1"] == pytest.approx((0.8 + 2 / 3) / 2)
+  err = metrics.landmark_error([[0, 0], [3, 4]], [[0, 1], [0, 0]])
+  assert err == pytest.approx(3.0)
+  assert metrics.landmark_error([[3, 4]], [[0, 0]], scale=2) == 10.0
+  with pytest.raises(ValueError, match="matching"):
+    metrics.landmark_error([[0, 0]], [[0, 0, 0]])
