@@ -1,0 +1,298 @@
+"""Composition of registered losses into one objective.
+
+    fn = objective([
+        dict(fn="cross_entropy", weight=1.0, ignore_index=255),
+        dict(fn="kd_kl", weight=0.5, temperature=4.0),
+        dict(fn="hint_l1", weight=1.0, student="bottleneck",
+             teacher="encoder", connector="conv1x1", name="latent"),
+    ])
+    total, metrics = fn(inputs)   # metrics: {"cross_entropy", "kd_kl",
+                                  #           "latent", "total"}
+
+A term is a mapping. Keys read here and never passed to the loss: `fn` (a
+REGISTRY name), `weight` (default 1.0), `name` (default the fn name; repeated
+names get `_1`, `_2`, ... in order), and the method-layer keys `student`,
+`teacher`, `connector` (which features to take and how to project them; the
+method uses them, this module ignores them). Every other key is a keyword
+argument of the loss, checked against its signature when `objective` is
+called, so a bad config fails before the first step.
+
+`inputs`, the argument of the returned function, is a dict:
+    "logits":          student logits (..., C)          task and logits terms
+    "labels":          integer labels (...,)            task terms, dkd
+    "teacher_logits":  teacher logits (..., C), a peer's logits for dml, or
+                       an (E, ..., C) stack for ensemble_kd / ensemble_l2
+    "features":        {term name: (student_array, teacher_array)} already
+                       projected by the connectors; a third element, a dict
+                       of extra arrays, supplies array arguments such as
+                       vid's `alpha`: (mean, teacher, {"alpha": alpha})
+    "mask":            optional validity mask (nonzero = valid), passed to
+                       every term whose loss accepts `mask`
+Only the keys the terms need are read; a missing one raises
+`MissingInputError` (both a KeyError and a ValueError) naming it.
+"""
+
+import collections.abc
+import inspect
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Sequence
+from typing import Tuple
+
+import jax
+import jax.numpy as jnp
+
+from kd_jax.losses import features
+from kd_jax.losses import logits
+from kd_jax.losses import task
+
+KINDS = ("task", "logits", "features", "custom")
+
+
+class LossSpec(NamedTuple):
+  """A registered loss: the function and how `objective` calls it.
+
+  kind:
+    "task":     fn(logits, labels, **kw)
+    "logits":   fn(student_logits, teacher_logits, **kw)
+    "features": fn(student_feature, teacher_feature, **kw)
+    "custom":   called by methods directly; not composable by `objective`.
+  """
+  fn: Callable[..., jax.Array]
+  kind: str
+
+
+REGISTRY: Dict[str, LossSpec] = {
+    # Task losses.
+    "cross_entropy": LossSpec(task.cross_entropy, "task"),
+    "dice": LossSpec(task.dice_loss, "task"),
+    "focal": LossSpec(task.focal_loss, "task"),
+    # Logit distillation.
+    "kd_kl": LossSpec(logits.kd_kl, "logits"),
+    "pixelwise_kd": LossSpec(logits.pixelwise_kd, "logits"),
+    "soft_cross_entropy": LossSpec(logits.soft_cross_entropy, "logits"),
+    "dkd": LossSpec(logits.dkd, "logits"),
+    "dist": LossSpec(logits.dist, "logits"),
+    "cwd": LossSpec(logits.cwd, "logits"),
+    "dml": LossSpec(logits.dml, "logits"),
+    "ensemble_kd": LossSpec(logits.ensemble_kd, "logits"),
+    "ensemble_l2": LossSpec(logits.ensemble_l2, "logits"),
+    # Feature distillation.
+    "hint_l1": LossSpec(features.hint_l1, "features"),
+    "hint_l2": LossSpec(features.hint_l2, "features"),
+    "cwd_features": LossSpec(logits.cwd, "features"),
+}
+
+# Keys of a term that are not keyword arguments of the loss.
+_TERM_KEYS = ("fn", "weight", "name", "student", "teacher", "connector")
+# Parameters filled from `inputs`, never from the config.
+_INPUT_PARAMS = {"labels": "labels", "mask": "mask"}
+# The two leading array arguments of each kind, named by their inputs key.
+_LEADING_INPUTS = {"task": ("logits", "labels"),
+                   "logits": ("logits", "teacher_logits")}
+
+
+class MissingInputError(KeyError, ValueError):
+  """An input an objective term needs is absent from `inputs`."""
+
+  def __str__(self):
+    return str(self.args[0])
+
+
+class _Term(NamedTuple):
+  name: str
+  fn_name: str
+  spec: LossSpec
+  weight: float
+  kwargs: Dict[str, Any]
+  takes_mask: bool
+  takes_labels: bool  # Beyond the leading two arguments (e.g. dkd).
+  array_params: Tuple[str, ...]  # Features-kind extra arrays (vid's alpha).
+
+
+def _as_dict(term, index: int) -> Dict[str, Any]:
+  if hasattr(term, "to_dict"):  # ml_collections.ConfigDict
+    term = term.to_dict()
+  if not isinstance(term, collections.abc.Mapping):
+    raise ValueError(f"loss term #{index} must be a mapping like "
+                     f"dict(fn='kd_kl', weight=0.5, temperature=4.0), got "
+                     f"{term!r}.")
+  return dict(term)
+
+
+def _parse(term: Mapping[str, Any], index: int) -> _Term:
+  if "fn" not in term:
+    raise ValueError(f"loss term #{index} {term!r} has no 'fn' key; set it "
+                     f"to one of: {', '.join(sorted(REGISTRY))}.")
+  fn_name = term["fn"]
+  if not isinstance(fn_name, str) or fn_name not in REGISTRY:
+    raise ValueError(f"loss term #{index}: unknown fn {fn_name!r}; "
+                     f"registered losses: {', '.join(sorted(REGISTRY))}.")
+  spec = REGISTRY[fn_name]
+  if spec.kind == "custom":
+    composable = sorted(k for k, s in REGISTRY.items() if s.kind != "custom")
+    raise ValueError(
+        f"loss term #{index}: {fn_name!r} is a 'custom' loss (adversarial "
+        f"or MED-TEX piece) that its method calls directly; it cannot be "
+        f"composed by objective. Composable losses: "
+        f"{', '.join(composable)}.")
+  weight = term.get("weight", 1.0)
+  if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+    raise ValueError(f"loss term #{index} ({fn_name}): weight must be a "
+                     f"number, got {weight!r}.")
+  name = term.get("name", fn_name)
+  if not isinstance(name, str) or not name:
+    raise ValueError(f"loss term #{index} ({fn_name}): name must be a "
+                     f"non-empty string, got {name!r}.")
+
+  params = inspect.signature(spec.fn).parameters
+  positional = [p for p in params.values()
+                if p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD]
+  configurable = [p.name for p in params.values()
+                  if p.kind == inspect.Parameter.KEYWORD_ONLY
+                  and p.name not in _INPUT_PARAMS]
+  extra_positional = tuple(p.name for p in positional[2:])
+  kwargs = {k: v for k, v in term.items() if k not in _TERM_KEYS}
+  for key in kwargs:
+    if key in _INPUT_PARAMS or key in extra_positional:
+      raise ValueError(
+          f"loss term #{index} ({fn_name}): {key!r} is an array input, not "
+          f"a config key; pass it in the objective's inputs"
+          f"{' features entry' if spec.kind == 'features' else ''}.")
+    if key not in configurable:
+      raise ValueError(
+          f"loss term #{index} ({fn_name}): unknown keyword {key!r}; "
+          f"{fn_name} accepts: {', '.join(configurable) or 'none'} (plus "
+          f"the term keys {', '.join(_TERM_KEYS)}).")
+  if "temperature" in kwargs:
+    t = kwargs["temperature"]
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
+      raise ValueError(f"loss term #{index} ({fn_name}): temperature must be "
+                       f"a number > 0, got {t!r}.")
+  takes_labels = spec.kind != "task" and "labels" in extra_positional
+  array_params = tuple(n for n in extra_positional if n != "labels")
+  if array_params and spec.kind != "features":
+    raise ValueError(f"{fn_name} has array arguments {array_params} that "
+                     f"objective cannot supply for a {spec.kind} loss.")
+  return _Term(name=name, fn_name=fn_name, spec=spec, weight=float(weight),
+               kwargs=kwargs, takes_mask="mask" in params,
+               takes_labels=takes_labels, array_params=array_params)
+
+
+def _resolve(terms: Sequence[Mapping[str, Any]]) -> List[_Term]:
+  if isinstance(terms, (str, bytes)) or not isinstance(
+      terms, collections.abc.Sequence):
+    raise ValueError(f"objective takes a sequence of loss terms (dicts), got "
+                     f"{type(terms).__name__}.")
+  if not terms:
+    raise ValueError("objective needs at least one loss term, e.g. "
+                     "[dict(fn='cross_entropy')].")
+  parsed = [_parse(_as_dict(t, i), i) for i, t in enumerate(terms)]
+  taken, out = set(), []
+  for term in parsed:
+    name, k = term.name, 0
+    while name in taken:
+      k += 1
+      name = f"{term.name}_{k}"
+    if name == "total":
+      raise ValueError("'total' is reserved for the weighted sum; give the "
+                       "term another name.")
+    taken.add(name)
+    out.append(term._replace(name=name))
+  return out
+
+
+def term_names(terms: Sequence[Mapping[str, Any]]) -> List[str]:
+  """The resolved term names, in order (the keys of `inputs["features"]`
+  for feature terms, and of the metrics besides "total")."""
+  return [t.name for t in _resolve(terms)]
+
+
+def _get(inputs, key: str, term: _Term):
+  if not isinstance(inputs, collections.abc.Mapping):
+    raise ValueError(f"objective inputs must be a dict, got "
+                     f"{type(inputs).__name__}.")
+  if key not in inputs or inputs[key] is None:
+    raise MissingInputError(
+        f"loss term {term.name!r} ({term.fn_name}) needs inputs[{key!r}], "
+        f"which is missing; inputs has keys {sorted(inputs)}.")
+  return inputs[key]
+
+
+def _features(inputs, term: _Term):
+  feats = _get(inputs, "features", term)
+  if term.name not in feats:
+    raise MissingInputError(
+        f"loss term {term.name!r} ({term.fn_name}) needs "
+        f"inputs['features'][{term.name!r}] = (student_array, "
+        f"teacher_array); features has keys {sorted(feats)}.")
+  entry = feats[term.name]
+  if not isinstance(entry, (tuple, list)) or len(entry) not in (2, 3):
+    raise ValueError(
+        f"inputs['features'][{term.name!r}] must be (student_array, "
+        f"teacher_array) or (student_array, teacher_array, extra_arrays), "
+        f"got {type(entry).__name__} of length "
+        f"{len(entry) if hasattr(entry, '__len__') else '?'}.")
+  extra = dict(entry[2]) if len(entry) == 3 else {}
+  for p in term.array_params:
+    if p not in extra:
+      raise MissingInputError(
+          f"loss term {term.name!r} ({term.fn_name}) needs the array "
+          f"{p!r}: pass inputs['features'][{term.name!r}] = (student, "
+          f"teacher, {{{p!r}: array}}).")
+  unknown = set(extra) - set(term.array_params)
+  if unknown:
+    raise ValueError(
+        f"inputs['features'][{term.name!r}] has extra arrays "
+        f"{sorted(unknown)} that {term.fn_name} does not take "
+        f"(it takes {list(term.array_params) or 'none'}).")
+  return entry[0], entry[1], extra
+
+
+def _call(term: _Term, inputs) -> jax.Array:
+  kwargs = dict(term.kwargs)
+  if term.takes_mask and inputs.get("mask") is not None:
+    kwargs["mask"] = inputs["mask"]
+  if term.spec.kind == "features":
+    student, teacher, extra = _features(inputs, term)
+    return term.spec.fn(student, teacher, **extra, **kwargs)
+  args = [_get(inputs, k, term) for k in _LEADING_INPUTS[term.spec.kind]]
+  if term.takes_labels:
+    args.append(_get(inputs, "labels", term))
+  return term.spec.fn(*args, **kwargs)
+
+
+def objective(terms: Sequence[Mapping[str, Any]]
+              ) -> Callable[[Mapping[str, Any]],
+                            Tuple[jax.Array, Dict[str, jax.Array]]]:
+  """Composes loss terms into one pure function of the inputs.
+
+  Args:
+    terms: sequence of term mappings (see the module docstring), e.g.
+      `config.losses`.
+
+  Returns:
+    `fn(inputs) -> (total, metrics)`: total = sum_k weight_k * term_k, and
+    metrics = {name: unweighted term value, ..., "total": total}, all
+    float32 scalars. `fn` is pure and can be jitted, differentiated and
+    vmapped.
+
+  Raises:
+    ValueError: at construction, for an unknown fn (the message lists the
+      registry), an unknown keyword (the message lists the accepted ones), a
+      'custom' loss, a bad weight/name/temperature, or no terms.
+  """
+  resolved = _resolve(terms)
+
+  def fn(inputs):
+    metrics = {}
+    total = jnp.zeros((), jnp.float32)
+    for term in resolved:
+      value = jnp.asarray(_call(term, inputs), jnp.float32)
+      if value.shape != ():
+        raise ValueError(f"loss term {term.name!r} returned shape "
+                         f"{value.shape}, expected a scalar.")
+      metrics[term.name] = value
+      total = total + term.weight * value
+    metrics["total"] = total
+    return total, metrics
+
+  return fn
