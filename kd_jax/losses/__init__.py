@@ -8,11 +8,25 @@
 
 Every loss imports only jax, jax.numpy and optax, is jit-, grad- and
 vmap-safe, and documents its formula, reduction and temperature convention.
-See docs/losses.md for the table of losses.
+`REGISTRY` maps config names to `LossSpec(fn, kind)`; docs/losses.md has the
+table of losses.
 """
 
+from kd_jax.losses.adversarial import gradient_penalty
+from kd_jax.losses.adversarial import wgan_critic_loss
+from kd_jax.losses.adversarial import wgan_generator_loss
+from kd_jax.losses.features import attention_transfer
+from kd_jax.losses.features import embedding_cosine
+from kd_jax.losses.features import embedding_l2
+from kd_jax.losses.features import feature_map_cosine
 from kd_jax.losses.features import hint_l1
 from kd_jax.losses.features import hint_l2
+from kd_jax.losses.features import pairwise_similarity
+from kd_jax.losses.features import pkt
+from kd_jax.losses.features import rkd_angle
+from kd_jax.losses.features import rkd_distance
+from kd_jax.losses.features import similarity_preserving
+from kd_jax.losses.features import vid
 from kd_jax.losses.logits import cwd
 from kd_jax.losses.logits import dist
 from kd_jax.losses.logits import dkd
@@ -22,6 +36,7 @@ from kd_jax.losses.logits import ensemble_l2
 from kd_jax.losses.logits import kd_kl
 from kd_jax.losses.logits import pixelwise_kd
 from kd_jax.losses.logits import soft_cross_entropy
+from kd_jax.losses.medtex import medtex_objective
 from kd_jax.losses.objective import KINDS
 from kd_jax.losses.objective import LossSpec
 from kd_jax.losses.objective import MissingInputError

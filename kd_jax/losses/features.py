@@ -12,6 +12,7 @@ No temperature anywhere in this module.
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from kd_jax.losses import _checks
 
@@ -55,3 +56,338 @@ def hint_l2(student_feature, teacher_feature) -> jax.Array:
   """
   s, t = _same(student_feature, teacher_feature)
   return jnp.mean((s - t) ** 2)
+
+
+def _l2_normalize(x, axis=-1, eps=1e-12):
+  """x / max(||x||_2, eps) along `axis`, with a finite gradient at x = 0."""
+  sq = jnp.sum(x * x, axis=axis, keepdims=True)
+  norm = jnp.sqrt(jnp.where(sq > 0, sq, 1.0))  # sq == 0 means x == 0.
+  return x / jnp.maximum(norm, eps)
+
+
+def _spatial(name, x):
+  _checks.min_ndim(name, x, 3, "(B, H, W, C) or (..., H, W, C)")
+
+
+def _same_spatial(s, t):
+  _spatial("student_feature", s)
+  _spatial("teacher_feature", t)
+  if jnp.shape(s)[:-1] != jnp.shape(t)[:-1]:
+    raise ValueError(
+        f"student_feature {jnp.shape(s)} and teacher_feature {jnp.shape(t)} "
+        f"must have the same batch and spatial dims (channels may differ); "
+        f"resize one of them, e.g. with jax.image.resize.")
+
+
+def _same_batch(s, t, min_batch):
+  _checks.min_ndim("student_feature", s, 2, "(B, ...)")
+  _checks.min_ndim("teacher_feature", t, 2, "(B, ...)")
+  if jnp.shape(s)[0] != jnp.shape(t)[0]:
+    raise ValueError(f"student_feature {jnp.shape(s)} and teacher_feature "
+                     f"{jnp.shape(t)} must have the same batch size (axis 0).")
+  if jnp.shape(s)[0] < min_batch:
+    raise ValueError(f"this loss relates the examples of a batch and needs a "
+                     f"batch of at least {min_batch}, got {jnp.shape(s)[0]}.")
+  flat = lambda x, n: _checks.as_float(x, n).reshape(x.shape[0], -1)
+  return flat(s, "student_feature"), flat(t, "teacher_feature")
+
+
+def attention_transfer(student_feature, teacher_feature, *, p: float = 2.0,
+                       eps: float = 1e-12) -> jax.Array:
+  """Attention transfer (activation-based, channel-pooled |f|^p maps).
+
+  Formula, per example, with the spatial attention map
+      Q = vec( (1/C) sum_c |f_c|^p ),   q = Q / max(||Q||_2, eps)
+      loss = (1 / (B H W)) sum_b sum_i (q_S,b,i - q_T,b,i)^2
+  Reduction: mean over examples and spatial positions of the squared
+  difference of the L2-normalised maps (the authors' code; the paper writes
+  beta/2 times the per-example norm, and uses beta = 1000 / weight in the
+  config). Channels may differ between student and teacher; batch and
+  spatial dims must match. No temperature. 0 when the maps are equal.
+
+  Reference: Zagoruyko & Komodakis, "Paying More Attention to Attention",
+  ICLR 2017.
+
+  Args:
+    student_feature: (..., H, W, C_S).
+    teacher_feature: (..., H, W, C_T).
+    p: exponent of the channel pooling (paper: 2).
+    eps: normalisation floor.
+
+  Returns:
+    float32 scalar >= 0.
+  """
+  _same_spatial(student_feature, teacher_feature)
+  _checks.positive("p", p)
+
+  def att(x, name):
+    x = _checks.as_float(x, name)
+    a = jnp.mean(jnp.abs(x) ** p, axis=-1)
+    a = a.reshape(a.shape[:-2] + (-1,))
+    return _l2_normalize(a, eps=eps)
+
+  return jnp.mean((att(student_feature, "student_feature")
+                   - att(teacher_feature, "teacher_feature")) ** 2)
+
+
+def vid(mean, teacher_feature, alpha, *, eps: float = 1e-5) -> jax.Array:
+  """Variational information distillation: Gaussian NLL of the teacher.
+
+  Formula: the student regresses the mean mu = connector(f_S) of a Gaussian
+  over the teacher feature t with a learned per-channel variance
+      sigma_c^2 = softplus(alpha_c) + eps
+      nll = 0.5 * ( (t - mu)^2 / sigma_c^2 + log sigma_c^2 )
+  (the constant 0.5 log 2 pi is dropped, as in the authors' code).
+  Reduction: mean over all elements (batch, positions, channels). No
+  temperature. Minimum over mu, reached at mu = t:
+  0.5 * mean_c log(softplus(alpha_c) + eps) — not 0, and it decreases as the
+  variance shrinks. `alpha` is a trainable parameter of the method.
+
+  Reference: Ahn et al., "Variational Information Distillation for
+  Knowledge Transfer", CVPR 2019.
+
+  Args:
+    mean: (..., C) regressed mean, same shape as teacher_feature.
+    teacher_feature: (..., C).
+    alpha: (C,) pre-softplus variance parameters (channels last).
+    eps: variance floor > 0.
+
+  Returns:
+    float32 scalar.
+  """
+  _checks.same_shape("mean", mean, "teacher_feature", teacher_feature)
+  c = jnp.shape(teacher_feature)[-1] if jnp.ndim(teacher_feature) else None
+  if jnp.shape(alpha) != (c,):
+    raise ValueError(f"alpha has shape {jnp.shape(alpha)}; it must be ({c},),"
+                     f" one variance parameter per channel of "
+                     f"teacher_feature {jnp.shape(teacher_feature)} "
+                     f"(channels last).")
+  _checks.positive("eps", eps)
+  mu = _checks.as_float(mean, "mean")
+  t = _checks.as_float(teacher_feature, "teacher_feature")
+  var = jax.nn.softplus(_checks.as_float(alpha, "alpha")) + eps
+  return jnp.mean(0.5 * ((t - mu) ** 2 / var + jnp.log(var)))
+
+
+def _max_pool(x, size):
+  """Non-overlapping size x size max pooling of (..., H, W, C)."""
+  *lead, h, w, c = x.shape
+  x = x.reshape(tuple(lead) + (h // size, size, w // size, size, c))
+  return jnp.max(x, axis=(-4, -2))
+
+
+def pairwise_similarity(student_feature, teacher_feature, *,
+                        pool_size: int = 1) -> jax.Array:
+  """Pair-wise similarity distillation of Structured KD.
+
+  Formula: the map is max-pooled into nodes of pool_size x pool_size pixels
+  (the pooling scale; the official code's `scale` s on an H x W map is
+  pool_size = s * H). For nodes i, j with feature vectors f_i, f_j:
+      a_ij = f_i . f_j / (max(|f_i|, eps) max(|f_j|, eps))   (eps = 1e-8)
+      loss = (1 / (W'H')^2) sum_ij (a^S_ij - a^T_ij)^2, averaged over the
+  batch. Reduction: mean over node pairs and examples. Channels may differ;
+  batch and spatial dims must match and be divisible by pool_size. No
+  temperature. 0 when the similarity matrices are equal. (The authors' code
+  stops the gradient through the norms; here it flows through the exact
+  cosine.)
+
+  Reference: Liu et al., "Structured Knowledge Distillation for Semantic
+  Segmentation", CVPR 2019.
+
+  Args:
+    student_feature: (..., H, W, C_S).
+    teacher_feature: (..., H, W, C_T).
+    pool_size: node size in pixels, an integer dividing H and W.
+
+  Returns:
+    float32 scalar >= 0.
+  """
+  _same_spatial(student_feature, teacher_feature)
+  if isinstance(pool_size, bool) or not isinstance(pool_size, int) or (
+      pool_size < 1):
+    raise ValueError(f"pool_size must be a positive integer, got "
+                     f"{pool_size!r}.")
+  h, w = jnp.shape(student_feature)[-3:-1]
+  if h % pool_size or w % pool_size:
+    raise ValueError(f"pool_size={pool_size} must divide the spatial size "
+                     f"{h}x{w}; choose a divisor or resize the features.")
+
+  def sim(x, name):
+    x = _max_pool(_checks.as_float(x, name), pool_size)
+    x = _l2_normalize(x.reshape(x.shape[:-3] + (-1, x.shape[-1])), eps=1e-8)
+    return jnp.einsum("...ic,...jc->...ij", x, x)
+
+  return jnp.mean((sim(student_feature, "student_feature")
+                   - sim(teacher_feature, "teacher_feature")) ** 2)
+
+
+def similarity_preserving(student_feature, teacher_feature) -> jax.Array:
+  """Similarity-preserving KD: match the batch's similarity matrices.
+
+  Formula, with F the (B, D) flattened features of a batch:
+      G = F F^T,  G~ = G with each row divided by max(||row||_2, 1e-12)
+      loss = (1 / B^2) || G~_T - G~_S ||_F^2
+  Reduction: per batch (mean over the B x B entries). Feature sizes may
+  differ between student and teacher. No temperature. 0 when equal.
+
+  Reference: Tung & Mori, "Similarity-Preserving Knowledge Distillation",
+  ICCV 2019.
+
+  Returns:
+    float32 scalar >= 0.
+  """
+  s, t = _same_batch(student_feature, teacher_feature, 1)
+  g = lambda f: _l2_normalize(f @ f.T)
+  return jnp.mean((g(t) - g(s)) ** 2)
+
+
+def pkt(student_feature, teacher_feature, *, eps: float = 1e-7
+        ) -> jax.Array:
+  """Probabilistic knowledge transfer with the cosine-similarity kernel.
+
+  Formula, with f_i the L2-normalised flattened features of example i:
+      K_ij = (f_i . f_j + 1) / 2,     P_ij = K_ij / sum_j K_ij
+      loss = (1 / B^2) sum_ij P^T_ij log((P^T_ij + eps) / (P^S_ij + eps))
+  Reduction: per batch (mean over all B x B pairs, the diagonal included,
+  as in the authors' code). Feature sizes may differ. No temperature.
+  0 when the kernels are equal.
+
+  Reference: Passalis & Tefas, "Learning Deep Representations with
+  Probabilistic Knowledge Transfer", ECCV 2018.
+
+  Returns:
+    float32 scalar.
+  """
+  s, t = _same_batch(student_feature, teacher_feature, 1)
+
+  def cond(f):
+    f = _l2_normalize(f, eps=eps)
+    k = (f @ f.T + 1.0) / 2.0
+    return k / jnp.sum(k, axis=1, keepdims=True)
+
+  ps, pt = cond(s), cond(t)
+  return jnp.mean(pt * jnp.log((pt + eps) / (ps + eps)))
+
+
+def _pairwise_distances(x):
+  """Euclidean distance matrix with zero (and zero gradient) diagonal."""
+  sq = jnp.sum((x[:, None, :] - x[None, :, :]) ** 2, axis=-1)
+  pos = sq > 0
+  return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
+
+
+def rkd_distance(student_feature, teacher_feature, *, delta: float = 1.0
+                 ) -> jax.Array:
+  """Relational KD, distance-wise potential.
+
+  Formula, with d_ij = ||x_i - x_j||_2 on the flattened features and
+  mu = mean of d_ij over the B(B-1) pairs i != j:
+      psi_ij = d_ij / mu
+      loss = (1 / B^2) sum_ij huber_delta(psi^S_ij - psi^T_ij)
+  huber_1 is the smooth L1 of the paper. Reduction: per batch, mean over
+  all B^2 ordered pairs (the diagonal contributes 0), as in the authors'
+  code. Feature sizes may differ; B >= 2. No temperature. 0 when equal, and
+  invariant to a global scaling of either side.
+
+  Reference: Park et al., "Relational Knowledge Distillation", CVPR 2019.
+
+  Returns:
+    float32 scalar >= 0.
+  """
+  s, t = _same_batch(student_feature, teacher_feature, 2)
+  b = s.shape[0]
+
+  def psi(x):
+    d = _pairwise_distances(x)
+    mu = jnp.sum(d) / (b * (b - 1))
+    return d / jnp.maximum(mu, 1e-12)
+
+  return jnp.mean(optax.huber_loss(psi(s), psi(t), delta=delta))
+
+
+def rkd_angle(student_feature, teacher_feature, *, delta: float = 1.0
+              ) -> jax.Array:
+  """Relational KD, angle-wise potential.
+
+  Formula, with e_ji = (x_i - x_j) / ||x_i - x_j|| (0 when x_i = x_j):
+      psi_ijk = cos of the angle at vertex j = e_ji . e_jk
+      loss = (1 / B^3) sum_ijk huber_delta(psi^S_ijk - psi^T_ijk)
+  Reduction: per batch, mean over all B^3 triplets (degenerate ones, with a
+  repeated index, contribute 0), as in the authors' code. Feature sizes may
+  differ; B >= 3. No temperature. 0 when equal.
+
+  Reference: Park et al., "Relational Knowledge Distillation", CVPR 2019.
+
+  Returns:
+    float32 scalar >= 0.
+  """
+  s, t = _same_batch(student_feature, teacher_feature, 3)
+
+  def psi(x):
+    e = _l2_normalize(x[None, :, :] - x[:, None, :])  # e[j, i] = e_ji.
+    return jnp.einsum("jid,jkd->ijk", e, e)
+
+  return jnp.mean(optax.huber_loss(psi(s), psi(t), delta=delta))
+
+
+def _pooled(x, name):
+  """(B, D) as is; (B, ..., D) averaged over the middle (spatial) axes."""
+  _checks.min_ndim(name, x, 2, "(B, D) or (B, ..., D)")
+  x = _checks.as_float(x, name)
+  return jnp.mean(x, axis=tuple(range(1, x.ndim - 1))) if x.ndim > 2 else x
+
+
+def embedding_cosine(student_feature, teacher_feature) -> jax.Array:
+  """Global embedding matching with the cosine distance.
+
+  Formula: 1 - cos(e_S, e_T) per example, where e is the embedding (B, D)
+  or, for (B, ..., D) inputs, the mean over the spatial/token axes;
+  vectors are divided by max(||e||, 1e-8). Reduction: mean over examples.
+  No temperature. 0 when the embeddings are parallel.
+
+  Reference: embedding/feature distillation of foundation encoders (e.g.
+  Oquab et al., "DINOv2", 2023, distillation into smaller ViTs).
+
+  Returns:
+    float32 scalar in [0, 2].
+  """
+  s, t = _same(student_feature, teacher_feature)
+  s, t = _pooled(s, "student_feature"), _pooled(t, "teacher_feature")
+  cos = jnp.sum(_l2_normalize(s, eps=1e-8) * _l2_normalize(t, eps=1e-8), -1)
+  return jnp.mean(1.0 - cos)
+
+
+def embedding_l2(student_feature, teacher_feature, *,
+                 normalize: bool = False) -> jax.Array:
+  """Global embedding matching with the squared L2 distance.
+
+  Formula: ||e_S - e_T||_2^2 per example (summed over the D embedding
+  dims), e pooled as in `embedding_cosine`; with normalize=True both are
+  first L2-normalised (then it equals 2 * embedding_cosine).
+  Reduction: mean over examples. No temperature. 0 when equal.
+
+  Returns:
+    float32 scalar >= 0.
+  """
+  s, t = _same(student_feature, teacher_feature)
+  s, t = _pooled(s, "student_feature"), _pooled(t, "teacher_feature")
+  if normalize:
+    s, t = _l2_normalize(s, eps=1e-8), _l2_normalize(t, eps=1e-8)
+  return jnp.mean(jnp.sum((s - t) ** 2, axis=-1))
+
+
+def feature_map_cosine(student_feature, teacher_feature) -> jax.Array:
+  """Dense feature-map matching with the per-position cosine distance.
+
+  Formula: 1 - cos(f_S,i, f_T,i) at every position i (pixel of an NHWC map
+  or token of an NLD sequence), along the channel axis; vectors divided by
+  max(||f||, 1e-8). Reduction: mean over examples and positions. (For the
+  dense L2 form use `hint_l2`, the mean squared error over elements.) No
+  temperature. 0 when the maps are parallel at every position.
+
+  Returns:
+    float32 scalar in [0, 2].
+  """
+  s, t = _same(student_feature, teacher_feature)
+  cos = jnp.sum(_l2_normalize(s, eps=1e-8) * _l2_normalize(t, eps=1e-8), -1)
+  return jnp.mean(1.0 - cos)

@@ -40,8 +40,10 @@ from typing import Tuple
 import jax
 import jax.numpy as jnp
 
+from kd_jax.losses import adversarial
 from kd_jax.losses import features
 from kd_jax.losses import logits
+from kd_jax.losses import medtex
 from kd_jax.losses import task
 
 KINDS = ("task", "logits", "features", "custom")
@@ -79,6 +81,23 @@ REGISTRY: Dict[str, LossSpec] = {
     "hint_l1": LossSpec(features.hint_l1, "features"),
     "hint_l2": LossSpec(features.hint_l2, "features"),
     "cwd_features": LossSpec(logits.cwd, "features"),
+    "attention_transfer": LossSpec(features.attention_transfer, "features"),
+    "vid": LossSpec(features.vid, "features"),
+    "pairwise_similarity": LossSpec(features.pairwise_similarity,
+                                    "features"),
+    "similarity_preserving": LossSpec(features.similarity_preserving,
+                                      "features"),
+    "pkt": LossSpec(features.pkt, "features"),
+    "rkd_distance": LossSpec(features.rkd_distance, "features"),
+    "rkd_angle": LossSpec(features.rkd_angle, "features"),
+    "embedding_cosine": LossSpec(features.embedding_cosine, "features"),
+    "embedding_l2": LossSpec(features.embedding_l2, "features"),
+    "feature_map_cosine": LossSpec(features.feature_map_cosine, "features"),
+    # Pieces called by methods directly.
+    "wgan_critic": LossSpec(adversarial.wgan_critic_loss, "custom"),
+    "wgan_generator": LossSpec(adversarial.wgan_generator_loss, "custom"),
+    "gradient_penalty": LossSpec(adversarial.gradient_penalty, "custom"),
+    "medtex": LossSpec(medtex.medtex_objective, "custom"),
 }
 
 # Keys of a term that are not keyword arguments of the loss.
