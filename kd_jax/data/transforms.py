@@ -7,7 +7,8 @@ dtype and (unless it is a resize or crop) the shape of every array.
 Spatial transforms move three kinds of keys together:
 
 * the image (`"image"`, HWC): bilinear interpolation (order 1);
-* label-like maps (`spatial_keys`, default `"label"`, `"mask"`, `"fov"`):
+* label-like maps (`spatial_keys`, default `"label"`, `"mask"`, `"fov"`,
+  `"lesion_mask"`):
   nearest neighbour (order 0) so class ids stay class ids. A key is treated
   as a map only when its first two dimensions equal the image's, so a
   classification `"label"` of shape `()` is left alone;
@@ -29,7 +30,7 @@ from scipy import ndimage
 
 Example = dict[str, Any]
 
-SPATIAL_KEYS = ("label", "mask", "fov")
+SPATIAL_KEYS = ("label", "mask", "fov", "lesion_mask")
 POINT_KEYS = ("fovea_xy", "disc_xy")
 
 
