@@ -9,3 +9,8 @@ from kd_jax.models.summary import default_input, summary  # noqa: E402
 # Importing a module registers its models.
 from kd_jax.models import unet  # noqa: F401,E402
 from kd_jax.models import resnet  # noqa: F401,E402
+from kd_jax.models import pspnet  # noqa: F401,E402
+from kd_jax.models import mobilenetv2  # noqa: F401,E402
+from kd_jax.models import espnet  # noqa: F401,E402
+from kd_jax.models import multitask  # noqa: F401,E402
+from kd_jax.models import discriminator  # noqa: F401,E402

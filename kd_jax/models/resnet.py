@@ -198,16 +198,17 @@ class ResNet101(ResNet):
   block: str = "bottleneck"
 
 
-def resnet_by_name(name: str, **kwargs) -> ResNet:
-  """A ResNet backbone by its registered name ("resnet18" ... "resnet101")."""
+def resnet_by_name(arch: str, **kwargs) -> ResNet:
+  """A ResNet by registered name ("resnet18" ... "resnet101"); `kwargs` go to
+  the module (including its Flax `name`)."""
   classes = {"resnet18": ResNet18, "resnet34": ResNet34,
              "resnet50": ResNet50, "resnet101": ResNet101}
-  if name not in classes:
-    raise ValueError(f"unknown ResNet {name!r}; choose one of {sorted(classes)}")
-  return classes[name](**kwargs)
+  if arch not in classes:
+    raise ValueError(f"unknown ResNet {arch!r}; choose one of {sorted(classes)}")
+  return classes[arch](**kwargs)
 
 
-def stage_channels(name: str, width: int = 64) -> tuple[int, ...]:
-  """Output channels of layer1..layer4 of ResNet `name` at `width`."""
-  exp = 1 if name in ("resnet18", "resnet34") else 4
+def stage_channels(arch: str, width: int = 64) -> tuple[int, ...]:
+  """Output channels of layer1..layer4 of ResNet `arch` at `width`."""
+  exp = 1 if arch in ("resnet18", "resnet34") else 4
   return tuple(width * 2**i * exp for i in range(4))
