@@ -24,10 +24,14 @@ every model module declares a module-level dict
 
     RECIPES = {"resnet50": "multi-task KD (teacher trunk)", ...}  # free text
 
-naming the recipe(s) that use each registered model. A constructor class may
-instead carry a `DEFAULT_INPUT` class attribute (an HWC tuple). A model
-missing from both gets (224, 224, 3). `build(name)` with no keyword arguments
-must give the model the table describes (default `num_classes` etc.).
+naming the recipe(s) that use each registered model, and, only where the
+constructor has required arguments,
+
+    DEFAULT_KWARGS = {"unet": dict(num_classes=9), ...}  # for build(name, **kw)
+
+A constructor class may instead carry a `DEFAULT_INPUT` class attribute (an
+HWC tuple). A model missing from both gets (224, 224, 3). The table builds
+each model with `build(name, **DEFAULT_KWARGS.get(name, {}))`.
 """
 import sys
 from typing import Any
@@ -96,6 +100,12 @@ def default_input(name: str, batch: int = 1) -> tuple:
   if shape is None:
     shape = getattr(ctor, "DEFAULT_INPUT", None) or FALLBACK_INPUT
   return (batch, *shape)
+
+
+def default_kwargs(name: str) -> dict:
+  """The keyword arguments the model table builds `name` with (often {})."""
+  kwargs, _ = _module_attr(name, "DEFAULT_KWARGS")
+  return dict(kwargs or {})
 
 
 def recipes(name: str) -> str:
