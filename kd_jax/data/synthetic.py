@@ -1,0 +1,162 @@
+"""Synthetic abdominal-CT-like slices: the embedded default data set.
+
+Each example is an axial "slice" through a body phantom: an elliptical body
+with a fat rim and muscle wall on -1000 HU air, a vertebra, bowel loops that
+look like organs but are background, and 8 labelled organs in the Synapse
+order (1 aorta, 2 gallbladder, 3 left kidney, 4 right kidney, 5 liver,
+6 pancreas, 7 spleen, 8 stomach). Organs are star-shaped blobs whose size,
+position, orientation, outline and mean intensity vary per example; each has
+its own smooth texture, and the slice gets scanner noise of random strength.
+Several organs are small (aorta, gallbladder) or have little contrast to the
+soft tissue around them (pancreas, gallbladder, stomach), and organs may be
+missing from a slice, as in real slices.
+
+Intensities are drawn in Hounsfield units and then windowed to [-125, 275] HU
+and scaled to [0, 1], the preprocessing TransUNet applies to Synapse CT.
+
+An example is a pure function of (seed, index): `SyntheticCT(seed=s)[i]` is
+the same array on every machine and in every process, so splits never overlap
+when they use different seeds, and a resumed run sees the same data.
+"""
+import dataclasses
+
+import numpy as np
+from scipy import ndimage
+
+ORGANS = ("background", "aorta", "gallbladder", "left_kidney",
+          "right_kidney", "liver", "pancreas", "spleen", "stomach")
+NUM_CLASSES = len(ORGANS)
+HU_WINDOW = (-125.0, 275.0)
+
+# Per organ: centre (x, y) in body coordinates ([-1, 1], x to the patient's
+# left as in radiological display, y down), semi-axes (a, b), mean HU, HU
+# spread between examples, and the probability it appears in a slice.
+_ORGAN_PRIORS = {
+    "liver": ((-0.45, -0.05), (0.42, 0.36), 60.0, 12.0, 0.95),
+    "spleen": ((0.55, 0.05), (0.17, 0.22), 50.0, 12.0, 0.8),
+    "stomach": ((0.25, -0.35), (0.25, 0.17), 25.0, 15.0, 0.8),
+    "left_kidney": ((0.38, 0.42), (0.11, 0.15), 150.0, 30.0, 0.7),
+    "right_kidney": ((-0.38, 0.42), (0.11, 0.15), 150.0, 30.0, 0.7),
+    "pancreas": ((0.05, 0.1), (0.28, 0.07), 45.0, 10.0, 0.7),
+    "gallbladder": ((-0.3, 0.2), (0.07, 0.09), 15.0, 10.0, 0.5),
+    "aorta": ((0.05, 0.4), (0.055, 0.055), 180.0, 40.0, 0.95),
+}
+# Painting order: large organs first, so small ones stay visible on top.
+_PAINT_ORDER = ("liver", "spleen", "stomach", "left_kidney", "right_kidney",
+                "pancreas", "gallbladder", "aorta")
+
+
+def _blob(xx, yy, centre, axes, angle, harmonics):
+  """Mask of a star-shaped blob: r(θ) = 1 + Σ_k a_k cos(kθ + φ_k) ≤ 1."""
+  c, s = np.cos(angle), np.sin(angle)
+  dx, dy = xx - centre[0], yy - centre[1]
+  u = (c * dx + s * dy) / axes[0]
+  v = (-s * dx + c * dy) / axes[1]
+  theta = np.arctan2(v, u)
+  radius = np.ones_like(theta)
+  for k, (amp, phase) in enumerate(harmonics, start=2):
+    radius += amp * np.cos(k * theta + phase)
+  return np.hypot(u, v) <= radius
+
+
+def _texture(rng, shape, sigma, strength):
+  noise = ndimage.gaussian_filter(rng.standard_normal(shape), sigma)
+  return noise / (noise.std() + 1e-8) * strength
+
+
+def render(rng: np.random.Generator, size: int):
+  """One (image float32 (size, size, 1) in [0, 1], label int32 (size, size))."""
+  grid = (np.arange(size) + 0.5) / size * 2.0 - 1.0
+  xx, yy = np.meshgrid(grid, grid)
+  # Body: the ellipse all organ coordinates live in.
+  body_a = rng.uniform(0.82, 0.95)
+  body_b = rng.uniform(0.62, 0.78)
+  shift = rng.uniform(-0.05, 0.05, size=2)
+  bx, by = (xx - shift[0]) / body_a, (yy - shift[1]) / body_b
+  body_r = np.hypot(bx, by)
+  hu = np.full((size, size), -1000.0)
+  hu[body_r <= 1.0] = -90.0  # subcutaneous fat
+  hu[body_r <= rng.uniform(0.86, 0.92)] = 40.0  # muscle wall and soft tissue
+  inner = body_r <= 0.84
+  hu[inner] = rng.uniform(-20.0, 35.0)  # visceral fat / mesentery
+  label = np.zeros((size, size), np.int32)
+
+  def body_xy(p):
+    return (shift[0] + p[0] * body_a, shift[1] + p[1] * body_b)
+
+  # Bowel loops: organ-like distractors labelled background.
+  for _ in range(rng.integers(3, 8)):
+    centre = body_xy(rng.uniform(-0.6, 0.6, size=2))
+    axes = rng.uniform(0.04, 0.1, size=2) * (body_a, body_b)
+    harm = [(rng.uniform(0, 0.2), rng.uniform(0, 2 * np.pi)) for _ in range(3)]
+    m = _blob(xx, yy, centre, axes, rng.uniform(0, np.pi), harm) & inner
+    hu[m] = rng.uniform(-10.0, 70.0)
+    if rng.uniform() < 0.4:  # gas pocket
+      gas = _blob(xx, yy, centre, axes * 0.4, 0.0, []) & m
+      hu[gas] = -600.0
+  # Vertebra: bright bone behind the aorta, background.
+  vc = body_xy((rng.uniform(-0.05, 0.05), 0.72))
+  vert = _blob(xx, yy, vc, (0.12 * body_a, 0.1 * body_b), 0.0, [])
+  hu[vert] = 450.0
+  hu[_blob(xx, yy, vc, (0.06 * body_a, 0.05 * body_b), 0.0, [])] = 200.0
+
+  for name in _PAINT_ORDER:
+    centre0, axes0, mean_hu, hu_spread, p_present = _ORGAN_PRIORS[name]
+    if rng.uniform() > p_present:
+      continue
+    centre = body_xy(np.asarray(centre0) + rng.normal(0, 0.06, size=2))
+    scale = rng.uniform(0.6, 1.3)
+    axes = (axes0[0] * body_a * scale * rng.uniform(0.85, 1.15),
+            axes0[1] * body_b * scale * rng.uniform(0.85, 1.15))
+    harm = [(rng.uniform(0, 0.15), rng.uniform(0, 2 * np.pi))
+            for _ in range(3)]
+    mask = _blob(xx, yy, centre, axes, rng.normal(0, 0.3), harm) & inner
+    if not mask.any():
+      continue
+    organ_hu = mean_hu + rng.normal(0, hu_spread)
+    hu[mask] = organ_hu + _texture(rng, (size, size), size / 40.0,
+                                   rng.uniform(3.0, 12.0))[mask]
+    label[mask] = ORGANS.index(name)
+    if name == "stomach" and rng.uniform() < 0.5:  # gas in the stomach
+      gas = _blob(xx, yy, (centre[0], centre[1] - axes[1] * 0.4),
+                  (axes[0] * 0.5, axes[1] * 0.3), 0.0, []) & mask
+      hu[gas] = -700.0
+
+  # Scanner noise and a little blur from the reconstruction kernel.
+  hu = ndimage.gaussian_filter(hu, rng.uniform(0.3, 0.8))
+  hu = hu + rng.normal(0.0, rng.uniform(8.0, 25.0), size=hu.shape)
+  lo, hi = HU_WINDOW
+  image = (np.clip(hu, lo, hi) - lo) / (hi - lo)
+  return image.astype(np.float32)[..., None], label
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticCT:
+  """Random-access source of `num_examples` synthetic slices.
+
+  Example `i` is `{"image": float32 (size, size, 1), "label": int32 (size,
+  size)}`, drawn from `np.random.default_rng([seed, i])`.
+  """
+  num_examples: int
+  size: int = 64
+  seed: int = 0
+
+  num_classes = NUM_CLASSES
+  class_names = ORGANS
+
+  def __post_init__(self):
+    if self.num_examples <= 0:
+      raise ValueError(f"SyntheticCT: num_examples must be > 0, got "
+                       f"{self.num_examples}")
+    if self.size < 16:
+      raise ValueError(f"SyntheticCT: size must be >= 16, got {self.size}")
+
+  def __len__(self):
+    return self.num_examples
+
+  def __getitem__(self, index):
+    index = int(index)
+    if not 0 <= index < self.num_examples:
+      raise IndexError(f"index {index} out of range [0, {self.num_examples})")
+    image, label = render(np.random.default_rng([self.seed, index]), self.size)
+    return {"image": image, "label": label}

@@ -1,0 +1,132 @@
+"""A frozen teacher distilled into a trainable student (plus connectors).
+
+The objective is composed from the stage's loss terms (`kd_jax.losses`):
+task terms see the student's logits and the labels, logit terms the student's
+and the teacher's logits, and feature terms a (student, teacher) pair of
+named features, the student's passed through a learned connector first:
+
+    dict(fn="hint_l1", weight=1.0, student="bottleneck", teacher="enc4",
+         connector="conv1x1")            # connector defaults to "conv1x1"
+    dict(..., connector=dict(kind="attention_pool", grid=(14, 14)))
+
+Feature names and shapes are checked when the method is initialised, before
+the first step, with a message that lists the names each model offers.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from kd_jax import losses
+from kd_jax.methods import common
+from kd_jax.models import connectors
+
+
+def _describe(features):
+  return ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(features.items()))
+
+
+class Distill:
+  model_key = "student"
+
+  def __init__(self, model, teacher, loss_terms):
+    self.model = model
+    self.teacher = teacher
+    self.objective = losses.objective(loss_terms)  # Validates the terms.
+    kinds = [losses.REGISTRY[t["fn"]].kind for t in loss_terms]
+    self.uses_teacher_logits = "logits" in kinds
+    self.feature_terms = []
+    for name, term, kind in zip(losses.term_names(loss_terms), loss_terms,
+                                kinds):
+      if kind != "features":
+        continue
+      for side in ("student", "teacher"):
+        if side not in term:
+          raise ValueError(
+              f"loss term {name!r} ({term['fn']}) matches features: give "
+              f"{side}=<feature name>")
+      conn = term.get("connector", "conv1x1")
+      conn = dict(conn) if not isinstance(conn, str) else {"kind": conn}
+      self.feature_terms.append((name, term["student"], term["teacher"], conn))
+    self.connectors = None  # Built by init, once the teacher's shapes are known.
+
+  def _check_and_build(self, rng, images):
+    (s_logits, s_feats), _ = jax.eval_shape(
+        functools.partial(self.model.init_with_output, train=False), rng,
+        images)
+    (t_logits, t_feats), _ = jax.eval_shape(
+        functools.partial(self.teacher.init_with_output, train=False), rng,
+        images)
+    if self.uses_teacher_logits and s_logits.shape != t_logits.shape:
+      raise ValueError(
+          f"logit distillation needs student and teacher logits of one shape; "
+          f"student gives {s_logits.shape}, teacher {t_logits.shape}: set the "
+          "same num_classes (and output size) for both models")
+    self.connectors = {}
+    for name, s_name, t_name, conn in self.feature_terms:
+      for side, feats, fname in (("student", s_feats, s_name),
+                                 ("teacher", t_feats, t_name)):
+        if fname not in feats:
+          raise ValueError(
+              f"loss term {name!r}: the {side} has no feature {fname!r}; it "
+              f"offers: {_describe(feats)}")
+      kw = {k: v for k, v in conn.items() if k != "kind"}
+      module = connectors.build_connector(conn["kind"],
+                                          t_feats[t_name].shape[-1], **kw)
+      out = jax.eval_shape(
+          functools.partial(module.init_with_output, train=False), rng,
+          jax.ShapeDtypeStruct(s_feats[s_name].shape, jnp.float32))[0]
+      if out.shape != t_feats[t_name].shape:
+        raise ValueError(
+            f"loss term {name!r}: student {s_name!r} {s_feats[s_name].shape} "
+            f"through connector {conn['kind']!r} gives {out.shape}, but "
+            f"teacher {t_name!r} is {t_feats[t_name].shape}; pick features "
+            "of the same grid size or connector='attention_pool' with "
+            "grid=(h, w)")
+      self.connectors[name] = (module, s_name, t_name)
+
+  def init(self, rng, images):
+    self._check_and_build(rng, images)
+    s_rng, c_rng = jax.random.split(rng)
+    variables = self.model.init(s_rng, images, train=False)
+    params = {"student": variables["params"], "connectors": {}}
+    stats = {"student": variables.get("batch_stats", {}), "connectors": {}}
+    if self.connectors:
+      _, s_feats = self.model.apply(variables, images, train=False)
+      for i, (name, (module, s_name, _)) in enumerate(
+          sorted(self.connectors.items())):
+        cv = module.init(jax.random.fold_in(c_rng, i), s_feats[s_name],
+                         train=False)
+        params["connectors"][name] = cv["params"]
+        stats["connectors"][name] = cv.get("batch_stats", {})
+    return {"params": params, "batch_stats": stats}
+
+  def loss_fn(self, params, batch_stats, frozen, batch, rng):
+    if self.connectors is None:
+      raise RuntimeError("Distill.init must run before loss_fn")
+    images = batch["image"]
+    (logits, s_feats), new_student = common.apply_train(
+        self.model, params["student"], batch_stats["student"], images, rng)
+    t_logits, t_feats = jax.lax.stop_gradient(common.apply_eval(
+        self.teacher, frozen["params"], frozen["batch_stats"], images))
+    pairs, new_conn = {}, {}
+    for name, (module, s_name, t_name) in self.connectors.items():
+      out, updates = module.apply(
+          {"params": params["connectors"][name],
+           "batch_stats": batch_stats["connectors"][name]},
+          s_feats[s_name], train=True, mutable=["batch_stats"])
+      new_conn[name] = updates.get("batch_stats",
+                                   batch_stats["connectors"][name])
+      pairs[name] = (out.astype(jnp.float32),
+                     t_feats[t_name].astype(jnp.float32))
+    loss, metrics = self.objective({
+        "logits": logits.astype(jnp.float32),
+        "labels": batch["label"],
+        "teacher_logits": t_logits.astype(jnp.float32),
+        "features": pairs,
+    })
+    return loss, ({"student": new_student, "connectors": new_conn}, metrics)
+
+  def predict(self, params, batch_stats, images):
+    return common.apply_eval(self.model, params["student"],
+                             batch_stats["student"], images)[0]

@@ -1,0 +1,39 @@
+"""One model trained alone on the task loss: a teacher, or a baseline student."""
+import jax.numpy as jnp
+
+from kd_jax import losses
+from kd_jax.methods import common
+
+
+class Supervised:
+  model_key = "model"
+
+  def __init__(self, model, loss_terms, frozen_shapes=None):
+    del frozen_shapes  # Nothing is frozen.
+    self.model = model
+    self.objective = losses.objective(loss_terms)  # Validates the terms.
+    for term in loss_terms:
+      if losses.REGISTRY[term["fn"]].kind != "task":
+        raise ValueError(
+            f"method 'supervised' trains one model on labels only, but the "
+            f"loss {term['fn']!r} needs a teacher; use method 'distill' or "
+            f"drop that term")
+
+  def init(self, rng, images):
+    variables = self.model.init(rng, images, train=False)
+    return {"params": {"model": variables["params"]},
+            "batch_stats": {"model": variables.get("batch_stats", {})}}
+
+  def loss_fn(self, params, batch_stats, frozen, batch, rng):
+    del frozen
+    (logits, _), new_stats = common.apply_train(
+        self.model, params["model"], batch_stats["model"], batch["image"], rng)
+    loss, metrics = self.objective({
+        "logits": logits.astype(jnp.float32),
+        "labels": batch["label"],
+    })
+    return loss, ({"model": new_stats}, metrics)
+
+  def predict(self, params, batch_stats, images):
+    return common.apply_eval(self.model, params["model"],
+                             batch_stats["model"], images)[0]

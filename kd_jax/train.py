@@ -1,0 +1,359 @@
+"""The generic training loop: every stage of every recipe runs through here.
+
+A config lists stages (`config.stage_order`, `config.stages.<name>`); each
+stage trains one method (supervised, distill, ...) in `<workdir>/<name>`,
+with its own checkpoints and TensorBoard events, so each resumes on its own.
+A distillation stage names its teacher as an earlier stage or a checkpoint
+folder. After the stages, `report.md` compares every stage's model on the
+test split.
+
+The step is jitted once with explicit shardings over a `Mesh` of all devices:
+the batch is split on the `data` axis, the state and the frozen teacher are
+replicated, and the state is donated.
+"""
+import functools
+import os
+import signal
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers, periodic_actions
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from kd_jax import checkpoint, data, methods, models
+from kd_jax.evaluate import metrics as metrics_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array  # raw uint32 key data, so Orbax saves it as an array
+
+
+# ----------------------------------------------------------------------------
+# Building blocks, each usable on its own (tests, notebooks, benchmarks).
+
+
+def make_mesh(devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), ("data",))
+
+
+def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
+  """AdamW/SGD with linear warm-up then cosine decay to zero."""
+  warmup = min(int(cfg.warmup_steps), max(total_steps - 1, 0))
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, cfg.lr, warmup_steps=max(warmup, 1),
+      decay_steps=max(total_steps, warmup + 1))
+  if cfg.name == "adamw":
+    opt = optax.adamw(schedule, weight_decay=cfg.weight_decay)
+  elif cfg.name == "sgd":
+    opt = optax.chain(optax.add_decayed_weights(cfg.weight_decay),
+                      optax.sgd(schedule, momentum=cfg.momentum))
+  else:
+    raise ValueError(f"optimizer.name {cfg.name!r}: choose 'adamw' or 'sgd'")
+  if cfg.grad_clip:
+    opt = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), opt)
+  return opt
+
+
+def init_state(method, tx, rng, images) -> TrainState:
+  variables = method.init(rng, images)
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=variables["params"],
+      batch_stats=variables["batch_stats"],
+      opt_state=tx.init(variables["params"]),
+      rng=jax.random.key_data(jax.random.fold_in(rng, 1)))
+
+
+def make_train_step(method, tx):
+  """The pure train step: (state, batch, frozen) -> (state, metrics)."""
+
+  def train_step(state, batch, frozen):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+    def loss_fn(params):
+      return method.loss_fn(params, state.batch_stats, frozen, batch, rng)
+
+    (loss, (batch_stats, metrics)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+    return state.replace(step=state.step + 1, params=params,
+                         batch_stats=batch_stats, opt_state=opt_state), metrics
+
+  return train_step
+
+
+def jit_train_step(train_step, mesh: Mesh):
+  """jit with the batch on the `data` axis, everything else replicated."""
+  rep = NamedSharding(mesh, P())
+  batch = NamedSharding(mesh, P("data"))
+  return jax.jit(train_step, in_shardings=(rep, batch, rep),
+                 out_shardings=(rep, rep), donate_argnums=(0,))
+
+
+def make_eval_step(method, num_classes: int, mesh: Mesh):
+  """Jitted (params, batch_stats, batch) -> (C, C) confusion matrix."""
+
+  def eval_step(params, batch_stats, batch):
+    logits = method.predict(params, batch_stats, batch["image"])
+    valid = batch["valid"].reshape((-1,) + (1,) * (batch["label"].ndim - 1))
+    return metrics_lib.confusion_matrix(
+        jnp.argmax(logits, -1), batch["label"], num_classes, mask=valid)
+
+  rep = NamedSharding(mesh, P())
+  return jax.jit(eval_step, in_shardings=(rep, rep,
+                                          NamedSharding(mesh, P("data"))),
+                 out_shardings=rep)
+
+
+def to_global(batch, mesh: Mesh):
+  """This process's numpy batch → global jax arrays sharded on `data`."""
+  sharding = NamedSharding(mesh, P("data"))
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def evaluate(eval_step, state, source, batch_size, mesh) -> dict:
+  """Dice/IoU/pixel accuracy of the state's model over a whole source."""
+  total = None
+  for batch in data.pipeline.eval_batches(source, batch_size=batch_size):
+    cm = eval_step(state.params, state.batch_stats, to_global(batch, mesh))
+    total = cm if total is None else total + cm
+  return jax.device_get(metrics_lib.segmentation_scores(total))
+
+
+# ----------------------------------------------------------------------------
+# Stages.
+
+
+def stage_config(config, name):
+  """The stage's settings with the run-wide defaults filled in."""
+  stage = config.stages[name]
+  opt = config.optimizer.copy_and_resolve_references()
+  opt.update(stage.get("optimizer", {}))
+  return dict(
+      method=stage.method, model=stage.model.to_dict(),
+      teacher=stage.get("teacher"), losses=[dict(t) for t in stage.losses],
+      steps=int(stage.get("steps", config.steps)), optimizer=opt)
+
+
+def _build_model(model_cfg, num_classes, dtype):
+  cfg = dict(model_cfg)
+  name = cfg.pop("name")
+  cfg.setdefault("num_classes", num_classes)
+  return models.build(name, dtype=dtype, **cfg)
+
+
+STAGE_KEYS = {"method", "model", "teacher", "losses", "steps", "optimizer"}
+
+
+def build_method(config, name, workdir, num_classes, load_teacher=True):
+  """(method, frozen variables) for stage `name`.
+
+  With `load_teacher=False` the teacher is built but not loaded (frozen is
+  None): enough to check the stage's wiring before anything trains.
+  """
+  s = stage_config(config, name)
+  dtype = jnp.dtype(config.compute_dtype)
+  model = _build_model(s["model"], num_classes, dtype)
+  if s["method"] != "distill":
+    return methods.build(s["method"], model=model,
+                         loss_terms=s["losses"]), {}
+  t = s["teacher"]
+  if not t or not t.get("model"):
+    raise ValueError(f"stage {name!r}: a distill stage needs teacher="
+                     "dict(model=dict(name=...), stage=... or checkpoint=...)")
+  teacher = _build_model(t["model"], num_classes, dtype)
+  method = methods.build("distill", model=model, teacher=teacher,
+                         loss_terms=s["losses"])
+  if not load_teacher:
+    return method, None
+  ckpt = (os.path.join(workdir, t["stage"]) if t.get("stage")
+          else t.get("checkpoint"))
+  return method, checkpoint.load_model_variables(ckpt)
+
+
+def validate(config, workdir, datasets) -> None:
+  """Checks every stage's keys, models, losses, teacher and feature wiring
+  before anything trains, so a typo never costs a finished stage."""
+  order = list(config.stage_order)
+  unknown = [n for n in order if n not in config.stages]
+  if unknown or not order:
+    raise ValueError(f"stage_order {order} names stages not in "
+                     f"config.stages {sorted(config.stages)}")
+  example = jnp.zeros((1,) + datasets.train[0]["image"].shape, jnp.float32)
+  for i, name in enumerate(order):
+    bad = set(config.stages[name]) - STAGE_KEYS
+    if bad:
+      raise ValueError(f"stage {name!r}: unknown keys {sorted(bad)}; "
+                       f"allowed: {sorted(STAGE_KEYS)}")
+    teacher = config.stages[name].get("teacher") or {}
+    if config.stages[name].method == "distill":
+      if teacher.get("stage"):
+        if teacher.stage not in order[:i]:
+          raise ValueError(
+              f"stage {name!r}: teacher stage {teacher.stage!r} must be an "
+              f"earlier stage in stage_order {order}")
+      elif not os.path.isdir(teacher.get("checkpoint") or ""):
+        raise ValueError(
+            f"stage {name!r}: teacher.checkpoint "
+            f"{teacher.get('checkpoint')!r} is not a folder; give a trained "
+            "stage's workdir, or teacher.stage=<earlier stage>")
+    try:
+      method, _ = build_method(config, name, workdir, datasets.num_classes,
+                               load_teacher=False)
+      s = stage_config(config, name)
+      tx = make_optimizer(s["optimizer"], s["steps"])
+      jax.eval_shape(functools.partial(init_state, method, tx,
+                                       jax.random.key(0)), example)
+    except (ValueError, KeyError, TypeError) as e:
+      raise ValueError(f"stage {name!r}: {e}") from None
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks, so it can checkpoint first."""
+
+  def __init__(self):
+    self.requested = False
+
+  def __enter__(self):
+    self._old = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM: saving a checkpoint and stopping")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    signal.signal(signal.SIGTERM, self._old)
+
+
+def train_stage(config, name: str, workdir: str, datasets, mesh=None):
+  """Trains (or resumes, or finds finished) stage `name`; returns
+  (method, final state)."""
+  mesh = make_mesh() if mesh is None else mesh
+  stage_dir = os.path.join(workdir, name)
+  s = stage_config(config, name)
+  steps = s["steps"]
+  method, frozen = build_method(config, name, workdir, datasets.num_classes)
+  tx = make_optimizer(s["optimizer"], steps)
+  rep = NamedSharding(mesh, P())
+  frozen = jax.device_put(frozen, rep)
+
+  train_ds = data.pipeline.train_batches(
+      datasets.train, batch_size=config.batch_size,
+      seed=config.seed, transforms=datasets.train_transforms)
+  example = jnp.asarray(train_ds[0]["image"][:1])
+  rng = jax.random.key(config.seed)
+  init = functools.partial(init_state, method, tx, rng)
+  abstract = jax.eval_shape(init, example)  # Also checks the stage's wiring.
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), abstract)
+
+  mngr = checkpoint.manager(os.path.join(stage_dir, "checkpoints"),
+                            save_every=config.checkpoint_every)
+  state = checkpoint.restore(mngr, abstract)
+  if state is None:
+    state = jax.jit(init, out_shardings=rep)(example)
+  start = int(state.step)
+  if start >= steps:
+    logging.info("stage %s: finished at step %d", name, start)
+    mngr.close()
+    return method, state
+  logging.info("stage %s: %s from step %d of %d", name, s["method"],
+               start, steps)
+
+  step_fn = jit_train_step(make_train_step(method, tx), mesh)
+  eval_step = make_eval_step(method, datasets.num_classes, mesh)
+  writer = metric_writers.create_default_writer(
+      stage_dir, just_logging=jax.process_index() > 0)
+  if start == 0:
+    writer.write_hparams({k: v for k, v in flax.traverse_util.flatten_dict(
+        config.to_dict(), sep=".").items() if isinstance(v, (int, float, str))})
+  progress = periodic_actions.ReportProgress(num_train_steps=steps,
+                                             writer=writer)
+  history = []
+  batches = data.pipeline.iterate(train_ds, start)
+  with _Preemption() as preempt:
+    for step in range(start + 1, steps + 1):
+      state, m = step_fn(state, to_global(next(batches), mesh), frozen)
+      history.append(m)
+      progress(step)
+      if step % config.log_every == 0 or step == steps:
+        means = jax.device_get(jax.tree.map(lambda *x: jnp.mean(jnp.stack(x)),
+                                            *history))
+        writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
+        history = []
+      if step % config.eval_every == 0 or step == steps:
+        scores = evaluate(eval_step, state, datasets.val, config.batch_size,
+                          mesh)
+        writer.write_scalars(step, {
+            "val/mean_dice": scores["mean_dice"],
+            "val/mean_iou": scores["mean_iou"],
+            "val/pixel_accuracy": scores["pixel_accuracy"]})
+      checkpoint.save(mngr, step, state,
+                      force=step == steps or preempt.requested)
+      if preempt.requested:
+        break
+  mngr.wait_until_finished()
+  mngr.close()
+  writer.flush()
+  if preempt.requested:
+    raise SystemExit(f"stopped by SIGTERM at step {int(state.step)} of stage "
+                     f"{name}; rerun with the same --workdir to resume")
+  return method, state
+
+
+def measure_throughput(predict, state, images, repeats=5) -> float:
+  """Images/s of the jitted eval-mode forward at this batch (compile excluded)."""
+  jax.block_until_ready(predict(state.params, state.batch_stats, images))
+  t = time.perf_counter()
+  for _ in range(repeats):
+    out = predict(state.params, state.batch_stats, images)
+  jax.block_until_ready(out)
+  return repeats * images.shape[0] / (time.perf_counter() - t)
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Runs every stage in order, then evaluates all of them and writes
+  `<workdir>/report.md`. Returns the report's rows."""
+  from kd_jax.evaluate import report  # matplotlib only when reporting
+
+  datasets = data.build(config.data)
+  validate(config, workdir, datasets)
+  if config.batch_size % jax.device_count():
+    raise ValueError(f"batch_size {config.batch_size} must be divisible by "
+                     f"the {jax.device_count()} devices")
+  mesh = make_mesh()
+  rep = NamedSharding(mesh, P())
+  os.makedirs(workdir, exist_ok=True)
+  results = {}
+  for name in config.stage_order:
+    method, state = train_stage(config, name, workdir, datasets, mesh)
+    eval_step = make_eval_step(method, datasets.num_classes, mesh)
+    scores = evaluate(eval_step, state, datasets.test, config.batch_size, mesh)
+    images = jax.device_put(
+        np.stack([datasets.test[i]["image"]
+                  for i in range(config.batch_size)]), rep)
+    predict = jax.jit(method.predict)
+    results[name] = dict(
+        scores=scores,
+        summary=models.summary(method.model, (1,) + images.shape[1:]),
+        images_per_s=measure_throughput(predict, state, images),
+        predict=lambda x, p=predict, s=state: np.asarray(
+            jnp.argmax(p(s.params, s.batch_stats, x), -1)))
+  report.write(workdir, config, datasets, results)
+  return results
