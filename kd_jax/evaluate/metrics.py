@@ -13,6 +13,16 @@ Conventions (tested in tests/test_metrics.py):
   means. If every averaged class is NaN the mean is NaN. A class present in
   only one of the two scores 0.
 * Labels outside [0, num_classes) (e.g. an ignore index 255) are not counted.
+
+Volumes (numpy/scipy): `hd95`, `volume_scores` (per-class Dice and HD95 of a
+3D volume, with the empty-mask conventions described before
+`binary_volume_scores`), `predict_volume` / `evaluate_volume` (a 2D model run
+slice by slice over a volume) and `summarize_volumes`.
+
+Classification (numpy): `accuracy`, `f1_scores` / `macro_f1`, `roc_auc`
+(binary and one-vs-rest macro), `quadratic_weighted_kappa`, `fidelity`
+(student-vs-teacher agreement, MED-TEX), `classification_scores`.
+Landmarks: `landmark_error` (mean Euclidean distance in pixels).
 """
 
 from __future__ import annotations
