@@ -36,9 +36,8 @@ def test_segmentation_grid_png(tmp_path):
   preds = {"teacher": labels, "student": rng.integers(0, 3, (2, 16, 16)),
            "baseline": np.zeros((2, 16, 16), int)}
   path = tmp_path / "sub" / "grid.png"
-  fig = figures.segmentation_grid(images, labels, preds, 3,
-                                  class_names=["bg", "liver", "spleen"],
-                                  path=path)
+  fig = figures.segmentation_grid(path, images, labels, preds, 3,
+                                  class_names=["bg", "liver", "spleen"])
   assert path.is_file()
   w, h = _png_size(path)
   assert w > h  # 5 columns, 2 rows
@@ -52,8 +51,8 @@ def test_explanation_grid_and_training_curves(tmp_path):
           "saliency": np.zeros((3, 12, 12))}
   masks = np.zeros((3, 12, 12), bool)
   masks[0, 3:6, 3:6] = True
-  fig = figures.explanation_grid(images, maps, masks=masks,
-                                 path=tmp_path / "cam.png")
+  fig = figures.explanation_grid(tmp_path / "cam.png", images, maps,
+                                 masks=masks)
   assert (tmp_path / "cam.png").is_file() and len(fig.axes) == 9
   history = {
       "train/loss": [1.0, 0.5, 0.3, 0.2],
@@ -61,7 +60,7 @@ def test_explanation_grid_and_training_curves(tmp_path):
       "eval/mean_dice": [(0, 0.1), (2, 0.6)],
       "lr": {"step": [0, 1, 2, 3], "value": [0.1, 0.1, 0.05, 0.0]},
   }
-  fig = figures.training_curves(history, path=tmp_path / "curves.png")
+  fig = figures.training_curves(tmp_path / "curves.png", history)
   visible = [ax for ax in fig.axes if ax.get_visible()]
   assert sorted(ax.get_title() for ax in visible) == ["loss", "lr",
                                                       "mean_dice"]
@@ -69,4 +68,4 @@ def test_explanation_grid_and_training_curves(tmp_path):
   assert len(loss_ax.get_lines()) == 2 and loss_ax.get_yscale() == "log"
   assert _png_size(tmp_path / "curves.png")[0] > 0
   with pytest.raises(ValueError, match="empty"):
-    figures.training_curves({})
+    figures.training_curves(None, {})

@@ -3,8 +3,8 @@ curves.
 
 Figures are drawn on `matplotlib.figure.Figure` with the Agg canvas directly
 (no pyplot, no global backend switch), so they work headless and in
-notebooks alike. Every function returns the Figure and writes a PNG when
-given `path`.
+notebooks alike. Every function takes the PNG path first (None: draw only)
+and returns the Figure.
 """
 
 from __future__ import annotations
@@ -71,10 +71,10 @@ def _new_figure(rows: int, cols: int, size: float = 2.2):
   return fig, axes
 
 
-def segmentation_grid(images: Array, labels: Array | None,
-                      predictions: Mapping[str, Array], num_classes: int,
+def segmentation_grid(path: str | os.PathLike | None, images: Array,
+                      labels: Array | None, predictions: Mapping[str, Array],
+                      num_classes: int,
                       class_names: Sequence[str] | None = None,
-                      path: str | os.PathLike | None = None,
                       alpha: float = 0.5, dpi: int = 100) -> Figure:
   """One row per example: image, ground truth overlay, then one overlay per
   named prediction (e.g. {"teacher": ..., "student": ...}).
@@ -104,9 +104,8 @@ def segmentation_grid(images: Array, labels: Array | None,
   return _save(fig, path, dpi)
 
 
-def explanation_grid(images: Array, maps: Mapping[str, Array],
-                     masks: Array | None = None,
-                     path: str | os.PathLike | None = None,
+def explanation_grid(path: str | os.PathLike | None, images: Array,
+                     maps: Mapping[str, Array], masks: Array | None = None,
                      cmap: str = "jet", alpha: float = 0.5,
                      dpi: int = 100) -> Figure:
   """One row per example: the image, then each named explanation map
@@ -146,8 +145,8 @@ def _series(values) -> tuple[np.ndarray, np.ndarray]:
   return np.arange(len(arr)), arr
 
 
-def training_curves(history: Mapping[str, object],
-                    path: str | os.PathLike | None = None,
+def training_curves(path: str | os.PathLike | None,
+                    history: Mapping[str, object],
                     log_scale: Sequence[str] = ("loss",),
                     dpi: int = 100) -> Figure:
   """One panel per metric; series sharing the part after the last "/" share
