@@ -14,3 +14,4 @@ from kd_jax.models import mobilenetv2  # noqa: F401,E402
 from kd_jax.models import espnet  # noqa: F401,E402
 from kd_jax.models import multitask  # noqa: F401,E402
 from kd_jax.models import discriminator  # noqa: F401,E402
+from kd_jax.models import squeeze_unet  # noqa: F401,E402
