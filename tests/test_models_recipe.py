@@ -190,3 +190,102 @@ def test_squeeze_unet_rejects_bad_input_size():
   with pytest.raises(ValueError, match="divisible by 4"):
     jax.eval_shape(functools.partial(model.init, train=False),
                    jax.random.key(0), jnp.zeros((1, 18, 16, 1)))
+
+
+# --------------------------------------------------------------------------
+# TransUNet
+
+
+def transunet_param_count(blocks, w, hidden, depth, mlp, grid, head_ch, dec,
+                          num_classes):
+  """Independent count from the paper / reference layout (StdConvs without
+  bias, GroupNorm and BatchNorm scale + bias, Linear layers with bias)."""
+  norm = lambda c: 2 * c
+  n = 49 * 3 * w + norm(w)  # root
+  cin = w
+  for s, units in enumerate(blocks):
+    out, mid = 4 * w * 2**s, w * 2**s
+    for _ in range(units):
+      n += (cin * mid + norm(mid) + 9 * mid * mid + norm(mid) + mid * out
+            + norm(out))
+      if cin != out:
+        n += cin * out + norm(out)
+      cin = out
+  n += cin * hidden + hidden + grid * grid * hidden  # embeddings
+  n += depth * (2 * norm(hidden) + 4 * (hidden * hidden + hidden)
+                + hidden * mlp + mlp + mlp * hidden + hidden)
+  n += norm(hidden)  # encoder norm
+  n += 9 * hidden * head_ch + norm(head_ch)  # conv_more
+  cin = head_ch
+  for ch, skip in zip(dec, [8 * w, 4 * w, w, 0]):
+    n += 9 * (cin + skip) * ch + norm(ch) + 9 * ch * ch + norm(ch)
+    cin = ch
+  return n + 9 * cin * num_classes + num_classes
+
+
+def test_transunet_b16_matches_paper_count_and_names():
+  model = models.build("transunet_b16", num_classes=9)
+  x = jnp.zeros((1, 224, 224, 1))
+  variables = jax.eval_shape(functools.partial(model.init, train=False),
+                             jax.random.key(0), x)
+  n = sum(v.size for v in jax.tree.leaves(variables["params"]))
+  assert n == transunet_param_count((3, 4, 9), 64, 768, 12, 3072, 14, 512,
+                                    (256, 128, 64, 16), 9) == 105_277_081
+  assert abs(n - 105.28e6) / 105.28e6 < 0.01  # The paper's 105.28 M.
+  logits, feats = jax.eval_shape(
+      functools.partial(model.apply, train=False), variables, x)
+  assert logits.shape == (1, 224, 224, 9)
+  assert feats["encoder.block11"].shape == (1, 196, 768)
+  assert "encoder.block12" not in feats
+  assert feats["bottleneck"].shape == (1, 14, 14, 768)
+  assert feats["cnn.block3"].shape == (1, 14, 14, 1024)
+  assert feats["decoder.block3"].shape == (1, 224, 224, 16)
+  assert_documented(model, feats)
+
+
+def test_transunet_tiny_count():
+  model = models.build("transunet_tiny", num_classes=9)
+  assert count_params(model, (1, 128, 128, 1)) == transunet_param_count(
+      (1, 1, 1), 16, 128, 2, 256, 8, 64, (64, 32, 16, 8), 9)
+
+
+@pytest.fixture(scope="module", params=[jnp.float32, jnp.bfloat16],
+                ids=["f32", "bf16"])
+def transunet_run(request):
+  # 64² input: also exercises resizing the 8×8 position embedding to 4×4.
+  model = models.build("transunet_tiny", num_classes=3, dtype=request.param)
+  x = jax.random.normal(jax.random.key(2), (2, 64, 64, 1))
+  return Runner(model, x), request.param
+
+
+def test_transunet_contract(transunet_run):
+  runner, dtype = transunet_run
+  check_common(runner, dtype)
+  logits, feats = runner.eval
+  assert logits.shape == (2, 64, 64, 3)
+  want = {
+      "cnn.root": (2, 32, 32, 16), "cnn.block1": (2, 16, 16, 64),
+      "cnn.block2": (2, 8, 8, 128), "cnn.block3": (2, 4, 4, 256),
+      "encoder.block0": (2, 16, 128), "encoder.block1": (2, 16, 128),
+      "encoder": (2, 16, 128), "bottleneck": (2, 4, 4, 128),
+      "decoder.block0": (2, 8, 8, 64), "decoder.block1": (2, 16, 16, 32),
+      "decoder.block2": (2, 32, 32, 16), "decoder.block3": (2, 64, 64, 8),
+      "embedding": (2, 128),
+  }
+  assert {k: v.shape for k, v in feats.items()} == want
+  np.testing.assert_array_equal(
+      np.asarray(feats["bottleneck"]).reshape(2, 16, 128),
+      np.asarray(feats["encoder"]))
+  # The CNN trunk has no BatchNorm and no dropout: identical in both modes.
+  _, tfeats = runner.train
+  np.testing.assert_array_equal(np.asarray(feats["cnn.block3"]),
+                                np.asarray(tfeats["cnn.block3"]))
+  # Dropout (embeddings, MLP) acts only in train mode.
+  assert not np.allclose(np.asarray(feats["encoder"], np.float32),
+                         np.asarray(tfeats["encoder"], np.float32))
+
+
+def test_transunet_count_does_not_depend_on_input_channels():
+  model = models.build("transunet_tiny")
+  assert count_params(model, (1, 64, 64, 1)) == count_params(
+      model, (1, 64, 64, 3))

@@ -15,3 +15,5 @@ from kd_jax.models import espnet  # noqa: F401,E402
 from kd_jax.models import multitask  # noqa: F401,E402
 from kd_jax.models import discriminator  # noqa: F401,E402
 from kd_jax.models import squeeze_unet  # noqa: F401,E402
+from kd_jax.models import transunet  # noqa: F401,E402
+from kd_jax.models import vit  # noqa: F401,E402
