@@ -304,10 +304,10 @@ def train_stage(config, name: str, workdir: str, datasets, mesh=None):
             "val/mean_dice": scores["mean_dice"],
             "val/mean_iou": scores["mean_iou"],
             "val/pixel_accuracy": scores["pixel_accuracy"]})
-      checkpoint.save(mngr, step, state,
-                      force=step == steps or preempt.requested)
       if preempt.requested:
+        checkpoint.save(mngr, step, state, force=True)
         break
+      checkpoint.save(mngr, step, state, force=step == steps)
   mngr.wait_until_finished()
   mngr.close()
   writer.flush()

@@ -1,0 +1,174 @@
+"""The trainer: resume exactness, sharding invariance, config errors."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from kd_jax import checkpoint, data, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from configs import default  # noqa: E402
+
+
+def tiny_config(steps=6):
+  c = default.get_config()
+  c.batch_size = 4
+  c.steps = steps
+  c.log_every = 2
+  c.eval_every = 3
+  c.checkpoint_every = 2
+  c.optimizer.warmup_steps = 2
+  c.data.image_size = 16
+  c.data.num_train = 12
+  c.data.num_val = 4
+  c.data.num_test = 4
+  c.stages.teacher.model.width = 4
+  c.stages.teacher.model.depth = 2
+  c.stages.baseline.model.width = 2
+  c.stages.baseline.model.depth = 2
+  c.stages.distilled.model.width = 2
+  c.stages.distilled.model.depth = 2
+  c.stages.distilled.teacher.model.width = 4
+  c.stages.distilled.teacher.model.depth = 2
+  return c
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """The teacher stage trained without interruption."""
+  c = tiny_config()
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  ds = data.build(c.data)
+  _, state = train.train_stage(c, "teacher", workdir, ds)
+  return c, ds, workdir, jax.device_get(state)
+
+
+def test_stage_writes_checkpoints_and_event_files(trained):
+  _, _, workdir, state = trained
+  assert int(state.step) == 6
+  stage = os.path.join(workdir, "teacher")
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(stage))
+  steps = sorted(int(s) for s in os.listdir(os.path.join(stage,
+                                                         "checkpoints")))
+  assert steps[-1] == 6 and len(steps) == 2  # max_to_keep=2
+
+
+def test_interrupted_run_resumes_to_identical_parameters(trained, tmp_path,
+                                                         monkeypatch):
+  c, ds, _, reference = trained
+  real_save = checkpoint.save
+
+  def save_then_sigterm(mngr, step, state, force=False):
+    out = real_save(mngr, step, state, force=force)
+    if step == 3:  # A real SIGTERM, as a scheduler would send; the loop
+      # notices it after the next step and checkpoints that one.
+      os.kill(os.getpid(), signal.SIGTERM)
+    return out
+
+  monkeypatch.setattr(checkpoint, "save", save_then_sigterm)
+  with pytest.raises(SystemExit, match="SIGTERM at step 4"):
+    train.train_stage(c, "teacher", str(tmp_path), ds)
+  monkeypatch.setattr(checkpoint, "save", real_save)
+  ckpts = os.listdir(tmp_path / "teacher" / "checkpoints")
+  assert "4" in ckpts and "6" not in ckpts
+  _, resumed = train.train_stage(c, "teacher", str(tmp_path), ds)
+  resumed = jax.device_get(resumed)
+  assert int(resumed.step) == 6
+  jax.tree.map(np.testing.assert_array_equal, reference.params,
+               resumed.params)
+  jax.tree.map(np.testing.assert_array_equal, reference.opt_state,
+               resumed.opt_state)
+
+
+def test_distill_stage_loads_the_teacher_and_learns(trained):
+  c, ds, workdir, _ = trained
+  frozen = checkpoint.load_model_variables(os.path.join(workdir, "teacher"))
+  _, teacher_state = trained[2], trained[3]
+  jax.tree.map(np.testing.assert_array_equal, frozen["params"],
+               teacher_state.params["model"])
+  method, state = train.train_stage(c, "distilled", workdir, ds)
+  assert int(state.step) == 6
+  assert set(state.params) == {"student", "connectors"}
+
+
+_ONE_STEP = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {root!r})
+    import jax, numpy as np
+    from kd_jax import data, train
+    from tests.test_train import tiny_config
+    c = tiny_config()
+    c.batch_size = 8
+    ds = data.build(c.data)
+    losses = []
+    for name in ("teacher", "distilled"):
+      method, _ = train.build_method(c, name, "", ds.num_classes,
+                                     load_teacher=False)
+      s = train.stage_config(c, name)
+      tx = train.make_optimizer(s["optimizer"], s["steps"])
+      batch = data.pipeline.train_batches(ds.train, batch_size=8, seed=0)[0]
+      state = train.init_state(method, tx, jax.random.key(0),
+                               batch["image"][:1])
+      frozen = {{}}
+      if name == "distilled":
+        frozen = method.teacher.init(jax.random.key(5), batch["image"][:1],
+                                     train=False)
+      mesh = train.make_mesh()
+      step = train.jit_train_step(train.make_train_step(method, tx), mesh)
+      for _ in range(3):
+        state, m = step(state, train.to_global(batch, mesh), frozen)
+        losses.append(float(m["loss"]))
+    print(jax.device_count(), *losses)
+""")
+
+
+def _run_devices(n):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
+             JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", _ONE_STEP.format(root=ROOT)],
+                       env=env, capture_output=True, text=True, cwd=ROOT,
+                       check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  values = out.stdout.split()
+  assert int(values[0]) == n
+  return np.asarray(values[1:], float)
+
+
+def test_one_and_eight_devices_give_the_same_losses():
+  one, eight = _run_devices(1), _run_devices(8)
+  assert len(one) == 6
+  np.testing.assert_allclose(one, eight, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("override,match", [
+    (("stages.teacher.model.name", "unetx"), "unknown model 'unetx'"),
+    (("stages.teacher.losses", ({"fn": "dicee"},)), "dicee"),
+    (("stages.distilled.teacher.stage", "nowhere"), "earlier stage"),
+    (("data.name", "mnist"), "data.name 'mnist'"),
+])
+def test_bad_configs_fail_before_training(tmp_path, override, match):
+  c = tiny_config()
+  key, value = override
+  node = c
+  *path, last = key.split(".")
+  for p in path:
+    node = node[p]
+  with c.unlocked():
+    node[last] = value
+  with pytest.raises(ValueError, match=match):
+    train.train_and_evaluate(c, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+def test_feature_term_with_unknown_name_lists_the_choices(tmp_path):
+  c = tiny_config()
+  c.stages.distilled.losses = [dict(fn="hint_l2", student="enc9",
+                                    teacher="bottleneck")]
+  with pytest.raises(ValueError, match="no feature 'enc9'.*bottleneck"):
+    train.train_and_evaluate(c, str(tmp_path / "run"))
