@@ -289,3 +289,81 @@ def test_transunet_count_does_not_depend_on_input_channels():
   model = models.build("transunet_tiny")
   assert count_params(model, (1, 64, 64, 1)) == count_params(
       model, (1, 64, 64, 3))
+
+
+# --------------------------------------------------------------------------
+# MED-TEX
+
+
+def medtex_cnn_param_count(widths, kernel=3, in_ch=3, num_classes=5):
+  n, cin = 0, in_ch
+  for w in widths:
+    n += kernel * kernel * cin * w + 2 * w  # conv without bias, BN
+    cin = w
+  return n + cin * num_classes + num_classes
+
+
+def test_medtex_teacher_and_student_sizes():
+  teacher = count_params(models.build("medtex_teacher"), (1, 224, 224, 3))
+  student = count_params(models.build("medtex_student"), (1, 224, 224, 3))
+  assert teacher == medtex_cnn_param_count((32, 64, 128, 256)) == 390_181
+  assert student == medtex_cnn_param_count((4, 8, 8, 9)) == 1_728
+  assert abs(teacher - 390e3) / 390e3 < 0.01  # paper: ≈ 390 k
+  assert abs(student - 1.7e3) / 1.7e3 < 0.02  # paper: ≈ 1.7 k
+  assert round(teacher / student) == 226  # paper: "226× smaller"
+
+
+MEDTEX_CASES = {
+    "teacher": lambda dtype: models.build("medtex_teacher", dtype=dtype),
+    "student": lambda dtype: models.build("medtex_student", dtype=dtype),
+    "explainer": lambda dtype: models.build("medtex_explainer", width=4,
+                                            depth=2, dtype=dtype),
+}
+
+
+@pytest.fixture(scope="module",
+                params=[(k, d) for k in MEDTEX_CASES
+                        for d in (jnp.float32, jnp.bfloat16)],
+                ids=lambda p: f"{p[0]}-{jnp.dtype(p[1]).name}")
+def medtex_run(request):
+  kind, dtype = request.param
+  x = jax.random.uniform(jax.random.key(2), (2, 32, 32, 3))
+  return kind, Runner(MEDTEX_CASES[kind](dtype), x), dtype
+
+
+def test_medtex_contract(medtex_run):
+  kind, runner, dtype = medtex_run
+  check_common(runner, dtype)
+  out, feats = runner.eval
+  shapes = {k: v.shape for k, v in feats.items()}
+  if kind == "explainer":
+    assert out.shape == (2, 32, 32, 1)
+    assert shapes == {"enc1": (2, 32, 32, 4), "enc2": (2, 16, 16, 8),
+                      "bottleneck": (2, 8, 8, 16), "dec2": (2, 16, 16, 8),
+                      "dec1": (2, 32, 32, 4), "mask_logits": (2, 32, 32, 1),
+                      "embedding": (2, 16)}
+    m = np.asarray(out, np.float32)
+    assert np.all((m >= 0) & (m <= 1))
+    np.testing.assert_allclose(
+        m, 1 / (1 + np.exp(-np.asarray(feats["mask_logits"], np.float32))),
+        rtol=1e-2, atol=1e-2)
+  else:
+    w = (32, 64, 128, 256) if kind == "teacher" else (4, 8, 8, 9)
+    assert out.shape == (2, 5)
+    assert shapes == {"block1": (2, 16, 16, w[0]), "block2": (2, 8, 8, w[1]),
+                      "block3": (2, 4, 4, w[2]), "block4": (2, 2, 2, w[3]),
+                      "embedding": (2, w[3])}
+    assert all(np.all(np.asarray(v) >= 0) for v in feats.values())  # ReLU
+
+
+def test_medtex_explainer_per_channel_mask():
+  model = models.build("medtex_explainer", width=4, depth=2, per_channel=True)
+  x = jnp.zeros((1, 16, 16, 3))
+  variables = jax.eval_shape(functools.partial(model.init, train=False),
+                             jax.random.key(0), x)
+  mask, _ = jax.eval_shape(functools.partial(model.apply, train=False),
+                           variables, x)
+  assert mask.shape == (1, 16, 16, 3)
+  with pytest.raises(ValueError, match="divisible by 4"):
+    jax.eval_shape(functools.partial(model.init, train=False),
+                   jax.random.key(0), jnp.zeros((1, 18, 16, 3)))
