@@ -245,17 +245,11 @@ class EfficientViT(nn.Module):
     return logits, features
 
 
-def _preset(name, **defaults):
-  @register(name)
-  def build(**kw):
-    return EfficientViT(**{**defaults, **kw})
-
-  build.__doc__ = f"EfficientViT preset {name}: {defaults}."
-  build.__dataclass_fields__ = EfficientViT.__dataclass_fields__
-  return build
+register("efficientvit_b0")(EfficientViT)
 
 
-efficientvit_b0 = _preset("efficientvit_b0")
-efficientvit_b1 = _preset(
-    "efficientvit_b1", widths=(16, 32, 64, 128, 256), depths=(1, 2, 3, 3, 4),
-    head_widths=(1536, 1600))
+@register("efficientvit_b1")
+class EfficientViTB1(EfficientViT):
+  widths: Sequence[int] = (16, 32, 64, 128, 256)
+  depths: Sequence[int] = (1, 2, 3, 3, 4)
+  head_widths: Sequence[int] = (1536, 1600)

@@ -97,20 +97,13 @@ class MedTexCNN(nn.Module):
     return logits, features
 
 
-@register("medtex_teacher")
-def medtex_teacher(**kw):
-  """MED-TEX teacher: widths (32, 64, 128, 256), 3×3 (390,181 params)."""
-  return MedTexCNN(**kw)
+register("medtex_teacher")(MedTexCNN)
 
 
 @register("medtex_student")
-def medtex_student(**kw):
+class MedTexStudent(MedTexCNN):
   """MED-TEX student: widths (4, 8, 8, 9), 3×3 (1,728 params)."""
-  return MedTexCNN(**{"widths": (4, 8, 8, 9), **kw})
-
-
-medtex_teacher.__dataclass_fields__ = MedTexCNN.__dataclass_fields__
-medtex_student.__dataclass_fields__ = MedTexCNN.__dataclass_fields__
+  widths: Sequence[int] = (4, 8, 8, 9)
 
 
 class ConvBNReLU(nn.Module):

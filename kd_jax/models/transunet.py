@@ -222,18 +222,18 @@ class TransUNet(nn.Module):
     return logits, features
 
 
-def _preset(name, **defaults):
-  @register(name)
-  def build(**kw):
-    return TransUNet(**{**defaults, **kw})
-
-  build.__doc__ = f"TransUNet preset {name}: {defaults or 'R50-ViT-B/16'}."
-  build.__dataclass_fields__ = TransUNet.__dataclass_fields__
-  return build
+register("transunet_b16")(TransUNet)
 
 
-transunet_b16 = _preset("transunet_b16")
-transunet_tiny = _preset(
-    "transunet_tiny", resnet_blocks=(1, 1, 1), resnet_width=16, hidden=128,
-    depth=2, num_heads=4, mlp_dim=256, image_size=128, head_channels=64,
-    decoder_channels=(64, 32, 16, 8))
+@register("transunet_tiny")
+class TransUNetTiny(TransUNet):
+  """A CPU-sized TransUNet: same layout, R(1, 1, 1) with w = 16, 2 layers."""
+  resnet_blocks: Sequence[int] = (1, 1, 1)
+  resnet_width: int = 16
+  hidden: int = 128
+  depth: int = 2
+  num_heads: int = 4
+  mlp_dim: int = 256
+  image_size: int = 128
+  head_channels: int = 64
+  decoder_channels: Sequence[int] = (64, 32, 16, 8)

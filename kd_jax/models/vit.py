@@ -97,19 +97,22 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    ls = ((lambda name: LayerScale(self.layerscale, name=name))
-          if self.layerscale is not None else (lambda name: (lambda y: y)))
+    def scale(y, name):
+      if self.layerscale is None:
+        return y
+      return LayerScale(self.layerscale, name=name)(y)
+
     y = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name="norm1")(x)
     y = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, dtype=self.dtype,
         dropout_rate=self.attention_dropout_rate, deterministic=not train,
         force_fp32_for_softmax=True, name="attn")(y, y)
     y = nn.Dropout(self.attention_dropout_rate, deterministic=not train)(y)
-    x = x + ls("ls1")(y)
+    x = x + scale(y, "ls1")
     y = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name="norm2")(x)
     y = MLP(self.mlp_hidden, self.dropout_rate, self.dtype, name="mlp")(
         y, train=train)
-    return x + ls("ls2")(y)
+    return x + scale(y, "ls2")
 
 
 def resize_pos_embed(pos, grid, method="bicubic"):
@@ -202,22 +205,35 @@ class ViT(nn.Module):
     return logits, features
 
 
-def _preset(name, width, depth, heads, **defaults):
-  @register(name)
-  def build(**kw):
-    kw = {"width": width, "depth": depth, "num_heads": heads, **defaults,
-          **kw}
-    return ViT(**kw)
-
-  build.__doc__ = f"ViT {name}: width {width}, depth {depth}, {heads} heads."
-  build.__dataclass_fields__ = ViT.__dataclass_fields__  # For build() errors.
-  return build
+@register("vit_s16")
+class ViTS16(ViT):
+  width: int = 384
+  depth: int = 12
+  num_heads: int = 6
 
 
-vit_s16 = _preset("vit_s16", 384, 12, 6)
-vit_b16 = _preset("vit_b16", 768, 12, 12)
-vit_l16 = _preset("vit_l16", 1024, 24, 16)
-# A CPU-sized ViT for tests and smoke runs (same code path, 64² input).
-vit_tiny = _preset("vit_tiny", 64, 2, 2, image_size=64)
+@register("vit_b16")
+class ViTB16(ViT):
+  width: int = 768
+  depth: int = 12
+  num_heads: int = 12
+
+
+@register("vit_l16")
+class ViTL16(ViT):
+  width: int = 1024
+  depth: int = 24
+  num_heads: int = 16
+
+
+@register("vit_tiny")
+class ViTTiny(ViT):
+  """A CPU-sized ViT for tests and smoke runs (same code path, 64² input)."""
+  width: int = 64
+  depth: int = 2
+  num_heads: int = 2
+  image_size: int = 64
+
+
 DEFAULT_INPUT["vit_tiny"] = (64, 64, 3)
 RECIPES["vit_tiny"] = "CPU smoke runs of foundation encoder distillation"
