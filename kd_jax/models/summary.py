@@ -12,7 +12,8 @@
   (`model.apply(variables, x, train=False)`), compiled but never run. XLA
   counts a multiply-add as two FLOPs, so ResNet-50 at 224² reads ≈ 8.0e9
   where papers quoting "GFLOPs" as multiply-adds say 4.1. Elementwise work
-  (BatchNorm, activations, resizes) is included. The number is for the
+  (BatchNorm, activations, resizes) is included; convolution taps that fall
+  on zero padding are not. The number is for the
   whole `input_shape` batch: use batch 1 for a per-image figure.
 
 Default inputs, for `benchmarks/model_table.py` and `default_input(name)`:
