@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from kd_jax.models import connectors as cn
+from test_models_recipe import numpy_variables
 
 
 def _init_apply(module, x, **kw):
@@ -64,9 +65,8 @@ def test_attention_pool_shapes(src, grid, want):
 
 def test_attention_pool_params_do_not_depend_on_source_size():
   m = cn.AttentionPool(24, grid=(4, 4), hidden=32, num_heads=4)
-  init = jax.jit(m.init)
-  small = init(jax.random.key(0), jnp.ones((1, 3, 3, 8)))
-  big = jax.eval_shape(init, jax.random.key(0), jnp.ones((1, 12, 12, 8)))
+  small = numpy_variables(m, jnp.ones((1, 3, 3, 8)))
+  big = jax.eval_shape(m.init, jax.random.key(0), jnp.ones((1, 12, 12, 8)))
   shapes = lambda v: jax.tree.map(jnp.shape, v)
   assert shapes(small) == shapes(big)
   # The same parameters run on any source size.
@@ -89,7 +89,7 @@ def test_attention_pool_bf16_compute_float32_params():
   m = cn.AttentionPool(16, grid=(2, 2), hidden=16, num_heads=2,
                        dtype=jnp.bfloat16)
   x = jnp.ones((2, 4, 4, 8), jnp.bfloat16)
-  v = jax.jit(m.init)(jax.random.key(0), x)
+  v = numpy_variables(m, x)
   y = jax.jit(m.apply)(v, x)
   assert y.dtype == jnp.bfloat16
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(v))
