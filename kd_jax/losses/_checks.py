@@ -1,14 +1,18 @@
-"""Argument checks and masked reductions shared by the losses.
+"""Argument checks, masked reductions and the `jit_loss` decorator.
 
 Shapes are static under `jax.jit`, so every shape check runs in Python and
 raises a ValueError while tracing, before anything is computed. Values
-(temperatures, masks) are checked only when they are concrete, i.e. outside
-`jit`/`vmap`; inside a trace they cannot be seen and the documented fallback
-applies instead (see `valid_positions`).
+(temperatures, masks) are checked by `jit_loss` only when they are concrete,
+i.e. outside `jit`/`grad`/`vmap`; inside a trace they cannot be seen and the
+documented fallback applies instead (an all-ignored mask gives 0).
 """
+
+import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def is_traced(x) -> bool:
@@ -100,9 +104,9 @@ def valid_positions(shape, *, mask=None, labels=None, ignore_index=None,
     A boolean array of `shape`.
 
   Raises:
-    ValueError: if the mask shape does not fit, or if the inputs are concrete
-      (outside a trace) and no position is valid. Inside jit/grad/vmap an
-      all-ignored batch cannot be detected; the masked means then return 0.
+    ValueError: if the mask shape does not fit. (An all-ignored mask is
+      caught by `jit_loss` when it is concrete; otherwise the masked means
+      return 0.)
   """
   shape = tuple(shape)
   valid = jnp.ones(shape, bool)
@@ -118,13 +122,6 @@ def valid_positions(shape, *, mask=None, labels=None, ignore_index=None,
     valid = valid & m.reshape(mshape + (1,) * (len(shape) - len(mshape)))
   if ignore_index is not None and labels is not None:
     valid = valid & (jnp.asarray(labels) != ignore_index)
-  if (mask is not None or ignore_index is not None) and not is_traced(valid):
-    if not bool(jnp.any(valid)):
-      raise ValueError(
-          f"{fn_name}: every position is ignored (mask all zero or every "
-          f"label == ignore_index={ignore_index}); there is nothing to "
-          f"average. Check the mask/ignore_index (under jit this case "
-          f"returns 0).")
   return valid
 
 
@@ -133,3 +130,73 @@ def masked_mean(values: jax.Array, valid: jax.Array) -> jax.Array:
   values = jnp.where(valid, values, 0.0)
   count = jnp.sum(valid, dtype=values.dtype)
   return jnp.sum(values) / jnp.maximum(count, 1.0)
+
+
+def _concrete(x):
+  return x is not None and not is_traced(x)
+
+
+def check_not_all_ignored(fn_name: str, mask=None, labels=None,
+                          ignore_index=None) -> None:
+  """Raises a ValueError when concrete inputs leave no valid position.
+
+  Uses numpy on the concrete parts only (no compilation); a traced mask or
+  label array is treated as all-valid, so under jit nothing is raised and
+  the masked means return 0.
+  """
+  valid = None
+  if _concrete(mask):
+    valid = np.asarray(mask) != 0
+  if ignore_index is not None and _concrete(labels):
+    keep = np.asarray(labels) != ignore_index
+    if valid is None:
+      valid = keep
+    elif valid.shape == keep.shape[:valid.ndim]:
+      valid = valid.reshape(valid.shape + (1,) * (keep.ndim - valid.ndim))
+      valid = valid & keep
+    else:
+      return  # Bad mask shape: the loss itself raises a clearer error.
+  if valid is not None and not valid.any():
+    raise ValueError(
+        f"{fn_name}: every position is ignored (mask all zero"
+        f"{f' or every label == ignore_index={ignore_index}' if ignore_index is not None else ''}"
+        f"); there is nothing to average. Check the mask / ignore_index "
+        f"(inside jit this cannot be seen and the loss is 0).")
+
+
+def jit_loss(*, static=(), positive_args=(), non_negative_args=()):
+  """Decorator: validates concrete values, then runs the loss as one jit.
+
+  Called eagerly, a loss then costs one XLA compilation per input shape
+  (not one per jnp operation) and later calls reuse it; inside a user's
+  jit/grad/vmap the inner jit is simply inlined. Scalar hyperparameters
+  (temperature, alpha, ...) are traced, so changing them does not
+  recompile; `static` names the arguments that change shapes or Python
+  control flow. Because traced values cannot be inspected, the value checks
+  run here, before the jit: `positive_args` must be > 0,
+  `non_negative_args` >= 0, and a concrete `mask` (with `labels` and
+  `ignore_index` when the loss takes them) must leave a valid position.
+  """
+  def decorate(fn):
+    signature = inspect.signature(fn)
+    jitted = jax.jit(fn, static_argnames=static)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+      try:
+        bound = signature.bind(*args, **kwargs)
+      except TypeError as e:
+        raise TypeError(f"{fn.__name__}{signature}: {e}") from None
+      bound.apply_defaults()
+      given = bound.arguments
+      for name in positive_args:
+        positive(name, given[name])
+      for name in non_negative_args:
+        non_negative(name, given[name])
+      if "mask" in given:
+        check_not_all_ignored(fn.__name__, given["mask"], given.get("labels"),
+                              given.get("ignore_index"))
+      return jitted(*args, **kwargs)
+
+    return wrapper
+  return decorate

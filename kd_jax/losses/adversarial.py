@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from kd_jax.losses import _checks
 
 
+@_checks.jit_loss()
 def wgan_critic_loss(real_scores, fake_scores) -> jax.Array:
   """WGAN critic loss: E[D(fake)] - E[D(real)].
 
@@ -47,6 +48,7 @@ def wgan_critic_loss(real_scores, fake_scores) -> jax.Array:
   return jnp.mean(fake) - jnp.mean(real)
 
 
+@_checks.jit_loss()
 def wgan_generator_loss(fake_scores) -> jax.Array:
   """WGAN generator (student) loss: -E[D(fake)].
 

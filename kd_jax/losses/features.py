@@ -24,6 +24,7 @@ def _same(student_feature, teacher_feature):
           _checks.as_float(teacher_feature, "teacher_feature"))
 
 
+@_checks.jit_loss()
 def hint_l1(student_feature, teacher_feature) -> jax.Array:
   """FitNets hint with an L1 distance: mean |f_S - f_T|.
 
@@ -42,6 +43,7 @@ def hint_l1(student_feature, teacher_feature) -> jax.Array:
   return jnp.mean(jnp.abs(s - t))
 
 
+@_checks.jit_loss()
 def hint_l2(student_feature, teacher_feature) -> jax.Array:
   """FitNets hint: mean squared error (f_S - f_T)^2.
 
@@ -74,17 +76,19 @@ def _same_spatial(s, t):
   _spatial("teacher_feature", t)
   if jnp.shape(s)[:-1] != jnp.shape(t)[:-1]:
     raise ValueError(
-        f"student_feature {jnp.shape(s)} and teacher_feature {jnp.shape(t)} "
-        f"must have the same batch and spatial dims (channels may differ); "
-        f"resize one of them, e.g. with jax.image.resize.")
+        f"student_feature shape {jnp.shape(s)} and teacher_feature shape "
+        f"{jnp.shape(t)} must have the same batch and spatial dims "
+        f"(channels may differ); resize one of them, e.g. with "
+        f"jax.image.resize.")
 
 
 def _same_batch(s, t, min_batch):
   _checks.min_ndim("student_feature", s, 2, "(B, ...)")
   _checks.min_ndim("teacher_feature", t, 2, "(B, ...)")
   if jnp.shape(s)[0] != jnp.shape(t)[0]:
-    raise ValueError(f"student_feature {jnp.shape(s)} and teacher_feature "
-                     f"{jnp.shape(t)} must have the same batch size (axis 0).")
+    raise ValueError(f"student_feature shape {jnp.shape(s)} and "
+                     f"teacher_feature shape {jnp.shape(t)} must have the "
+                     f"same batch size (axis 0); feature sizes may differ.")
   if jnp.shape(s)[0] < min_batch:
     raise ValueError(f"this loss relates the examples of a batch and needs a "
                      f"batch of at least {min_batch}, got {jnp.shape(s)[0]}.")
@@ -92,6 +96,7 @@ def _same_batch(s, t, min_batch):
   return flat(s, "student_feature"), flat(t, "teacher_feature")
 
 
+@_checks.jit_loss(positive_args=("p", "eps"))
 def attention_transfer(student_feature, teacher_feature, *, p: float = 2.0,
                        eps: float = 1e-12) -> jax.Array:
   """Attention transfer (activation-based, channel-pooled |f|^p maps).
@@ -130,6 +135,7 @@ def attention_transfer(student_feature, teacher_feature, *, p: float = 2.0,
                    - att(teacher_feature, "teacher_feature")) ** 2)
 
 
+@_checks.jit_loss(positive_args=("eps",))
 def vid(mean, teacher_feature, alpha, *, eps: float = 1e-5) -> jax.Array:
   """Variational information distillation: Gaussian NLL of the teacher.
 
@@ -176,6 +182,7 @@ def _max_pool(x, size):
   return jnp.max(x, axis=(-4, -2))
 
 
+@_checks.jit_loss(static=("pool_size",))
 def pairwise_similarity(student_feature, teacher_feature, *,
                         pool_size: int = 1) -> jax.Array:
   """Pair-wise similarity distillation of Structured KD.
@@ -221,6 +228,7 @@ def pairwise_similarity(student_feature, teacher_feature, *,
                    - sim(teacher_feature, "teacher_feature")) ** 2)
 
 
+@_checks.jit_loss()
 def similarity_preserving(student_feature, teacher_feature) -> jax.Array:
   """Similarity-preserving KD: match the batch's similarity matrices.
 
@@ -241,6 +249,7 @@ def similarity_preserving(student_feature, teacher_feature) -> jax.Array:
   return jnp.mean((g(t) - g(s)) ** 2)
 
 
+@_checks.jit_loss(positive_args=("eps",))
 def pkt(student_feature, teacher_feature, *, eps: float = 1e-7
         ) -> jax.Array:
   """Probabilistic knowledge transfer with the cosine-similarity kernel.
@@ -276,6 +285,7 @@ def _pairwise_distances(x):
   return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
 
 
+@_checks.jit_loss(positive_args=("delta",))
 def rkd_distance(student_feature, teacher_feature, *, delta: float = 1.0
                  ) -> jax.Array:
   """Relational KD, distance-wise potential.
@@ -305,6 +315,7 @@ def rkd_distance(student_feature, teacher_feature, *, delta: float = 1.0
   return jnp.mean(optax.huber_loss(psi(s), psi(t), delta=delta))
 
 
+@_checks.jit_loss(positive_args=("delta",))
 def rkd_angle(student_feature, teacher_feature, *, delta: float = 1.0
               ) -> jax.Array:
   """Relational KD, angle-wise potential.
@@ -337,6 +348,7 @@ def _pooled(x, name):
   return jnp.mean(x, axis=tuple(range(1, x.ndim - 1))) if x.ndim > 2 else x
 
 
+@_checks.jit_loss()
 def embedding_cosine(student_feature, teacher_feature) -> jax.Array:
   """Global embedding matching with the cosine distance.
 
@@ -357,6 +369,7 @@ def embedding_cosine(student_feature, teacher_feature) -> jax.Array:
   return jnp.mean(1.0 - cos)
 
 
+@_checks.jit_loss(static=("normalize",))
 def embedding_l2(student_feature, teacher_feature, *,
                  normalize: bool = False) -> jax.Array:
   """Global embedding matching with the squared L2 distance.
@@ -376,6 +389,7 @@ def embedding_l2(student_feature, teacher_feature, *,
   return jnp.mean(jnp.sum((s - t) ** 2, axis=-1))
 
 
+@_checks.jit_loss()
 def feature_map_cosine(student_feature, teacher_feature) -> jax.Array:
   """Dense feature-map matching with the per-position cosine distance.
 

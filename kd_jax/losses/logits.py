@@ -46,6 +46,7 @@ def _kl_rows(target_logp, logp):
   return jnp.sum(jnp.exp(target_logp) * (target_logp - logp), axis=-1)
 
 
+@_checks.jit_loss(positive_args=("temperature",))
 def kd_kl(student_logits, teacher_logits, *, temperature: float = 1.0,
           mask=None) -> jax.Array:
   """Hinton knowledge distillation: temperature-softened KL divergence.
@@ -79,6 +80,7 @@ def kd_kl(student_logits, teacher_logits, *, temperature: float = 1.0,
   return _checks.masked_mean(kl, valid) * temperature**2
 
 
+@_checks.jit_loss()
 def pixelwise_kd(student_logits, teacher_logits, *, mask=None) -> jax.Array:
   """Pixel-wise distillation of Structured KD (the paper's form).
 
@@ -110,6 +112,7 @@ def pixelwise_kd(student_logits, teacher_logits, *, mask=None) -> jax.Array:
   return kd_kl(student_logits, teacher_logits, temperature=1.0, mask=mask)
 
 
+@_checks.jit_loss(positive_args=("temperature",))
 def soft_cross_entropy(student_logits, teacher_logits, *,
                        temperature: float = 1.0, mask=None) -> jax.Array:
   """Cross-entropy of the student against the teacher's soft distribution.
@@ -133,6 +136,7 @@ def soft_cross_entropy(student_logits, teacher_logits, *,
   return _checks.masked_mean(ce, valid) * temperature**2
 
 
+@_checks.jit_loss(positive_args=("temperature",))
 def dkd(student_logits, teacher_logits, labels, *, alpha: float = 1.0,
         beta: float = 8.0, temperature: float = 4.0,
         ignore_index: Optional[int] = None, mask=None) -> jax.Array:
@@ -215,6 +219,7 @@ def _pearson_rows(a, b, w, eps):
                 + eps)
 
 
+@_checks.jit_loss(positive_args=("temperature",))
 def dist(student_logits, teacher_logits, *, beta: float = 1.0,
          gamma: float = 1.0, temperature: float = 1.0,
          eps: float = 1e-8, mask=None) -> jax.Array:
@@ -254,6 +259,7 @@ def dist(student_logits, teacher_logits, *, beta: float = 1.0,
   return temperature**2 * (beta * inter + gamma * intra)
 
 
+@_checks.jit_loss(positive_args=("temperature",))
 def cwd(student_logits, teacher_logits, *, temperature: float = 1.0
         ) -> jax.Array:
   """Channel-wise distillation: per-channel spatial softmax, then KL.
@@ -289,6 +295,7 @@ def cwd(student_logits, teacher_logits, *, temperature: float = 1.0
   return jnp.mean(kl) * temperature**2
 
 
+@_checks.jit_loss(positive_args=("temperature",))
 def dml(student_logits, peer_logits, *, temperature: float = 1.0,
         mask=None) -> jax.Array:
   """Deep mutual learning: symmetric KL between two peers.
@@ -334,6 +341,7 @@ def _ensemble(student, teachers):
         f"jnp.stack(outputs).")
 
 
+@_checks.jit_loss(positive_args=("temperature",))
 def ensemble_kd(student_logits, teacher_logits, *, temperature: float = 1.0,
                 mask=None) -> jax.Array:
   """KD from an ensemble: KL to the teachers' averaged probabilities.
@@ -370,6 +378,7 @@ def ensemble_kd(student_logits, teacher_logits, *, temperature: float = 1.0,
   return _checks.masked_mean(kl, valid) * temperature**2
 
 
+@_checks.jit_loss()
 def ensemble_l2(student_outputs, teacher_outputs, *, mask=None) -> jax.Array:
   """Regression soft targets from an ensemble: squared error to the mean.
 

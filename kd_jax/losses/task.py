@@ -29,6 +29,7 @@ def _class_weights(class_weights, num_classes: int) -> jax.Array:
   return w
 
 
+@_checks.jit_loss()
 def cross_entropy(logits, labels, *, ignore_index: Optional[int] = None,
                   class_weights=None, mask=None) -> jax.Array:
   """Softmax cross-entropy with integer labels.
@@ -70,6 +71,7 @@ def cross_entropy(logits, labels, *, ignore_index: Optional[int] = None,
   return jnp.sum(w * nll) / jnp.where(jnp.sum(w) > 0, jnp.sum(w), 1.0)
 
 
+@_checks.jit_loss(non_negative_args=("smooth",))
 def dice_loss(logits, labels, *, ignore_index: Optional[int] = None,
               smooth: float = 1e-5, mask=None) -> jax.Array:
   """Soft Dice loss on softmax probabilities, averaged over present classes.
@@ -126,6 +128,7 @@ def dice_loss(logits, labels, *, ignore_index: Optional[int] = None,
   return jnp.where(n_present > 0, 1.0 - mean_dice, 0.0)
 
 
+@_checks.jit_loss(non_negative_args=("gamma",))
 def focal_loss(logits, labels, *, gamma: float = 2.0,
                ignore_index: Optional[int] = None, class_weights=None,
                mask=None) -> jax.Array:
