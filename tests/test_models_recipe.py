@@ -35,7 +35,7 @@ def documented_patterns(module):
 def assert_documented(model, features):
   pats = documented_patterns(sys.modules[type(model).__module__])
   undocumented = [k for k in features if not any(p.match(k) for p in pats)]
-  assert not undocumented, f"features missing from the docstring: {undocumented}"
+  assert not undocumented, f"features not in the docstring: {undocumented}"
 
 
 def numpy_variables(model, x, seed=0):

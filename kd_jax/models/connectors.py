@@ -218,7 +218,7 @@ def connector_kinds() -> list[str]:
 
 
 def build_connector(kind: str, out_features: int, **kw) -> nn.Module:
-  """Builds the connector `kind` mapping a student feature to width `out_features`.
+  """Builds connector `kind`, mapping a student feature to `out_features`.
 
   Extra keywords go to the module (e.g. `use_bn=True` for "conv1x1",
   `grid=(16, 16)` for "attention_pool"). Raises ValueError naming the choices

@@ -1,4 +1,5 @@
-"""TransUNet (Chen et al. 2021): R50-ViT-B/16 hybrid encoder + cascaded upsampler.
+"""TransUNet (Chen et al. 2021): R50-ViT-B/16 hybrid encoder + cascaded
+upsampler (CUP).
 
 Encoder, as the ViT hybrid (Dosovitskiy et al. 2021):
   * ResNetV2 trunk: weight-standardised convs (StdConv) + GroupNorm. Root:

@@ -18,11 +18,14 @@ The position embedding is learned for `image_size`; other input sizes
 | `vit_b16` | 768 | 12 | 12 | 85,817,088 (≈ 86 M) |
 | `vit_l16` | 1024 | 24 | 16 | 303,350,784 (≈ 304 M) |
 
-`vit_tiny` (width 64, depth 2, 2 heads, learned for 64² input) is a CPU-sized
-model for tests and smoke runs. With registers each model gains `num_registers × width` parameters. With
+With its ImageNet head (`num_classes=1000`) ViT-S has 22,059,880 and ViT-B
+86,586,088 parameters (the published 22 M and 86 M). `vit_tiny` (width 64,
+depth 2, 2 heads, learned for 64² input) is a CPU-sized model for tests and
+smoke runs. Registers add `num_registers × width` parameters. With
 `num_classes` > 0 a linear head on the [CLS] embedding gives the logits; with
 `num_classes=0` (the default: a distillation teacher or probe backbone) the
-logits are the [CLS] embedding itself.
+logits are the [CLS] embedding itself. Not included: stochastic depth
+(DINOv2 trains ViT-L with it; a frozen teacher does not need it).
 
 Features (after the final LayerNorm unless stated):
   "block{i}"   output of block i = 0..depth-1, all tokens (B, 1+R+N, D), NLD,
