@@ -214,9 +214,14 @@ def _pearson_rows(a, b, w, eps):
   n = jnp.maximum(jnp.sum(w), 1.0)
   a = (a - jnp.sum(a * w[:, None], 0) / n) * w[:, None]
   b = (b - jnp.sum(b * w[:, None], 0) / n) * w[:, None]
-  num = jnp.sum(a * b, 0)
-  return num / (jnp.sqrt(jnp.sum(a * a, 0)) * jnp.sqrt(jnp.sum(b * b, 0))
-                + eps)
+  return jnp.sum(a * b, 0) / (_safe_norm(a) * _safe_norm(b) + eps)
+
+
+def _safe_norm(x):
+  """L2 norm over axis 0 with a zero (not NaN) gradient at x = 0, which
+  happens for a constant column, e.g. a single valid instance."""
+  sq = jnp.sum(x * x, 0)
+  return jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
 
 
 @_checks.jit_loss(positive_args=("temperature",))
@@ -256,7 +261,8 @@ def dist(student_logits, teacher_logits, *, beta: float = 1.0,
   inter_rows = _pearson_rows(ys.T, yt.T, ones, eps)
   inter = 1.0 - _checks.masked_mean(inter_rows, w > 0)
   intra = 1.0 - jnp.mean(_pearson_rows(ys, yt, w, eps))
-  return temperature**2 * (beta * inter + gamma * intra)
+  loss = temperature**2 * (beta * inter + gamma * intra)
+  return jnp.where(jnp.any(valid), loss, 0.0)  # 0 when nothing is valid.
 
 
 @_checks.jit_loss(positive_args=("temperature",))
