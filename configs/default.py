@@ -28,7 +28,10 @@ def get_config():
 
   teacher = dict(name="unet", width=16, depth=3)
   student = dict(name="unet", width=4, depth=3)
-  task = [dict(fn="cross_entropy", weight=1.0), dict(fn="dice", weight=1.0)]
+  # Loss terms by name, so that `--config.stages.distilled.losses.kd.weight=2`
+  # overrides one of them.
+  task = dict(ce=dict(fn="cross_entropy", weight=1.0),
+              dice=dict(fn="dice", weight=1.0))
   config.stage_order = ("teacher", "baseline", "distilled")
   config.stages = dict(
       teacher=dict(method="supervised", model=teacher, losses=task),
@@ -36,6 +39,6 @@ def get_config():
       distilled=dict(
           method="distill", model=student,
           teacher=dict(model=teacher, stage="teacher", checkpoint=""),
-          losses=task + [dict(fn="kd_kl", weight=1.0, temperature=4.0)]),
+          losses=dict(task, kd=dict(fn="kd_kl", weight=1.0, temperature=4.0))),
   )
   return config

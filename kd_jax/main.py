@@ -9,7 +9,9 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from kd_jax import train
+from kd_jax import runtime, train
+
+runtime.configure()
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -35,7 +37,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.info("JAX devices: %s", jax.devices())
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except train.ConfigError as e:
+    sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

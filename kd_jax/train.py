@@ -138,6 +138,18 @@ def evaluate(eval_step, state, source, batch_size, mesh) -> dict:
 # Stages.
 
 
+def loss_terms(spec) -> list[dict]:
+  """A stage's loss terms as a list of dicts.
+
+  `spec` is a list of term dicts, or a dict of named terms
+  (`dict(kd=dict(fn="kd_kl", ...))`), the form whose values can be
+  overridden on the command line (`--config.stages.x.losses.kd.weight=2`).
+  """
+  if hasattr(spec, "items"):
+    return [dict(t, name=t.get("name", k)) for k, t in spec.items()]
+  return [dict(t) for t in spec]
+
+
 def stage_config(config, name):
   """The stage's settings with the run-wide defaults filled in."""
   stage = config.stages[name]
@@ -145,7 +157,7 @@ def stage_config(config, name):
   opt.update(stage.get("optimizer", {}))
   return dict(
       method=stage.method, model=stage.model.to_dict(),
-      teacher=stage.get("teacher"), losses=[dict(t) for t in stage.losses],
+      teacher=stage.get("teacher"), losses=loss_terms(stage.losses),
       steps=int(stage.get("steps", config.steps)), optimizer=opt)
 
 
@@ -154,6 +166,10 @@ def _build_model(model_cfg, num_classes, dtype):
   name = cfg.pop("name")
   cfg.setdefault("num_classes", num_classes)
   return models.build(name, dtype=dtype, **cfg)
+
+
+class ConfigError(ValueError):
+  """A config that cannot run; raised before anything trains."""
 
 
 STAGE_KEYS = {"method", "model", "teacher", "losses", "steps", "optimizer"}
@@ -191,23 +207,23 @@ def validate(config, workdir, datasets) -> None:
   order = list(config.stage_order)
   unknown = [n for n in order if n not in config.stages]
   if unknown or not order:
-    raise ValueError(f"stage_order {order} names stages not in "
+    raise ConfigError(f"stage_order {order} names stages not in "
                      f"config.stages {sorted(config.stages)}")
   example = jnp.zeros((1,) + datasets.train[0]["image"].shape, jnp.float32)
   for i, name in enumerate(order):
     bad = set(config.stages[name]) - STAGE_KEYS
     if bad:
-      raise ValueError(f"stage {name!r}: unknown keys {sorted(bad)}; "
+      raise ConfigError(f"stage {name!r}: unknown keys {sorted(bad)}; "
                        f"allowed: {sorted(STAGE_KEYS)}")
     teacher = config.stages[name].get("teacher") or {}
     if config.stages[name].method == "distill":
       if teacher.get("stage"):
         if teacher.stage not in order[:i]:
-          raise ValueError(
+          raise ConfigError(
               f"stage {name!r}: teacher stage {teacher.stage!r} must be an "
               f"earlier stage in stage_order {order}")
       elif not os.path.isdir(teacher.get("checkpoint") or ""):
-        raise ValueError(
+        raise ConfigError(
             f"stage {name!r}: teacher.checkpoint "
             f"{teacher.get('checkpoint')!r} is not a folder; give a trained "
             "stage's workdir, or teacher.stage=<earlier stage>")
@@ -219,7 +235,7 @@ def validate(config, workdir, datasets) -> None:
       jax.eval_shape(functools.partial(init_state, method, tx,
                                        jax.random.key(0)), example)
     except (ValueError, KeyError, TypeError) as e:
-      raise ValueError(f"stage {name!r}: {e}") from None
+      raise ConfigError(f"stage {name!r}: {e}") from None
 
 
 class _Preemption:
@@ -332,10 +348,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   `<workdir>/report.md`. Returns the report's rows."""
   from kd_jax.evaluate import report  # matplotlib only when reporting
 
-  datasets = data.build(config.data)
+  try:
+    datasets = data.build(config.data)
+  except (ValueError, FileNotFoundError) as e:
+    raise ConfigError(f"data: {e}") from None
   validate(config, workdir, datasets)
   if config.batch_size % jax.device_count():
-    raise ValueError(f"batch_size {config.batch_size} must be divisible by "
+    raise ConfigError(f"batch_size {config.batch_size} must be divisible by "
                      f"the {jax.device_count()} devices")
   mesh = make_mesh()
   rep = NamedSharding(mesh, P())

@@ -172,3 +172,41 @@ def test_feature_term_with_unknown_name_lists_the_choices(tmp_path):
                                     teacher="bottleneck")]
   with pytest.raises(ValueError, match="no feature 'enc9'.*bottleneck"):
     train.train_and_evaluate(c, str(tmp_path / "run"))
+
+
+_STAGE_RUN = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {root!r})
+    from kd_jax import data, train
+    from tests.test_train import tiny_config
+    c = tiny_config(steps={steps})
+    c.checkpoint_every = 1
+    train.train_stage(c, "teacher", {workdir!r}, data.build(c.data))
+""")
+
+
+@pytest.mark.slow
+def test_kill_9_mid_stage_then_rerun_matches(trained, tmp_path):
+  """A hard kill (no chance to checkpoint) loses at most the steps since the
+  last checkpoint; the rerun ends where an uninterrupted run does."""
+  import time
+  c, ds, _, _ = trained
+  steps = 40
+  code = _STAGE_RUN.format(root=ROOT, steps=steps, workdir=str(tmp_path))
+  ckpt_dir = tmp_path / "teacher" / "checkpoints"
+  proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
+  while proc.poll() is None:
+    done = [s for s in os.listdir(ckpt_dir)] if ckpt_dir.exists() else []
+    if any(s.isdigit() and int(s) >= 5 for s in done):
+      proc.kill()  # SIGKILL
+      break
+    time.sleep(0.2)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL, "the run ended before the kill"
+  subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+  straight = tmp_path / "straight"
+  subprocess.run([sys.executable, "-c", _STAGE_RUN.format(
+      root=ROOT, steps=steps, workdir=str(straight))], cwd=ROOT, check=True)
+  a = checkpoint.load_model_variables(str(tmp_path / "teacher"))
+  b = checkpoint.load_model_variables(str(straight / "teacher"))
+  jax.tree.map(np.testing.assert_array_equal, a, b)

@@ -19,7 +19,9 @@ import jax.numpy as jnp
 
 from kd_jax.models.registry import register
 
-DEFAULT_INPUT = {"unet": (1, 128, 128, 1)}
+DEFAULT_INPUT = {"unet": (128, 128, 1)}
+DEFAULT_KWARGS = {"unet": {"num_classes": 9}}
+RECIPES = {"unet": "default recipe: teacher (width 16) and student (width 4)"}
 
 
 class ConvBlock(nn.Module):
