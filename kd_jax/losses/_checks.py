@@ -12,7 +12,6 @@ import inspect
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 def is_traced(x) -> bool:
@@ -140,15 +139,24 @@ def check_not_all_ignored(fn_name: str, mask=None, labels=None,
                           ignore_index=None) -> None:
   """Raises a ValueError when concrete inputs leave no valid position.
 
-  Uses numpy on the concrete parts only (no compilation); a traced mask or
-  label array is treated as all-valid, so under jit nothing is raised and
-  the masked means return 0.
+  Looks at the concrete parts only, on the host (no compilation); a traced
+  mask or label array is treated as all-valid, so under jit nothing is
+  raised and the masked means return 0.
   """
+  # device_get gives host (numpy) arrays, and leaves numpy arrays as they
+  # are: comparisons there compile and trace nothing. (jnp.asarray would
+  # be staged into an enclosing trace.) Lists and scalars are not checked.
+  def host(x):
+    x = jax.device_get(x)
+    return x if hasattr(x, "shape") and hasattr(x, "any") else None
+
   valid = None
   if _concrete(mask):
-    valid = np.asarray(mask) != 0
-  if ignore_index is not None and _concrete(labels):
-    keep = np.asarray(labels) != ignore_index
+    valid = host(mask)
+    valid = None if valid is None else valid != 0
+  if ignore_index is not None and _concrete(labels) and (
+      host(labels) is not None):
+    keep = host(labels) != ignore_index
     if valid is None:
       valid = keep
     elif valid.shape == keep.shape[:valid.ndim]:

@@ -30,7 +30,9 @@ def wgan_critic_loss(real_scores, fake_scores) -> jax.Array:
   estimate. Reduction: mean over the score elements of each side (one score
   per example, or per patch for a patch critic). Gradients flow into both
   arguments: stop the student's (fake) gradient in the critic step. 0 when
-  the scores are equal.
+  the scores are equal. No temperature.
+
+  Reference: Arjovsky et al., "Wasserstein GAN", ICML 2017.
 
   Args:
     real_scores: critic scores of the teacher's (real) outputs, (B,) or
@@ -53,7 +55,10 @@ def wgan_generator_loss(fake_scores) -> jax.Array:
   """WGAN generator (student) loss: -E[D(fake)].
 
   Formula: -mean(fake_scores). Reduction: mean over score elements. The
-  student is pushed to outputs the critic scores like the teacher's.
+  student is pushed toward outputs the critic scores like the teacher's.
+  No temperature.
+
+  Reference: Arjovsky et al., "Wasserstein GAN", ICML 2017.
 
   Returns:
     float32 scalar.
@@ -73,7 +78,12 @@ def gradient_penalty(critic_fn: Callable[[jax.Array], jax.Array], real, fake,
       gp = (1/B) sum_b (||g_b||_2 - target)^2
   Reduction: mean over examples. Multiply by lambda (10 in the paper) in
   the method. The norm has a zero-safe gradient, so the result and its
-  gradients stay finite even when g_b = 0.
+  gradients stay finite even when g_b = 0. No temperature. Not wrapped in
+  a jit of its own (critic_fn is a Python function): call it inside the
+  method's jitted step.
+
+  Reference: Gulrajani et al., "Improved Training of Wasserstein GANs",
+  NeurIPS 2017.
 
   Args:
     critic_fn: maps a (B, ...) batch to scores (B,) or (B, ...); close over

@@ -31,7 +31,8 @@ def hint_l1(student_feature, teacher_feature) -> jax.Array:
   Formula: (1/n) sum_k |f_S,k - f_T,k| over all n elements.
   Reduction: mean over elements (batch, positions and channels). The
   student feature is the connector's output (the paper's regressor).
-  Used as latent matching in "Distillo, ergo sum". 0 when equal.
+  Used as latent matching in "Distillo, ergo sum". No temperature. 0 when
+  equal.
 
   Reference: Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015
   (L2 form; L1 is the robust variant).
@@ -49,7 +50,8 @@ def hint_l2(student_feature, teacher_feature) -> jax.Array:
 
   Formula: (1/n) sum_k (f_S,k - f_T,k)^2 over all n elements (the paper's
   1/2 ||.||^2 up to the constant and the mean). Reduction: mean over
-  elements. Also the dense L2 feature-map matching loss. 0 when equal.
+  elements. Also the dense L2 feature-map matching loss. No temperature.
+  0 when equal.
 
   Reference: Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015.
 
@@ -379,6 +381,9 @@ def embedding_l2(student_feature, teacher_feature, *,
   first L2-normalised (then it equals 2 * embedding_cosine).
   Reduction: mean over examples. No temperature. 0 when equal.
 
+  Reference: global embedding matching of foundation encoders (e.g. the
+  L2/cosine feature distillation used to compress DINOv2-style ViTs).
+
   Returns:
     float32 scalar >= 0.
   """
@@ -398,6 +403,9 @@ def feature_map_cosine(student_feature, teacher_feature) -> jax.Array:
   max(||f||, 1e-8). Reduction: mean over examples and positions. (For the
   dense L2 form use `hint_l2`, the mean squared error over elements.) No
   temperature. 0 when the maps are parallel at every position.
+
+  Reference: dense feature-map matching as in FitNets (Romero et al. 2015)
+  with a cosine distance per position, common in ViT feature distillation.
 
   Returns:
     float32 scalar in [0, 2].

@@ -393,6 +393,10 @@ def ensemble_l2(student_outputs, teacher_outputs, *, mask=None) -> jax.Array:
   Reduction: mean over all elements of the (valid) examples; `mask` has a
   prefix shape of student_outputs.shape (e.g. (B,)). No temperature.
 
+  Reference: ensemble soft targets (Hinton et al. 2015) applied to
+  regression heads, as in multi-task fundus distillation with a teacher
+  ensemble.
+
   Args:
     student_outputs: (B, ...) regression outputs.
     teacher_outputs: (E, B, ...) stack of the teachers' outputs.

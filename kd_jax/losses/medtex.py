@@ -32,6 +32,8 @@ def medtex_objective(student_logits, teacher_logits,
   elements; the VID terms are summed (not averaged) over layers.
   Temperature: tau^2 scaling of the soft CE (tau = 1 in the paper).
 
+  Reference: Nguyen-Duc et al., MED-TEX, ISBI 2022 (see module docstring).
+
   Args:
     student_logits: (B, C) student logits on the explained input X'.
     teacher_logits: (B, C) teacher logits on the original input X.

@@ -44,6 +44,9 @@ def cross_entropy(logits, labels, *, ignore_index: Optional[int] = None,
   by the total weight of the valid positions (PyTorch's convention), so the
   scale does not depend on the weights. No temperature.
 
+  Reference: the standard multinomial log-loss; class weights and
+  ignore_index follow PyTorch's nn.CrossEntropyLoss conventions.
+
   Args:
     logits: (..., C) float logits.
     labels: (...,) integer class ids; values at ignored positions may be out
@@ -144,6 +147,8 @@ def focal_loss(logits, labels, *, gamma: float = 2.0,
   Reduction: mean over valid positions (examples or pixels), normalised by
   the number of valid positions (not by the weights, unlike cross_entropy,
   matching the paper's normalisation). No temperature.
+
+  Reference: Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017.
 
   Args:
     logits: (..., C) float logits.
