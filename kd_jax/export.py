@@ -1,0 +1,189 @@
+"""The deployable model alone: export a trained stage, and load it back.
+
+    python -m kd_jax.export --config=configs/default.py --workdir=runs/x \
+        --stage=distilled --out=runs/x/export/distilled
+
+`--config` (with the same `--config.<key>=` overrides as training) and
+`--workdir` name the run; `--stage` defaults to the last stage of
+`config.stage_order` and `--out` to `<workdir>/export/<stage>`. The folder
+gets
+
+  model.json   how to rebuild the module: {"format": 1, "model": {"name",
+               "kwargs"}, "num_classes", "input_shape": [H, W, C] of one
+               example, "dtype" (compute dtype), "class_names", "stage"}
+  variables/   an Orbax checkpoint of {"params", "batch_stats"} of the
+               stage's deployable model (the supervised model, or the student
+               of a distillation stage): no connectors, no optimizer state,
+               no teacher.
+
+and `load` gives it back without the config or the training code:
+
+    model, variables = kd_jax.export.load("runs/x/export/distilled")
+    logits, features = model.apply(variables, images, train=False)
+
+`restore_stage` (a stage's model and its latest variables, checked against
+the config) is shared with `python -m kd_jax.evaluate`.
+"""
+import functools
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from kd_jax import checkpoint, data, models, train
+
+FORMAT = 1
+
+
+def _shapes(tree) -> dict:
+  """{"params/enc1/...": shape} of every leaf."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(path, simple=True, separator="/"):
+          tuple(leaf.shape) for path, leaf in flat}
+
+
+def restore_stage(config, workdir: str, stage: str, datasets):
+  """(method, variables) of `stage`'s latest checkpoint under `workdir`.
+
+  `method` is built as training builds it (its `.model` is the deployable
+  module, its `.predict` the eval forward); `variables` are the numpy
+  {"params", "batch_stats"} of that model alone. Raises ValueError for a
+  stage the config does not have or a checkpoint that does not fit the
+  config's model, FileNotFoundError when the stage has no checkpoint.
+  """
+  if stage not in config.stages:
+    raise ValueError(f"unknown stage {stage!r}; the config's stages are "
+                     f"{list(config.stage_order)}")
+  stage_dir = os.path.join(workdir, stage)
+  if not os.path.isdir(os.path.join(stage_dir, "checkpoints")):
+    raise FileNotFoundError(
+        f"stage {stage!r} has no checkpoint: {stage_dir}/checkpoints does not "
+        f"exist; train it first (python -m kd_jax.main --config=... "
+        f"--workdir={workdir})")
+  method, _ = train.build_method(config, stage, workdir, datasets.num_classes,
+                                 load_teacher=False)
+  try:
+    variables = checkpoint.load_model_variables(stage_dir)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"stage {stage!r}: {e}") from None
+  example = jax.ShapeDtypeStruct((1,) + datasets.test[0]["image"].shape,
+                                 jnp.float32)
+  expected = jax.eval_shape(functools.partial(method.model.init, train=False),
+                            jax.random.key(0), example)
+  expected = {"params": expected["params"],
+              "batch_stats": expected.get("batch_stats", {})}
+  want, got = _shapes(expected), _shapes(variables)
+  if want != got:
+    diff = sorted(k for k in set(want) | set(got)
+                  if want.get(k) != got.get(k))
+    raise ValueError(
+        f"stage {stage!r}: the checkpoint does not fit the config's model "
+        f"{config.stages[stage].model.to_dict()}; it differs at "
+        + ", ".join(f"{k} (checkpoint {got.get(k)}, model {want.get(k)})"
+                    for k in diff[:3])
+        + ". Pass the --config overrides the stage was trained with.")
+  return method, variables
+
+
+def _json_value(x):
+  return [_json_value(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+
+def export(config, workdir: str, stage: str, out: str) -> str:
+  """Writes `stage`'s deployable model to the folder `out` (see module
+  docstring); returns the folder's absolute path."""
+  out = os.path.abspath(out)
+  if os.path.exists(out) and os.listdir(out):
+    raise FileExistsError(f"{out} exists and is not empty; choose another "
+                          "--out or remove it")
+  datasets = data.build(config.data)
+  method, variables = restore_stage(config, workdir, stage, datasets)
+  kwargs = config.stages[stage].model.to_dict()
+  name = kwargs.pop("name")
+  # The class count is explicit in the file, as training defaults it.
+  kwargs.setdefault("num_classes", datasets.num_classes)
+  spec = dict(
+      format=FORMAT,
+      model=dict(name=name, kwargs={k: _json_value(v)
+                                    for k, v in kwargs.items()}),
+      num_classes=int(kwargs["num_classes"]),
+      input_shape=list(datasets.test[0]["image"].shape),
+      dtype=jnp.dtype(config.compute_dtype).name,
+      class_names=list(datasets.class_names),
+      stage=stage, method=config.stages[stage].method)
+  os.makedirs(out, exist_ok=True)
+  # Empty collections (a model without BatchNorm) are left out: `load`
+  # restores onto the collections the rebuilt model has.
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(out, "variables"),
+               {k: v for k, v in variables.items() if v})
+    ckptr.wait_until_finished()
+  with open(os.path.join(out, "model.json"), "w") as f:
+    json.dump(spec, f, indent=1)
+  return out
+
+
+def _tuples(x):
+  """JSON lists back to the tuples model configs use."""
+  if isinstance(x, list):
+    return tuple(_tuples(v) for v in x)
+  if isinstance(x, dict):
+    return {k: _tuples(v) for k, v in x.items()}
+  return x
+
+
+def load(path: str):
+  """(model, variables) from an `export` folder: the module rebuilt with
+  `kd_jax.models.build` from model.json, and its numpy variables."""
+  path = os.path.abspath(path)
+  spec_path = os.path.join(path, "model.json")
+  if not os.path.isfile(spec_path):
+    raise FileNotFoundError(f"{spec_path} not found: {path} is not a folder "
+                            "written by kd_jax.export")
+  with open(spec_path) as f:
+    spec = json.load(f)
+  if spec.get("format") != FORMAT:
+    raise ValueError(f"{spec_path} has format {spec.get('format')!r}; this "
+                     f"kd_jax reads format {FORMAT}")
+  model = models.build(spec["model"]["name"], dtype=jnp.dtype(spec["dtype"]),
+                       **_tuples(spec["model"]["kwargs"]))
+  example = jax.ShapeDtypeStruct((1, *spec["input_shape"]), jnp.float32)
+  abstract = jax.eval_shape(functools.partial(model.init, train=False),
+                            jax.random.key(0), example)
+  # Numpy targets restore on the host, whatever devices saved them.
+  target = jax.tree.map(lambda a: np.empty(a.shape, a.dtype), abstract)
+  with ocp.StandardCheckpointer() as ckptr:
+    variables = ckptr.restore(os.path.join(path, "variables"), target)
+  return model, {"params": variables["params"],
+                 "batch_stats": variables.get("batch_stats", {})}
+
+
+def main(argv):
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cfg = flags.FLAGS.config
+  stage = flags.FLAGS.stage or cfg.stage_order[-1]
+  out = flags.FLAGS.out or os.path.join(flags.FLAGS.workdir, "export", stage)
+  try:
+    out = export(cfg, flags.FLAGS.workdir, stage, out)
+  except (ValueError, FileNotFoundError, FileExistsError) as e:
+    sys.exit(f"error: {e}")
+  print(f"exported stage {stage!r} to {out}")
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  # --config (with --config.<key> overrides) and --workdir exactly as
+  # training defines and parses them; the import also applies
+  # runtime.configure() (fast compiles, persistent XLA cache).
+  from kd_jax import main as train_main
+  flags.DEFINE_string("stage", None, "Stage to export (default: the last "
+                      "of config.stage_order).")
+  flags.DEFINE_string("out", None, "Output folder (default: "
+                      "<workdir>/export/<stage>).")
+  app.run(main, flags_parser=train_main.parse_flags)

@@ -1,0 +1,82 @@
+"""kd_jax.export: the student alone, written and loaded back.
+
+The export runs in-process (the command is a thin flag wrapper around
+`export.export`; tests/test_evaluate_cli.py runs the same flag set up as a
+real command).
+"""
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from kd_jax import export
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+# The tiny run is shared with the evaluate tests (trained once per session).
+from tests.test_evaluate_cli import trained_run  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+  c, ds, workdir, _, stages = trained_run(tmp_path_factory)
+  out = str(tmp_path_factory.mktemp("export") / "student")
+  assert export.export(c, workdir, "distilled", out) == out
+  return c, ds, workdir, stages["distilled"], out
+
+
+def test_model_json_describes_the_student(exported):
+  _, _, _, _, out = exported
+  with open(os.path.join(out, "model.json")) as f:
+    spec = json.load(f)
+  assert spec["model"] == dict(name="unet", kwargs=dict(width=2, depth=2,
+                                                        num_classes=9))
+  assert spec["num_classes"] == 9 and spec["input_shape"] == [16, 16, 1]
+  assert spec["stage"] == "distilled" and spec["dtype"] == "float32"
+
+
+def test_load_gives_the_student_alone(exported):
+  _, _, _, (_, state), out = exported
+  model, variables = export.load(out)
+  assert set(variables) == {"params", "batch_stats"}
+  # Exactly the student's trained arrays: no connectors, optimizer, teacher.
+  student = jax.device_get({"params": state.params["student"],
+                            "batch_stats": state.batch_stats["student"]})
+  assert (jax.tree.structure(variables) == jax.tree.structure(student))
+  jax.tree.map(np.testing.assert_array_equal, variables, student)
+  assert model.width == 2 and model.depth == 2
+
+
+def test_loaded_model_reproduces_the_students_predictions(exported):
+  _, ds, _, (method, state), out = exported
+  model, variables = export.load(out)
+  images = np.stack([ds.test[i]["image"] for i in range(len(ds.test))])
+  want = jax.jit(method.predict)(state.params, state.batch_stats, images)
+  logits, features = jax.jit(
+      lambda v, x: model.apply(v, x, train=False))(variables, images)
+  np.testing.assert_array_equal(np.argmax(logits, -1), np.argmax(want, -1))
+  np.testing.assert_allclose(logits, want, rtol=1e-6, atol=1e-6)
+  assert "dec1" in features
+
+
+def test_export_errors(exported, tmp_path):
+  c, _, workdir, _, out = exported
+  with pytest.raises(FileExistsError, match="not empty"):
+    export.export(c, workdir, "distilled", out)
+  with pytest.raises(FileNotFoundError, match="stage 'baseline' has no "
+                     "checkpoint"):
+    export.export(c, workdir, "baseline", str(tmp_path / "a"))
+  with pytest.raises(ValueError, match="unknown stage 'student'"):
+    export.export(c, workdir, "student", str(tmp_path / "b"))
+  wider = c.copy_and_resolve_references()
+  wider.stages.distilled.model.width = 3
+  with pytest.raises(ValueError, match="does not fit the config's model.*"
+                     "width.*3"):
+    export.export(wider, workdir, "distilled", str(tmp_path / "c"))
+  with pytest.raises(FileNotFoundError, match="not a folder written by "
+                     "kd_jax.export"):
+    export.load(workdir)
+
