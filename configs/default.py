@@ -17,9 +17,9 @@ def get_config():
   # GPU/TPU.
   config.compute_dtype = "float32"
   config.batch_size = 16
-  config.steps = 600
+  config.steps = 400
   config.log_every = 50
-  config.eval_every = 300
+  config.eval_every = 200
   config.checkpoint_every = 100
   config.optimizer = dict(name="adamw", lr=3e-3, weight_decay=1e-4,
                           momentum=0.9, warmup_steps=30, grad_clip=1.0)

@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers, periodic_actions
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from kd_jax import checkpoint, data, methods, models
@@ -291,6 +290,9 @@ def train_stage(config, name: str, workdir: str, datasets, mesh=None):
     return method, state
   logging.info("stage %s: %s from step %d of %d", name, s["method"],
                start, steps)
+
+  # clu's writers import TensorFlow (~10 s): only when a stage trains.
+  from clu import metric_writers, periodic_actions
 
   step_fn = jit_train_step(make_train_step(method, tx), mesh)
   eval_step = make_eval_step(method, datasets.num_classes, mesh)

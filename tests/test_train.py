@@ -92,9 +92,19 @@ def test_distill_stage_loads_the_teacher_and_learns(trained):
   _, teacher_state = trained[2], trained[3]
   jax.tree.map(np.testing.assert_array_equal, frozen["params"],
                teacher_state.params["model"])
+  c.stages.distilled.losses = dict(
+      ce=dict(fn="cross_entropy"), kd=dict(fn="kd_kl", temperature=2.0),
+      hint=dict(fn="hint_l1", student="bottleneck", teacher="bottleneck"),
+      vid=dict(fn="vid", student="enc2", teacher="enc2"),
+      at=dict(fn="attention_transfer", student="enc1", teacher="enc1",
+              connector="none"))
   method, state = train.train_stage(c, "distilled", workdir, ds)
   assert int(state.step) == 6
   assert set(state.params) == {"student", "connectors"}
+  conn = state.params["connectors"]
+  assert set(conn) == {"hint", "vid"}  # "none" adds no parameters
+  assert conn["hint"]["conv"]["kernel"].shape == (1, 1, 8, 16)
+  assert conn["vid"]["vid_alpha"].shape == (8,)
 
 
 _ONE_STEP = textwrap.dedent("""
@@ -168,8 +178,8 @@ def test_bad_configs_fail_before_training(tmp_path, override, match):
 
 def test_feature_term_with_unknown_name_lists_the_choices(tmp_path):
   c = tiny_config()
-  c.stages.distilled.losses = [dict(fn="hint_l2", student="enc9",
-                                    teacher="bottleneck")]
+  c.stages.distilled.losses = dict(
+      hint=dict(fn="hint_l2", student="enc9", teacher="bottleneck"))
   with pytest.raises(ValueError, match="no feature 'enc9'.*bottleneck"):
     train.train_and_evaluate(c, str(tmp_path / "run"))
 

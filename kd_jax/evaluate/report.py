@@ -43,7 +43,7 @@ def write(workdir, config, datasets, results, num_figure_examples=4):
   figures.segmentation_grid(
       fig_path, images, np.stack([e["label"] for e in examples]),
       {name: results[name]["predict"](images) for name in names},
-      num_classes=datasets.num_classes)
+      num_classes=datasets.num_classes, class_names=datasets.class_names)
 
   device = jax.devices()[0]
   lines = [

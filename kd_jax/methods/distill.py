@@ -8,6 +8,8 @@ named features, the student's passed through a learned connector first:
     dict(fn="hint_l1", weight=1.0, student="bottleneck", teacher="enc4",
          connector="conv1x1")            # connector defaults to "conv1x1"
     dict(..., connector=dict(kind="attention_pool", grid=(14, 14)))
+    dict(fn="attention_transfer", ..., connector="none")  # raw features,
+        # for losses that compare widths-free summaries (AT, SP, RKD, ...)
 
 Feature names and shapes are checked when the method is initialised, before
 the first step, with a message that lists the names each model offers.
@@ -47,7 +49,8 @@ class Distill:
               f"{side}=<feature name>")
       conn = term.get("connector", "conv1x1")
       conn = dict(conn) if not isinstance(conn, str) else {"kind": conn}
-      self.feature_terms.append((name, term["student"], term["teacher"], conn))
+      self.feature_terms.append((name, term["student"], term["teacher"], conn,
+                                 term["fn"] == "vid"))
     self.connectors = None  # Built by init, once the teacher's shapes are known.
 
   def _check_and_build(self, rng, images):
@@ -63,13 +66,16 @@ class Distill:
           f"student gives {s_logits.shape}, teacher {t_logits.shape}: set the "
           "same num_classes (and output size) for both models")
     self.connectors = {}
-    for name, s_name, t_name, conn in self.feature_terms:
+    for name, s_name, t_name, conn, learns_variance in self.feature_terms:
       for side, feats, fname in (("student", s_feats, s_name),
                                  ("teacher", t_feats, t_name)):
         if fname not in feats:
           raise ValueError(
               f"loss term {name!r}: the {side} has no feature {fname!r}; it "
               f"offers: {_describe(feats)}")
+      if conn["kind"] == "none":
+        self.connectors[name] = (None, s_name, t_name, None)
+        continue
       kw = {k: v for k, v in conn.items() if k != "kind"}
       module = connectors.build_connector(conn["kind"],
                                           t_feats[t_name].shape[-1], **kw)
@@ -83,7 +89,10 @@ class Distill:
             f"teacher {t_name!r} is {t_feats[t_name].shape}; pick features "
             "of the same grid size or connector='attention_pool' with "
             "grid=(h, w)")
-      self.connectors[name] = (module, s_name, t_name)
+      # VID's per-channel variance is a trainable parameter of the method.
+      self.connectors[name] = (module, s_name, t_name,
+                               t_feats[t_name].shape[-1] if learns_variance
+                               else None)
 
   def init(self, rng, images):
     self._check_and_build(rng, images)
@@ -93,11 +102,17 @@ class Distill:
     stats = {"student": variables.get("batch_stats", {}), "connectors": {}}
     if self.connectors:
       _, s_feats = self.model.apply(variables, images, train=False)
-      for i, (name, (module, s_name, _)) in enumerate(
+      for i, (name, (module, s_name, _, vid_ch)) in enumerate(
           sorted(self.connectors.items())):
+        if module is None:
+          continue
         cv = module.init(jax.random.fold_in(c_rng, i), s_feats[s_name],
                          train=False)
-        params["connectors"][name] = cv["params"]
+        params["connectors"][name] = dict(cv["params"])
+        if vid_ch:
+          # softplus(alpha) + eps ≈ 1 at the start: a unit variance.
+          params["connectors"][name]["vid_alpha"] = jnp.full(
+              (vid_ch,), 0.5413, jnp.float32)
         stats["connectors"][name] = cv.get("batch_stats", {})
     return {"params": params, "batch_stats": stats}
 
@@ -110,15 +125,23 @@ class Distill:
     t_logits, t_feats = jax.lax.stop_gradient(common.apply_eval(
         self.teacher, frozen["params"], frozen["batch_stats"], images))
     pairs, new_conn = {}, {}
-    for name, (module, s_name, t_name) in self.connectors.items():
+    for name, (module, s_name, t_name, vid_ch) in self.connectors.items():
+      if module is None:
+        pairs[name] = (s_feats[s_name].astype(jnp.float32),
+                       t_feats[t_name].astype(jnp.float32))
+        continue
+      c_params = dict(params["connectors"][name])
+      alpha = c_params.pop("vid_alpha", None)
       out, updates = module.apply(
-          {"params": params["connectors"][name],
+          {"params": c_params,
            "batch_stats": batch_stats["connectors"][name]},
           s_feats[s_name], train=True, mutable=["batch_stats"])
       new_conn[name] = updates.get("batch_stats",
                                    batch_stats["connectors"][name])
       pairs[name] = (out.astype(jnp.float32),
                      t_feats[t_name].astype(jnp.float32))
+      if vid_ch:
+        pairs[name] += ({"alpha": alpha},)
     loss, metrics = self.objective({
         "logits": logits.astype(jnp.float32),
         "labels": batch["label"],
