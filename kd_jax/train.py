@@ -12,6 +12,7 @@ the batch is split on the `data` axis, the state and the frozen teacher are
 replicated, and the state is donated.
 """
 import functools
+import json
 import os
 import signal
 import time
@@ -237,6 +238,33 @@ def validate(config, workdir, datasets) -> None:
       raise ConfigError(f"stage {name!r}: {e}") from None
 
 
+def _append_history(stage_dir, step, scalars):
+  """The scalars also go to `history.jsonl` (one JSON object per line), which
+  the report plots without reading TensorBoard files. After a resume, a step
+  may appear twice; the later line wins."""
+  if jax.process_index() == 0:
+    with open(os.path.join(stage_dir, "history.jsonl"), "a") as f:
+      f.write(json.dumps(dict(scalars, step=step)) + "\n")
+
+
+def read_history(stage_dir) -> dict:
+  """{metric: (steps, values)} from a stage's `history.jsonl`."""
+  by_step = {}
+  path = os.path.join(stage_dir, "history.jsonl")
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        row = json.loads(line)
+        by_step.setdefault(row.pop("step"), {}).update(row)
+  series = {}
+  for step in sorted(by_step):
+    for k, v in by_step[step].items():
+      series.setdefault(k, ([], []))
+      series[k][0].append(step)
+      series[k][1].append(v)
+  return series
+
+
 class _Preemption:
   """Turns SIGTERM into a flag the loop checks, so it can checkpoint first."""
 
@@ -313,15 +341,17 @@ def train_stage(config, name: str, workdir: str, datasets, mesh=None):
       if step % config.log_every == 0 or step == steps:
         means = jax.device_get(jax.tree.map(lambda *x: jnp.mean(jnp.stack(x)),
                                             *history))
-        writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
+        scalars = {f"train/{k}": float(v) for k, v in means.items()}
+        writer.write_scalars(step, scalars)
+        _append_history(stage_dir, step, scalars)
         history = []
       if step % config.eval_every == 0 or step == steps:
         scores = evaluate(eval_step, state, datasets.val, config.batch_size,
                           mesh)
-        writer.write_scalars(step, {
-            "val/mean_dice": scores["mean_dice"],
-            "val/mean_iou": scores["mean_iou"],
-            "val/pixel_accuracy": scores["pixel_accuracy"]})
+        scalars = {f"val/{k}": float(scores[k])
+                   for k in ("mean_dice", "mean_iou", "pixel_accuracy")}
+        writer.write_scalars(step, scalars)
+        _append_history(stage_dir, step, scalars)
       if preempt.requested:
         checkpoint.save(mngr, step, state, force=True)
         break

@@ -45,6 +45,16 @@ def write(workdir, config, datasets, results, num_figure_examples=4):
       {name: results[name]["predict"](images) for name in names},
       num_classes=datasets.num_classes, class_names=datasets.class_names)
 
+  from kd_jax import train  # the report is written by train; no cycle at import
+  curves = {}
+  for name in names:
+    hist = train.read_history(os.path.join(workdir, name))
+    for key in ("train/loss", "val/mean_dice"):
+      if key in hist:
+        curves[f"{name}/{key}"] = hist[key]
+  if curves:
+    figures.training_curves(os.path.join(workdir, "curves.png"), curves)
+
   device = jax.devices()[0]
   lines = [
       "# kd_jax run report", "",
@@ -84,6 +94,9 @@ def write(workdir, config, datasets, results, num_figure_examples=4):
                 f"teacher {t:.3f})."]
   lines += ["", "Test examples: image, ground truth, then each stage's "
             "prediction.", "", "![predictions](predictions.png)", ""]
+  if curves:
+    lines += ["Training loss and validation mean Dice per stage.", "",
+              "![curves](curves.png)", ""]
   with open(os.path.join(workdir, "report.md"), "w") as f:
     f.write("\n".join(lines))
   with open(os.path.join(workdir, "results.json"), "w") as f:
