@@ -57,6 +57,10 @@ def test_stage_writes_checkpoints_and_event_files(trained):
   steps = sorted(int(s) for s in os.listdir(os.path.join(stage,
                                                          "checkpoints")))
   assert steps[-1] == 6 and len(steps) == 2  # max_to_keep=2
+  hist = train.read_history(stage)
+  assert hist["train/loss"][0] == [2, 4, 6]
+  assert hist["val/mean_dice"][0] == [3, 6]
+  assert all(np.isfinite(hist["train/loss"][1]))
 
 
 def test_interrupted_run_resumes_to_identical_parameters(trained, tmp_path,
@@ -158,7 +162,7 @@ def test_one_and_eight_devices_give_the_same_losses():
 
 @pytest.mark.parametrize("override,match", [
     (("stages.teacher.model.name", "unetx"), "unknown model 'unetx'"),
-    (("stages.teacher.losses", ({"fn": "dicee"},)), "dicee"),
+    (("stages.teacher.losses", {"dice": {"fn": "dicee"}}), "dicee"),
     (("stages.distilled.teacher.stage", "nowhere"), "earlier stage"),
     (("data.name", "mnist"), "data.name 'mnist'"),
 ])
