@@ -1,0 +1,722 @@
+"""kd_jax's jitted distillation step against the same step in PyTorch eager.
+
+    python benchmarks/distill_step.py --pair=default
+    python benchmarks/distill_step.py --pair=default --devices=1,8
+    python benchmarks/distill_step.py --pair=transunet_squeeze --rounds=3
+    python benchmarks/distill_step.py --devices=1 \
+        --variant="1:--xla_cpu_multi_thread_eigen=false" --torch_threads=2,1
+
+One step = teacher forward (eval mode, frozen) + student forward/backward +
+optimizer update, with the default recipe's distilled stage: CE + Dice +
+kd_kl (T=4), AdamW with warm-up/cosine schedule and global-norm clipping.
+
+* kd_jax side: the trainer's own building blocks (`train.build_method`,
+  `init_state`, `make_optimizer`, `make_train_step`, `jit_train_step` over
+  `make_mesh()`), compiled ahead of time so the compile is timed on its own.
+  `--devices=N` shards the batch over N virtual host devices
+  (`--xla_force_host_platform_device_count=N`); a comma list (`1,8`) runs
+  one kd_jax worker per count, and `--variant=N:FLAGS` adds a worker with
+  extra XLA flags, all in the same interleaved comparison.
+* PyTorch side: the twins in `benchmarks/torch_models.py` (NCHW), loaded
+  with the kd_jax initial weights; `torch.optim.AdamW` + `clip_grad_norm_`
+  + the same schedule. `--torch_threads=2,1` runs one worker per count
+  (0 = PyTorch's default). Parameter counts must equal kd_jax's (asserted),
+  and the first step's losses are printed side by side as a check that both
+  compute the same thing.
+
+Each configuration runs in its own worker process (its own threads, XLA
+flags and peak RSS from `resource.getrusage`); the parent imports neither
+framework. The workers start one after another; after the warm-up (compile
++ `--warmup` steps, excluded) they take turns, one round each (`--steps`
+steps and one sync at the end, like a training loop that syncs only to
+log), for `--rounds` rounds in rotating order, so the noise of a shared
+machine hits all of them alike. Reported per configuration: median time per
+step over the rounds, images/s, speed relative to PyTorch (the fastest
+PyTorch row's time / this row's time: >1 means faster than PyTorch), compile
+time, peak RSS and the part of it that imports alone take; then the images/s
+of kd_jax's grain training pipeline (synthetic CT + augmentation,
+`data.pipeline.train_batches` + `iterate`) beside the step's. `--profile`
+adds where each side's time goes (XLA thunks by kind from a JAX profiler
+trace; PyTorch's profiler by op).
+"""
+import argparse
+import collections
+import json
+import os
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+PAIRS = {
+    # Teacher/student from configs/default.py's distilled stage.
+    "default": dict(teacher=None, student=None, size=64),
+    # STACK.md's CPU figure: UNet 7.8 M → 1.9 M parameters at 128².
+    "unet_large": dict(teacher=dict(name="unet", width=32, depth=4),
+                       student=dict(name="unet", width=16, depth=4), size=128),
+    # The CPU preset of the heterogeneous recipe: TransUNet → SqueezeU-Net.
+    "transunet_squeeze": dict(teacher=dict(name="transunet_tiny"),
+                              student=dict(name="squeeze_unet"), size=128),
+}
+NUM_CLASSES = 9  # The synthetic CT source's classes.
+REPLY = "@@"  # Prefix of a worker's reply line (libraries may print too).
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(
+      description=__doc__.split("\n", maxsplit=1)[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--pair", default="default", choices=sorted(PAIRS))
+  p.add_argument("--batch", type=int, default=16, help="global batch")
+  p.add_argument("--size", type=int, default=None,
+                 help="image side (default: 64 for default, else 128)")
+  p.add_argument("--rounds", type=int, default=5)
+  p.add_argument("--steps", type=int, default=3,
+                 help="steps per round and configuration")
+  p.add_argument("--warmup", type=int, default=2,
+                 help="untimed steps after compiling")
+  p.add_argument("--devices", default="1",
+                 help="virtual host devices of the kd_jax side; a comma list "
+                 "(1,8) runs one kd_jax worker per count")
+  p.add_argument("--variant", action="append", default=[],
+                 help="N:OPTIONS, one more kd_jax worker on N devices; "
+                 "OPTIONS (space-separated) are extra XLA flags, "
+                 "init_opt=LEVEL (as --init_opt_level) and patch=NAME, an "
+                 f"experiment from PATCHES ({', '.join(sorted(PATCHES))}) "
+                 "(repeatable)")
+  p.add_argument("--xla_flags", default="",
+                 help="extra XLA_FLAGS for every kd_jax worker")
+  p.add_argument("--torch_threads", default="0",
+                 help="torch.set_num_threads per PyTorch worker, comma list "
+                 "(0: PyTorch's default, one per core)")
+  p.add_argument("--no_torch", action="store_true", help="kd_jax only")
+  p.add_argument("--compile_cache", default="",
+                 help="persistent compilation cache folder (default none: "
+                 "the compile time is a cold compile)")
+  p.add_argument("--init_opt_level", default="0",
+                 help="XLA backend optimisation level for compiling the "
+                 "(untimed) parameter init: 0 (fast), 'default' (XLA's)")
+  p.add_argument("--loader_batches", type=int, default=20,
+                 help="batches timed through the grain pipeline (0: skip)")
+  p.add_argument("--profile", action="store_true",
+                 help="after the rounds, profile one round per worker and "
+                 "print where the time goes")
+  # Internal: what a worker process is.
+  p.add_argument("--worker", default="", help=argparse.SUPPRESS)
+  p.add_argument("--worker_flags", default="", help=argparse.SUPPRESS)
+  p.add_argument("--tmp", default="", help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  if args.size is None:
+    args.size = PAIRS[args.pair]["size"]
+  return args
+
+
+def pair_config(pair, size):
+  """(config, teacher model cfg, student model cfg) of `pair`. Needs only
+  ml_collections, so every process (and the parent) can call it."""
+  if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+  from configs import default  # pylint: disable=import-outside-toplevel
+
+  config = default.get_config()
+  config.data.image_size = size
+  stage = config.stages.distilled
+  spec = PAIRS[pair]
+  if spec["student"]:
+    stage.model = spec["student"]
+    stage.teacher.model = spec["teacher"]
+  return config, stage.teacher.model.to_dict(), stage.model.to_dict()
+
+
+def _flatten(tree, prefix=""):
+  out = {}
+  for k, v in tree.items():
+    if hasattr(v, "items"):
+      out.update(_flatten(v, f"{prefix}{k}/"))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def _unflatten(flat):
+  tree = {}
+  for key, v in flat.items():
+    *path, leaf = key.split("/")
+    node = tree
+    for k in path:
+      node = node.setdefault(k, {})
+    node[leaf] = v
+  return tree
+
+
+def _peak_rss_mb():
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _rss_mb():
+  """Current resident set size (Linux /proc), for the imports' share."""
+  with open("/proc/self/status", encoding="ascii") as f:
+    for line in f:
+      if line.startswith("VmRSS:"):
+        return int(line.split()[1]) / 1024.0
+  return float("nan")
+
+
+def _load_batch(args):
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  with np.load(os.path.join(args.tmp, "batch.npz")) as b:
+    return {"image": b["image"], "label": b["label"]}
+
+
+# ----------------------------------------------------------------------------
+# Experiments: changes to kd_jax tried in a worker only (`--variant=1:patch=X`)
+# before proposing them. Each keeps the parameters (names, shapes, init) and
+# the maths, so the first-step loss must equal the unpatched worker's.
+
+
+def _patch_einsum_upsample():
+  """UNet's 2×2 stride-2 ConvTranspose as a per-pixel einsum + depth-to-space.
+
+  The same kernel (2, 2, in, out) and bias under the same name, the same
+  output (Flax's ConvTranspose correlates with the unflipped kernel, so
+  output pixel (2i+a, 2j+b) takes kernel[1-a, 1-b]). XLA CPU lowers the
+  transposed conv's weight gradient to a 64×64-window dilated convolution;
+  as an einsum both gradients are plain matmuls.
+  """
+  import types  # pylint: disable=import-outside-toplevel
+
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  from kd_jax.models import unet  # pylint: disable=import-outside-toplevel
+
+  class Upsample2x(nn.Module):
+    features: int
+    dtype: object = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+      kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                          (2, 2, x.shape[-1], self.features), jnp.float32)
+      bias = self.param("bias", nn.initializers.zeros, (self.features,),
+                        jnp.float32)
+      y = jnp.einsum("nhwc,abcd->nhawbd", x.astype(self.dtype),
+                     kernel[::-1, ::-1].astype(self.dtype))
+      n, h, _, w, _, d = y.shape
+      return y.reshape(n, 2 * h, 2 * w, d) + bias.astype(self.dtype)
+
+  def conv_transpose(features, kernel_size, strides, dtype, name):
+    assert tuple(kernel_size) == (2, 2) and tuple(strides) == (2, 2)
+    return Upsample2x(features, dtype, name=name)
+
+  unet.nn = types.SimpleNamespace(**{
+      k: getattr(nn, k) for k in dir(nn) if not k.startswith("__")})
+  unet.nn.ConvTranspose = conv_transpose
+
+
+def _patch_threefry_partitionable():
+  """jax's default random-bit generator, which kd_jax.runtime turns off."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  jax.config.update("jax_threefry_partitionable", True)
+
+
+PATCHES = {"einsum_upsample": _patch_einsum_upsample,
+           "threefry_partitionable": _patch_threefry_partitionable}
+
+
+# ----------------------------------------------------------------------------
+# Workers. Each answers "round", "profile", "rss", "loader", "quit" on stdin
+# with one JSON line on stdout.
+
+
+class JaxWorker:
+  """kd_jax's trainer pieces on `devices` virtual host devices."""
+
+  def __init__(self, args, devices, extra_flags):
+    # Before any jax import: the device count is fixed when jax starts.
+    options = extra_flags.split()
+    patches = [o[len("patch="):] for o in options if o.startswith("patch=")]
+    init_opt = ([o[len("init_opt="):] for o in options
+                 if o.startswith("init_opt=")] or [args.init_opt_level])[-1]
+    extra_flags = " ".join(o for o in options
+                           if not o.startswith(("patch=", "init_opt=")))
+    os.environ["XLA_FLAGS"] = " ".join(
+        f for f in (os.environ.get("XLA_FLAGS", ""),
+                    f"--xla_force_host_platform_device_count={devices}",
+                    args.xla_flags, extra_flags) if f)
+    import jax  # pylint: disable=import-outside-toplevel
+    import numpy as np  # pylint: disable=import-outside-toplevel
+
+    from kd_jax import data, train  # pylint: disable=import-outside-toplevel
+
+    try:  # The trainer's process settings (kd_jax.main calls this) ...
+      from kd_jax import runtime  # pylint: disable=import-outside-toplevel
+      runtime.configure()
+    except ImportError:
+      pass
+    # ... but no persistent cache unless asked: the compile is measured cold.
+    jax.config.update("jax_compilation_cache_dir", args.compile_cache or None)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    for name in patches:
+      PATCHES[name]()
+    # Imported libraries alone hold hundreds of MB: reported apart.
+    info = dict(devices=devices, import_rss_mb=_rss_mb())
+    assert jax.device_count() == devices, jax.devices()
+    self.jax, self.data, self.args = jax, data, args
+    config, _, _ = pair_config(args.pair, args.size)
+    self.config = config
+    self.datasets = data.build(config.data)
+
+    method, _ = train.build_method(config, "distilled", "", NUM_CLASSES,
+                                   load_teacher=False)
+    s = train.stage_config(config, "distilled")
+    tx = train.make_optimizer(s["optimizer"], s["steps"])
+    mesh = train.make_mesh()
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    batch = _load_batch(args)
+    example = jax.numpy.asarray(batch["image"][:1])
+    rng = jax.random.key(config.seed)
+    # Set-up, run once: by default XLA's backend optimisation (LLVM) of the
+    # random initialisers costs most of a minute here and buys nothing.
+    opts = ({} if init_opt == "default" else
+            {"xla_backend_optimization_level": int(init_opt)})
+    info["init_opt_level"] = init_opt
+    t = time.perf_counter()
+    init = jax.jit(lambda x: train.init_state(method, tx, rng, x),
+                   out_shardings=rep)
+    self.state = init.lower(example).compile(compiler_options=opts)(example)
+    init_teacher = jax.jit(lambda x: method.teacher.init(
+        jax.random.fold_in(rng, 7), x, train=False), out_shardings=rep)
+    teacher = init_teacher.lower(example).compile(compiler_options=opts)(
+        example)
+    jax.block_until_ready((self.state, teacher))
+    info["init_s"] = time.perf_counter() - t
+    self.frozen = {"params": teacher["params"],
+                   "batch_stats": teacher.get("batch_stats", {})}
+    self.batch = train.to_global(batch, mesh)
+
+    def count(tree):
+      return int(sum(x.size for x in jax.tree.leaves(tree)))
+
+    info.update(params_teacher=count(self.frozen["params"]),
+                params_student=count(self.state.params["student"]),
+                params_connectors=count(self.state.params["connectors"]))
+    init_file = os.path.join(args.tmp, "init.npz")
+    if not os.path.exists(init_file):  # The PyTorch twins start from these.
+      host = jax.device_get({
+          "student": {"params": self.state.params["student"],
+                      "batch_stats": self.state.batch_stats["student"]},
+          "teacher": self.frozen})
+      np.savez(init_file + ".tmp.npz", **{
+          k: np.asarray(v) for k, v in _flatten(host).items()})
+      os.replace(init_file + ".tmp.npz", init_file)
+
+    step = train.jit_train_step(train.make_train_step(method, tx), mesh)
+    t0 = time.perf_counter()
+    lowered = step.lower(self.state, self.batch, self.frozen)
+    t1 = time.perf_counter()
+    self.step = lowered.compile()
+    t2 = time.perf_counter()
+    cost = self.step.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
+    info.update(trace_s=t1 - t0, compile_s=t2 - t1,
+                gflop_per_step=float(cost.get("flops", 0.0)) / 1e9)
+    losses = []
+    for _ in range(max(args.warmup, 1)):
+      self.state, metrics = self.step(self.state, self.batch, self.frozen)
+      losses.append(float(metrics["loss"]))
+    info.update(first_loss=losses[0])
+    self.info = info
+
+  def round(self, steps):
+    t = time.perf_counter()
+    for _ in range(steps):
+      self.state, metrics = self.step(self.state, self.batch, self.frozen)
+    self.jax.block_until_ready((self.state, metrics))
+    return (time.perf_counter() - t) / steps
+
+  def profile(self, steps):
+    """Thunk time by kind (summed over XLA's threads), ms per step."""
+    import gzip  # pylint: disable=import-outside-toplevel
+    import glob  # pylint: disable=import-outside-toplevel
+
+    folder = tempfile.mkdtemp(dir=self.args.tmp)
+    with self.jax.profiler.trace(folder, create_perfetto_trace=True):
+      wall = self.round(steps)
+    path = glob.glob(os.path.join(folder, "**", "perfetto_trace.json.gz"),
+                     recursive=True)[0]
+    with gzip.open(path) as f:
+      trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    kinds = collections.defaultdict(float)
+    counts = collections.Counter()
+    for e in events:
+      name = e.get("name", "")
+      if (e.get("ph") != "X" or "XLA" not in threads.get(
+          (e["pid"], e["tid"]), "") or name.startswith("ThunkExecutor")):
+        continue
+      kind = _thunk_kind(name)
+      kinds[kind] += e.get("dur", 0) / 1e3 / steps
+      counts[kind] += 1
+    rows = sorted(kinds.items(), key=lambda kv: -kv[1])[:8]
+    return {"wall_ms": wall * 1e3,
+            "rows": [(k, v, counts[k] // steps) for k, v in rows]}
+
+  def loader(self, batches):
+    """Images/s of the trainer's pipeline (shuffle, augment, batch,
+    prefetch) over the synthetic source, rendering each example as the
+    trainer does, and over the same examples rendered once beforehand."""
+
+    def rate(source):
+      ds = self.data.pipeline.train_batches(
+          source, batch_size=self.args.batch, seed=self.config.seed,
+          transforms=self.datasets.train_transforms)
+      it = self.data.pipeline.iterate(ds, 0)
+      next(it)  # Starts the threads.
+      t = time.perf_counter()
+      for _ in range(batches):
+        next(it)
+      return batches * self.args.batch / (time.perf_counter() - t)
+
+    rendered = rate(self.datasets.train)
+    t = time.perf_counter()
+    cached = [self.datasets.train[i] for i in range(len(self.datasets.train))]
+    render_s = time.perf_counter() - t
+    return {"images_per_s": rendered, "cached_images_per_s": rate(cached),
+            "render_all_s": render_s, "num_train": len(cached)}
+
+
+def _thunk_kind(name):
+  base = re.sub(r"\.\d+$", "", name)
+  if base.startswith("ynn_fusion"):
+    return "YNNPACK fusions (convolutions with their BatchNorm/ReLU, reductions)"
+  if "conv" in base:
+    return "convolutions (Eigen)"
+  if "dot" in base:
+    return "dots"
+  if "fusion" in base or base.startswith("wrapped"):
+    return "elementwise/reduce fusions (XLA codegen)"
+  return "other: " + base
+
+
+class TorchWorker:
+  """The PyTorch twins, eager, `threads` intra-op threads (0: default)."""
+
+  def __init__(self, args, threads):
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    import torch  # pylint: disable=import-outside-toplevel
+
+    if HERE not in sys.path:
+      sys.path.insert(0, HERE)
+    import torch_models as tm  # pylint: disable=import-outside-toplevel
+
+    info = dict(import_rss_mb=_rss_mb(),
+                version=torch.__version__.split("+")[0])
+    if threads:
+      torch.set_num_threads(threads)
+    info["threads"] = torch.get_num_threads()
+    self.torch, self.tm = torch, tm
+    config, t_cfg, s_cfg = pair_config(args.pair, args.size)
+
+    def build(cfg):
+      cfg = dict(cfg)
+      return tm.build(cfg.pop("name"), NUM_CLASSES, **cfg)
+
+    self.teacher = build(t_cfg).eval()
+    for p in self.teacher.parameters():
+      p.requires_grad_(False)
+    self.student = build(s_cfg).train()
+    init = _unflatten(dict(np.load(os.path.join(args.tmp, "init.npz"))))
+    tm.load_flax_variables(self.teacher, init["teacher"])
+    tm.load_flax_variables(self.student, init["student"])
+    batch = _load_batch(args)
+    self.images = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2)
+    self.images = self.images.contiguous()
+    self.labels = torch.from_numpy(batch["label"]).long()
+
+    opt = config.optimizer
+    self.opt = torch.optim.AdamW(self.student.parameters(), lr=opt.lr,
+                                 weight_decay=opt.weight_decay)
+    self.sched = torch.optim.lr_scheduler.LambdaLR(
+        self.opt, _warmup_cosine(opt.warmup_steps, config.steps))
+    self.grad_clip = opt.grad_clip
+    self.temperature = _kd_temperature(config.stages.distilled.losses)
+    info.update(params_teacher=tm.count_params(self.teacher),
+                params_student=tm.count_params(self.student))
+    losses = [self._step() for _ in range(max(args.warmup, 1))]
+    info.update(first_loss=float(losses[0]))
+    self.info = info
+
+  def _step(self):
+    torch = self.torch
+    with torch.no_grad():
+      t_logits, _ = self.teacher(self.images)
+    s_logits, _ = self.student(self.images)
+    loss, _ = self.tm.distill_loss(s_logits, t_logits, self.labels,
+                                   self.temperature)
+    self.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.grad_clip)
+    self.opt.step()
+    self.sched.step()
+    return loss.detach()
+
+  def round(self, steps):
+    t = time.perf_counter()
+    for _ in range(steps):
+      self._step()
+    return (time.perf_counter() - t) / steps
+
+  def profile(self, steps):
+    """Self CPU time by op, ms per step (PyTorch's profiler)."""
+    prof = self.torch.profiler
+    with prof.profile(activities=[prof.ProfilerActivity.CPU]) as p:
+      wall = self.round(steps)
+    rows = sorted(p.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    return {"wall_ms": wall * 1e3,
+            "rows": [(e.key, e.self_cpu_time_total / 1e3 / steps,
+                      e.count // steps) for e in rows[:8]]}
+
+
+def _kd_temperature(losses):
+  """kd_kl's temperature from a stage's losses (a list of term dicts, or a
+  dict of named terms), checking the terms are the ones the twin computes."""
+  terms = list(losses.values()) if hasattr(losses, "items") else list(losses)
+  fns = sorted(t["fn"] for t in terms)
+  if fns != ["cross_entropy", "dice", "kd_kl"] or any(
+      t.get("weight", 1.0) != 1.0 for t in terms):
+    raise ValueError(f"the PyTorch twin computes CE + Dice + kd_kl with "
+                     f"weights 1; the config's distilled stage has {terms}")
+  return [t for t in terms if t["fn"] == "kd_kl"][0]["temperature"]
+
+
+def _warmup_cosine(warmup, total):
+  """kd_jax.train.make_optimizer's schedule, as a LambdaLR factor."""
+  import math  # pylint: disable=import-outside-toplevel
+
+  warmup = max(min(int(warmup), max(total - 1, 0)), 1)
+  decay = max(total, warmup + 1)
+
+  def factor(step):
+    if step < warmup:
+      return step / warmup
+    frac = min((step - warmup) / (decay - warmup), 1.0)
+    return 0.5 * (1 + math.cos(math.pi * frac))
+
+  return factor
+
+
+def serve(args):
+  """A worker's loop; replies go to the real stdout, all else to stderr."""
+  reply_fd = os.dup(1)
+  os.dup2(2, 1)
+  out = os.fdopen(reply_fd, "w")
+
+  def send(obj):
+    out.write(REPLY + json.dumps(obj) + "\n")
+    out.flush()
+
+  kind, _, n = args.worker.partition(":")
+  if kind == "jax":
+    worker = JaxWorker(args, int(n), args.worker_flags)
+  else:
+    worker = TorchWorker(args, int(n))
+  send(worker.info)
+  for line in sys.stdin:
+    cmd = line.strip()
+    if cmd == "round":
+      send({"step_s": worker.round(args.steps)})
+    elif cmd == "profile":
+      send(worker.profile(args.steps))
+    elif cmd == "rss":
+      send({"peak_rss_mb": _peak_rss_mb()})
+    elif cmd == "loader":
+      send(worker.loader(args.loader_batches))
+    elif cmd == "quit":
+      send({})
+      return
+
+
+# ----------------------------------------------------------------------------
+# Parent: starts the workers, interleaves their rounds, prints the table.
+
+
+class Proc:
+  """A worker process and its pipe."""
+
+  def __init__(self, name, argv, env):
+    self.name = name
+    self.is_torch = any(a.startswith("--worker=torch") for a in argv)
+    self.p = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__)] + argv, env=env,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+  def read(self):
+    for line in self.p.stdout:
+      if line.startswith(REPLY):
+        return json.loads(line[len(REPLY):])
+    raise RuntimeError(f"worker {self.name!r} died (exit {self.p.wait()}); "
+                       "its traceback is above")
+
+  def ask(self, cmd):
+    self.p.stdin.write(cmd + "\n")
+    self.p.stdin.flush()
+    return self.read()
+
+
+def _write_batch(args):
+  """The step's batch, the same for every worker: the first `batch`
+  training examples of the pair's synthetic source, unaugmented."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  from kd_jax.data import synthetic  # pylint: disable=import-outside-toplevel
+
+  config, _, _ = pair_config(args.pair, args.size)
+  # data.build's training split: seed * 1000 + 0.
+  src = synthetic.SyntheticCT(config.data.num_train, size=args.size,
+                              seed=config.data.seed * 1000)
+  ex = [src[i] for i in range(args.batch)]
+  np.savez(os.path.join(args.tmp, "batch.npz"),
+           image=np.stack([e["image"] for e in ex]),
+           label=np.stack([e["label"] for e in ex]))
+
+
+def _jax_configs(args):
+  """(label, devices, extra XLA flags) of each kd_jax worker."""
+  out = [(n, "") for n in (int(x) for x in args.devices.split(",") if x)]
+  for v in args.variant:
+    n, _, flags = v.partition(":")
+    out.append((int(n), flags.strip()))
+  return [(f"kd_jax jit, {n} device{'s' if n > 1 else ''}"
+           + (f", {flags}" if flags else ""), n, flags) for n, flags in out]
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  if args.worker:
+    serve(args)
+    return
+  if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+  jax_configs = _jax_configs(args)
+  for _, n, _ in jax_configs:
+    if args.batch % n:
+      sys.exit(f"--batch={args.batch} is not divisible by {n} devices")
+  args.tmp = tempfile.mkdtemp(prefix="kd_bench_")
+  _write_batch(args)
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep +
+             os.environ.get("PYTHONPATH", ""))
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)  # Cold compiles unless asked.
+  common = [f"--pair={args.pair}", f"--batch={args.batch}",
+            f"--size={args.size}", f"--steps={args.steps}",
+            f"--warmup={args.warmup}", f"--xla_flags={args.xla_flags}",
+            f"--compile_cache={args.compile_cache}",
+            f"--init_opt_level={args.init_opt_level}",
+            f"--loader_batches={args.loader_batches}", f"--tmp={args.tmp}"]
+  workers, infos = [], {}
+
+  def start(name, extra):
+    t = time.perf_counter()
+    w = Proc(name, common + extra, env)
+    info = w.read()
+    if "threads" in info:
+      w.name = f"PyTorch {info['version']} eager, {info['threads']} threads"
+    print(f"  started {w.name} in {time.perf_counter() - t:.0f} s",
+          file=sys.stderr, flush=True)
+    workers.append(w)
+    infos[w.name] = info
+
+  # One after another, so compiles and warm-ups never overlap; the first
+  # kd_jax worker writes the initial weights the PyTorch twins load.
+  for name, n, flags in jax_configs:
+    start(name, [f"--worker=jax:{n}", f"--worker_flags={flags}"])
+  if not args.no_torch:
+    for n in (int(x) for x in args.torch_threads.split(",") if x):
+      start("PyTorch", [f"--worker=torch:{n}"])
+
+  load = os.getloadavg()[0]
+  print(f"pair {args.pair}: batch {args.batch}, {args.size}x{args.size}, "
+        f"{args.rounds} rounds x {args.steps} steps, interleaved; "
+        f"{os.cpu_count()} CPUs, load average {load:.1f} at the start")
+  ref = infos[workers[0].name]
+  for w in workers:
+    i = infos[w.name]
+    print(f"  {w.name}: params teacher {i['params_teacher']:,}, student "
+          f"{i['params_student']:,}; first-step loss {i['first_loss']:.5f}")
+    # Same architectures: the parameter counts must be equal.
+    assert (i["params_teacher"], i["params_student"]) == (
+        ref["params_teacher"], ref["params_student"]), (
+            f"parameter counts differ: {w.name} {i} vs {workers[0].name} "
+            f"{ref}")
+
+  times = {w.name: [] for w in workers}
+  for r in range(args.rounds):
+    k = r % len(workers)
+    for w in workers[k:] + workers[:k]:
+      times[w.name].append(w.ask("round")["step_s"])
+    print(f"  round {r + 1}: " + ", ".join(
+        f"{w.name} {times[w.name][-1] * 1e3:.0f} ms" for w in workers),
+          file=sys.stderr, flush=True)
+  profiles = {w.name: w.ask("profile") for w in workers} if args.profile \
+      else {}
+  rss = {w.name: w.ask("rss")["peak_rss_mb"] for w in workers}
+  loader = workers[0].ask("loader") if args.loader_batches else None
+  for w in workers:
+    w.ask("quit")
+    w.p.wait()
+
+  end_load = os.getloadavg()[0]
+  print(f"load average {end_load:.1f} at the end" + (
+      " (above the CPU count: other processes share the cores, expect noise)"
+      if max(load, end_load) > (os.cpu_count() or 1) else ""))
+  med = {k: statistics.median(v) for k, v in times.items()}
+  torch_times = [med[w.name] for w in workers if w.is_torch]
+  best_torch = min(torch_times) if torch_times else None
+  print()
+  print("| configuration | step (ms, median) | min–max (ms) | images/s | "
+        "speed vs PyTorch | compile (s) | peak RSS (MB) | imports' RSS (MB) |")
+  print("|---|---:|---:|---:|---:|---:|---:|---:|")
+  for w in workers:
+    i, t = infos[w.name], med[w.name]
+    speed = f"{best_torch / t:.2f}×" if best_torch else "–"
+    compile_s = (f"{i['trace_s'] + i['compile_s']:.1f}" if "compile_s" in i
+                 else "–")
+    print(f"| {w.name} | {t * 1e3:.0f} | {min(times[w.name]) * 1e3:.0f}–"
+          f"{max(times[w.name]) * 1e3:.0f} | {args.batch / t:.0f} | {speed} "
+          f"| {compile_s} | {rss[w.name]:.0f} | {i['import_rss_mb']:.0f} |")
+  if loader is not None:
+    print(f"| grain loader: synthetic CT rendered per example + augment, 4 "
+          f"threads | – | – | {loader['images_per_s']:.0f} | – | – | – | – |")
+    print(f"| grain loader: the {loader['num_train']} examples rendered once "
+          f"({loader['render_all_s']:.0f} s) + augment | – | – | "
+          f"{loader['cached_images_per_s']:.0f} | – | – | – | – |")
+  print()
+  for w in workers:
+    i = infos[w.name]
+    if "compile_s" in i:
+      # cost_analysis counts one device's share of an SPMD program.
+      gflop = i["gflop_per_step"] * i["devices"]
+      print(f"{w.name}: XLA cost analysis {gflop:.2f} GFLOP/step"
+            f" ({gflop / med[w.name]:.1f} GFLOP/s); step trace "
+            f"{i['trace_s']:.1f} s + compile {i['compile_s']:.1f} s; "
+            f"student + teacher init (compile + run, XLA backend level "
+            f"{i['init_opt_level']}) {i['init_s']:.1f} s")
+  for name, prof in profiles.items():
+    print(f"\n{name}: profiled round {prof['wall_ms']:.0f} ms/step "
+          "(wall); top entries, ms/step summed over threads:")
+    for kind, ms, count in prof["rows"]:
+      print(f"  {ms:8.1f}  {count:5d}×  {kind}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,528 @@
+"""PyTorch twins of kd_jax models and of the default distillation loss.
+
+Used by `benchmarks/distill_step.py` as the eager PyTorch baseline, so each
+twin has the layer layout, the parameter count and (with the weights copied
+by `load_flax_variables`) the outputs of its kd_jax model:
+
+  UNet          kd_jax/models/unet.py          ("unet")
+  SqueezeUNet   kd_jax/models/squeeze_unet.py  ("squeeze_unet")
+  TransUNet     kd_jax/models/transunet.py     ("transunet_tiny" preset and
+                                                 the full R50-ViT-B/16)
+
+Tensors are NCHW (PyTorch's native layout); the kd_jax models are NHWC.
+Every submodule carries the name of its Flax counterpart (`enc1.Conv_0`,
+`block1_unit1.conv2`, `encoder_block0.attn.query`, ...), so copying Flax
+variables is a walk over the Flax tree, and a missing or extra layer fails
+loudly instead of being skipped.
+
+Padding follows Flax's "SAME" exactly where it is asymmetric (the 3×3
+stride-2 transposed conv of the transposed fire module, TransUNet's 3×3/2
+max-pool): PyTorch's symmetric padding would shift those outputs by a pixel.
+Forward outputs match; BatchNorm's running variance differs in one detail
+that only moves the running averages: PyTorch updates it with the unbiased
+batch variance, Flax with the biased one.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Flax BatchNorm(momentum=0.9) keeps 0.9 of the old average; PyTorch's
+# momentum is the weight of the new batch.
+_BN_MOMENTUM = 0.1
+
+
+def _bn(ch, eps=1e-5):
+  return nn.BatchNorm2d(ch, eps=eps, momentum=_BN_MOMENTUM)
+
+
+# ----------------------------------------------------------------------------
+# UNet.
+
+
+class ConvBlock(nn.Module):
+  """Two 3×3 conv (no bias) → BatchNorm → ReLU, Flax names Conv_i/BatchNorm_i."""
+
+  def __init__(self, cin, cout):
+    super().__init__()
+    self.Conv_0 = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+    self.BatchNorm_0 = _bn(cout)
+    self.Conv_1 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+    self.BatchNorm_1 = _bn(cout)
+
+  def forward(self, x):
+    x = F.relu(self.BatchNorm_0(self.Conv_0(x)))
+    return F.relu(self.BatchNorm_1(self.Conv_1(x)))
+
+
+class UNet(nn.Module):
+  """kd_jax.models.unet.UNet; forward returns (logits, features) in NCHW."""
+
+  def __init__(self, num_classes, width=32, depth=4, in_channels=1):
+    super().__init__()
+    self.depth = depth
+    cin = in_channels
+    for i in range(depth):
+      setattr(self, f"enc{i + 1}", ConvBlock(cin, width * 2**i))
+      cin = width * 2**i
+    self.bottleneck = ConvBlock(cin, width * 2**depth)
+    cin = width * 2**depth
+    for i in reversed(range(depth)):
+      ch = width * 2**i
+      setattr(self, f"up{i + 1}", nn.ConvTranspose2d(cin, ch, 2, stride=2))
+      setattr(self, f"dec{i + 1}", ConvBlock(2 * ch, ch))
+      cin = ch
+    self.head = nn.Conv2d(cin, num_classes, 1)
+
+  def forward(self, x):
+    features, skips = {}, []
+    for i in range(self.depth):
+      x = getattr(self, f"enc{i + 1}")(x)
+      features[f"enc{i + 1}"] = x
+      skips.append(x)
+      x = F.max_pool2d(x, 2)
+    x = self.bottleneck(x)
+    features["bottleneck"] = x
+    features["embedding"] = x.mean(dim=(2, 3))
+    for i in reversed(range(self.depth)):
+      x = getattr(self, f"up{i + 1}")(x)
+      x = torch.cat([x, skips[i]], dim=1)
+      x = getattr(self, f"dec{i + 1}")(x)
+      features[f"dec{i + 1}"] = x
+    return self.head(x), features
+
+
+# ----------------------------------------------------------------------------
+# SqueezeU-Net.
+
+
+class ConvBNReLU(nn.Module):
+  """k×k conv (no bias, SAME) → BatchNorm → ReLU; Flax names conv, bn."""
+
+  def __init__(self, cin, cout, kernel=3):
+    super().__init__()
+    self.conv = nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False)
+    self.bn = _bn(cout)
+
+  def forward(self, x):
+    return F.relu(self.bn(self.conv(x)))
+
+
+class Fire(nn.Module):
+  """Fire module; with `up`, stride-2 transposed 2×2 and 3×3 expands."""
+
+  def __init__(self, cin, features, squeeze, up=False):
+    super().__init__()
+    half = features // 2
+    self.up = up
+    self.squeeze = ConvBNReLU(cin, squeeze, 1)
+    if up:
+      self.expand1 = nn.ConvTranspose2d(squeeze, half, 2, stride=2, bias=False)
+      # Flax pads the dilated input (2, 1) for k=3, s=2, SAME; PyTorch's
+      # padding=0 pads (2, 2): crop the extra last row and column.
+      self.expand3 = nn.ConvTranspose2d(squeeze, features - half, 3, stride=2,
+                                        bias=False)
+    else:
+      self.expand1 = nn.Conv2d(squeeze, half, 1, bias=False)
+      self.expand3 = nn.Conv2d(squeeze, features - half, 3, padding=1,
+                               bias=False)
+    self.bn1 = _bn(half)
+    self.bn3 = _bn(features - half)
+
+  def forward(self, x):
+    x = self.squeeze(x)
+    a = self.expand1(x)
+    b = self.expand3(x)
+    if self.up:
+      b = b[:, :, :-1, :-1]
+    return torch.cat([F.relu(self.bn1(a)), F.relu(self.bn3(b))], dim=1)
+
+
+class SqueezeUNet(nn.Module):
+  """kd_jax.models.squeeze_unet.SqueezeUNet (NCHW)."""
+
+  def __init__(self, num_classes=9, width=24, depth=4, squeeze_ratio=8,
+               dropout_rate=0.0, in_channels=1):
+    super().__init__()
+    self.depth = depth
+    self.dropout = nn.Dropout(dropout_rate)
+
+    def fire(name, cin, ch, up=False):
+      setattr(self, name, Fire(cin, ch, max(ch // squeeze_ratio, 4), up))
+
+    cin = in_channels
+    for i in range(depth):
+      ch = width * 2**i
+      if i == 0:
+        self.stem = ConvBNReLU(cin, ch, 3)
+        fire("enc1_fire1", ch, ch)
+      else:
+        fire(f"enc{i + 1}_fire1", cin, ch)
+        fire(f"enc{i + 1}_fire2", ch, ch)
+      cin = ch
+    ch = width * 2**depth
+    fire("bottleneck_fire1", cin, ch)
+    fire("bottleneck_fire2", ch, ch)
+    cin = ch
+    for i in reversed(range(depth)):
+      ch = width * 2**i
+      fire(f"dec{i + 1}_up", cin, ch, up=True)
+      fire(f"dec{i + 1}_fire", 2 * ch, ch)
+      cin = ch
+    self.head = nn.Conv2d(cin, num_classes, 1)
+
+  def forward(self, x):
+    features, skips = {}, []
+    for i in range(self.depth):
+      if i == 0:
+        x = self.enc1_fire1(self.stem(x))
+      else:
+        x = F.max_pool2d(x, 2)
+        x = getattr(self, f"enc{i + 1}_fire1")(x)
+        x = getattr(self, f"enc{i + 1}_fire2")(x)
+      features[f"enc{i + 1}"] = x
+      skips.append(x)
+    x = F.max_pool2d(x, 2)
+    x = self.bottleneck_fire2(self.bottleneck_fire1(x))
+    x = self.dropout(x)
+    features["bottleneck"] = x
+    features["embedding"] = x.mean(dim=(2, 3))
+    for i in reversed(range(self.depth)):
+      x = getattr(self, f"dec{i + 1}_up")(x)
+      x = torch.cat([x, skips[i]], dim=1)
+      x = getattr(self, f"dec{i + 1}_fire")(x)
+      features[f"dec{i + 1}"] = x
+    return self.head(x), features
+
+
+# ----------------------------------------------------------------------------
+# TransUNet.
+
+
+class StdConv(nn.Module):
+  """Weight-standardised conv (ε = 1e-5), no bias, symmetric padding.
+
+  The weight is the Flax parameter's name, `kernel`, stored OIHW.
+  """
+
+  def __init__(self, cin, cout, kernel, stride=1):
+    super().__init__()
+    self.kernel = nn.Parameter(torch.empty(cout, cin, kernel, kernel))
+    nn.init.kaiming_normal_(self.kernel)
+    self.stride = stride
+    self.padding = (kernel - 1) // 2
+
+  def forward(self, x):
+    w = self.kernel
+    mean = w.mean(dim=(1, 2, 3), keepdim=True)
+    var = w.var(dim=(1, 2, 3), keepdim=True, unbiased=False)
+    w = (w - mean) * torch.rsqrt(var + 1e-5)
+    return F.conv2d(x, w, stride=self.stride, padding=self.padding)
+
+
+def _gn(ch, eps=1e-6, groups=32):
+  return nn.GroupNorm(min(groups, ch), ch, eps=eps)
+
+
+class Bottleneck(nn.Module):
+  def __init__(self, cin, features, mid, stride=1):
+    super().__init__()
+    self.has_proj = stride != 1 or cin != features
+    if self.has_proj:
+      self.proj = StdConv(cin, features, 1, stride)
+      self.gn_proj = nn.GroupNorm(features, features, eps=1e-5)
+    self.conv1 = StdConv(cin, mid, 1)
+    self.gn1 = _gn(mid)
+    self.conv2 = StdConv(mid, mid, 3, stride)
+    self.gn2 = _gn(mid)
+    self.conv3 = StdConv(mid, features, 1)
+    self.gn3 = _gn(features)
+
+  def forward(self, x):
+    residual = self.gn_proj(self.proj(x)) if self.has_proj else x
+    y = F.relu(self.gn1(self.conv1(x)))
+    y = F.relu(self.gn2(self.conv2(y)))
+    y = self.gn3(self.conv3(y))
+    return F.relu(residual + y)
+
+
+class Attention(nn.Module):
+  """Flax MultiHeadDotProductAttention: q, k, v, out projections with bias."""
+
+  def __init__(self, dim, num_heads):
+    super().__init__()
+    self.num_heads = num_heads
+    self.query = nn.Linear(dim, dim)
+    self.key = nn.Linear(dim, dim)
+    self.value = nn.Linear(dim, dim)
+    self.out = nn.Linear(dim, dim)
+
+  def forward(self, x):
+    b, n, d = x.shape
+    h = self.num_heads
+
+    def heads(t):
+      return t.view(b, n, h, d // h).transpose(1, 2)
+
+    y = F.scaled_dot_product_attention(heads(self.query(x)),
+                                       heads(self.key(x)),
+                                       heads(self.value(x)))
+    return self.out(y.transpose(1, 2).reshape(b, n, d))
+
+
+class MLP(nn.Module):
+  def __init__(self, dim, hidden, dropout_rate):
+    super().__init__()
+    self.fc1 = nn.Linear(dim, hidden)
+    self.fc2 = nn.Linear(hidden, dim)
+    self.dropout = nn.Dropout(dropout_rate)
+
+  def forward(self, x):
+    x = self.dropout(F.gelu(self.fc1(x)))
+    return self.dropout(self.fc2(x))
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block (kd_jax.models.vit.Block, no LayerScale)."""
+
+  def __init__(self, dim, num_heads, mlp_dim, dropout_rate):
+    super().__init__()
+    self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+    self.attn = Attention(dim, num_heads)
+    self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+    self.mlp = MLP(dim, mlp_dim, dropout_rate)
+
+  def forward(self, x):
+    x = x + self.attn(self.norm1(x))
+    return x + self.mlp(self.norm2(x))
+
+
+class TransUNet(nn.Module):
+  """kd_jax.models.transunet.TransUNet (NCHW); see `transunet_tiny`."""
+
+  def __init__(self, num_classes=9, resnet_blocks=(3, 4, 9), resnet_width=64,
+               hidden=768, depth=12, num_heads=12, mlp_dim=3072,
+               image_size=224, head_channels=512,
+               decoder_channels=(256, 128, 64, 16), dropout_rate=0.1):
+    super().__init__()
+    w = resnet_width
+    self.resnet_blocks = tuple(resnet_blocks)
+    self.depth = depth
+    self.hidden = hidden
+    self.root_conv = StdConv(3, w, 7, 2)
+    self.root_gn = _gn(w)
+    cin = w
+    for s, units in enumerate(self.resnet_blocks):
+      out, mid = w * 4 * 2**s, w * 2**s
+      for u in range(units):
+        setattr(self, f"block{s + 1}_unit{u + 1}",
+                Bottleneck(cin, out, mid, 2 if (u == 0 and s > 0) else 1))
+        cin = out
+    self.patch_embed = nn.Conv2d(cin, hidden, 1)
+    g0 = image_size // 16
+    self.pos_embed = nn.Parameter(torch.randn(1, g0 * g0, hidden) * 0.02)
+    self.dropout = nn.Dropout(dropout_rate)
+    for i in range(depth):
+      setattr(self, f"encoder_block{i}",
+              Block(hidden, num_heads, mlp_dim, dropout_rate))
+    self.encoder_norm = nn.LayerNorm(hidden, eps=1e-6)
+    self.conv_more = ConvBNReLU(hidden, head_channels, 3)
+    skip_ch = [w * 8, w * 4, w]
+    cin = head_channels
+    for i, ch in enumerate(decoder_channels):
+      extra = skip_ch[i] if i < len(skip_ch) else 0
+      setattr(self, f"decoder{i}_conv1", ConvBNReLU(cin + extra, ch, 3))
+      setattr(self, f"decoder{i}_conv2", ConvBNReLU(ch, ch, 3))
+      cin = ch
+    self.num_decoder = len(decoder_channels)
+    self.segmentation_head = nn.Conv2d(cin, num_classes, 3, padding=1)
+
+  def _pos_embed(self, gh, gw):
+    pos = self.pos_embed
+    side = int(round(math.sqrt(pos.shape[1])))
+    if (side, side) == (gh, gw):
+      return pos
+    # jax.image.resize antialiases when shrinking; so does this.
+    grid = pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(gh, gw), mode="bilinear",
+                         align_corners=False, antialias=True)
+    return grid.permute(0, 2, 3, 1).reshape(1, gh * gw, -1)
+
+  def forward(self, x):
+    if x.shape[1] == 1:
+      x = x.repeat(1, 3, 1, 1)
+    features = {}
+    x = F.relu(self.root_gn(self.root_conv(x)))
+    features["cnn.root"] = x
+    # Flax's SAME 3×3/2 max-pool pads (0, 1) on an even side.
+    x = F.max_pool2d(F.pad(x, (0, 1, 0, 1), value=-math.inf), 3, 2)
+    for s, units in enumerate(self.resnet_blocks):
+      for u in range(units):
+        x = getattr(self, f"block{s + 1}_unit{u + 1}")(x)
+      features[f"cnn.block{s + 1}"] = x
+    skips = [features["cnn.block2"], features["cnn.block1"],
+             features["cnn.root"]]
+    x = self.patch_embed(x)
+    b, d, gh, gw = x.shape
+    x = x.flatten(2).transpose(1, 2) + self._pos_embed(gh, gw)
+    x = self.dropout(x)
+    for i in range(self.depth):
+      x = getattr(self, f"encoder_block{i}")(x)
+      features[f"encoder.block{i}"] = x
+    x = self.encoder_norm(x)
+    features["encoder"] = x
+    features["embedding"] = x.mean(dim=1)
+    x = x.transpose(1, 2).reshape(b, d, gh, gw)
+    features["bottleneck"] = x
+    x = self.conv_more(x)
+    for i in range(self.num_decoder):
+      x = F.interpolate(x, scale_factor=2, mode="bilinear",
+                        align_corners=False)
+      if i < len(skips):
+        x = torch.cat([x, skips[i]], dim=1)
+      x = getattr(self, f"decoder{i}_conv1")(x)
+      x = getattr(self, f"decoder{i}_conv2")(x)
+      features[f"decoder.block{i}"] = x
+    return self.segmentation_head(x), features
+
+
+# kd_jax's transunet_tiny preset.
+TRANSUNET_TINY = dict(resnet_blocks=(1, 1, 1), resnet_width=16, hidden=128,
+                      depth=2, num_heads=4, mlp_dim=256, image_size=128,
+                      head_channels=64, decoder_channels=(64, 32, 16, 8))
+
+
+def build(name, num_classes, in_channels=1, **kw):
+  """The twin of kd_jax model `name` built with the same keyword arguments."""
+  if name == "unet":
+    return UNet(num_classes, in_channels=in_channels, **kw)
+  if name == "squeeze_unet":
+    return SqueezeUNet(num_classes, in_channels=in_channels, **kw)
+  if name in ("transunet_tiny", "transunet_b16"):
+    preset = TRANSUNET_TINY if name == "transunet_tiny" else {}
+    return TransUNet(num_classes, **{**preset, **kw})  # Input repeated to 3.
+  raise ValueError(f"no PyTorch twin for model {name!r}; twins: unet, "
+                   "squeeze_unet, transunet_tiny, transunet_b16")
+
+
+def count_params(model) -> int:
+  """Parameters, frozen or not (BatchNorm running statistics excluded): the
+  size of kd_jax's "params" collection."""
+  return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------
+# Copying Flax variables into a twin.
+
+
+def _convert(module, leaf, value):
+  """A Flax array (numpy) → (torch attribute name, torch tensor)."""
+  t = torch.from_numpy(value.copy())
+  if isinstance(module, nn.ConvTranspose2d) and leaf == "kernel":
+    # Flax's ConvTranspose (transpose_kernel=False) correlates the dilated
+    # input with the kernel; PyTorch's is the conv gradient, i.e. flipped.
+    return "weight", t.flip(0, 1).permute(2, 3, 0, 1)
+  if isinstance(module, nn.Conv2d) and leaf == "kernel":
+    return "weight", t.permute(3, 2, 0, 1)
+  if isinstance(module, StdConv) and leaf == "kernel":
+    return "kernel", t.permute(3, 2, 0, 1)
+  if isinstance(module, nn.Linear) and leaf == "kernel":
+    # Dense (in, out), or attention q/k/v (in, heads, head_dim) and out
+    # (heads, head_dim, out).
+    if t.ndim == 3 and module.in_features == t.shape[0]:
+      t = t.reshape(t.shape[0], -1)
+    elif t.ndim == 3:
+      t = t.reshape(-1, t.shape[-1])
+    return "weight", t.T
+  if isinstance(module, nn.Linear) and leaf == "bias":
+    return "bias", t.reshape(-1)
+  if isinstance(module, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)):
+    return {"scale": "weight", "bias": "bias", "mean": "running_mean",
+            "var": "running_var"}[leaf], t
+  return leaf, t
+
+
+def _walk(tree, prefix=()):
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      yield from _walk(v, prefix + (k,))
+    else:
+      yield prefix + (k,), v
+
+
+def load_flax_variables(model, variables):
+  """Copies Flax `variables` ({"params", "batch_stats"}) into the twin.
+
+  Every Flax array must land on a tensor of the same shape, and every twin
+  parameter must be written; otherwise ValueError names the culprit.
+  """
+  import numpy as np  # Local: the converters only need it here.
+
+  written = set()
+  with torch.no_grad():
+    for collection in ("params", "batch_stats"):
+      tree = variables.get(collection, {})
+      tree = tree.unfreeze() if hasattr(tree, "unfreeze") else tree
+      for path, value in _walk(tree):
+        owner = model
+        for name in path[:-1]:
+          if not hasattr(owner, name):
+            raise ValueError(f"twin has no module {'.'.join(path[:-1])!r}")
+          owner = getattr(owner, name)
+        attr, t = _convert(owner, path[-1], np.asarray(value))
+        target = getattr(owner, attr, None)
+        if target is None or target.shape != t.shape:
+          raise ValueError(
+              f"{collection}/{'/'.join(path)} {tuple(t.shape)} does not fit "
+              f"twin tensor {'.'.join(path[:-1] + (attr,))} "
+              f"{None if target is None else tuple(target.shape)}")
+        target.copy_(t)
+        written.add(".".join(path[:-1] + (attr,)))
+  missing = [n for n, _ in model.named_parameters() if n not in written]
+  if missing:
+    raise ValueError(f"twin parameters without a Flax counterpart: {missing}")
+
+
+# ----------------------------------------------------------------------------
+# The default recipe's loss: CE + Dice + Hinton KD (kd_jax.losses).
+
+
+def dice_loss(logits, labels, smooth=1e-5):
+  """kd_jax.losses.task.dice_loss (batch-pooled, present classes only), NCHW."""
+  c = logits.shape[1]
+  p = torch.softmax(logits, dim=1)
+  g = F.one_hot(labels, c).permute(0, 3, 1, 2).to(logits.dtype)
+  hard = F.one_hot(logits.argmax(dim=1), c).permute(0, 3, 1, 2).to(
+      logits.dtype)
+  axes = (0, 2, 3)
+  inter = (p * g).sum(axes)
+  g_sum = g.sum(axes)
+  denom = p.sum(axes) + g_sum
+  dice = (2.0 * inter + smooth) / torch.clamp(denom + smooth, min=1e-12)
+  present = (g_sum + hard.sum(axes)) > 0
+  n_present = present.sum().to(logits.dtype)
+  mean_dice = torch.where(present, dice, torch.zeros_like(dice)).sum() / (
+      torch.clamp(n_present, min=1.0))
+  return 1.0 - mean_dice
+
+
+def kd_kl(student_logits, teacher_logits, temperature):
+  """kd_jax.losses.logits.kd_kl: τ² · mean over pixels of KL(p_T || p_S)."""
+  s = F.log_softmax(student_logits / temperature, dim=1)
+  t = F.log_softmax(teacher_logits / temperature, dim=1)
+  kl = F.kl_div(s, t, reduction="none", log_target=True).sum(dim=1)
+  return kl.mean() * temperature**2
+
+
+def distill_loss(student_logits, teacher_logits, labels, temperature=4.0):
+  """The default recipe's distilled stage: CE + Dice + kd_kl, weights 1.
+
+  Returns (total, metrics dict of the unweighted terms).
+  """
+  ce = F.cross_entropy(student_logits, labels)
+  dice = dice_loss(student_logits, labels)
+  kd = kd_kl(student_logits, teacher_logits, temperature)
+  total = ce + dice + kd
+  return total, {"cross_entropy": ce, "dice": dice, "kd_kl": kd,
+                 "total": total}
