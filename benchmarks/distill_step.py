@@ -3,26 +3,32 @@
     python benchmarks/distill_step.py --pair=default
     python benchmarks/distill_step.py --pair=default --devices=1,8
     python benchmarks/distill_step.py --pair=transunet_squeeze --rounds=3
-    python benchmarks/distill_step.py --devices=1 \
-        --variant="1:--xla_cpu_multi_thread_eigen=false" --torch_threads=2,1
+    python benchmarks/distill_step.py --pair=unet_large --steps=2 \
+        --variant="2:--xla_cpu_experimental_ynn_fusion_type=" \
+        --variant="1:patch=einsum_upsample" --torch_threads=0,1 --profile
 
 One step = teacher forward (eval mode, frozen) + student forward/backward +
 optimizer update, with the default recipe's distilled stage: CE + Dice +
 kd_kl (T=4), AdamW with warm-up/cosine schedule and global-norm clipping.
+Pairs: `default` (configs/default.py: UNet width 16 → 4, depth 3, 64²),
+`unet_large` (UNet 32 → 16, depth 4, 128²: 7.8 M → 1.9 M parameters) and
+`transunet_squeeze` (transunet_tiny → squeeze_unet, 128²); 9 classes.
 
-* kd_jax side: the trainer's own building blocks (`train.build_method`,
+* kd_jax side: the trainer's own pieces (`train.build_method`,
   `init_state`, `make_optimizer`, `make_train_step`, `jit_train_step` over
-  `make_mesh()`), compiled ahead of time so the compile is timed on its own.
-  `--devices=N` shards the batch over N virtual host devices
-  (`--xla_force_host_platform_device_count=N`); a comma list (`1,8`) runs
-  one kd_jax worker per count, and `--variant=N:FLAGS` adds a worker with
-  extra XLA flags, all in the same interleaved comparison.
+  `make_mesh()`, `kd_jax.runtime.configure()`), compiled ahead of time so
+  the compile is timed on its own (cold: no persistent cache unless
+  `--compile_cache`). `--devices=N` shards the batch over N virtual host
+  devices (`--xla_force_host_platform_device_count=N`, set before jax is
+  imported); a comma list (`1,8`) runs one kd_jax worker per count, and
+  `--variant=N:OPTIONS` adds a worker with extra XLA flags and/or an
+  experimental change (`patch=NAME`, see PATCHES).
 * PyTorch side: the twins in `benchmarks/torch_models.py` (NCHW), loaded
   with the kd_jax initial weights; `torch.optim.AdamW` + `clip_grad_norm_`
-  + the same schedule. `--torch_threads=2,1` runs one worker per count
-  (0 = PyTorch's default). Parameter counts must equal kd_jax's (asserted),
-  and the first step's losses are printed side by side as a check that both
-  compute the same thing.
+  + the same schedule. `--torch_threads=0,1` runs one worker per count
+  (0 = PyTorch's default, one per core). Parameter counts must equal
+  kd_jax's (asserted), and the first-step losses are printed side by side:
+  both sides compute the same thing.
 
 Each configuration runs in its own worker process (its own threads, XLA
 flags and peak RSS from `resource.getrusage`); the parent imports neither
@@ -30,14 +36,17 @@ framework. The workers start one after another; after the warm-up (compile
 + `--warmup` steps, excluded) they take turns, one round each (`--steps`
 steps and one sync at the end, like a training loop that syncs only to
 log), for `--rounds` rounds in rotating order, so the noise of a shared
-machine hits all of them alike. Reported per configuration: median time per
-step over the rounds, images/s, speed relative to PyTorch (the fastest
-PyTorch row's time / this row's time: >1 means faster than PyTorch), compile
-time, peak RSS and the part of it that imports alone take; then the images/s
-of kd_jax's grain training pipeline (synthetic CT + augmentation,
-`data.pipeline.train_batches` + `iterate`) beside the step's. `--profile`
-adds where each side's time goes (XLA thunks by kind from a JAX profiler
-trace; PyTorch's profiler by op).
+machine hits all of them alike. Printed as a markdown table per
+configuration: median time per step over the rounds, the range, images/s,
+speed relative to PyTorch (the fastest PyTorch row's time / this row's: >1
+means faster than PyTorch), compile time, peak RSS and the part imports
+alone take. Then the images/s of kd_jax's grain training pipeline (synthetic
+CT + augmentation, `data.pipeline.train_batches` + `iterate`), rendering
+each example as the trainer does and with the examples rendered once, and
+the trainer's loop (step fed by that pipeline) with each. `--profile` adds
+where each side's time goes (XLA thunks by kind from a JAX profiler trace,
+summed over threads; PyTorch's profiler by op). Timings on shared machines
+are noisy: the load average is printed with the table.
 """
 import argparse
 import collections
@@ -45,6 +54,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -102,8 +112,9 @@ def parse_args(argv=None):
   p.add_argument("--init_opt_level", default="0",
                  help="XLA backend optimisation level for compiling the "
                  "(untimed) parameter init: 0 (fast), 'default' (XLA's)")
-  p.add_argument("--loader_batches", type=int, default=20,
-                 help="batches timed through the grain pipeline (0: skip)")
+  p.add_argument("--loader_batches", type=int, default=24,
+                 help="batches timed through the grain pipeline, at least "
+                 "24 (3× its prefetch buffer); 0: skip")
   p.add_argument("--profile", action="store_true",
                  help="after the rounds, profile one round per worker and "
                  "print where the time goes")
@@ -270,7 +281,7 @@ class JaxWorker:
     # Imported libraries alone hold hundreds of MB: reported apart.
     info = dict(devices=devices, import_rss_mb=_rss_mb())
     assert jax.device_count() == devices, jax.devices()
-    self.jax, self.data, self.args = jax, data, args
+    self.jax, self.data, self.train, self.args = jax, data, train, args
     config, _, _ = pair_config(args.pair, args.size)
     self.config = config
     self.datasets = data.build(config.data)
@@ -279,8 +290,17 @@ class JaxWorker:
                                    load_teacher=False)
     s = train.stage_config(config, "distilled")
     tx = train.make_optimizer(s["optimizer"], s["steps"])
-    mesh = train.make_mesh()
+    mesh = self.mesh = train.make_mesh()
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    batch_file = os.path.join(args.tmp, "batch.npz")
+    if not os.path.exists(batch_file):
+      # The step's batch, the same for every worker: the first `batch`
+      # training examples, unaugmented.
+      ex = [self.datasets.train[i] for i in range(args.batch)]
+      np.savez(batch_file + ".tmp.npz",
+               image=np.stack([e["image"] for e in ex]),
+               label=np.stack([e["label"] for e in ex]))
+      os.replace(batch_file + ".tmp.npz", batch_file)
     batch = _load_batch(args)
     example = jax.numpy.asarray(batch["image"][:1])
     rng = jax.random.key(config.seed)
@@ -375,7 +395,11 @@ class JaxWorker:
   def loader(self, batches):
     """Images/s of the trainer's pipeline (shuffle, augment, batch,
     prefetch) over the synthetic source, rendering each example as the
-    trainer does, and over the same examples rendered once beforehand."""
+    trainer does, and over the same examples rendered once beforehand; then
+    the time per step of the trainer's loop fed by each."""
+
+    # Fewer would mostly time batches prefetched while the first was waited.
+    batches = max(batches, 24)
 
     def rate(source):
       ds = self.data.pipeline.train_batches(
@@ -392,8 +416,27 @@ class JaxWorker:
     t = time.perf_counter()
     cached = [self.datasets.train[i] for i in range(len(self.datasets.train))]
     render_s = time.perf_counter() - t
-    return {"images_per_s": rendered, "cached_images_per_s": rate(cached),
-            "render_all_s": render_s, "num_train": len(cached)}
+    out = {"images_per_s": rendered, "cached_images_per_s": rate(cached),
+           "render_all_s": render_s, "num_train": len(cached)}
+    # The trainer's loop: each step takes its batch from the pipeline, whose
+    # threads share the cores with XLA's.
+    for key, source in (("loop_rendered_s", self.datasets.train),
+                        ("loop_cached_s", cached)):
+      ds = self.data.pipeline.train_batches(
+          source, batch_size=self.args.batch, seed=self.config.seed,
+          transforms=self.datasets.train_transforms)
+      it = self.data.pipeline.iterate(ds, 0)
+      self.state, metrics = self.step(
+          self.state, self.train.to_global(next(it), self.mesh), self.frozen)
+      self.jax.block_until_ready(metrics)
+      t = time.perf_counter()
+      for _ in range(batches):
+        self.state, metrics = self.step(
+            self.state, self.train.to_global(next(it), self.mesh),
+            self.frozen)
+      self.jax.block_until_ready(metrics)
+      out[key] = (time.perf_counter() - t) / batches
+    return out
 
 
 def _thunk_kind(name):
@@ -574,23 +617,6 @@ class Proc:
     return self.read()
 
 
-def _write_batch(args):
-  """The step's batch, the same for every worker: the first `batch`
-  training examples of the pair's synthetic source, unaugmented."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
-
-  from kd_jax.data import synthetic  # pylint: disable=import-outside-toplevel
-
-  config, _, _ = pair_config(args.pair, args.size)
-  # data.build's training split: seed * 1000 + 0.
-  src = synthetic.SyntheticCT(config.data.num_train, size=args.size,
-                              seed=config.data.seed * 1000)
-  ex = [src[i] for i in range(args.batch)]
-  np.savez(os.path.join(args.tmp, "batch.npz"),
-           image=np.stack([e["image"] for e in ex]),
-           label=np.stack([e["label"] for e in ex]))
-
-
 def _jax_configs(args):
   """(label, devices, extra XLA flags) of each kd_jax worker."""
   out = [(n, "") for n in (int(x) for x in args.devices.split(",") if x)]
@@ -612,8 +638,17 @@ def main(argv=None):
   for _, n, _ in jax_configs:
     if args.batch % n:
       sys.exit(f"--batch={args.batch} is not divisible by {n} devices")
+  if not jax_configs:
+    sys.exit("--devices names no kd_jax worker")
   args.tmp = tempfile.mkdtemp(prefix="kd_bench_")
-  _write_batch(args)
+  try:
+    _compare(args, jax_configs)
+  finally:
+    shutil.rmtree(args.tmp, ignore_errors=True)
+
+
+def _compare(args, jax_configs):
+  """Starts the workers, runs the interleaved rounds, prints the results."""
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep +
              os.environ.get("PYTHONPATH", ""))
   env.pop("JAX_COMPILATION_CACHE_DIR", None)  # Cold compiles unless asked.
@@ -637,7 +672,8 @@ def main(argv=None):
     infos[w.name] = info
 
   # One after another, so compiles and warm-ups never overlap; the first
-  # kd_jax worker writes the initial weights the PyTorch twins load.
+  # kd_jax worker writes the batch and the initial weights every worker
+  # uses.
   for name, n, flags in jax_configs:
     start(name, [f"--worker=jax:{n}", f"--worker_flags={flags}"])
   if not args.no_torch:
@@ -700,6 +736,12 @@ def main(argv=None):
     print(f"| grain loader: the {loader['num_train']} examples rendered once "
           f"({loader['render_all_s']:.0f} s) + augment | – | – | "
           f"{loader['cached_images_per_s']:.0f} | – | – | – | – |")
+    for key, what in (("loop_rendered_s", "rendered per example"),
+                      ("loop_cached_s", "rendered once")):
+      t = loader[key]
+      speed = f"{best_torch / t:.2f}×" if best_torch else "–"
+      print(f"| {workers[0].name}, train loop: step + loader ({what}) | "
+            f"{t * 1e3:.0f} | – | {args.batch / t:.0f} | {speed} | – | – | – |")
   print()
   for w in workers:
     i = infos[w.name]
