@@ -378,7 +378,7 @@ def measure_throughput(predict, state, images, repeats=5) -> float:
 def train_and_evaluate(config, workdir: str) -> dict:
   """Runs every stage in order, then evaluates all of them and writes
   `<workdir>/report.md`. Returns the report's rows."""
-  from kd_jax.evaluate import report  # matplotlib only when reporting
+  from kd_jax.evaluate import explain, report  # matplotlib only to report
 
   try:
     datasets = data.build(config.data)
@@ -400,11 +400,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
         np.stack([datasets.test[i]["image"]
                   for i in range(config.batch_size)]), rep)
     predict = jax.jit(method.predict)
+    key = method.model_key
+    variables = {"params": state.params[key],
+                 "batch_stats": state.batch_stats[key]}
     results[name] = dict(
         scores=scores,
         summary=models.summary(method.model, (1,) + images.shape[1:]),
         images_per_s=measure_throughput(predict, state, images),
         predict=lambda x, p=predict, s=state: np.asarray(
-            jnp.argmax(p(s.params, s.batch_stats, x), -1)))
+            jnp.argmax(p(s.params, s.batch_stats, x), -1)),
+        cam_feature=explain.model_cam_feature(method.model, images.shape),
+        explain=lambda x, c, m=method.model, v=variables, f=None: tuple(
+            np.asarray(a) for a in explain.explainer(
+                m, f or explain.model_cam_feature(m, x.shape), c)(v, x)))
   report.write(workdir, config, datasets, results)
   return results

@@ -119,8 +119,10 @@ def test_figures_are_written(evaluated):
       head = f.read(8)
     assert head == b"\x89PNG\r\n\x1a\n" and os.path.getsize(path) > 5000
   # Liver covers the most foreground pixels of the synthetic slices.
-  assert report["explanations"] == dict(class_index=5, class_name="liver",
-                                        feature="dec1", num_images=4)
+  # Each model's default Grad-CAM map: the UNets' full-resolution decoder map.
+  assert report["explanations"] == dict(
+      class_index=5, class_name="liver",
+      features={"teacher": "dec1", "distilled": "dec1"}, num_images=4)
 
 
 @pytest.mark.parametrize("kwargs,error,match", [

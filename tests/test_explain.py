@@ -174,3 +174,36 @@ def test_topk_iou_hand_computed():
   assert explain.topk_iou(big, lesion, k=2) == pytest.approx(0.5)
   with pytest.raises(ValueError, match="mask shape"):
     explain.topk_iou(s, mask[:3])
+
+
+def test_default_cam_feature_segmenter_and_classifier():
+  feats = {"enc1": (1, 64, 64, 4), "dec1": (1, 64, 64, 4),
+           "dec2": (1, 32, 32, 8), "bottleneck": (1, 8, 8, 32),
+           "embedding": (1, 32), "encoder": (1, 16, 128)}
+  # Segmenter: the full-resolution decoder map, not the encoder's twin.
+  assert explain.default_cam_feature((1, 64, 64, 9), feats) == "dec1"
+  # TransUNet's names: the decoder's last block is the largest map.
+  assert explain.default_cam_feature(
+      (1, 64, 64, 9), {"cnn.root": (1, 32, 32, 16),
+                       "decoder.block3": (1, 64, 64, 8),
+                       "decoder.block2": (1, 32, 32, 16)}) == "decoder.block3"
+  # Classifier: the last, lowest-resolution map.
+  assert explain.default_cam_feature((1, 5), feats) == "bottleneck"
+  with pytest.raises(ValueError, match="no NHWC feature map.*embedding"):
+    explain.default_cam_feature((1, 5), {"embedding": (1, 32)})
+
+
+def test_default_class_counts_foreground_only():
+  labels = np.array([[0, 0, 0, 0, 2], [1, 2, 2, 1, 255]])  # 255 ignored
+  assert explain.default_class(labels, 3) == 2
+  # Background is never chosen even when it dominates; ties go to the lower.
+  assert explain.default_class(np.array([0, 0, 0, 1, 2]), 3) == 1
+
+
+def test_explainer_equals_separate_calls(model):
+  net, variables, apply_fn, x = model
+  sal, cam = explain.explainer(net, "conv2", 1)(variables, x)
+  np.testing.assert_allclose(sal, explain.saliency(apply_fn, x, 1), rtol=1e-5,
+                             atol=1e-7)
+  np.testing.assert_allclose(cam, explain.grad_cam(apply_fn, x, "conv2", 1),
+                             rtol=1e-5, atol=1e-6)

@@ -26,11 +26,11 @@ The explained score is the class's mean logit over the image
 (`kd_jax.evaluate.explain.class_score`). `--cam_class` is a class index or
 name; by default the foreground class with the most ground-truth pixels in the
 shown images (liver, 5, on the synthetic CT slices). `--cam_feature` is the
-feature map Grad-CAM weighs: by default "dec1", the full-resolution last
-decoder map of "unet" and "squeeze_unet"; for other models the error lists
-the names the model offers.
+feature map Grad-CAM weighs; by default each model's own
+(`explain.default_cam_feature`: a segmenter's highest-resolution decoder map,
+"dec1" of "unet" and "squeeze_unet", "decoder.block3" of TransUNet). A name a
+model lacks is an error that lists the names it offers.
 """
-import functools
 import json
 import os
 import sys
@@ -45,7 +45,6 @@ from kd_jax import data, export, train
 from kd_jax.evaluate import explain, figures
 
 SPLITS = ("test", "val")
-DEFAULT_CAM_FEATURE = "dec1"
 
 
 def _stages(config, workdir, stages):
@@ -70,10 +69,7 @@ def _class_index(cam_class, class_names, labels) -> int:
   """`cam_class` (index, name or None) → class index."""
   names = list(class_names)
   if cam_class is None or cam_class == "":
-    labels = np.asarray(labels).ravel()
-    labels = labels[(labels >= 0) & (labels < len(names))]  # no ignore index
-    counts = np.bincount(labels, minlength=len(names))
-    return int(np.argmax(counts[1:])) + 1
+    return explain.default_class(labels, len(names))
   if isinstance(cam_class, str) and not cam_class.isdigit():
     if cam_class not in names:
       raise ValueError(f"cam_class {cam_class!r} is not a class name; "
@@ -84,16 +80,6 @@ def _class_index(cam_class, class_names, labels) -> int:
     raise ValueError(f"cam_class {index} is out of range: the data has "
                      f"{len(names)} classes {names}")
   return index
-
-
-def _check_feature(method, name, feature, images):
-  _, feats = jax.eval_shape(
-      functools.partial(method.model.init_with_output, train=False),
-      jax.random.key(0), jax.ShapeDtypeStruct(images.shape, jnp.float32))[0]
-  if feature not in feats:
-    raise ValueError(
-        f"stage {name!r}: its model has no feature {feature!r} for Grad-CAM; "
-        f"pass --cam_feature=<one of {sorted(feats)}>")
 
 
 def _scores_json(scores, class_names) -> dict:
@@ -108,20 +94,9 @@ def _scores_json(scores, class_names) -> dict:
       iou={c: num(v) for c, v in zip(class_names, scores["iou"])})
 
 
-def _explain_fn(model, feature, target_class):
-  """Jitted (variables, images) -> (saliency, Grad-CAM), each (N, H, W)."""
-
-  def fn(variables, images):
-    apply_fn = functools.partial(model.apply, variables, train=False)
-    return (explain.saliency(apply_fn, images, target_class),
-            explain.grad_cam(apply_fn, images, feature, target_class))
-
-  return jax.jit(fn)
-
-
 def evaluate_checkpoints(config, workdir: str, stages=None,
                          split: str = "test",
-                         cam_feature: str = DEFAULT_CAM_FEATURE,
+                         cam_feature: str = "",
                          cam_class=None, num_examples: int = 4) -> dict:
   """Writes `<workdir>/eval_<split>/` (see module docstring); returns the
   content of its metrics.json.
@@ -141,8 +116,13 @@ def evaluate_checkpoints(config, workdir: str, stages=None,
   target = _class_index(cam_class, datasets.class_names, labels)
   restored = {n: export.restore_stage(config, workdir, n, datasets)
               for n in names}
+  features = {}
   for name, (method, _) in restored.items():
-    _check_feature(method, name, cam_feature, images)
+    try:
+      features[name] = explain.model_cam_feature(method.model, images.shape,
+                                                 cam_feature)
+    except ValueError as e:
+      raise ValueError(f"stage {name!r}: {e}") from None
 
   mesh = train.make_mesh()
   out_dir = os.path.join(workdir, f"eval_{split}")
@@ -159,11 +139,11 @@ def evaluate_checkpoints(config, workdir: str, stages=None,
                          **_scores_json(scores, datasets.class_names))
     logits = jax.jit(method.predict)(state.params, state.batch_stats, images)
     predictions[name] = np.asarray(jnp.argmax(logits, -1))
-    saliency, cam = _explain_fn(method.model, cam_feature, target)(
+    saliency, cam = explain.explainer(method.model, features[name], target)(
         variables, images)
     class_name = datasets.class_names[target]
     maps[f"{name}\nsaliency ({class_name})"] = np.asarray(saliency)
-    maps[f"{name}\nGrad-CAM {cam_feature}"] = np.asarray(cam)
+    maps[f"{name}\nGrad-CAM {features[name]}"] = np.asarray(cam)
     logging.info("%s on %s: mean Dice %s", name, split,
                  results[name]["mean_dice"])
 
@@ -177,7 +157,7 @@ def evaluate_checkpoints(config, workdir: str, stages=None,
       class_names=list(datasets.class_names), stages=results,
       explanations=dict(class_index=target,
                         class_name=datasets.class_names[target],
-                        feature=cam_feature, num_images=len(shown)),
+                        features=features, num_images=len(shown)),
       figures=dict(segmentation="segmentation.png",
                    explanations="explanations.png"))
   with open(os.path.join(out_dir, "metrics.json"), "w") as f:
@@ -215,8 +195,8 @@ if __name__ == "__main__":
   flags.DEFINE_list("stages", None, "Stages to evaluate (default: those of "
                     "config.stage_order with a checkpoint).")
   flags.DEFINE_string("split", "test", f"Split to evaluate: {SPLITS}.")
-  flags.DEFINE_string("cam_feature", DEFAULT_CAM_FEATURE,
-                      "Feature map for Grad-CAM.")
+  flags.DEFINE_string("cam_feature", "", "Feature map for Grad-CAM "
+                      "(default: each model's, see the module docstring).")
   flags.DEFINE_string("cam_class", None, "Class to explain, index or name "
                       "(default: the most frequent foreground class in the "
                       "shown images).")

@@ -26,6 +26,7 @@ says so. The functions are traceable: wrap them in `jax.jit` with
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -232,6 +233,64 @@ def grad_cam(apply_fn: ApplyFn, x: jax.Array, feature: str, target_class,
     peak = cam.max(axis=(1, 2), keepdims=True)
     cam = jnp.where(peak > 0, cam / jnp.where(peak > 0, peak, 1), 0)
   return cam
+
+
+def default_cam_feature(logits_shape, feature_shapes: dict) -> str:
+  """The feature map Grad-CAM weighs when none is named.
+
+  A segmenter's (4-D logits) is its highest-resolution decoder map, where the
+  class evidence has been assembled ("dec1" of the UNets, "decoder.block3" of
+  TransUNet); a classifier's is its last, lowest-resolution map, as in the
+  Grad-CAM paper. Ties go to the name sorted last; maps whose name starts
+  with "dec" win over encoder maps of the same size.
+  """
+  maps = {k: s for k, s in feature_shapes.items() if len(s) == 4}
+  if not maps:
+    raise ValueError("the model returns no NHWC feature map for Grad-CAM; "
+                     f"its features: {sorted(feature_shapes)}")
+  if len(logits_shape) == 4:
+    key = lambda k: (maps[k][1] * maps[k][2], k.startswith("dec"), k)
+  else:
+    key = lambda k: (-maps[k][1] * maps[k][2], k)
+  return max(maps, key=key)
+
+
+def model_cam_feature(model, image_shape, feature: str = "") -> str:
+  """`feature` checked against the features `model` (the contract's linen
+  module) returns for images of `image_shape`; its default
+  (`default_cam_feature`) when `feature` is empty."""
+  logits, feats = jax.eval_shape(
+      functools.partial(model.init_with_output, train=False),
+      jax.random.key(0), jax.ShapeDtypeStruct(tuple(image_shape),
+                                              jnp.float32))[0]
+  shapes = {k: v.shape for k, v in feats.items()}
+  if not feature:
+    return default_cam_feature(logits.shape, shapes)
+  if feature not in feats:
+    raise ValueError(f"its model has no feature {feature!r} for Grad-CAM; "
+                     f"pass --cam_feature=<one of {sorted(feats)}>")
+  return feature
+
+
+def default_class(labels, num_classes: int) -> int:
+  """The foreground class with the most ground-truth pixels in `labels`
+  (ignored labels outside [0, num_classes) left out)."""
+  labels = np.asarray(labels).ravel()
+  labels = labels[(labels >= 0) & (labels < num_classes)]
+  counts = np.bincount(labels, minlength=num_classes)
+  return int(np.argmax(counts[1:])) + 1
+
+
+def explainer(model, feature: str, target_class):
+  """Jitted (variables, images) -> (saliency, Grad-CAM), each (N, H, W), of
+  `model` (the contract's linen module) for `target_class`."""
+
+  def fn(variables, images):
+    apply_fn = functools.partial(model.apply, variables, train=False)
+    return (saliency(apply_fn, images, target_class),
+            grad_cam(apply_fn, images, feature, target_class))
+
+  return jax.jit(fn)
 
 
 # --------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The run report: `report.md`, `results.json` and a predictions figure."""
+"""The run report: `report.md`, `results.json` and its figures."""
 import datetime
 import json
 import os
@@ -6,7 +6,7 @@ import os
 import jax
 import numpy as np
 
-from kd_jax.evaluate import figures
+from kd_jax.evaluate import explain, figures
 
 
 def _fmt(x, digits=3):
@@ -17,8 +17,9 @@ def write(workdir, config, datasets, results, num_figure_examples=4):
   """Writes `<workdir>/report.md` comparing every stage on the test split.
 
   `results[stage]` holds "scores" (segmentation_scores of the test split),
-  "summary" (params, flops), "images_per_s" and "predict" (numpy images →
-  numpy label maps).
+  "summary" (params, flops), "images_per_s", "predict" (numpy images →
+  numpy label maps), "explain" ((numpy images, class) → numpy (saliency,
+  Grad-CAM) maps) and "cam_feature" (the feature map Grad-CAM weighs).
   """
   names = list(results)
   stages = config.stages
@@ -44,6 +45,16 @@ def write(workdir, config, datasets, results, num_figure_examples=4):
       fig_path, images, np.stack([e["label"] for e in examples]),
       {name: results[name]["predict"](images) for name in names},
       num_classes=datasets.num_classes, class_names=datasets.class_names)
+
+  labels = np.stack([e["label"] for e in examples])
+  target = explain.default_class(labels, datasets.num_classes)
+  maps = {}
+  for name in names:
+    saliency, cam = results[name]["explain"](images, target)
+    maps[f"{name}\nsaliency"] = saliency
+    maps[f"{name}\nGrad-CAM {results[name]['cam_feature']}"] = cam
+  figures.explanation_grid(os.path.join(workdir, "explanations.png"), images,
+                           maps, masks=labels == target)
 
   from kd_jax import train  # the report is written by train; no cycle at import
   curves = {}
@@ -93,7 +104,14 @@ def write(workdir, config, datasets, results, num_figure_examples=4):
                 f"the teacher–baseline gap in mean Dice ({b:.3f} → {d:.3f}, "
                 f"teacher {t:.3f})."]
   lines += ["", "Test examples: image, ground truth, then each stage's "
-            "prediction.", "", "![predictions](predictions.png)", ""]
+            "prediction.", "", "![predictions](predictions.png)", "",
+            f"What each stage looks at for {datasets.class_names[target]} "
+            f"(class {target}, the most frequent foreground class in these "
+            "images; its ground truth outlined): vanilla saliency "
+            "|∂score/∂x| and Grad-CAM on the named feature map, the score "
+            "being the class's mean logit over the image "
+            "(`kd_jax.evaluate.explain`).", "",
+            "![explanations](explanations.png)", ""]
   if curves:
     lines += ["Training loss and validation mean Dice per stage.", "",
               "![curves](curves.png)", ""]
