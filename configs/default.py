@@ -25,6 +25,10 @@ def get_config():
                           momentum=0.9, warmup_steps=30, grad_clip=1.0)
   config.data = dict(name="synthetic", image_size=64, num_train=512,
                      num_val=64, num_test=256, seed=0, augment=True)
+  # Distill stages: compute the teacher's outputs once per training example
+  # and reuse them every epoch (needs data.augment=False: a random view per
+  # epoch would need a new teacher forward).
+  config.teacher_cache = False
 
   teacher = dict(name="unet", width=16, depth=3)
   student = dict(name="unet", width=4, depth=3)

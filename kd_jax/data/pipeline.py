@@ -22,13 +22,26 @@ def _process_shard(ds, shard_index, shard_count):
   return ds[shard_index::shard_count], shard_count
 
 
+def random_transforms(transforms: Sequence) -> list[str]:
+  """Names of the transforms that draw random numbers (grain RandomMaps)."""
+  return [type(t).__name__ for t in transforms
+          if isinstance(t, grain.transforms.RandomMap)]
+
+
 def train_batches(source, *, batch_size: int, seed: int,
                   transforms: Sequence = (), shard_index=None,
-                  shard_count=None) -> grain.MapDataset:
+                  shard_count=None, teacher_outputs=None) -> grain.MapDataset:
   """Infinite MapDataset of this process's share of each global batch.
 
   `batch_size` is the global batch; each of `shard_count` processes gets
   `batch_size // shard_count` examples from its own slice of the source.
+
+  `teacher_outputs` (a teacher cache: a pytree of arrays whose leading axis
+  runs over this process's slice of the source, in order, as
+  `kd_jax.train.build_teacher_cache` makes them) puts example i's outputs
+  under the key "teacher" of example i. They were computed on the
+  transformed image, so the transforms must be deterministic: a RandomMap
+  is refused.
   """
   if len(source) == 0:
     raise ValueError("the training source is empty; check the data path and "
@@ -38,6 +51,19 @@ def train_batches(source, *, batch_size: int, seed: int,
   if batch_size % shard_count:
     raise ValueError(f"batch_size {batch_size} is not divisible by the "
                      f"{shard_count} processes")
+  if teacher_outputs is not None:
+    if random_transforms(transforms):
+      raise ValueError("cached teacher outputs need deterministic transforms:"
+                       " a random augmentation gives each epoch another view")
+    sizes = {len(x) for x in jax.tree.leaves(teacher_outputs)}
+    if sizes != {len(ds)}:
+      raise ValueError(f"teacher cache of {sorted(sizes)} examples for a "
+                       f"source slice of {len(ds)}")
+    # grain's repeat and shuffle index parents past their length (epoch e
+    # reads i + e·n): the example is i mod n.
+    n = len(ds)
+    ds = ds.map_with_index(lambda i, ex: dict(ex, teacher=jax.tree.map(
+        lambda x: x[i % n], teacher_outputs)))
   ds = ds.seed(seed).shuffle().repeat(None)
   for t in transforms:
     ds = ds.random_map(t) if isinstance(t, grain.transforms.RandomMap) \

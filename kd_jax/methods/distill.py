@@ -13,6 +13,11 @@ named features, the student's passed through a learned connector first:
 
 Feature names and shapes are checked when the method is initialised, before
 the first step, with a message that lists the names each model offers.
+
+The teacher's part is `teacher_outputs` (float32, eval mode, only what the
+terms read). A batch may carry them precomputed under the key "teacher"
+(`config.teacher_cache`, see `kd_jax.train.build_teacher_cache`); the loss
+then reads them instead of running the teacher: one code path either way.
 """
 import functools
 
@@ -116,19 +121,36 @@ class Distill:
         stats["connectors"][name] = cv.get("batch_stats", {})
     return {"params": params, "batch_stats": stats}
 
+  def teacher_outputs(self, frozen, images):
+    """What the objective reads from the frozen teacher (eval mode, float32):
+    {"logits": ...} if a term distils logits, {"features": {name: ...}} for
+    the feature terms' teacher features. Per example, this is what the
+    teacher cache stores."""
+    logits, feats = common.apply_eval(self.teacher, frozen["params"],
+                                      frozen["batch_stats"], images)
+    out = {}
+    if self.uses_teacher_logits:
+      out["logits"] = logits.astype(jnp.float32)
+    names = sorted({t_name for _, _, t_name, _, _ in self.feature_terms})
+    if names:
+      out["features"] = {n: feats[n].astype(jnp.float32) for n in names}
+    return jax.lax.stop_gradient(out)
+
   def loss_fn(self, params, batch_stats, frozen, batch, rng):
     if self.connectors is None:
       raise RuntimeError("Distill.init must run before loss_fn")
     images = batch["image"]
     (logits, s_feats), new_student = common.apply_train(
         self.model, params["student"], batch_stats["student"], images, rng)
-    t_logits, t_feats = jax.lax.stop_gradient(common.apply_eval(
-        self.teacher, frozen["params"], frozen["batch_stats"], images))
+    # Cached teacher outputs come with the batch; otherwise run the teacher.
+    teacher = batch.get("teacher")
+    if teacher is None:
+      teacher = self.teacher_outputs(frozen, images)
+    t_feats = teacher.get("features", {})
     pairs, new_conn = {}, {}
     for name, (module, s_name, t_name, vid_ch) in self.connectors.items():
       if module is None:
-        pairs[name] = (s_feats[s_name].astype(jnp.float32),
-                       t_feats[t_name].astype(jnp.float32))
+        pairs[name] = (s_feats[s_name].astype(jnp.float32), t_feats[t_name])
         continue
       c_params = dict(params["connectors"][name])
       alpha = c_params.pop("vid_alpha", None)
@@ -138,14 +160,13 @@ class Distill:
           s_feats[s_name], train=True, mutable=["batch_stats"])
       new_conn[name] = updates.get("batch_stats",
                                    batch_stats["connectors"][name])
-      pairs[name] = (out.astype(jnp.float32),
-                     t_feats[t_name].astype(jnp.float32))
+      pairs[name] = (out.astype(jnp.float32), t_feats[t_name])
       if vid_ch:
         pairs[name] += ({"alpha": alpha},)
     loss, metrics = self.objective({
         "logits": logits.astype(jnp.float32),
         "labels": batch["label"],
-        "teacher_logits": t_logits.astype(jnp.float32),
+        "teacher_logits": teacher.get("logits"),
         "features": pairs,
     })
     return loss, ({"student": new_student, "connectors": new_conn}, metrics)
