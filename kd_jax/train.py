@@ -240,7 +240,8 @@ def stage_config(config, name):
   opt.update(stage.get("optimizer", {}))
   return dict(
       method=stage.method, model=stage.model.to_dict(),
-      teacher=stage.get("teacher"), losses=loss_terms(stage.losses),
+      teacher=stage.get("teacher"), peer=stage.get("peer"),
+      losses=loss_terms(stage.losses),
       steps=int(stage.get("steps", config.steps)), optimizer=opt)
 
 
@@ -255,7 +256,27 @@ class ConfigError(ValueError):
   """A config that cannot run; raised before anything trains."""
 
 
-STAGE_KEYS = {"method", "model", "teacher", "losses", "steps", "optimizer"}
+STAGE_KEYS = {"method", "model", "teacher", "peer", "losses", "steps",
+              "optimizer"}
+
+
+def _build_peer(s, name, num_classes, dtype):
+  """The second model of a mutual-learning stage, from `peer=dict(name=...)`."""
+  peer = s["peer"]
+  peer = peer.to_dict() if hasattr(peer, "to_dict") else peer
+  if s["method"] != "mutual":
+    if peer:
+      raise ValueError(f"'peer' is read by method 'mutual' only, not "
+                       f"{s['method']!r}; remove it from stage {name!r}")
+    return None
+  if not isinstance(peer, dict) or not peer.get("name"):
+    raise ValueError(f"a mutual stage needs peer=dict(name=<model>, ...), "
+                     f"e.g. peer=dict(name='transunet_tiny'); got "
+                     f"peer={peer!r}; models: {', '.join(models.names())}")
+  try:
+    return _build_model(peer, num_classes, dtype)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"peer {peer}: {e}") from None
 
 
 def build_method(config, name, workdir, num_classes, load_teacher=True):
@@ -267,6 +288,10 @@ def build_method(config, name, workdir, num_classes, load_teacher=True):
   s = stage_config(config, name)
   dtype = jnp.dtype(config.compute_dtype)
   model = _build_model(s["model"], num_classes, dtype)
+  peer = _build_peer(s, name, num_classes, dtype)
+  if peer is not None:
+    return methods.build("mutual", model=model, peer=peer,
+                         loss_terms=s["losses"]), {}
   if s["method"] != "distill":
     return methods.build(s["method"], model=model,
                          loss_terms=s["losses"]), {}

@@ -12,9 +12,10 @@ jitted step as an argument so they are never baked into the compiled program
 and never saved with the trainable state.
 """
 from kd_jax.methods.distill import Distill
+from kd_jax.methods.mutual import Mutual
 from kd_jax.methods.supervised import Supervised
 
-METHODS = {"supervised": Supervised, "distill": Distill}
+METHODS = {"supervised": Supervised, "distill": Distill, "mutual": Mutual}
 
 
 def build(name: str, **kwargs):
