@@ -1,0 +1,17 @@
+"""Distillo arm `student`: SqueezeU-Net trained alone, α·CE + β·Dice
+(the baseline).
+
+    python -m kd_jax.main --config=configs/distillo/student.py:cpu \
+        --workdir=runs/distillo_student
+
+Presets and options of the config arg: configs/distillo/common.py.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+from configs.distillo import common  # noqa: E402
+
+
+def get_config(arg="cpu"):
+  return common.get_config("student", arg)
