@@ -309,9 +309,21 @@ def build_method(config, name, workdir, num_classes, load_teacher=True):
   return method, checkpoint.load_model_variables(ckpt)
 
 
+# Run-wide keys. `epochs` is a config's own FieldReference that its `steps`
+# are computed from; `study` holds a study's settings (kd_jax.study).
+CONFIG_KEYS = {"seed", "compute_dtype", "batch_size", "steps", "epochs",
+               "log_every", "eval_every", "checkpoint_every", "optimizer",
+               "data", "stage_order", "stages", "teacher_cache", "study"}
+
+
 def validate(config, workdir, datasets) -> None:
-  """Checks every stage's keys, models, losses, teacher and feature wiring
-  before anything trains, so a typo never costs a finished stage."""
+  """Checks the run-wide keys and every stage's keys, models, losses,
+  teacher and feature wiring before anything trains, so a typo never costs a
+  finished stage."""
+  bad = set(config) - CONFIG_KEYS
+  if bad:
+    raise ConfigError(f"unknown config keys {sorted(bad)}; allowed: "
+                     f"{sorted(CONFIG_KEYS)}")
   order = list(config.stage_order)
   unknown = [n for n in order if n not in config.stages]
   if unknown or not order:

@@ -165,6 +165,8 @@ def test_one_and_eight_devices_give_the_same_losses():
     (("stages.teacher.losses", {"dice": {"fn": "dicee"}}), "dicee"),
     (("stages.distilled.teacher.stage", "nowhere"), "earlier stage"),
     (("data.name", "mnist"), "data.name 'mnist'"),
+    (("chekpoint_every", 5), r"unknown config keys \['chekpoint_every'\]"
+     ".*'checkpoint_every'"),
 ])
 def test_bad_configs_fail_before_training(tmp_path, override, match):
   c = tiny_config()
