@@ -2,6 +2,7 @@
 
     python benchmarks/distill_step.py --pair=default
     python benchmarks/distill_step.py --pair=default --devices=1,8
+    python benchmarks/distill_step.py --pair=default --teacher_cache
     python benchmarks/distill_step.py --pair=transunet_squeeze --rounds=3
     python benchmarks/distill_step.py --pair=unet_large --steps=2 \
         --variant="2:--xla_cpu_experimental_ynn_fusion_type=" \
@@ -22,11 +23,22 @@ Pairs: `default` (configs/default.py: UNet width 16 → 4, depth 3, 64²),
   devices (`--xla_force_host_platform_device_count=N`, set before jax is
   imported); a comma list (`1,8`) runs one kd_jax worker per count, and
   `--variant=N:OPTIONS` adds a worker with extra XLA flags and/or an
-  experimental change (`patch=NAME`, see PATCHES).
+  experimental change (`patch=NAME`, see PATCHES) and/or another step
+  (`mode=NAME`, see MODES). `--teacher_cache` adds two workers: the step
+  fed a teacher cache (`config.teacher_cache`: the batch carries the
+  teacher outputs, built by `train.build_teacher_cache`) and the student
+  trained alone (CE + Dice), and prints their ratio; each also times its
+  train loop over unaugmented examples (the cache needs
+  `data.augment=False`), the cached one after building the cache.
+  `--compute_dtype=bfloat16` sets `config.compute_dtype` (float32
+  parameters and loss). On an accelerator the summary gives MFU: XLA's
+  cost-analysis FLOPs per step / step time / the devices' dense peak
+  (PEAK_FLOPS, or `--peak_tflops`).
 * PyTorch side: the twins in `benchmarks/torch_models.py` (NCHW), loaded
   with the kd_jax initial weights; `torch.optim.AdamW` + `clip_grad_norm_`
   + the same schedule. `--torch_threads=0,1` runs one worker per count
-  (0 = PyTorch's default, one per core). Parameter counts must equal
+  (0 = PyTorch's default, one per core); on the GPU when there is one,
+  with bf16 autocast for `--compute_dtype=bfloat16`. Parameter counts must equal
   kd_jax's (asserted), and the first-step losses are printed side by side:
   both sides compute the same thing.
 
@@ -76,6 +88,48 @@ PAIRS = {
 }
 NUM_CLASSES = 9  # The synthetic CT source's classes.
 REPLY = "@@"  # Prefix of a worker's reply line (libraries may print too).
+# What a kd_jax worker's step trains (`mode=` in --variant): the distill
+# step (teacher forward + student forward/backward + update), the same step
+# fed a teacher cache (`config.teacher_cache`: the batch carries the teacher
+# outputs), or the student alone on CE + Dice (the config's baseline stage).
+MODES = {"distill": "", "cached": "teacher cache",
+         "student": "student only (CE + Dice)"}
+# Dense peak FLOP/s of one device, (bfloat16, float32), for MFU; float32 as
+# XLA runs it by default (TF32 tensor cores on NVIDIA, bf16 passes on TPU).
+# Matched by substring of `device_kind`, first match wins.
+PEAK_FLOPS = (
+    ("H100 PCIe", 756e12, 378e12),
+    ("H100", 989e12, 495e12),
+    ("H200", 989e12, 495e12),
+    ("A100", 312e12, 156e12),
+    ("L4", 121e12, 60e12),
+    ("TPU v4", 275e12, 275e12),
+    ("TPU v5 lite", 197e12, 197e12),
+    ("TPU v5", 459e12, 459e12),
+    ("TPU v6 lite", 918e12, 918e12),
+)
+
+
+def peak_flops(device_kind, dtype):
+  """Dense peak FLOP/s of one device of this kind, or None (CPU, unknown)."""
+  for key, bf16, f32 in PEAK_FLOPS:
+    if key in device_kind:
+      return bf16 if dtype == "bfloat16" else f32
+  return None
+
+
+def mfu(flops_per_step, step_s, peak_per_device, devices):
+  """Model FLOPs utilisation: the step's FLOPs (all devices) per second over
+  the devices' peak."""
+  return flops_per_step / step_s / (peak_per_device * devices)
+
+
+def cost_analysis_flops(compiled):
+  """FLOPs XLA's cost analysis counts for a compiled program (one device's
+  share of an SPMD program; a multiply-add counts 2)."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
+  return float(cost.get("flops", 0.0))
 
 
 def parse_args(argv=None):
@@ -100,6 +154,17 @@ def parse_args(argv=None):
                  "init_opt=LEVEL (as --init_opt_level) and patch=NAME, an "
                  f"experiment from PATCHES ({', '.join(sorted(PATCHES))}) "
                  "(repeatable)")
+  p.add_argument("--teacher_cache", action="store_true",
+                 help="also time the step fed a teacher cache and the "
+                 "student-only step (two more kd_jax workers, on the first "
+                 "--devices count)")
+  p.add_argument("--compute_dtype", default="float32",
+                 choices=("float32", "bfloat16"),
+                 help="config.compute_dtype of the kd_jax side (float32 "
+                 "parameters and loss either way); PyTorch uses autocast")
+  p.add_argument("--peak_tflops", type=float, default=0.0,
+                 help="peak TFLOP/s of one accelerator for MFU, when its "
+                 "kind is not in PEAK_FLOPS")
   p.add_argument("--xla_flags", default="",
                  help="extra XLA_FLAGS for every kd_jax worker")
   p.add_argument("--torch_threads", default="0",
@@ -239,7 +304,19 @@ def _patch_threefry_partitionable():
   jax.config.update("jax_threefry_partitionable", True)
 
 
+def _patch_flat_optimizer():
+  """The optimizer over one flat vector of all parameters (`optax.flatten`):
+  a few large fused updates instead of several small ones per array."""
+  import optax  # pylint: disable=import-outside-toplevel
+
+  from kd_jax import train  # pylint: disable=import-outside-toplevel
+
+  make = train.make_optimizer
+  train.make_optimizer = lambda cfg, steps: optax.flatten(make(cfg, steps))
+
+
 PATCHES = {"einsum_upsample": _patch_einsum_upsample,
+           "flat_optimizer": _patch_flat_optimizer,
            "threefry_partitionable": _patch_threefry_partitionable}
 
 
@@ -257,8 +334,12 @@ class JaxWorker:
     patches = [o[len("patch="):] for o in options if o.startswith("patch=")]
     init_opt = ([o[len("init_opt="):] for o in options
                  if o.startswith("init_opt=")] or [args.init_opt_level])[-1]
-    extra_flags = " ".join(o for o in options
-                           if not o.startswith(("patch=", "init_opt=")))
+    mode = ([o[len("mode="):] for o in options
+             if o.startswith("mode=")] or ["distill"])[-1]
+    if mode not in MODES:
+      raise ValueError(f"mode={mode}: choose one of {sorted(MODES)}")
+    extra_flags = " ".join(o for o in options if not o.startswith(
+        ("patch=", "init_opt=", "mode=")))
     os.environ["XLA_FLAGS"] = " ".join(
         f for f in (os.environ.get("XLA_FLAGS", ""),
                     f"--xla_force_host_platform_device_count={devices}",
@@ -279,16 +360,26 @@ class JaxWorker:
     for name in patches:
       PATCHES[name]()
     # Imported libraries alone hold hundreds of MB: reported apart.
-    info = dict(devices=devices, import_rss_mb=_rss_mb())
-    assert jax.device_count() == devices, jax.devices()
+    info = dict(devices=devices, import_rss_mb=_rss_mb(), mode=mode,
+                platform=jax.devices()[0].platform,
+                device_kind=jax.devices()[0].device_kind)
+    if info["platform"] == "cpu":
+      assert jax.device_count() == devices, jax.devices()
+    else:  # An accelerator: its own devices, not virtual host ones.
+      devices = info["devices"] = jax.device_count()
     self.jax, self.data, self.train, self.args = jax, data, train, args
+    self.mode = mode
     config, _, _ = pair_config(args.pair, args.size)
+    config.compute_dtype = args.compute_dtype
     self.config = config
     self.datasets = data.build(config.data)
 
-    method, _ = train.build_method(config, "distilled", "", NUM_CLASSES,
+    # The student alone trains in the config's "baseline" stage (CE + Dice).
+    stage = "baseline" if mode == "student" else "distilled"
+    method, _ = train.build_method(config, stage, "", NUM_CLASSES,
                                    load_teacher=False)
-    s = train.stage_config(config, "distilled")
+    self.method = method
+    s = train.stage_config(config, stage)
     tx = train.make_optimizer(s["optimizer"], s["steps"])
     mesh = self.mesh = train.make_mesh()
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -313,24 +404,38 @@ class JaxWorker:
     init = jax.jit(lambda x: train.init_state(method, tx, rng, x),
                    out_shardings=rep)
     self.state = init.lower(example).compile(compiler_options=opts)(example)
-    init_teacher = jax.jit(lambda x: method.teacher.init(
-        jax.random.fold_in(rng, 7), x, train=False), out_shardings=rep)
-    teacher = init_teacher.lower(example).compile(compiler_options=opts)(
-        example)
+    if mode == "student":
+      teacher = {"params": {}}
+    else:
+      init_teacher = jax.jit(lambda x: method.teacher.init(
+          jax.random.fold_in(rng, 7), x, train=False), out_shardings=rep)
+      teacher = init_teacher.lower(example).compile(compiler_options=opts)(
+          example)
     jax.block_until_ready((self.state, teacher))
     info["init_s"] = time.perf_counter() - t
     self.frozen = {"params": teacher["params"],
                    "batch_stats": teacher.get("batch_stats", {})}
+    if mode == "cached":
+      # The teacher cache's batches carry the teacher outputs (computed
+      # here by the trainer's own cache builder over the step's examples).
+      batch["teacher"] = train.build_teacher_cache(
+          method, self.frozen, [{"image": x} for x in batch["image"]],
+          transforms=(), batch_size=args.batch, mesh=mesh)
+    elif mode == "student":
+      self.frozen = {}
     self.batch = train.to_global(batch, mesh)
 
     def count(tree):
       return int(sum(x.size for x in jax.tree.leaves(tree)))
 
-    info.update(params_teacher=count(self.frozen["params"]),
-                params_student=count(self.state.params["student"]),
-                params_connectors=count(self.state.params["connectors"]))
+    model_key = method.model_key
+    info.update(params_teacher=count(teacher["params"]),
+                params_student=count(self.state.params[model_key]),
+                params_connectors=count(self.state.params.get("connectors",
+                                                              {})))
     init_file = os.path.join(args.tmp, "init.npz")
-    if not os.path.exists(init_file):  # The PyTorch twins start from these.
+    if mode == "distill" and not os.path.exists(init_file):
+      # The PyTorch twins start from these.
       host = jax.device_get({
           "student": {"params": self.state.params["student"],
                       "batch_stats": self.state.batch_stats["student"]},
@@ -345,10 +450,8 @@ class JaxWorker:
     t1 = time.perf_counter()
     self.step = lowered.compile()
     t2 = time.perf_counter()
-    cost = self.step.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
     info.update(trace_s=t1 - t0, compile_s=t2 - t1,
-                gflop_per_step=float(cost.get("flops", 0.0)) / 1e9)
+                gflop_per_step=cost_analysis_flops(self.step) / 1e9)
     losses = []
     for _ in range(max(args.warmup, 1)):
       self.state, metrics = self.step(self.state, self.batch, self.frozen)
@@ -412,31 +515,46 @@ class JaxWorker:
         next(it)
       return batches * self.args.batch / (time.perf_counter() - t)
 
-    rendered = rate(self.datasets.train)
     t = time.perf_counter()
     cached = [self.datasets.train[i] for i in range(len(self.datasets.train))]
     render_s = time.perf_counter() - t
-    out = {"images_per_s": rendered, "cached_images_per_s": rate(cached),
-           "render_all_s": render_s, "num_train": len(cached)}
+    out = {"render_all_s": render_s, "num_train": len(cached)}
+    if self.mode != "distill":
+      # The teacher cache needs data.augment=False: these modes' loops read
+      # the rendered examples unaugmented, with the cached teacher outputs.
+      teacher = None
+      if self.mode == "cached":
+        t = time.perf_counter()
+        teacher = self.train.build_teacher_cache(
+            self.method, self.frozen, cached, transforms=(),
+            batch_size=self.args.batch, mesh=self.mesh)
+        out["cache_build_s"] = time.perf_counter() - t
+      out["loop_unaugmented_s"] = self._loop(cached, (), batches, teacher)
+      return out
+    out.update(images_per_s=rate(self.datasets.train),
+               cached_images_per_s=rate(cached))
     # The trainer's loop: each step takes its batch from the pipeline, whose
     # threads share the cores with XLA's.
     for key, source in (("loop_rendered_s", self.datasets.train),
                         ("loop_cached_s", cached)):
-      ds = self.data.pipeline.train_batches(
-          source, batch_size=self.args.batch, seed=self.config.seed,
-          transforms=self.datasets.train_transforms)
-      it = self.data.pipeline.iterate(ds, 0)
+      out[key] = self._loop(source, self.datasets.train_transforms, batches)
+    return out
+
+  def _loop(self, source, transforms, batches, teacher_outputs=None):
+    """Seconds per step of the trainer's loop fed by the grain pipeline."""
+    ds = self.data.pipeline.train_batches(
+        source, batch_size=self.args.batch, seed=self.config.seed,
+        transforms=transforms, teacher_outputs=teacher_outputs)
+    it = self.data.pipeline.iterate(ds, 0)
+    self.state, metrics = self.step(
+        self.state, self.train.to_global(next(it), self.mesh), self.frozen)
+    self.jax.block_until_ready(metrics)
+    t = time.perf_counter()
+    for _ in range(batches):
       self.state, metrics = self.step(
           self.state, self.train.to_global(next(it), self.mesh), self.frozen)
-      self.jax.block_until_ready(metrics)
-      t = time.perf_counter()
-      for _ in range(batches):
-        self.state, metrics = self.step(
-            self.state, self.train.to_global(next(it), self.mesh),
-            self.frozen)
-      self.jax.block_until_ready(metrics)
-      out[key] = (time.perf_counter() - t) / batches
-    return out
+    self.jax.block_until_ready(metrics)
+    return (time.perf_counter() - t) / batches
 
 
 def _thunk_kind(name):
@@ -453,7 +571,8 @@ def _thunk_kind(name):
 
 
 class TorchWorker:
-  """The PyTorch twins, eager, `threads` intra-op threads (0: default)."""
+  """The PyTorch twins, eager, `threads` intra-op threads (0: default), on
+  the GPU when there is one; bf16 autocast with --compute_dtype=bfloat16."""
 
   def __init__(self, args, threads):
     import numpy as np  # pylint: disable=import-outside-toplevel
@@ -482,10 +601,15 @@ class TorchWorker:
     init = _unflatten(dict(np.load(os.path.join(args.tmp, "init.npz"))))
     tm.load_flax_variables(self.teacher, init["teacher"])
     tm.load_flax_variables(self.student, init["student"])
+    self.device = "cuda" if torch.cuda.is_available() else "cpu"
+    info["device"] = self.device
+    self.teacher.to(self.device)
+    self.student.to(self.device)
+    self.autocast = args.compute_dtype == "bfloat16"
     batch = _load_batch(args)
     self.images = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2)
-    self.images = self.images.contiguous()
-    self.labels = torch.from_numpy(batch["label"]).long()
+    self.images = self.images.contiguous().to(self.device)
+    self.labels = torch.from_numpy(batch["label"]).long().to(self.device)
 
     opt = config.optimizer
     self.opt = torch.optim.AdamW(self.student.parameters(), lr=opt.lr,
@@ -502,11 +626,12 @@ class TorchWorker:
 
   def _step(self):
     torch = self.torch
-    with torch.no_grad():
-      t_logits, _ = self.teacher(self.images)
-    s_logits, _ = self.student(self.images)
-    loss, _ = self.tm.distill_loss(s_logits, t_logits, self.labels,
-                                   self.temperature)
+    with torch.autocast(self.device, torch.bfloat16, enabled=self.autocast):
+      with torch.no_grad():
+        t_logits, _ = self.teacher(self.images)
+      s_logits, _ = self.student(self.images)
+    loss, _ = self.tm.distill_loss(s_logits.float(), t_logits.float(),
+                                   self.labels, self.temperature)
     self.opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.grad_clip)
@@ -517,7 +642,8 @@ class TorchWorker:
   def round(self, steps):
     t = time.perf_counter()
     for _ in range(steps):
-      self._step()
+      loss = self._step()
+    float(loss)  # Waits for the device, like a loop that logs.
     return (time.perf_counter() - t) / steps
 
   def profile(self, steps):
@@ -620,11 +746,19 @@ class Proc:
 def _jax_configs(args):
   """(label, devices, extra XLA flags) of each kd_jax worker."""
   out = [(n, "") for n in (int(x) for x in args.devices.split(",") if x)]
+  if args.teacher_cache and out:
+    out += [(out[0][0], "mode=cached"), (out[0][0], "mode=student")]
   for v in args.variant:
     n, _, flags = v.partition(":")
     out.append((int(n), flags.strip()))
-  return [(f"kd_jax jit, {n} device{'s' if n > 1 else ''}"
-           + (f", {flags}" if flags else ""), n, flags) for n, flags in out]
+
+  def label(n, flags):
+    words = [MODES.get(o[len("mode="):], o) if o.startswith("mode=") else o
+             for o in flags.split()]
+    return ", ".join([f"kd_jax jit, {n} device{'s' if n > 1 else ''}"]
+                     + [w for w in words if w])
+
+  return [(label(n, flags), n, flags) for n, flags in out]
 
 
 def main(argv=None):
@@ -655,6 +789,7 @@ def _compare(args, jax_configs):
   common = [f"--pair={args.pair}", f"--batch={args.batch}",
             f"--size={args.size}", f"--steps={args.steps}",
             f"--warmup={args.warmup}", f"--xla_flags={args.xla_flags}",
+            f"--compute_dtype={args.compute_dtype}",
             f"--compile_cache={args.compile_cache}",
             f"--init_opt_level={args.init_opt_level}",
             f"--loader_batches={args.loader_batches}", f"--tmp={args.tmp}"]
@@ -689,9 +824,11 @@ def _compare(args, jax_configs):
     i = infos[w.name]
     print(f"  {w.name}: params teacher {i['params_teacher']:,}, student "
           f"{i['params_student']:,}; first-step loss {i['first_loss']:.5f}")
-    # Same architectures: the parameter counts must be equal.
-    assert (i["params_teacher"], i["params_student"]) == (
-        ref["params_teacher"], ref["params_student"]), (
+    # Same architectures: the parameter counts must be equal (the
+    # student-only step has no teacher).
+    assert i["params_student"] == ref["params_student"] and (
+        i.get("mode") == "student" or
+        i["params_teacher"] == ref["params_teacher"]), (
             f"parameter counts differ: {w.name} {i} vs {workers[0].name} "
             f"{ref}")
 
@@ -707,6 +844,10 @@ def _compare(args, jax_configs):
       else {}
   rss = {w.name: w.ask("rss")["peak_rss_mb"] for w in workers}
   loader = workers[0].ask("loader") if args.loader_batches else None
+  # The cache and student-only modes time their own (unaugmented) loops.
+  loops = {w.name: w.ask("loader") for w in workers[1:]
+           if infos[w.name].get("mode", "distill") != "distill"
+           and args.loader_batches}
   for w in workers:
     w.ask("quit")
     w.p.wait()
@@ -742,16 +883,50 @@ def _compare(args, jax_configs):
       speed = f"{best_torch / t:.2f}×" if best_torch else "–"
       print(f"| {workers[0].name}, train loop: step + loader ({what}) | "
             f"{t * 1e3:.0f} | – | {args.batch / t:.0f} | {speed} | – | – | – |")
+  for name, loop in loops.items():
+    t = loop["loop_unaugmented_s"]
+    speed = f"{best_torch / t:.2f}×" if best_torch else "–"
+    built = (f"; cache of {loop['num_train']} examples built in "
+             f"{loop['cache_build_s']:.1f} s" if "cache_build_s" in loop
+             else "")
+    print(f"| {name}, train loop: step + loader (rendered once, no "
+          f"augmentation{built}) | {t * 1e3:.0f} | – | {args.batch / t:.0f} | "
+          f"{speed} | – | – | – |")
   print()
+  by_mode = {infos[w.name].get("mode"): w.name for w in reversed(workers)}
+  if "cached" in by_mode and "student" in by_mode:
+    cached, student = med[by_mode["cached"]], med[by_mode["student"]]
+    line = (f"teacher cache: cached step / student-only step = "
+            f"{cached / student:.2f}× (target ≤ 1.1×)")
+    if "distill" in by_mode:
+      line += (f"; full distill step / student-only = "
+               f"{med[by_mode['distill']] / student:.2f}×")
+    names = (by_mode["cached"], by_mode["student"])
+    if all(n in loops for n in names):
+      ratio = (loops[names[0]]["loop_unaugmented_s"] /
+               loops[names[1]]["loop_unaugmented_s"])
+      line += f"; in the train loop (an epoch from the cache) {ratio:.2f}×"
+    print(line)
   for w in workers:
     i = infos[w.name]
     if "compile_s" in i:
       # cost_analysis counts one device's share of an SPMD program.
       gflop = i["gflop_per_step"] * i["devices"]
+      peak = (args.peak_tflops * 1e12 or
+              peak_flops(i["device_kind"], args.compute_dtype))
+      if i["platform"] == "cpu":
+        util = "MFU – (CPU: no peak figure)"
+      elif peak:
+        util = (f"MFU {mfu(gflop * 1e9, med[w.name], peak, i['devices']):.1%}"
+                f" of {peak / 1e12:.0f} TFLOP/s × {i['devices']} "
+                f"({i['device_kind']}, {args.compute_dtype})")
+      else:
+        util = (f"MFU – (no peak figure for {i['device_kind']!r}: give "
+                "--peak_tflops)")
       print(f"{w.name}: XLA cost analysis {gflop:.2f} GFLOP/step"
-            f" ({gflop / med[w.name]:.1f} GFLOP/s); step trace "
+            f" ({gflop / med[w.name]:.1f} GFLOP/s, {util}); step trace "
             f"{i['trace_s']:.1f} s + compile {i['compile_s']:.1f} s; "
-            f"student + teacher init (compile + run, XLA backend level "
+            f"init (compile + run, XLA backend level "
             f"{i['init_opt_level']}) {i['init_s']:.1f} s")
   for name, prof in profiles.items():
     print(f"\n{name}: profiled round {prof['wall_ms']:.0f} ms/step "
