@@ -70,3 +70,30 @@ def test_bad_arguments():
     synthetic.SyntheticCT(0)
   with pytest.raises(IndexError):
     synthetic.SyntheticCT(2, size=32)[2]
+
+
+def test_examples_rendered_once_and_served_as_copies(monkeypatch):
+  calls = []
+  real = synthetic.render
+  monkeypatch.setattr(synthetic, "render",
+                      lambda rng, size: calls.append(1) or real(rng, size))
+  src = synthetic.SyntheticCT(3, size=32, seed=5)
+  first = src[1]
+  first["image"][:] = -1.0  # A transform writing to its input.
+  again = src[1]
+  assert len(calls) == 1
+  fresh = synthetic.SyntheticCT(3, size=32, seed=5)  # Its own memory.
+  np.testing.assert_array_equal(again["image"], fresh[1]["image"])
+  np.testing.assert_array_equal(again["label"], fresh[1]["label"])
+  assert len(calls) == 2
+
+
+def test_large_sources_render_every_time(monkeypatch):
+  calls = []
+  real = synthetic.render
+  monkeypatch.setattr(synthetic, "render",
+                      lambda rng, size: calls.append(1) or real(rng, size))
+  monkeypatch.setattr(synthetic, "MEMOIZE_MAX_BYTES", 0)
+  src = synthetic.SyntheticCT(2, size=32, seed=5)
+  np.testing.assert_array_equal(src[0]["image"], src[0]["image"])
+  assert len(calls) == 2

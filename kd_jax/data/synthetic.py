@@ -130,12 +130,21 @@ def render(rng: np.random.Generator, size: int):
   return image.astype(np.float32)[..., None], label
 
 
+# Rendered examples are kept in memory when a source's examples take at most
+# this many bytes in all (the default's 512 training slices take 16 MB).
+MEMOIZE_MAX_BYTES = 1 << 30
+
+
 @dataclasses.dataclass(frozen=True)
 class SyntheticCT:
   """Random-access source of `num_examples` synthetic slices.
 
   Example `i` is `{"image": float32 (size, size, 1), "label": int32 (size,
-  size)}`, drawn from `np.random.default_rng([seed, i])`.
+  size)}`, drawn from `np.random.default_rng([seed, i])`. Rendering a slice
+  costs milliseconds of scipy, more than a training step's share on a small
+  CPU, so each example is rendered once and then served from memory (as
+  copies: a transform may write to its input), unless the whole source would
+  take more than `MEMOIZE_MAX_BYTES`.
   """
   num_examples: int
   size: int = 64
@@ -150,6 +159,9 @@ class SyntheticCT:
                        f"{self.num_examples}")
     if self.size < 16:
       raise ValueError(f"SyntheticCT: size must be >= 16, got {self.size}")
+    memoize = self.num_examples * self.size**2 * 8 <= MEMOIZE_MAX_BYTES
+    # Not a field: equality and the repr stay those of (n, size, seed).
+    object.__setattr__(self, "_rendered", {} if memoize else None)
 
   def __len__(self):
     return self.num_examples
@@ -158,5 +170,11 @@ class SyntheticCT:
     index = int(index)
     if not 0 <= index < self.num_examples:
       raise IndexError(f"index {index} out of range [0, {self.num_examples})")
-    image, label = render(np.random.default_rng([self.seed, index]), self.size)
-    return {"image": image, "label": label}
+    cached = self._rendered is not None and self._rendered.get(index)
+    if not cached:
+      # Threads may render one example twice: the same arrays either way.
+      cached = render(np.random.default_rng([self.seed, index]), self.size)
+      if self._rendered is not None:
+        self._rendered[index] = cached
+    image, label = cached
+    return {"image": image.copy(), "label": label.copy()}
