@@ -1,0 +1,450 @@
+"""A study: every stage of a config, for several seeds, in one table.
+
+    python -m kd_jax.study --config=configs/distillo/study.py:cpu \
+        --workdir=runs/distillo
+
+For each seed of `config.study.seeds` the stages of `config.stage_order`
+train in `<workdir>/seed<k>/<stage>` through `train.train_stage` (the
+teacher once per seed, before the stages that distil from it); a finished
+stage is reused and an interrupted one resumes, so rerunning the command
+continues the study. Each stage's deployable model (and the peer of a
+mutual-learning stage, as "<stage>_peer") is then evaluated volume by
+volume on the data set's `volumes` (ACDC: the validation volumes; Synapse:
+the test volumes): per-class and mean Dice, IoU and HD95 of each 3D volume
+(`kd_jax.evaluate.metrics`, strict empty-mask convention, voxel spacing when
+the data has it), averaged over volumes; the result is cached beside the
+checkpoint in `volume_eval.json`. Outputs in `<workdir>`:
+
+  study.md / study.json  mean ± sample std (ddof 1) over seeds of every
+                         score, parameters and GFLOPs per model
+                         (`models.summary`, batch 1), the fraction of the
+                         teacher–student gap in mean Dice each distilled
+                         stage closes, wall times of the stages trained now
+  predictions.png        one slice of each of the first volumes: image,
+                         ground truth, every stage's prediction (seed 0)
+  explanations.png       the same slices: saliency and Grad-CAM of
+                         `config.study.cam_class` for the stages of
+                         `config.study.explain_stages` (seed 0)
+
+`config.study` keys: seeds, cam_class (name or index), cam_feature ("" =
+each model's default map), num_figure_examples, explain_stages.
+"""
+import copy
+import datetime
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from kd_jax import data, models, train
+from kd_jax.evaluate import metrics
+
+TEACHER, STUDENT = "teacher", "student"
+
+
+# ----------------------------------------------------------------------------
+# Volume-wise evaluation.
+
+
+def volume_iou(pred: np.ndarray, label: np.ndarray,
+               num_classes: int) -> np.ndarray:
+  """(C,) IoU per class of one volume; background and classes absent from
+  both prediction and ground truth are NaN (as `metrics.volume_scores`)."""
+  iou = np.full(num_classes, np.nan)
+  for c in range(1, num_classes):
+    p, g = pred == c, label == c
+    union = np.logical_or(p, g).sum()
+    if union:
+      iou[c] = np.logical_and(p, g).sum() / union
+  return iou
+
+
+def evaluate_volumes(predict_fn, volumes, num_classes: int, input_size,
+                     batch_size: int) -> dict:
+  """Per-volume and averaged Dice, IoU and HD95 of a 2D model run slice by
+  slice over every volume of `volumes` (a `VolumeSource`)."""
+  per_volume = []
+  for i in range(len(volumes)):
+    vol = volumes[i]
+    scores = metrics.evaluate_volume(
+        predict_fn, vol["image"], vol["label"], num_classes,
+        input_size=input_size, spacing=vol.get("spacing"),
+        batch_size=batch_size)
+    iou = volume_iou(scores.pop("pred"), vol["label"], num_classes)
+    per_volume.append(dict(name=vol["name"], dice=scores["dice"],
+                           hd95=scores["hd95"], iou=iou))
+  summary = metrics.summarize_volumes(per_volume)
+  # IoU averaged as summarize_volumes averages Dice: over volumes per class,
+  # then over the foreground classes, NaN (nothing to score) left out.
+  iou = _nanmean(np.stack([r["iou"] for r in per_volume]), axis=0)
+  summary.update(iou=iou, mean_iou=_nanmean(iou[1:]))
+  return dict(summary=_jsonable(summary), per_volume=_jsonable(per_volume))
+
+
+def _nanmean(x, axis=None):
+  x = np.asarray(x, np.float64)
+  n = (~np.isnan(x)).sum(axis=axis)
+  total = np.where(np.isnan(x), 0.0, x).sum(axis=axis)
+  return np.where(n > 0, total / np.maximum(n, 1), np.nan)
+
+
+def _jsonable(x):
+  """numpy → JSON values, NaN → None."""
+  if isinstance(x, dict):
+    return {k: _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, np.ndarray):
+    return _jsonable(x.tolist())
+  if isinstance(x, (float, np.floating)):
+    return None if np.isnan(x) else float(x)
+  if isinstance(x, np.integer):
+    return int(x)
+  return x
+
+
+def _cached_eval(path: str, step: int, compute) -> dict:
+  if os.path.exists(path):
+    with open(path) as f:
+      cached = json.load(f)
+    if cached.get("step") == step:
+      return cached
+  result = dict(compute(), step=step)
+  with open(path, "w") as f:
+    json.dump(result, f)
+  return result
+
+
+# ----------------------------------------------------------------------------
+# Aggregation over seeds (pure; tested against numpy).
+
+
+def mean_std(values) -> dict:
+  """Mean and sample std (ddof 1) of the non-missing values (None/NaN are
+  left out); std is None with fewer than two values, mean None with none."""
+  v = np.asarray([x for x in values if x is not None and not np.isnan(x)],
+                 np.float64)
+  return dict(mean=float(v.mean()) if len(v) else None,
+              std=float(v.std(ddof=1)) if len(v) > 1 else None, n=len(v))
+
+
+def flat_scores(summary: dict, class_names) -> dict:
+  """A volume-eval summary as flat named scores: mean_dice, mean_iou,
+  mean_hd95 and dice/<class>, iou/<class>, hd95/<class> (foreground)."""
+  out = {k: summary[k] for k in ("mean_dice", "mean_iou", "mean_hd95")}
+  for metric in ("dice", "iou", "hd95"):
+    for c, name in enumerate(class_names):
+      if c:
+        out[f"{metric}/{name}"] = summary[metric][c]
+  return out
+
+
+def aggregate(per_seed: dict) -> dict:
+  """{seed: {stage: flat scores}} → {stage: {score: mean_std}} over the
+  seeds that have the stage."""
+  stages = []
+  for by_stage in per_seed.values():
+    stages += [s for s in by_stage if s not in stages]
+  table = {}
+  for stage in stages:
+    runs = [by_stage[stage] for by_stage in per_seed.values()
+            if stage in by_stage]
+    keys = list(runs[0])
+    table[stage] = {k: mean_std([r.get(k) for r in runs]) for k in keys}
+  return table
+
+
+def gap_closed(teacher: float, student: float, distilled: float):
+  """(distilled − student) / (teacher − student): the fraction of the
+  teacher–student gap closed; None when the teacher is not better."""
+  if None in (teacher, student, distilled) or teacher <= student:
+    return None
+  return (distilled - student) / (teacher - student)
+
+
+# ----------------------------------------------------------------------------
+# The report.
+
+
+def _pm(s, digits=3) -> str:
+  if s["mean"] is None:
+    return "–"
+  if s["std"] is None:
+    return f"{s['mean']:.{digits}f}"
+  return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+
+
+def markdown_table(table: dict, model_info: dict, class_names) -> list[str]:
+  """The study's main table: one row per stage."""
+  fg = list(class_names[1:])
+  lines = [
+      "| stage | model | params | GFLOPs | mean Dice | "
+      + " | ".join(f"Dice {c}" for c in fg)
+      + " | mean IoU | mean HD95 |",
+      "|---|---|---:|---:|---:|" + "---:|" * len(fg) + "---:|---:|"]
+  for stage, scores in table.items():
+    info = model_info.get(stage, {})
+    params = f"{info['params']:,}" if "params" in info else "–"
+    gflops = f"{info['gflops']:.3f}" if "gflops" in info else "–"
+    lines.append(
+        f"| {stage} | {info.get('model', '–')} | {params} | {gflops} | "
+        f"{_pm(scores['mean_dice'])} | "
+        + " | ".join(_pm(scores[f"dice/{c}"]) for c in fg)
+        + f" | {_pm(scores['mean_iou'])} | {_pm(scores['mean_hd95'], 2)} |")
+  return lines
+
+
+def _describe_model(model_cfg: dict) -> str:
+  cfg = dict(model_cfg)
+  name = cfg.pop("name")
+  return name + (" (" + ", ".join(f"{k}={v}" for k, v in cfg.items()) + ")"
+                 if cfg else "")
+
+
+def _steps_text(config) -> str:
+  steps = {n: train.stage_config(config, n)["steps"]
+           for n in config.stage_order}
+  if len(set(steps.values())) == 1:
+    n = next(iter(steps.values()))
+    epochs = config.get("epochs")
+    return f"{n}" + (f" ({epochs} epochs)" if n == config.steps and epochs
+                     else "")
+  return ", ".join(f"{k} {v}" for k, v in steps.items())
+
+
+def write_report(workdir, config, datasets, table, model_info, gaps,
+                 per_seed, timings, figures_written) -> dict:
+  device = jax.devices()[0]
+  vols = datasets.volumes
+  spacing = "mm (the volumes' spacing)" if vols.spacing is not None else (
+      "pixels of the original slices (the data has no voxel spacing)")
+  seeds = sorted(per_seed)
+  lines = [
+      "# Study report", "",
+      f"- date: {datetime.date.today().isoformat()}",
+      f"- devices: {jax.device_count()} × {device.platform} "
+      f"({device.device_kind})",
+      f"- command: `{' '.join(sys.argv) if sys.argv else ''}`",
+      f"- data: {config.data.name}, {len(datasets.train)} training slices at "
+      f"{config.data.image_size}²; evaluated on the {len(vols)} "
+      f"{datasets.volumes_split} volumes, whole 3D volumes",
+      f"- seeds: {seeds}; steps of batch {config.batch_size} per stage: "
+      f"{_steps_text(config)}; optimizer {config.optimizer.name}, lr "
+      f"{config.optimizer.lr}", "",
+      "Mean ± sample standard deviation over seeds (ddof 1; no ± with one "
+      "seed). Per volume: Dice, IoU and HD95 of each foreground class "
+      "(strict convention: a class absent from the ground truth and the "
+      "prediction is left out; missed or spurious classes score Dice 0 and "
+      "HD95 the volume diagonal), then averaged over volumes, then over "
+      f"classes. HD95 in {spacing}. Params and GFLOPs of the deployable "
+      "model at batch 1 (XLA cost analysis, a multiply-add = 2 FLOPs).", "",
+  ]
+  lines += markdown_table(table, model_info, datasets.class_names)
+  if gaps:
+    lines += ["", "Fraction of the teacher–student gap in mean Dice closed "
+              "by each distilled stage, (stage − student) / (teacher − "
+              "student), on the means over seeds:", ""]
+    for stage, g in gaps.items():
+      t, s = table[TEACHER]["mean_dice"]["mean"], table[STUDENT][
+          "mean_dice"]["mean"]
+      d = table[stage]["mean_dice"]["mean"]
+      lines.append(f"- {stage}: " + ("teacher not better than the student: "
+                                     "no gap to close" if g is None else
+                                     f"{100 * g:.0f} % ({s:.3f} → {d:.3f}, "
+                                     f"teacher {t:.3f})"))
+  if timings:
+    lines += ["", "Wall time of the stages trained in this run (s): "
+              + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]
+  if figures_written:
+    lines += ["", f"Seed {seeds[0]}, one slice of each of the first "
+              f"volumes: image, ground truth, each stage's prediction.", "",
+              "![predictions](predictions.png)", "",
+              f"Saliency and Grad-CAM of class {figures_written['class']!r} "
+              "(white: its ground-truth outline).", "",
+              "![explanations](explanations.png)"]
+  with open(os.path.join(workdir, "study.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  result = dict(
+      data=config.data.name, volumes_split=datasets.volumes_split,
+      class_names=list(datasets.class_names), seeds=seeds,
+      table=table, models=model_info, gap_closed=gaps,
+      per_seed={str(k): v for k, v in per_seed.items()},
+      timings_s=timings, config=json.loads(config.to_json_best_effort()))
+  with open(os.path.join(workdir, "study.json"), "w") as f:
+    json.dump(_jsonable(result), f, indent=1)
+  return result
+
+
+# ----------------------------------------------------------------------------
+# Running it.
+
+
+def seed_config(config, seed: int):
+  c = copy.deepcopy(config)
+  c.seed = int(seed)
+  return c
+
+
+def _latest_step(stage_dir: str):
+  folder = os.path.join(stage_dir, "checkpoints")
+  steps = [int(d) for d in os.listdir(folder) if d.isdigit()] \
+      if os.path.isdir(folder) else []
+  return max(steps) if steps else None
+
+
+def _variables(state, key):
+  return {"params": state.params[key], "batch_stats": state.batch_stats[key]}
+
+
+def _figure_slices(volumes, target: int, count: int, size):
+  """For the first `count` volumes, the slice with the most `target`
+  pixels, resized to `size`: (images, labels)."""
+  from kd_jax.data import transforms
+  images, labels = [], []
+  for v in range(min(count, len(volumes))):
+    label = volumes[v]["label"]
+    z = int(np.argmax((label == target).sum(axis=(1, 2))))
+    ex = transforms.resize(volumes.get_slice(v, z), size)
+    images.append(ex["image"])
+    labels.append(ex["label"])
+  return np.stack(images), np.stack(labels)
+
+
+def _class_index(cam_class, class_names) -> int:
+  names = list(class_names)
+  if isinstance(cam_class, str) and not cam_class.isdigit():
+    if cam_class not in names:
+      raise ValueError(f"study.cam_class {cam_class!r}: choose one of "
+                       f"{names} or an index")
+    return names.index(cam_class)
+  return int(cam_class)
+
+
+def run(config, workdir: str) -> dict:
+  """Trains (or reuses) every stage for every seed, evaluates, reports."""
+  from kd_jax.evaluate import explain, figures  # matplotlib only here
+
+  try:
+    datasets = data.build(config.data)
+  except (ValueError, FileNotFoundError) as e:
+    raise train.ConfigError(f"data: {e}") from None
+  if datasets.volumes is None:
+    raise train.ConfigError(f"data {config.data.name!r} has no volumes to "
+                            "evaluate; a study needs acdc or synapse")
+  study = config.study
+  target = _class_index(study.cam_class, datasets.class_names)
+  seeds = list(study.seeds)
+  if not seeds:
+    raise train.ConfigError("study.seeds is empty")
+  mesh = train.make_mesh()
+  size = (int(config.data.image_size),) * 2
+  input_shape = (1, *size, datasets.train[0]["image"].shape[-1])
+  os.makedirs(workdir, exist_ok=True)
+  per_seed, timings, model_info, fig_models = {}, {}, {}, {}
+  for i, seed in enumerate(seeds):
+    cfg = seed_config(config, seed)
+    seed_dir = os.path.join(workdir, f"seed{seed}")
+    if i == 0:
+      train.validate(cfg, seed_dir, datasets)
+    per_seed[seed] = {}
+    for stage in cfg.stage_order:
+      stage_dir = os.path.join(seed_dir, stage)
+      done = (_latest_step(stage_dir) or 0) >= int(
+          train.stage_config(cfg, stage)["steps"])
+      t = time.perf_counter()
+      method, state = train.train_stage(cfg, stage, seed_dir, datasets, mesh)
+      if not done:
+        timings[f"seed{seed}/{stage}"] = time.perf_counter() - t
+      predictors = {stage: (method.predict, method.model)}
+      if hasattr(method, "predict_peer"):
+        predictors[f"{stage}_peer"] = (method.predict_peer, method.peer)
+      for name, (predict, model) in predictors.items():
+        fn = jax.jit(predict)
+        predict_fn = lambda x, f=fn, s=state: jnp.argmax(
+            f(s.params, s.batch_stats, x), -1)
+        result = _cached_eval(
+            os.path.join(stage_dir, "volume_eval.json" if name == stage
+                         else f"volume_eval_{name}.json"), int(state.step),
+            lambda p=predict_fn: evaluate_volumes(
+                p, datasets.volumes, datasets.num_classes, size,
+                cfg.batch_size))
+        per_seed[seed][name] = flat_scores(result["summary"],
+                                           datasets.class_names)
+        logging.info("seed %d %s: mean Dice %.4f over %d volumes", seed,
+                     name, result["summary"]["mean_dice"] or float("nan"),
+                     len(result["per_volume"]))
+        if name not in model_info:
+          s = models.summary(model, input_shape)
+          model_cfg = (cfg.stages[stage].model if name == stage
+                       else cfg.stages[stage].peer).to_dict()
+          model_info[name] = dict(model=_describe_model(model_cfg),
+                                  params=int(s["params"]),
+                                  gflops=float(s["flops"]) / 1e9)
+        if i == 0:
+          key = method.model_key if name == stage else "peer"
+          fig_models[name] = (model, _variables(state, key), predict_fn)
+
+  table = aggregate(per_seed)
+  gaps = {}
+  if TEACHER in table and STUDENT in table:
+    t = table[TEACHER]["mean_dice"]["mean"]
+    s = table[STUDENT]["mean_dice"]["mean"]
+    # The distilled students only (a mutual peer is the teacher's model).
+    gaps = {k: gap_closed(t, s, v["mean_dice"]["mean"])
+            for k, v in table.items()
+            if k not in (TEACHER, STUDENT) and not k.endswith("_peer")}
+
+  figures_written = {}
+  if study.num_figure_examples > 0:
+    images, labels = _figure_slices(datasets.volumes, target,
+                                    study.num_figure_examples, size)
+    figures.segmentation_grid(
+        os.path.join(workdir, "predictions.png"), images, labels,
+        {n: np.asarray(p(images)) for n, (_, _, p) in fig_models.items()},
+        datasets.num_classes, class_names=datasets.class_names)
+    maps = {}
+    class_name = datasets.class_names[target]
+    for name in study.explain_stages:
+      if name not in fig_models:
+        continue
+      model, variables, _ = fig_models[name]
+      feature = explain.model_cam_feature(model, images.shape,
+                                          study.cam_feature)
+      sal, cam = explain.explainer(model, feature, target)(variables, images)
+      maps[f"{name}\nsaliency"] = np.asarray(sal)
+      maps[f"{name}\nGrad-CAM {feature}"] = np.asarray(cam)
+    if maps:
+      figures.explanation_grid(os.path.join(workdir, "explanations.png"),
+                               images, maps, masks=labels == target)
+    figures_written = {"class": class_name}
+  return write_report(workdir, config, datasets, table, model_info, gaps,
+                      per_seed, timings, figures_written)
+
+
+def main(argv):
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = flags.FLAGS.config
+  if "study" not in config:
+    sys.exit("error: the config has no `study` section (seeds, figures); "
+             "use configs/distillo/study.py or add one")
+  try:
+    run(config, flags.FLAGS.workdir)
+  except train.ConfigError as e:
+    sys.exit(f"error: {e}")
+  print(f"wrote {os.path.join(flags.FLAGS.workdir, 'study.md')}")
+
+
+if __name__ == "__main__":
+  from absl import app
+  # --config (with --config.<key> overrides) and --workdir exactly as
+  # training defines and parses them; the import also applies
+  # runtime.configure() (fast compiles, persistent XLA cache).
+  from kd_jax import main as train_main
+  app.run(main, flags_parser=train_main.parse_flags)

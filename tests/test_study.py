@@ -1,0 +1,181 @@
+"""Tests for kd_jax.study: aggregation over seeds, volume scores, and a tiny
+study end to end on a generated Synapse layout."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+import synapse_fixture
+from kd_jax import study
+from kd_jax.data import sources
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from configs.distillo import common  # noqa: E402
+
+CLASSES = ("background", "a", "b")
+
+
+def _scores(dice_a, dice_b, hd):
+  return study.flat_scores(dict(
+      mean_dice=(dice_a + dice_b) / 2, mean_iou=0.5, mean_hd95=hd,
+      dice=[None, dice_a, dice_b], iou=[None, 0.4, 0.6],
+      hd95=[None, hd, hd]), CLASSES)
+
+
+def test_aggregate_matches_numpy_mean_and_sample_std():
+  per_seed = {0: {"teacher": _scores(0.9, 0.7, 2.0),
+                  "student": _scores(0.6, 0.4, 5.0)},
+              1: {"teacher": _scores(0.8, 0.8, 3.0),
+                  "student": _scores(0.5, 0.5, 6.0)},
+              2: {"teacher": _scores(0.7, 0.9, 4.0)}}
+  table = study.aggregate(per_seed)
+  assert list(table) == ["teacher", "student"]
+  t = table["teacher"]
+  np.testing.assert_allclose(t["dice/a"]["mean"], np.mean([0.9, 0.8, 0.7]))
+  np.testing.assert_allclose(t["dice/a"]["std"],
+                             np.std([0.9, 0.8, 0.7], ddof=1))
+  np.testing.assert_allclose(t["dice/a"]["std"], 0.1)
+  np.testing.assert_allclose(t["mean_hd95"]["mean"], 3.0)
+  assert t["mean_dice"]["n"] == 3
+  np.testing.assert_allclose(t["mean_dice"]["std"], 0.0, atol=1e-12)
+  s = table["student"]  # Two seeds only.
+  assert s["mean_dice"]["n"] == 2
+  np.testing.assert_allclose(s["mean_hd95"]["std"],
+                             np.std([5.0, 6.0], ddof=1))
+  lines = study.markdown_table(
+      table, {"teacher": dict(model="t", params=1234567, gflops=1.5)},
+      CLASSES)
+  assert lines[0].count("|") == lines[2].count("|")
+  assert "| teacher | t | 1,234,567 | 1.500 | 0.800 ± 0.000 | 0.800 ± 0.100" \
+      in lines[2]
+  assert "| student | – | – | – |" in lines[3]
+
+
+def test_mean_std_leaves_out_missing_values():
+  assert study.mean_std([]) == dict(mean=None, std=None, n=0)
+  assert study.mean_std([0.3, None, float("nan")]) == dict(mean=0.3,
+                                                           std=None, n=1)
+
+
+def test_gap_closed():
+  # The seed paper: 0.51 → 0.61 against a 0.78 teacher closes 37 %.
+  np.testing.assert_allclose(study.gap_closed(0.78, 0.51, 0.61),
+                             0.10 / 0.27)
+  assert study.gap_closed(0.5, 0.6, 0.7) is None  # No gap.
+  assert study.gap_closed(None, 0.6, 0.7) is None
+  assert study.gap_closed(0.8, 0.6, 0.5) < 0  # Worse than alone.
+
+
+def test_volume_iou_by_hand():
+  label = np.array([[[0, 1, 1], [2, 2, 0]]])
+  pred = np.array([[[1, 1, 0], [2, 0, 0]]])
+  iou = study.volume_iou(pred, label, 4)
+  assert np.isnan(iou[0]) and np.isnan(iou[3])  # background; class absent
+  np.testing.assert_allclose(iou[1:3], [1 / 3, 1 / 2])
+
+
+def _volumes(rng, shapes):
+  names, arrays = [], {}
+  for i, shape in enumerate(shapes):
+    label = np.zeros(shape, np.int32)
+    label[:, 2:6, 3:7] = 1
+    label[:, 6:9, 1:4] = 2
+    arrays[f"v{i}"] = (rng.random(shape).astype(np.float32), label)
+    names.append(f"v{i}")
+  return sources.VolumeSource(names, lambda n: arrays[n], 3,
+                              class_names=CLASSES), arrays
+
+
+def test_evaluate_volumes_perfect_and_empty_predictions():
+  vols, arrays = _volumes(np.random.default_rng(0), [(3, 12, 10), (2, 12, 12)])
+  labels = iter([])
+
+  def oracle(x):  # Returns the ground truth of the volume being evaluated.
+    return next(labels)
+
+  labels = iter([arrays["v0"][1][:2], arrays["v0"][1][2:],
+                 arrays["v1"][1][:2]])
+  out = study.evaluate_volumes(oracle, vols, 3, None, batch_size=2)
+  s = out["summary"]
+  assert s["mean_dice"] == 1.0 and s["mean_iou"] == 1.0
+  assert s["mean_hd95"] == 0.0
+  assert [v["name"] for v in out["per_volume"]] == ["v0", "v1"]
+  json.dumps(out)  # NaN became None.
+  assert s["dice"][0] is None
+
+  out = study.evaluate_volumes(lambda x: np.zeros(x.shape[:3], np.int32),
+                               vols, 3, None, batch_size=2)
+  s = out["summary"]
+  assert s["mean_dice"] == 0.0 and s["mean_iou"] == 0.0
+  # A missed class scores the volume's diagonal (strict convention).
+  np.testing.assert_allclose(
+      out["per_volume"][0]["hd95"][1], np.sqrt(3**2 + 12**2 + 10**2))
+
+
+def _tiny_study_config(root):
+  c = common.get_config("study", "synapse")
+  c.data.root = str(root)
+  c.data.image_size = 32
+  c.data.num_val_cases = 1
+  c.batch_size = 4
+  c.log_every = 1
+  c.eval_every = 2
+  c.checkpoint_every = 2
+  c.optimizer.warmup_steps = 1
+  tiny_teacher = dict(name="transunet_tiny", image_size=32, resnet_width=4,
+                      hidden=16, depth=1, num_heads=2, mlp_dim=16,
+                      head_channels=8, decoder_channels=(8, 8, 4, 4))
+  tiny_student = dict(name="squeeze_unet", width=4)
+  for name in c.stage_order:
+    stage = c.stages[name]
+    stage.steps = 3
+    stage.model = tiny_teacher if name == "teacher" else tiny_student
+  for name in ("kd", "latent"):
+    c.stages[name].teacher.model = tiny_teacher
+  c.stages.dml.peer = tiny_teacher
+  c.study.seeds = (0, 1)
+  c.study.num_figure_examples = 2
+  return c
+
+
+@pytest.mark.slow
+def test_tiny_study_end_to_end_and_resume(tmp_path):
+  root = synapse_fixture.write(tmp_path / "synapse")
+  workdir = str(tmp_path / "study")
+  c = _tiny_study_config(root)
+  result = study.run(c, workdir)
+  stages = ["teacher", "student", "kd", "latent", "dml", "dml_peer"]
+  assert list(result["table"]) == stages
+  assert set(result["timings_s"]) == {f"seed{s}/{n}" for s in (0, 1)
+                                      for n in stages[:-1]}
+  for name in ("study.md", "study.json", "predictions.png",
+               "explanations.png"):
+    assert os.path.getsize(os.path.join(workdir, name)) > 0
+  with open(os.path.join(workdir, "study.json")) as f:
+    saved = json.load(f)
+  # The table is the mean and sample std of the per-seed scores.
+  for stage in stages:
+    values = [saved["per_seed"][str(s)][stage]["mean_dice"] for s in (0, 1)]
+    row = saved["table"][stage]["mean_dice"]
+    assert row["n"] == 2
+    np.testing.assert_allclose(row["mean"], np.mean(values))
+    np.testing.assert_allclose(row["std"], np.std(values, ddof=1))
+  assert saved["models"]["dml_peer"]["params"] == saved["models"][
+      "teacher"]["params"]
+  assert saved["models"]["kd"]["params"] == saved["models"]["student"][
+      "params"] < saved["models"]["teacher"]["params"]
+  assert set(saved["gap_closed"]) == {"kd", "latent", "dml"}
+  md = open(os.path.join(workdir, "study.md")).read()
+  assert "| kd | squeeze_unet (width=4) |" in md
+  assert "Dice liver" in md and "test volumes" in md
+  assert "steps of batch 4 per stage: 3;" in md
+  for s in (0, 1):
+    assert os.path.exists(os.path.join(workdir, f"seed{s}", "kd",
+                                       "volume_eval.json"))
+  # A rerun reuses every stage and every evaluation.
+  again = study.run(c, workdir)
+  assert again["timings_s"] == {}
+  assert again["table"] == json.loads(json.dumps(result["table"]))
