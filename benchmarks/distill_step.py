@@ -53,9 +53,10 @@ configuration: median time per step over the rounds, the range, images/s,
 speed relative to PyTorch (the fastest PyTorch row's time / this row's: >1
 means faster than PyTorch), compile time, peak RSS and the part imports
 alone take. Then the images/s of kd_jax's grain training pipeline (synthetic
-CT + augmentation, `data.pipeline.train_batches` + `iterate`), rendering
-each example as the trainer does and with the examples rendered once, and
-the trainer's loop (step fed by that pipeline) with each. `--profile` adds
+CT + augmentation, `data.pipeline.train_batches` + `iterate`) in the first
+epoch (each example rendered) and in later ones (examples served from
+memory), and the trainer's loop (step fed by that pipeline) with each.
+`--profile` adds
 where each side's time goes (XLA thunks by kind from a JAX profiler trace,
 summed over threads; PyTorch's profiler by op). Timings on shared machines
 are noisy: the load average is printed with the table.
@@ -315,8 +316,29 @@ def _patch_flat_optimizer():
   train.make_optimizer = lambda cfg, steps: optax.flatten(make(cfg, steps))
 
 
+def _patch_onehot_cross_entropy():
+  """cross_entropy's pick of the label's log-probability as a select against
+  a one-hot mask (as dice_loss builds it) instead of take_along_axis, whose
+  gradient is a scatter-add on the CPU. Same value and gradient."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  from kd_jax import losses  # pylint: disable=import-outside-toplevel
+
+  def cross_entropy(logits, labels, *, mask=None):
+    assert mask is None
+    z = logits.astype(jnp.float32)
+    logp = jax.nn.log_softmax(z, axis=-1)
+    hot = labels[..., None] == jnp.arange(z.shape[-1])
+    return -jnp.mean(jnp.sum(jnp.where(hot, logp, 0.0), axis=-1))
+
+  spec = losses.REGISTRY["cross_entropy"]  # The objectives' registry.
+  losses.REGISTRY["cross_entropy"] = spec._replace(fn=cross_entropy)
+
+
 PATCHES = {"einsum_upsample": _patch_einsum_upsample,
            "flat_optimizer": _patch_flat_optimizer,
+           "onehot_cross_entropy": _patch_onehot_cross_entropy,
            "threefry_partitionable": _patch_threefry_partitionable}
 
 
@@ -497,9 +519,9 @@ class JaxWorker:
 
   def loader(self, batches):
     """Images/s of the trainer's pipeline (shuffle, augment, batch,
-    prefetch) over the synthetic source, rendering each example as the
-    trainer does, and over the same examples rendered once beforehand; then
-    the time per step of the trainer's loop fed by each."""
+    prefetch) over the synthetic source in the first epoch (each example
+    rendered) and in later ones (`SyntheticCT` serves rendered examples from
+    memory); then the time per step of the trainer's loop fed by each."""
 
     # Fewer would mostly time batches prefetched while the first was waited.
     batches = max(batches, 24)
@@ -515,8 +537,12 @@ class JaxWorker:
         next(it)
       return batches * self.args.batch / (time.perf_counter() - t)
 
+    def fresh():  # A new source: nothing rendered yet.
+      return self.data.build(self.config.data).train
+
     t = time.perf_counter()
-    cached = [self.datasets.train[i] for i in range(len(self.datasets.train))]
+    memo = self.datasets.train
+    cached = [memo[i] for i in range(len(memo))]
     render_s = time.perf_counter() - t
     out = {"render_all_s": render_s, "num_train": len(cached)}
     if self.mode != "distill":
@@ -531,12 +557,10 @@ class JaxWorker:
         out["cache_build_s"] = time.perf_counter() - t
       out["loop_unaugmented_s"] = self._loop(cached, (), batches, teacher)
       return out
-    out.update(images_per_s=rate(self.datasets.train),
-               cached_images_per_s=rate(cached))
+    out.update(images_per_s=rate(fresh()), cached_images_per_s=rate(memo))
     # The trainer's loop: each step takes its batch from the pipeline, whose
     # threads share the cores with XLA's.
-    for key, source in (("loop_rendered_s", self.datasets.train),
-                        ("loop_cached_s", cached)):
+    for key, source in (("loop_rendered_s", fresh()), ("loop_cached_s", memo)):
       out[key] = self._loop(source, self.datasets.train_transforms, batches)
     return out
 
@@ -872,13 +896,15 @@ def _compare(args, jax_configs):
           f"{max(times[w.name]) * 1e3:.0f} | {args.batch / t:.0f} | {speed} "
           f"| {compile_s} | {rss[w.name]:.0f} | {i['import_rss_mb']:.0f} |")
   if loader is not None:
-    print(f"| grain loader: synthetic CT rendered per example + augment, 4 "
-          f"threads | – | – | {loader['images_per_s']:.0f} | – | – | – | – |")
-    print(f"| grain loader: the {loader['num_train']} examples rendered once "
-          f"({loader['render_all_s']:.0f} s) + augment | – | – | "
+    print(f"| grain loader, 4 threads: synthetic CT + augment, first epoch "
+          f"(each example rendered) | – | – | {loader['images_per_s']:.0f} | "
+          "– | – | – | – |")
+    print(f"| grain loader, 4 threads: synthetic CT + augment, later epochs "
+          f"(the {loader['num_train']} examples from memory; rendering them "
+          f"took {loader['render_all_s']:.0f} s) | – | – | "
           f"{loader['cached_images_per_s']:.0f} | – | – | – | – |")
-    for key, what in (("loop_rendered_s", "rendered per example"),
-                      ("loop_cached_s", "rendered once")):
+    for key, what in (("loop_rendered_s", "first epoch"),
+                      ("loop_cached_s", "later epochs")):
       t = loader[key]
       speed = f"{best_torch / t:.2f}×" if best_torch else "–"
       print(f"| {workers[0].name}, train loop: step + loader ({what}) | "
@@ -889,7 +915,7 @@ def _compare(args, jax_configs):
     built = (f"; cache of {loop['num_train']} examples built in "
              f"{loop['cache_build_s']:.1f} s" if "cache_build_s" in loop
              else "")
-    print(f"| {name}, train loop: step + loader (rendered once, no "
+    print(f"| {name}, train loop: step + loader (later epochs, no "
           f"augmentation{built}) | {t * 1e3:.0f} | – | {args.batch / t:.0f} | "
           f"{speed} | – | – | – |")
   print()
