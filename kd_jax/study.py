@@ -20,7 +20,7 @@ checkpoint in `volume_eval.json`. Outputs in `<workdir>`:
                          (`models.summary`, batch 1), the fraction of the
                          teacher–student gap in mean Dice each distilled
                          stage closes, wall times of the stages trained now
-  predictions.png        one slice of each of the first volumes: image,
+  predictions.png        one slice of each of a few volumes: image,
                          ground truth, every stage's prediction (seed 0)
   explanations.png       the same slices: saliency and Grad-CAM of
                          `config.study.cam_class` for the stages of
@@ -206,15 +206,13 @@ def _describe_model(model_cfg: dict) -> str:
                  if cfg else "")
 
 
-def _steps_text(config) -> str:
+def _steps_text(config, num_train: int) -> str:
   steps = {n: train.stage_config(config, n)["steps"]
            for n in config.stage_order}
+  epochs = lambda n: f"{n} ({n * config.batch_size / num_train:.2g} epochs)"
   if len(set(steps.values())) == 1:
-    n = next(iter(steps.values()))
-    epochs = config.get("epochs")
-    return f"{n}" + (f" ({epochs} epochs)" if n == config.steps and epochs
-                     else "")
-  return ", ".join(f"{k} {v}" for k, v in steps.items())
+    return epochs(next(iter(steps.values())))
+  return ", ".join(f"{k} {epochs(v)}" for k, v in steps.items())
 
 
 def write_report(workdir, config, datasets, table, model_info, gaps,
@@ -234,7 +232,7 @@ def write_report(workdir, config, datasets, table, model_info, gaps,
       f"{config.data.image_size}²; evaluated on the {len(vols)} "
       f"{datasets.volumes_split} volumes, whole 3D volumes",
       f"- seeds: {seeds}; steps of batch {config.batch_size} per stage: "
-      f"{_steps_text(config)}; optimizer {config.optimizer.name}, lr "
+      f"{_steps_text(config, len(datasets.train))}; optimizer {config.optimizer.name}, lr "
       f"{config.optimizer.lr}", "",
       "Mean ± sample standard deviation over seeds (ddof 1; no ± with one "
       "seed). Per volume: Dice, IoU and HD95 of each foreground class "
@@ -261,8 +259,10 @@ def write_report(workdir, config, datasets, table, model_info, gaps,
     lines += ["", "Wall time of the stages trained in this run (s): "
               + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]
   if figures_written:
-    lines += ["", f"Seed {seeds[0]}, one slice of each of the first "
-              f"volumes: image, ground truth, each stage's prediction.", "",
+    lines += ["", f"Seed {seeds[0]}, one slice (the one with the most "
+              f"{figures_written['class']}) of each of a few volumes spread "
+              "over the set: image, ground truth, each stage's prediction.",
+              "",
               "![predictions](predictions.png)", "",
               f"Saliency and Grad-CAM of class {figures_written['class']!r} "
               "(white: its ground-truth outline).", "",
@@ -302,11 +302,14 @@ def _variables(state, key):
 
 
 def _figure_slices(volumes, target: int, count: int, size):
-  """For the first `count` volumes, the slice with the most `target`
-  pixels, resized to `size`: (images, labels)."""
+  """For `count` volumes spread evenly over the source (so, on ACDC,
+  different patients rather than two frames of one), the slice with the
+  most `target` pixels, resized to `size`: (images, labels)."""
   from kd_jax.data import transforms
   images, labels = [], []
-  for v in range(min(count, len(volumes))):
+  count = min(count, len(volumes))
+  for v in np.unique(np.linspace(0, len(volumes) - 1, count).round()):
+    v = int(v)
     label = volumes[v]["label"]
     z = int(np.argmax((label == target).sum(axis=(1, 2))))
     ex = transforms.resize(volumes.get_slice(v, z), size)
@@ -375,8 +378,9 @@ def run(config, workdir: str) -> dict:
                 cfg.batch_size))
         per_seed[seed][name] = flat_scores(result["summary"],
                                            datasets.class_names)
-        logging.info("seed %d %s: mean Dice %.4f over %d volumes", seed,
-                     name, result["summary"]["mean_dice"] or float("nan"),
+        mean_dice = result["summary"]["mean_dice"]
+        logging.info("seed %d %s: mean Dice %s over %d volumes", seed, name,
+                     "–" if mean_dice is None else f"{mean_dice:.4f}",
                      len(result["per_volume"]))
         if name not in model_info:
           s = models.summary(model, input_shape)

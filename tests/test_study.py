@@ -171,7 +171,7 @@ def test_tiny_study_end_to_end_and_resume(tmp_path):
   md = open(os.path.join(workdir, "study.md")).read()
   assert "| kd | squeeze_unet (width=4) |" in md
   assert "Dice liver" in md and "test volumes" in md
-  assert "steps of batch 4 per stage: 3;" in md
+  assert "steps of batch 4 per stage: 3 (1.3 epochs);" in md  # 9 slices
   for s in (0, 1):
     assert os.path.exists(os.path.join(workdir, f"seed{s}", "kd",
                                        "volume_eval.json"))
