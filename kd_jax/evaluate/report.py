@@ -74,7 +74,9 @@ def write(workdir, config, datasets, results, num_figure_examples=4):
       f"({device.device_kind})",
       f"- data: {config.data.name}, {len(datasets.train)} train / "
       f"{len(datasets.val)} val / {len(datasets.test)} test examples, "
-      f"data seed {config.data.seed}; run seed {config.seed}",
+      # Only generated data has a data seed; real data sets are fixed files.
+      + (f"data seed {config.data.seed}; " if "seed" in config.data else "")
+      + f"run seed {config.seed}",
       f"- batch {config.batch_size}, compute dtype {config.compute_dtype}",
       "",
       "Scores on the test split (Dice and IoU averaged over the foreground "
