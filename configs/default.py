@@ -4,8 +4,18 @@ Three stages in one run, each in its own subfolder of the workdir:
   teacher    a wide UNet trained alone (CE + Dice)
   baseline   a narrow UNet trained alone (CE + Dice)
   distilled  the same narrow UNet distilled from the frozen teacher
-             (CE + Dice + Hinton KD on every pixel)
-Sized to finish in under 10 minutes on a 2-core CPU.
+             (CE + Dice + channel-wise distillation of the logits)
+Sized to finish in about 10 minutes on a 2-core CPU.
+
+Why channel-wise distillation (Shu et al., ICCV 2021) and not Hinton KD on
+every pixel: the organs cover a few percent of the pixels, so a per-pixel KL
+averaged over the image is mostly a background term, and the narrow student
+learns the organs later with it than without it. CWD turns each class
+channel into a distribution over the pixels and matches those, so every
+organ weighs the same. Measured (README, seeds 0-2, test mean Dice): baseline
+0.608 / 0.402 / 0.304, + pixel KD (T=4) 0.301 / 0.534 / 0.597, + CWD (T=4,
+weight 3, the paper's logit setting) 0.646 / 0.601 / 0.725.
+
 """
 import ml_collections
 
@@ -16,11 +26,14 @@ def get_config():
   # float32 on CPU; "bfloat16" computes in bf16 (float32 params and loss) on
   # GPU/TPU.
   config.compute_dtype = "float32"
-  config.batch_size = 16
-  config.steps = 400
-  config.log_every = 50
-  config.eval_every = 200
-  config.checkpoint_every = 100
+  # Small batches, more updates: the narrow student learns each organ in a
+  # jump, and 800 updates at batch 8 get it further than 400 at batch 16 for
+  # the same compute.
+  config.batch_size = 8
+  config.steps = 800
+  config.log_every = 100
+  config.eval_every = 400
+  config.checkpoint_every = 200
   config.optimizer = dict(name="adamw", lr=3e-3, weight_decay=1e-4,
                           momentum=0.9, warmup_steps=30, grad_clip=1.0)
   config.data = dict(name="synthetic", image_size=64, num_train=512,
@@ -31,8 +44,11 @@ def get_config():
   config.teacher_cache = False
 
   teacher = dict(name="unet", width=16, depth=3)
-  student = dict(name="unet", width=4, depth=3)
-  # Loss terms by name, so that `--config.stages.distilled.losses.kd.weight=2`
+  # Width 8: its last map has 8 channels for 9 classes; at width 4 the
+  # logits are a rank-4 map and which organs the student learns at all
+  # changes from seed to seed.
+  student = dict(name="unet", width=8, depth=3)
+  # Loss terms by name, so that `--config.stages.distilled.losses.cwd.weight=2`
   # overrides one of them.
   task = dict(ce=dict(fn="cross_entropy", weight=1.0),
               dice=dict(fn="dice", weight=1.0))
@@ -43,6 +59,6 @@ def get_config():
       distilled=dict(
           method="distill", model=student,
           teacher=dict(model=teacher, stage="teacher", checkpoint=""),
-          losses=dict(task, kd=dict(fn="kd_kl", weight=1.0, temperature=4.0))),
+          losses=dict(task, cwd=dict(fn="cwd", weight=3.0, temperature=4.0))),
   )
   return config
