@@ -66,7 +66,11 @@ def cross_entropy(logits, labels, *, ignore_index: Optional[int] = None,
                                   fn_name="cross_entropy")
   safe = jnp.where(valid, labels, 0)
   logp = jax.nn.log_softmax(z, axis=-1)
-  nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+  # The label's log-probability by a one-hot select, not take_along_axis:
+  # the same value and gradient, without a gather whose gradient is a
+  # scatter-add (slow on XLA CPU for per-pixel labels).
+  hot = safe[..., None] == jnp.arange(z.shape[-1], dtype=safe.dtype)
+  nll = -jnp.sum(jnp.where(hot, logp, 0.0), axis=-1)
   if class_weights is None:
     return _checks.masked_mean(nll, valid)
   w = _class_weights(class_weights, z.shape[-1])[safe].astype(z.dtype)
