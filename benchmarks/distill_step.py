@@ -9,9 +9,11 @@
         --variant="1:patch=einsum_upsample" --torch_threads=0,1 --profile
 
 One step = teacher forward (eval mode, frozen) + student forward/backward +
-optimizer update, with the default recipe's distilled stage: CE + Dice +
-kd_kl (T=4), AdamW with warm-up/cosine schedule and global-norm clipping.
-Pairs: `default` (configs/default.py: UNet width 16 → 4, depth 3, 64²),
+optimizer update, with the loss of configs/default.py's distilled stage
+(CE + Dice + a logit term, kd_kl or cwd, as the config says), AdamW with
+warm-up/cosine schedule and global-norm clipping, at `--batch` (16 unless
+given). Pairs: `default` (configs/default.py's teacher and student: UNet
+width 16 → 8 since 2026-11-23 14:58, → 4 before; depth 3, 64²),
 `unet_large` (UNet 32 → 16, depth 4, 128²: 7.8 M → 1.9 M parameters) and
 `transunet_squeeze` (transunet_tiny → squeeze_unet, 128²); 9 classes.
 
@@ -316,10 +318,10 @@ def _patch_flat_optimizer():
   train.make_optimizer = lambda cfg, steps: optax.flatten(make(cfg, steps))
 
 
-def _patch_onehot_cross_entropy():
-  """cross_entropy's pick of the label's log-probability as a select against
-  a one-hot mask (as dice_loss builds it) instead of take_along_axis, whose
-  gradient is a scatter-add on the CPU. Same value and gradient."""
+def _patch_gather_cross_entropy():
+  """cross_entropy picking the label's log-probability by take_along_axis
+  (a gather; its gradient a scatter-add), as kd_jax did before 2026-11-23:
+  to measure the one-hot select that replaced it. Same value."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
@@ -327,18 +329,27 @@ def _patch_onehot_cross_entropy():
 
   def cross_entropy(logits, labels, *, mask=None):
     assert mask is None
-    z = logits.astype(jnp.float32)
-    logp = jax.nn.log_softmax(z, axis=-1)
-    hot = labels[..., None] == jnp.arange(z.shape[-1])
-    return -jnp.mean(jnp.sum(jnp.where(hot, logp, 0.0), axis=-1))
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, labels[..., None], axis=-1))
 
   spec = losses.REGISTRY["cross_entropy"]  # The objectives' registry.
   losses.REGISTRY["cross_entropy"] = spec._replace(fn=cross_entropy)
 
 
+def _patch_nn_max_pool():
+  """UNet pooling by flax's nn.max_pool, as kd_jax did before 2026-11-23:
+  to measure `unet.max_pool_2x2` that replaced it. Same values."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+
+  from kd_jax.models import unet  # pylint: disable=import-outside-toplevel
+
+  unet.max_pool_2x2 = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
+
+
 PATCHES = {"einsum_upsample": _patch_einsum_upsample,
            "flat_optimizer": _patch_flat_optimizer,
-           "onehot_cross_entropy": _patch_onehot_cross_entropy,
+           "gather_cross_entropy": _patch_gather_cross_entropy,
+           "nn_max_pool": _patch_nn_max_pool,
            "threefry_partitionable": _patch_threefry_partitionable}
 
 
@@ -641,7 +652,7 @@ class TorchWorker:
     self.sched = torch.optim.lr_scheduler.LambdaLR(
         self.opt, _warmup_cosine(opt.warmup_steps, config.steps))
     self.grad_clip = opt.grad_clip
-    self.temperature = _kd_temperature(config.stages.distilled.losses)
+    self.kd = _kd_term(config.stages.distilled.losses)
     info.update(params_teacher=tm.count_params(self.teacher),
                 params_student=tm.count_params(self.student))
     losses = [self._step() for _ in range(max(args.warmup, 1))]
@@ -655,7 +666,7 @@ class TorchWorker:
         t_logits, _ = self.teacher(self.images)
       s_logits, _ = self.student(self.images)
     loss, _ = self.tm.distill_loss(s_logits.float(), t_logits.float(),
-                                   self.labels, self.temperature)
+                                   self.labels, **self.kd)
     self.opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.grad_clip)
@@ -681,16 +692,20 @@ class TorchWorker:
                       e.count // steps) for e in rows[:8]]}
 
 
-def _kd_temperature(losses):
-  """kd_kl's temperature from a stage's losses (a list of term dicts, or a
-  dict of named terms), checking the terms are the ones the twin computes."""
+def _kd_term(losses):
+  """The logit term of a stage's losses (a list of term dicts, or a dict of
+  named terms) as `torch_models.distill_loss` keywords, checking the terms
+  are the ones the twin computes: CE + Dice (weights 1) + kd_kl or cwd."""
   terms = list(losses.values()) if hasattr(losses, "items") else list(losses)
-  fns = sorted(t["fn"] for t in terms)
-  if fns != ["cross_entropy", "dice", "kd_kl"] or any(
-      t.get("weight", 1.0) != 1.0 for t in terms):
-    raise ValueError(f"the PyTorch twin computes CE + Dice + kd_kl with "
-                     f"weights 1; the config's distilled stage has {terms}")
-  return [t for t in terms if t["fn"] == "kd_kl"][0]["temperature"]
+  task = [t for t in terms if t["fn"] in ("cross_entropy", "dice")]
+  logit = [t for t in terms if t["fn"] in ("kd_kl", "cwd")]
+  if (sorted(t["fn"] for t in task) != ["cross_entropy", "dice"]
+      or len(logit) != 1 or len(terms) != 3
+      or any(t.get("weight", 1.0) != 1.0 for t in task)):
+    raise ValueError(f"the PyTorch twin computes CE + Dice (weights 1) + "
+                     f"kd_kl or cwd; the config's distilled stage has {terms}")
+  return dict(kd=logit[0]["fn"], kd_weight=float(logit[0].get("weight", 1.0)),
+              temperature=float(logit[0].get("temperature", 1.0)))
 
 
 def _warmup_cosine(warmup, total):

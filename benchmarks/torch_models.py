@@ -515,14 +515,29 @@ def kd_kl(student_logits, teacher_logits, temperature):
   return kl.mean() * temperature**2
 
 
-def distill_loss(student_logits, teacher_logits, labels, temperature=4.0):
-  """The default recipe's distilled stage: CE + Dice + kd_kl, weights 1.
+def cwd(student_logits, teacher_logits, temperature):
+  """kd_jax.losses.logits.cwd: per image and channel, KL between the spatial
+  softmaxes (over H·W) of teacher and student; mean over N·C; τ² scaling."""
+  n, c = student_logits.shape[:2]
+  s = F.log_softmax(student_logits.reshape(n, c, -1) / temperature, dim=-1)
+  t = F.log_softmax(teacher_logits.reshape(n, c, -1) / temperature, dim=-1)
+  kl = F.kl_div(s, t, reduction="none", log_target=True).sum(dim=-1)
+  return kl.mean() * temperature**2
+
+
+LOGIT_TERMS = {"kd_kl": kd_kl, "cwd": cwd}
+
+
+def distill_loss(student_logits, teacher_logits, labels, temperature=4.0,
+                 kd="kd_kl", kd_weight=1.0):
+  """A distilled stage of the default recipe: CE + Dice (weights 1) +
+  kd_weight · the logit term `kd` ("kd_kl" or "cwd") at `temperature`.
 
   Returns (total, metrics dict of the unweighted terms).
   """
   ce = F.cross_entropy(student_logits, labels)
   dice = dice_loss(student_logits, labels)
-  kd = kd_kl(student_logits, teacher_logits, temperature)
-  total = ce + dice + kd
-  return total, {"cross_entropy": ce, "dice": dice, "kd_kl": kd,
+  term = LOGIT_TERMS[kd](student_logits, teacher_logits, temperature)
+  total = ce + dice + kd_weight * term
+  return total, {"cross_entropy": ce, "dice": dice, kd: term,
                  "total": total}

@@ -117,3 +117,21 @@ def test_distill_loss_matches_objective():
     np.testing.assert_allclose(float(t_metrics[k]), float(metrics[k]),
                                rtol=1e-5)
   np.testing.assert_allclose(float(t_total), float(total), rtol=1e-5)
+
+
+def test_cwd_twin_matches_kd_jax():
+  rng = np.random.default_rng(1)
+  s = rng.normal(size=(2, 6, 5, 9)).astype(np.float32) * 2
+  t = rng.normal(size=(2, 6, 5, 9)).astype(np.float32) * 2
+  y = rng.integers(0, 9, size=(2, 6, 5)).astype(np.int32)
+  terms = [dict(fn="cross_entropy"), dict(fn="dice"),
+           dict(fn="cwd", weight=3.0, temperature=4.0)]
+  total, metrics = losses.objective(terms)(
+      dict(logits=jnp.asarray(s), teacher_logits=jnp.asarray(t),
+           labels=jnp.asarray(y)))
+  t_total, t_metrics = torch_models.distill_loss(
+      _nchw(s), _nchw(t), torch.from_numpy(y).long(), temperature=4.0,
+      kd="cwd", kd_weight=3.0)
+  np.testing.assert_allclose(float(t_metrics["cwd"]), float(metrics["cwd"]),
+                             rtol=1e-5)
+  np.testing.assert_allclose(float(t_total), float(total), rtol=1e-5)
