@@ -92,19 +92,3 @@ def test_registry_errors():
     models.build("unetz", num_classes=2)
   with pytest.raises(ValueError, match="accepted"):
     models.build("unet", num_classes=2, widht=3)
-
-
-def test_max_pool_2x2_matches_flax_max_pool_values_and_gradient():
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  from kd_jax.models import unet as unet_lib  # pylint: disable=g-import-not-at-top
-  x = jax.random.normal(jax.random.key(3), (2, 6, 8, 3))  # No tied maxima.
-  ref = functools.partial(nn.max_pool, window_shape=(2, 2), strides=(2, 2))
-  np.testing.assert_array_equal(unet_lib.max_pool_2x2(x), ref(x))
-  # Each window's maximum by hand.
-  windows = np.asarray(x).reshape(2, 3, 2, 4, 2, 3).transpose(0, 1, 3, 5, 2, 4)
-  np.testing.assert_array_equal(unet_lib.max_pool_2x2(x),
-                                windows.reshape(2, 3, 4, 3, 4).max(-1))
-  w = jax.random.normal(jax.random.key(4), (2, 3, 4, 3))
-  grad = jax.grad(lambda v: jnp.sum(unet_lib.max_pool_2x2(v) * w))(x)
-  ref_grad = jax.grad(lambda v: jnp.sum(ref(v) * w))(x)
-  np.testing.assert_array_equal(grad, ref_grad)

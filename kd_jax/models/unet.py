@@ -21,23 +21,7 @@ from kd_jax.models.registry import register
 
 DEFAULT_INPUT = {"unet": (128, 128, 1)}
 DEFAULT_KWARGS = {"unet": {"num_classes": 9}}
-RECIPES = {"unet": "default recipe: teacher (width 16) and student (width 8)"}
-
-
-def max_pool_2x2(x):
-  """2×2 max-pooling with stride 2 (NHWC, even H and W) as a reshape and a
-  max over the window axes.
-
-  The same values as `nn.max_pool(x, (2, 2), strides=(2, 2))`, but its
-  gradient is an elementwise mask: `nn.max_pool`'s select-and-scatter
-  becomes, on XLA CPU, a reduce-window carrying argmax indices (four
-  full-size iotas) and a scatter, ~8 % of the default distill step's XLA
-  time (benchmarks/README.md). Where a window has tied maxima the gradient
-  is shared among them (`nn.max_pool` gives it to one); here pooling follows
-  a ReLU, whose tied maxima are zeros the ReLU's gradient stops anyway.
-  """
-  b, h, w, c = x.shape
-  return jnp.max(x.reshape(b, h // 2, 2, w // 2, 2, c), axis=(2, 4))
+RECIPES = {"unet": "default recipe: teacher (width 16) and student (width 4)"}
 
 
 class ConvBlock(nn.Module):
@@ -77,7 +61,7 @@ class UNet(nn.Module):
           x, train=train)
       features[f"enc{i + 1}"] = x
       skips.append(x)
-      x = max_pool_2x2(x)
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = ConvBlock(self.width * 2**self.depth, self.dtype, name="bottleneck")(
         x, train=train)
     features["bottleneck"] = x
