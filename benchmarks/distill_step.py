@@ -359,7 +359,14 @@ def _patch_reshape_max_pool():
   unet.nn.max_pool = max_pool
 
 
+def _patch_one_core():
+  """The worker pinned to one core before the backend starts, so XLA's
+  thread pool has one thread (as PyTorch with 1 thread, but pinned)."""
+  os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+
+
 PATCHES = {"einsum_upsample": _patch_einsum_upsample,
+           "one_core": _patch_one_core,
            "flat_optimizer": _patch_flat_optimizer,
            "gather_cross_entropy": _patch_gather_cross_entropy,
            "reshape_max_pool": _patch_reshape_max_pool,
