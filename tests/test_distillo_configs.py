@@ -48,7 +48,7 @@ def test_presets(arg, dataset, size, teacher):
     assert c.stages.dml.peer.name == teacher
     assert c.stages.student.model.name == "squeeze_unet"
   full = "full" in arg
-  assert c.epochs == (40 if full else 4)
+  assert c.epochs == (40 if full else 12)
   assert c.steps == c.epochs * common.TRAIN_SLICES[dataset] // c.batch_size
 
 

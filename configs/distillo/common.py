@@ -19,8 +19,11 @@ only in what they train and the extra loss term:
 `arg` (after the colon: `--config=configs/distillo/kd.py:full`) is
 `[<data>_]<preset>[,teacher=<stage dir>]`:
 
-  cpu   (default) 64×64 input, transunet_tiny teacher, 4 epochs at batch 16,
-        AdamW: one arm trains in minutes on a 2-core CPU
+  cpu   (default) 64×64 input, transunet_tiny teacher, 12 epochs at batch
+        16 (984 steps), AdamW: one arm trains in ~5 min on a 2-core CPU.
+        At 4 epochs the TransUNet teacher was still worse than the student
+        alone (ACDC val volumes, mean Dice 0.30 vs 0.41); at 12 its slice
+        validation Dice reached 0.76 (2026-11-23)
   full  224×224 input, transunet_b16 teacher, 40 epochs at batch 24, SGD
         0.01 with momentum 0.9 (TransUNet's optimizer): for a GPU/TPU
   data  acdc (default; `data.root` holds acdc/, "" = $KD_JAX_DATA or
@@ -74,7 +77,7 @@ def _preset(preset: str, image_size_full: int = 224) -> dict:
   if preset == "cpu":
     size = 64
     return dict(
-        image_size=size, batch_size=16, epochs=4,
+        image_size=size, batch_size=16, epochs=12,
         teacher=dict(name="transunet_tiny", image_size=size),
         optimizer=dict(name="adamw", lr=2e-3, weight_decay=1e-4,
                        momentum=0.9, warmup_steps=20, grad_clip=1.0),
