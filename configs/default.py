@@ -9,8 +9,8 @@ Sized to finish in about 10 minutes on a 2-core CPU.
 
 Why channel-wise distillation (Shu et al., ICCV 2021) and not Hinton KD on
 every pixel: the organs cover a few percent of the pixels, so a per-pixel KL
-averaged over the image is mostly a background term, and the narrow student
-learns the organs later with it than without it. CWD turns each class
+averaged over the image is mostly a background term; with it the narrow
+student's result swung with the seed, on some seeds below the student alone. CWD turns each class
 channel into a distribution over the pixels and matches those, so every
 organ weighs the same. T = 1 keeps those distributions peaked on the organ
 (the paper's T = 4, for 19-class street scenes, spreads them here). The
