@@ -536,6 +536,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                   for i in range(config.batch_size)]), rep)
     predict = jax.jit(method.predict)
     key = method.model_key
+    feature = explain.model_cam_feature(method.model, images.shape)
     variables = {"params": state.params[key],
                  "batch_stats": state.batch_stats[key]}
     results[name] = dict(
@@ -544,9 +545,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         images_per_s=measure_throughput(predict, state, images),
         predict=lambda x, p=predict, s=state: np.asarray(
             jnp.argmax(p(s.params, s.batch_stats, x), -1)),
-        cam_feature=explain.model_cam_feature(method.model, images.shape),
-        explain=lambda x, c, m=method.model, v=variables, f=None: tuple(
-            np.asarray(a) for a in explain.explainer(
-                m, f or explain.model_cam_feature(m, x.shape), c)(v, x)))
+        cam_feature=feature,
+        explain=lambda x, c, m=method.model, v=variables, f=feature: tuple(
+            np.asarray(a) for a in explain.explainer(m, f, c)(v, x)))
   report.write(workdir, config, datasets, results)
   return results
