@@ -170,6 +170,9 @@ def parse_args(argv=None):
                  "kind is not in PEAK_FLOPS")
   p.add_argument("--xla_flags", default="",
                  help="extra XLA_FLAGS for every kd_jax worker")
+  p.add_argument("--torch_retain_freed_memory", action="store_true",
+                 help="add a PyTorch worker per thread count with kd_jax's "
+                 "malloc setting (runtime.retain_freed_memory)")
   p.add_argument("--torch_threads", default="0",
                  help="torch.set_num_threads per PyTorch worker, comma list "
                  "(0: PyTorch's default, one per core)")
@@ -359,6 +362,18 @@ def _patch_reshape_max_pool():
   unet.nn.max_pool = max_pool
 
 
+def _patch_glibc_malloc_defaults():
+  """Undoes `kd_jax.runtime.retain_freed_memory()`: glibc's initial mmap and
+  trim thresholds (128 KiB) and top pad (0), as in a process that never
+  called it, except that the mmap threshold no longer adapts."""
+  import ctypes  # pylint: disable=import-outside-toplevel
+  import ctypes.util  # pylint: disable=import-outside-toplevel
+
+  mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+  assert mallopt(-3, 128 << 10) == mallopt(-1, 128 << 10) == 1
+  assert mallopt(-2, 0) == 1
+
+
 def _patch_one_core():
   """The worker pinned to one core before the backend starts, so XLA's
   thread pool has one thread (as PyTorch with 1 thread, but pinned)."""
@@ -367,6 +382,7 @@ def _patch_one_core():
 
 PATCHES = {"einsum_upsample": _patch_einsum_upsample,
            "one_core": _patch_one_core,
+           "glibc_malloc_defaults": _patch_glibc_malloc_defaults,
            "flat_optimizer": _patch_flat_optimizer,
            "gather_cross_entropy": _patch_gather_cross_entropy,
            "reshape_max_pool": _patch_reshape_max_pool,
@@ -629,7 +645,7 @@ class TorchWorker:
   """The PyTorch twins, eager, `threads` intra-op threads (0: default), on
   the GPU when there is one; bf16 autocast with --compute_dtype=bfloat16."""
 
-  def __init__(self, args, threads):
+  def __init__(self, args, threads, retain=False):
     import numpy as np  # pylint: disable=import-outside-toplevel
     import torch  # pylint: disable=import-outside-toplevel
 
@@ -642,6 +658,10 @@ class TorchWorker:
     if threads:
       torch.set_num_threads(threads)
     info["threads"] = torch.get_num_threads()
+    info["retain"] = retain
+    if retain:  # kd_jax's allocator setting, given to PyTorch too.
+      from kd_jax import runtime  # pylint: disable=import-outside-toplevel
+      assert runtime.retain_freed_memory()
     self.torch, self.tm = torch, tm
     config, t_cfg, s_cfg = pair_config(args.pair, args.size)
 
@@ -754,11 +774,11 @@ def serve(args):
     out.write(REPLY + json.dumps(obj) + "\n")
     out.flush()
 
-  kind, _, n = args.worker.partition(":")
+  kind, n, *retain = args.worker.split(":")
   if kind == "jax":
     worker = JaxWorker(args, int(n), args.worker_flags)
   else:
-    worker = TorchWorker(args, int(n))
+    worker = TorchWorker(args, int(n), retain == ["retain"])
   send(worker.info)
   for line in sys.stdin:
     cmd = line.strip()
@@ -859,7 +879,8 @@ def _compare(args, jax_configs):
     w = Proc(name, common + extra, env)
     info = w.read()
     if "threads" in info:
-      w.name = f"PyTorch {info['version']} eager, {info['threads']} threads"
+      w.name = (f"PyTorch {info['version']} eager, {info['threads']} threads"
+                + ", freed memory kept (as kd_jax)" * info["retain"])
     print(f"  started {w.name} in {time.perf_counter() - t:.0f} s",
           file=sys.stderr, flush=True)
     workers.append(w)
@@ -873,6 +894,8 @@ def _compare(args, jax_configs):
   if not args.no_torch:
     for n in (int(x) for x in args.torch_threads.split(",") if x):
       start("PyTorch", [f"--worker=torch:{n}"])
+      if args.torch_retain_freed_memory:
+        start("PyTorch", [f"--worker=torch:{n}:retain"])
 
   load = os.getloadavg()[0]
   print(f"pair {args.pair}: batch {args.batch}, {args.size}x{args.size}, "
