@@ -6,7 +6,7 @@
     python benchmarks/distill_step.py --pair=transunet_squeeze --rounds=3
     python benchmarks/distill_step.py --pair=unet_large --steps=2 \
         --variant="2:--xla_cpu_experimental_ynn_fusion_type=" \
-        --variant="1:patch=einsum_upsample" --torch_threads=0,1 --profile
+        --variant="1:patch=conv_transpose_upsample" --torch_threads=0,1 --profile
 
 One step = teacher forward (eval mode, frozen) + student forward/backward +
 optimizer update, with the loss of configs/default.py's distilled stage
@@ -263,44 +263,18 @@ def _load_batch(args):
 # the maths, so the first-step loss must equal the unpatched worker's.
 
 
-def _patch_einsum_upsample():
-  """UNet's 2×2 stride-2 ConvTranspose as a per-pixel einsum + depth-to-space.
-
-  The same kernel (2, 2, in, out) and bias under the same name, the same
-  output (Flax's ConvTranspose correlates with the unflipped kernel, so
-  output pixel (2i+a, 2j+b) takes kernel[1-a, 1-b]). XLA CPU lowers the
-  transposed conv's weight gradient to a 64×64-window dilated convolution;
-  as an einsum both gradients are plain matmuls.
-  """
-  import types  # pylint: disable=import-outside-toplevel
-
+def _patch_conv_transpose_upsample():
+  """UNet's 2×2 stride-2 upsampling as flax's `nn.ConvTranspose` again (what
+  kd_jax used before `unet.Upsample2x`, the same parameters and output)."""
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
   from kd_jax.models import unet  # pylint: disable=import-outside-toplevel
 
-  class Upsample2x(nn.Module):
-    features: int
-    dtype: object = jnp.float32
+  def conv_transpose(features, dtype, name):
+    return nn.ConvTranspose(features, (2, 2), strides=(2, 2), dtype=dtype,
+                            name=name)
 
-    @nn.compact
-    def __call__(self, x):
-      kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                          (2, 2, x.shape[-1], self.features), jnp.float32)
-      bias = self.param("bias", nn.initializers.zeros, (self.features,),
-                        jnp.float32)
-      y = jnp.einsum("nhwc,abcd->nhawbd", x.astype(self.dtype),
-                     kernel[::-1, ::-1].astype(self.dtype))
-      n, h, _, w, _, d = y.shape
-      return y.reshape(n, 2 * h, 2 * w, d) + bias.astype(self.dtype)
-
-  def conv_transpose(features, kernel_size, strides, dtype, name):
-    assert tuple(kernel_size) == (2, 2) and tuple(strides) == (2, 2)
-    return Upsample2x(features, dtype, name=name)
-
-  unet.nn = types.SimpleNamespace(**{
-      k: getattr(nn, k) for k in dir(nn) if not k.startswith("__")})
-  unet.nn.ConvTranspose = conv_transpose
+  unet.Upsample2x = conv_transpose
 
 
 def _patch_threefry_partitionable():
@@ -380,7 +354,7 @@ def _patch_one_core():
   os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
 
-PATCHES = {"einsum_upsample": _patch_einsum_upsample,
+PATCHES = {"conv_transpose_upsample": _patch_conv_transpose_upsample,
            "one_core": _patch_one_core,
            "glibc_malloc_defaults": _patch_glibc_malloc_defaults,
            "flat_optimizer": _patch_flat_optimizer,
