@@ -43,3 +43,12 @@ def test_cpu_convolutions_compile_without_ynnpack_fusions():
                    jnp.ones((3, 3, 32, 32))).compile().as_text()
   assert "convolution" in hlo
   assert "__ynn_fusion" not in hlo
+
+
+def test_retain_freed_memory_on_glibc():
+  import platform  # pylint: disable=import-outside-toplevel
+
+  if platform.libc_ver()[0] != "glibc":
+    assert runtime.retain_freed_memory() is False
+  else:
+    assert runtime.retain_freed_memory() is True
