@@ -15,7 +15,11 @@ warm-up/cosine schedule and global-norm clipping, at `--batch` (16 unless
 given). Pairs: `default` (configs/default.py's teacher and student: UNet
 width 16 → 8 since 2026-11-23 14:58, → 4 before; depth 3, 64²),
 `unet_large` (UNet 32 → 16, depth 4, 128²: 7.8 M → 1.9 M parameters) and
-`transunet_squeeze` (transunet_tiny → squeeze_unet, 128²); 9 classes.
+`transunet_squeeze` (transunet_tiny → squeeze_unet, 128²) and
+`pspnet_resnet18` (pspnet_resnet101 → pspnet_resnet18, deep-stem dilated
+ResNets at output stride 8, 64²: 70.4 M → 13.1 M parameters; the student's
+dropout masks are each framework's own draws, so its first-step losses
+agree only approximately); 9 classes.
 
 * kd_jax side: the trainer's own pieces (`train.build_method`,
   `init_state`, `make_optimizer`, `make_train_step`, `jit_train_step` over
@@ -88,6 +92,10 @@ PAIRS = {
     # The CPU preset of the heterogeneous recipe: TransUNet → SqueezeU-Net.
     "transunet_squeeze": dict(teacher=dict(name="transunet_tiny"),
                               student=dict(name="squeeze_unet"), size=128),
+    # The Structured KD pair: PSPNet on a dilated ResNet-101 → on ResNet-18
+    # (output stride 8; 64² gives an 8×8 map, ≥ the largest bin, 6).
+    "pspnet_resnet18": dict(teacher=dict(name="pspnet_resnet101"),
+                            student=dict(name="pspnet_resnet18"), size=64),
 }
 NUM_CLASSES = 9  # The synthetic CT source's classes.
 REPLY = "@@"  # Prefix of a worker's reply line (libraries may print too).
@@ -142,7 +150,7 @@ def parse_args(argv=None):
   p.add_argument("--pair", default="default", choices=sorted(PAIRS))
   p.add_argument("--batch", type=int, default=16, help="global batch")
   p.add_argument("--size", type=int, default=None,
-                 help="image side (default: 64 for default, else 128)")
+                 help="image side (default: the pair's, 64 or 128)")
   p.add_argument("--rounds", type=int, default=5)
   p.add_argument("--steps", type=int, default=3,
                  help="steps per round and configuration")

@@ -8,6 +8,9 @@ by `load_flax_variables`) the outputs of its kd_jax model:
   SqueezeUNet   kd_jax/models/squeeze_unet.py  ("squeeze_unet")
   TransUNet     kd_jax/models/transunet.py     ("transunet_tiny" preset and
                                                  the full R50-ViT-B/16)
+  PSPNet        kd_jax/models/pspnet.py        ("pspnet_resnet101", "_50",
+                                                 "_18"; dilated ResNet of
+                                                 kd_jax/models/resnet.py)
 
 Tensors are NCHW (PyTorch's native layout); the kd_jax models are NHWC.
 Every submodule carries the name of its Flax counterpart (`enc1.Conv_0`,
@@ -387,10 +390,202 @@ class TransUNet(nn.Module):
     return self.segmentation_head(x), features
 
 
+# ----------------------------------------------------------------------------
+# ResNet (torchvision layout, dilated) and PSPNet.
+
+
+def _conv(cin, cout, kernel, stride=1, dilation=1):
+  """kd_jax.models.resnet.conv: no bias, symmetric padding d·(k−1)/2."""
+  return nn.Conv2d(cin, cout, kernel, stride=stride,
+                   padding=dilation * (kernel - 1) // 2, dilation=dilation,
+                   bias=False)
+
+
+class ResBlock(nn.Module):
+  """resnet.BasicBlock (two 3×3) or resnet.Bottleneck (1×1, 3×3 strided,
+  1×1 × 4); a 1×1 conv + BN shortcut (proj_conv, proj_bn) when the stride
+  or the width changes. Every 3×3 conv of the block is dilated."""
+
+  def __init__(self, cin, features, stride, dilation, bottleneck):
+    super().__init__()
+    self.bottleneck = bottleneck
+    out = features * (4 if bottleneck else 1)
+    if bottleneck:
+      self.conv1 = _conv(cin, features, 1)
+      self.bn1 = _bn(features)
+      self.conv2 = _conv(features, features, 3, stride, dilation)
+      self.bn2 = _bn(features)
+      self.conv3 = _conv(features, out, 1)
+      self.bn3 = _bn(out)
+    else:
+      self.conv1 = _conv(cin, features, 3, stride, dilation)
+      self.bn1 = _bn(features)
+      self.conv2 = _conv(features, features, 3, 1, dilation)
+      self.bn2 = _bn(features)
+    self.has_proj = stride != 1 or cin != out
+    if self.has_proj:
+      self.proj_conv = _conv(cin, out, 1, stride)
+      self.proj_bn = _bn(out)
+
+  def forward(self, x):
+    y = F.relu(self.bn1(self.conv1(x)))
+    y = self.bn2(self.conv2(y))
+    if self.bottleneck:
+      y = self.bn3(self.conv3(F.relu(y)))
+    shortcut = self.proj_bn(self.proj_conv(x)) if self.has_proj else x
+    return F.relu(y + shortcut)
+
+
+# kd_jax.models.resnet: (blocks per stage, bottleneck) and, per output
+# stride, the (stride, dilation) of stages 1..4.
+RESNETS = {"resnet18": ((2, 2, 2, 2), False),
+           "resnet34": ((3, 4, 6, 3), False),
+           "resnet50": ((3, 4, 6, 3), True),
+           "resnet101": ((3, 4, 23, 3), True)}
+_STAGE_STRIDES = {32: ((1, 1), (2, 1), (2, 1), (2, 1)),
+                  16: ((1, 1), (2, 1), (2, 1), (1, 2)),
+                  8: ((1, 1), (2, 1), (1, 2), (1, 4))}
+
+
+class ResNet(nn.Module):
+  """kd_jax.models.resnet.ResNet without the classification head
+  (num_classes=None); forward returns its features dict (NCHW)."""
+
+  def __init__(self, arch, output_stride=32, deep_stem=False, width=64,
+               in_channels=3):
+    super().__init__()
+    self.deep_stem = deep_stem
+    sizes, bottleneck = RESNETS[arch]
+    w = width
+    if deep_stem:
+      cin = in_channels
+      for i, ch in enumerate((w, w, 2 * w)):
+        setattr(self, f"stem_conv{i + 1}",
+                _conv(cin, ch, 3, 2 if i == 0 else 1))
+        setattr(self, f"stem_bn{i + 1}", _bn(ch))
+        cin = ch
+    else:
+      self.stem_conv = _conv(in_channels, w, 7, 2)
+      self.stem_bn = _bn(w)
+      cin = w
+    self.names = []
+    for i, (n, (stride, dilation)) in enumerate(
+        zip(sizes, _STAGE_STRIDES[output_stride])):
+      names = []
+      for j in range(n):
+        block = ResBlock(cin, w * 2**i, stride if j == 0 else 1, dilation,
+                         bottleneck)
+        setattr(self, f"layer{i + 1}_{j}", block)
+        names.append(f"layer{i + 1}_{j}")
+        cin = w * 2**i * (4 if bottleneck else 1)
+      self.names.append(names)
+
+  def forward(self, x):
+    feats = {}
+    if self.deep_stem:
+      for i in range(3):
+        x = getattr(self, f"stem_conv{i + 1}")(x)
+        x = F.relu(getattr(self, f"stem_bn{i + 1}")(x))
+    else:
+      x = F.relu(self.stem_bn(self.stem_conv(x)))
+    feats["stem"] = x
+    x = F.max_pool2d(x, 3, 2, 1)  # Pads with −inf, as kd_jax's.
+    for i, names in enumerate(self.names):
+      for name in names:
+        x = getattr(self, name)(x)
+      feats[f"layer{i + 1}"] = x
+    feats["embedding"] = x.mean(dim=(2, 3))
+    return feats
+
+
+def _resize(x, size):
+  # jax.image.resize "bilinear" without antialiasing = align_corners=False
+  # (half-pixel centres, edge samples clamped); PSPNet only upsamples here.
+  return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+class SegHead(nn.Module):
+  """pspnet.SegHead: head_conv/head_bn/ReLU → Dropout2d → classifier."""
+
+  def __init__(self, cin, num_classes, channels, dropout):
+    super().__init__()
+    self.head_conv = _conv(cin, channels, 3)
+    self.head_bn = _bn(channels)
+    self.dropout = nn.Dropout2d(dropout)
+    self.classifier = nn.Conv2d(channels, num_classes, 1)
+
+  def forward(self, x):
+    x = F.relu(self.head_bn(self.head_conv(x)))
+    return self.classifier(self.dropout(x)), x
+
+
+class PyramidPooling(nn.Module):
+  """pspnet.PyramidPooling; adaptive average pooling is torch's rule, which
+  kd_jax's `adaptive_avg_pool` reproduces (overlapping bins)."""
+
+  def __init__(self, cin, channels, bins):
+    super().__init__()
+    self.bins = tuple(bins)
+    for b in self.bins:
+      setattr(self, f"bin{b}_conv", _conv(cin, channels, 1))
+      setattr(self, f"bin{b}_bn", _bn(channels))
+    self.fuse_conv = _conv(cin + len(self.bins) * channels, channels, 3)
+    self.fuse_bn = _bn(channels)
+
+  def forward(self, x):
+    size = x.shape[2:]
+    pyramid = [x]
+    for b in self.bins:
+      p = getattr(self, f"bin{b}_conv")(F.adaptive_avg_pool2d(x, b))
+      pyramid.append(_resize(F.relu(getattr(self, f"bin{b}_bn")(p)), size))
+    x = torch.cat(pyramid, dim=1)
+    return F.relu(self.fuse_bn(self.fuse_conv(x)))
+
+
+class PSPNet(nn.Module):
+  """kd_jax.models.pspnet.PSPNet (NCHW): dilated ResNet at output stride 8,
+  pyramid pooling, Dropout2d, 1×1 classifier, auxiliary head on layer3.
+
+  The auxiliary head runs when `aux` (default: in training mode only, the
+  usual PyTorch PSPNet; kd_jax's jitted step drops it wherever its output
+  is unused, e.g. the teacher's eval forward) and gives "aux_logits".
+  """
+
+  def __init__(self, num_classes=19, backbone="resnet101", bins=(1, 2, 3, 6),
+               head_channels=None, aux=True, aux_channels=None, dropout=0.1,
+               deep_stem=True, width=64, in_channels=3):
+    super().__init__()
+    self.backbone = ResNet(backbone, 8, deep_stem, width, in_channels)
+    exp = 4 if RESNETS[backbone][1] else 1
+    c3, c4 = width * 4 * exp, width * 8 * exp
+    head_channels = head_channels or c4 // 4
+    self.ppm = PyramidPooling(c4, head_channels, bins)
+    self.dropout = nn.Dropout2d(dropout)
+    self.classifier = nn.Conv2d(head_channels, num_classes, 1)
+    self.has_aux = aux
+    if aux:
+      self.aux = SegHead(c3, num_classes, aux_channels or c3 // 2, dropout)
+
+  def forward(self, x, aux=None):
+    size = x.shape[2:]
+    feats = self.backbone(x)
+    y = self.ppm(feats["layer4"])
+    feats["head"] = y
+    y = self.classifier(self.dropout(y))
+    if self.has_aux and (self.training if aux is None else aux):
+      a, _ = self.aux(feats["layer3"])
+      feats["aux_logits"] = _resize(a, size)
+    return _resize(y, size), feats
+
+
 # kd_jax's transunet_tiny preset.
 TRANSUNET_TINY = dict(resnet_blocks=(1, 1, 1), resnet_width=16, hidden=128,
                       depth=2, num_heads=4, mlp_dim=256, image_size=128,
                       head_channels=64, decoder_channels=(64, 32, 16, 8))
+
+
+PSPNETS = {"pspnet_resnet101": "resnet101", "pspnet_resnet50": "resnet50",
+           "pspnet_resnet18": "resnet18"}
 
 
 def build(name, num_classes, in_channels=1, **kw):
@@ -402,8 +597,12 @@ def build(name, num_classes, in_channels=1, **kw):
   if name in ("transunet_tiny", "transunet_b16"):
     preset = TRANSUNET_TINY if name == "transunet_tiny" else {}
     return TransUNet(num_classes, **{**preset, **kw})  # Input repeated to 3.
+  if name in PSPNETS:
+    return PSPNet(num_classes, backbone=PSPNETS[name],
+                  in_channels=in_channels, **kw)
   raise ValueError(f"no PyTorch twin for model {name!r}; twins: unet, "
-                   "squeeze_unet, transunet_tiny, transunet_b16")
+                   "squeeze_unet, transunet_tiny, transunet_b16, "
+                   f"{', '.join(PSPNETS)}")
 
 
 def count_params(model) -> int:

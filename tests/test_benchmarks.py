@@ -135,3 +135,84 @@ def test_cwd_twin_matches_kd_jax():
   np.testing.assert_allclose(float(t_metrics["cwd"]), float(metrics["cwd"]),
                              rtol=1e-5)
   np.testing.assert_allclose(float(t_total), float(total), rtol=1e-5)
+
+
+def _init_variables(model, x):
+  """kd_jax's initial variables of `model` (init compiled at XLA backend
+  level 0, as the benchmark does), with random BatchNorm scales, biases and
+  running statistics and random conv biases, so that a mix-up of any of
+  them shows."""
+  init = jax.jit(functools.partial(model.init, train=False))
+  key = jax.random.key(0)
+  variables = init.lower(key, x).compile(
+      compiler_options={"xla_backend_optimization_level": 0})(key, x)
+  rng = np.random.default_rng(1)
+
+  def draw(path, v):
+    leaf = path[-1].key
+    if leaf in ("scale", "var"):
+      return rng.uniform(0.5, 1.5, size=v.shape).astype(np.float32)
+    if leaf in ("bias", "mean"):
+      return rng.normal(scale=0.1, size=v.shape).astype(np.float32)
+    return np.asarray(v)
+
+  return jax.tree_util.tree_map_with_path(draw, variables)
+
+
+def _assert_close(got_nchw, want_nhwc, rtol=1e-4):
+  want = np.asarray(want_nhwc)
+  got = got_nchw.permute(0, 2, 3, 1).numpy() if got_nchw.ndim == 4 else (
+      got_nchw.numpy())
+  # Relative to the map's scale: the 101-layer teacher's logits reach ~10.
+  np.testing.assert_allclose(got, want, rtol=rtol,
+                             atol=rtol * max(1.0, np.abs(want).max()))
+
+
+@pytest.mark.parametrize("name", ["pspnet_resnet101", "pspnet_resnet18"])
+def test_pspnet_twin_matches_eval_outputs(name):
+  """The benchmark pair's models at full size, 9 classes, 1 channel."""
+  model = models.build(name, num_classes=9)
+  x = np.random.default_rng(0).uniform(size=(2, 64, 64, 1)).astype(
+      np.float32)
+  variables = _init_variables(model, x)
+  twin = _twin(name, dict(num_classes=9), variables, 1)
+  assert torch_models.count_params(twin) == sum(
+      v.size for v in jax.tree.leaves(variables["params"]))
+  logits, feats = jax.jit(functools.partial(model.apply, train=False))(
+      variables, x)
+  with torch.no_grad():
+    t_logits, t_feats = twin(_nchw(x), aux=True)
+  _assert_close(t_logits, logits)
+  for k in ("stem", "layer3", "layer4", "head", "embedding", "aux_logits"):
+    _assert_close(t_feats[k], feats[k])
+  # As PyTorch PSPNets do, the twin skips the auxiliary head in eval mode
+  # (XLA drops it from kd_jax's step, where nothing reads it).
+  with torch.no_grad():
+    assert "aux_logits" not in twin(_nchw(x))[1]
+
+
+def test_pspnet_twin_matches_train_outputs():
+  """Train mode (batch statistics, aux head) with dropout 0: with dropout
+  the masks are the frameworks' own random draws."""
+  kw = dict(num_classes=5, width=8, dropout=0.0)
+  model = models.build("pspnet_resnet18", **kw)
+  x = np.random.default_rng(0).uniform(size=(2, 64, 64, 1)).astype(
+      np.float32)
+  variables = _init_variables(model, x)
+  twin = _twin("pspnet_resnet18", kw, variables, 1).train()
+  (logits, feats), _ = jax.jit(functools.partial(
+      model.apply, train=True, mutable=["batch_stats"]))(variables, x)
+  with torch.no_grad():
+    t_logits, t_feats = twin(_nchw(x))
+  _assert_close(t_logits, logits, rtol=1e-4)
+  _assert_close(t_feats["aux_logits"], feats["aux_logits"], rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["pspnet_resnet101", "pspnet_resnet50",
+                                  "pspnet_resnet18"])
+def test_pspnet_param_count_equal(name):
+  model = models.build(name, num_classes=9)
+  shapes = jax.eval_shape(functools.partial(model.init, train=False),
+                          jax.random.key(0), jnp.zeros((1, 64, 64, 1)))
+  n_jax = sum(x.size for x in jax.tree.leaves(shapes["params"]))
+  assert torch_models.count_params(torch_models.build(name, 9)) == n_jax
