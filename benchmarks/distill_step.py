@@ -348,12 +348,11 @@ def _patch_glibc_malloc_defaults():
   """Undoes `kd_jax.runtime.retain_freed_memory()`: glibc's initial mmap and
   trim thresholds (128 KiB) and top pad (0), as in a process that never
   called it, except that the mmap threshold no longer adapts."""
-  import ctypes  # pylint: disable=import-outside-toplevel
-  import ctypes.util  # pylint: disable=import-outside-toplevel
+  from kd_jax import runtime  # pylint: disable=import-outside-toplevel
 
-  mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
-  assert mallopt(-3, 128 << 10) == mallopt(-1, 128 << 10) == 1
-  assert mallopt(-2, 0) == 1
+  assert runtime.set_malloc({runtime.M_MMAP_THRESHOLD: 128 << 10,
+                             runtime.M_TRIM_THRESHOLD: 128 << 10,
+                             runtime.M_TOP_PAD: 0})
 
 
 def _patch_one_core():

@@ -6,8 +6,7 @@ import os
 # XLA:CPU options kd_jax sets unless XLA_FLAGS already names them.
 # - No YNNPACK library fusions (jaxlib 0.10's CPU default for convolutions,
 #   dots and reductions): without them the default pair's distill step ran
-#   1.1-1.5x faster on the 2-core VM (benchmarks/README.md, "XLA:CPU
-#   without YNNPACK fusions"); later jaxlibs have had wrong results reported
+#   1.1-1.5x faster on the 2-core VM (benchmarks/README.md, "Latest"); later jaxlibs have had wrong results reported
 #   from them. Only the CPU reads these flags.
 CPU_XLA_FLAGS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
@@ -21,14 +20,14 @@ def xla_flags(current: str) -> str:
 
 
 # glibc mallopt() parameters and the values kd_jax sets.
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
 MALLOPT = {
     # Serve buffers up to 32 MiB (glibc's maximum) from the heap, not from
     # fresh mmap()s ...
-    _M_MMAP_THRESHOLD: 32 << 20,
+    M_MMAP_THRESHOLD: 32 << 20,
     # ... and keep freed memory instead of handing it back to the OS.
-    _M_TRIM_THRESHOLD: 2**31 - 1,
-    _M_TOP_PAD: 64 << 20,
+    M_TRIM_THRESHOLD: 2**31 - 1,
+    M_TOP_PAD: 64 << 20,
 }
 
 
@@ -43,12 +42,16 @@ def retain_freed_memory() -> bool:
   process keeps its peak heap until it exits, like PyTorch's caching
   allocators. Returns False where the C library has no mallopt (not glibc).
   """
-  name = ctypes.util.find_library("c")
+  return set_malloc(MALLOPT)
+
+
+def set_malloc(params: dict) -> bool:
+  """glibc `mallopt(param, value)` for each item; False without mallopt."""
   try:
-    mallopt = ctypes.CDLL(name).mallopt
+    mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
   except (OSError, AttributeError, TypeError):
     return False
-  return all(mallopt(k, v) == 1 for k, v in MALLOPT.items())
+  return all(mallopt(k, v) == 1 for k, v in params.items())
 
 
 def configure():

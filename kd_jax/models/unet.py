@@ -21,7 +21,7 @@ from kd_jax.models.registry import register
 
 DEFAULT_INPUT = {"unet": (128, 128, 1)}
 DEFAULT_KWARGS = {"unet": {"num_classes": 9}}
-RECIPES = {"unet": "default recipe: teacher (width 16) and student (width 4)"}
+RECIPES = {"unet": "default recipe: teacher (width 16) and student (width 8)"}
 
 
 class ConvBlock(nn.Module):
@@ -47,8 +47,8 @@ class Upsample2x(nn.Module):
   kernel, so output pixel (2i + a, 2j + b) is x[i, j] · kernel[1 - a, 1 - b].
   XLA:CPU lowers the transposed convolution's kernel gradient to a
   convolution with a window the size of the image; as an einsum both
-  gradients are matmuls (the default distill step 1.1-1.15x faster on the
-  2-core VM, benchmarks/README.md).
+  gradients are matmuls (the default distill step 0-13 % faster across runs
+  on the 2-core VM, benchmarks/README.md "Latest").
   """
   features: int
   dtype: Any = jnp.float32
