@@ -285,6 +285,27 @@ def _patch_conv_transpose_upsample():
   unet.Upsample2x = conv_transpose
 
 
+def _patch_flax_batchnorm():
+  """flax's `nn.BatchNorm` (autodiff through its statistics) in every model
+  again, in place of `kd_jax.models.layers.BatchNorm`."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+
+  from kd_jax.models import layers  # pylint: disable=import-outside-toplevel
+
+  _replace_in_models(layers.BatchNorm, nn.BatchNorm)
+
+
+def _replace_in_models(old, new):
+  """Every kd_jax model module's global bound to `old` rebound to `new`."""
+  import kd_jax.models.connectors  # pylint: disable=import-outside-toplevel,unused-import
+
+  for name, module in list(sys.modules.items()):
+    if name.startswith("kd_jax.models.") and name != "kd_jax.models.layers":
+      for key, value in list(vars(module).items()):
+        if value is old:
+          setattr(module, key, new)
+
+
 def _patch_threefry_partitionable():
   """jax's default random-bit generator, which kd_jax.runtime turns off."""
   import jax  # pylint: disable=import-outside-toplevel
@@ -321,27 +342,18 @@ def _patch_gather_cross_entropy():
   losses.REGISTRY["cross_entropy"] = spec._replace(fn=cross_entropy)
 
 
-def _patch_reshape_max_pool():
-  """UNet's 2×2 max-pooling as a reshape and a max over the window axes: the
-  same values, a gradient by elementwise mask instead of XLA CPU's
-  reduce-window carrying argmax iotas + scatter (tied maxima share the
-  gradient instead of one taking it). Tried 2026-11-23: the iotas and the
-  scatter leave the profile, the step time does not change measurably."""
-  import types  # pylint: disable=import-outside-toplevel
+def _patch_flax_max_pool():
+  """flax's `nn.max_pool` (a reduce-window; on XLA:CPU its gradient carries
+  argmax iotas and a scatter) in place of `kd_jax.models.layers.max_pool_2x2`
+  in every model."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
 
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from kd_jax.models import layers  # pylint: disable=import-outside-toplevel
 
-  from kd_jax.models import unet  # pylint: disable=import-outside-toplevel
+  def max_pool(x):
+    return nn.max_pool(x, (2, 2), strides=(2, 2))
 
-  def max_pool(x, window_shape, strides):
-    assert tuple(window_shape) == tuple(strides) == (2, 2)
-    b, h, w, c = x.shape
-    return jnp.max(x.reshape(b, h // 2, 2, w // 2, 2, c), axis=(2, 4))
-
-  base = unet.nn  # flax.linen, or another patch's stand-in.
-  unet.nn = types.SimpleNamespace(**{
-      k: getattr(base, k) for k in dir(base) if not k.startswith("__")})
-  unet.nn.max_pool = max_pool
+  _replace_in_models(layers.max_pool_2x2, max_pool)
 
 
 def _patch_glibc_malloc_defaults():
@@ -365,8 +377,9 @@ PATCHES = {"conv_transpose_upsample": _patch_conv_transpose_upsample,
            "one_core": _patch_one_core,
            "glibc_malloc_defaults": _patch_glibc_malloc_defaults,
            "flat_optimizer": _patch_flat_optimizer,
+           "flax_batchnorm": _patch_flax_batchnorm,
+           "flax_max_pool": _patch_flax_max_pool,
            "gather_cross_entropy": _patch_gather_cross_entropy,
-           "reshape_max_pool": _patch_reshape_max_pool,
            "threefry_partitionable": _patch_threefry_partitionable}
 
 

@@ -26,6 +26,8 @@ from typing import Any, Optional, Sequence, Union
 import flax.linen as nn
 import jax.numpy as jnp
 
+from kd_jax.models.layers import BatchNorm
+
 Dtype = Any
 
 
@@ -54,8 +56,8 @@ class Conv1x1(nn.Module):
     x = nn.Conv(self.out_features, (1,) * spatial, use_bias=not self.use_bn,
                 dtype=self.dtype, name="conv")(x)
     if self.use_bn:
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                       dtype=self.dtype, name="bn")(x)
+      x = BatchNorm(use_running_average=not train, momentum=0.9,
+                    dtype=self.dtype, name="bn")(x)
     return x
 
 

@@ -47,6 +47,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kd_jax.models.layers import BatchNorm
 from kd_jax.models.registry import register
 
 DEFAULT_INPUT = {
@@ -80,8 +81,8 @@ class ConvNormAct(nn.Module):
                 feature_group_count=self.groups, use_bias=self.use_bias,
                 dtype=self.dtype, name="conv")(x)
     if self.norm:
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                       epsilon=1e-5, dtype=self.dtype, name="bn")(x)
+      x = BatchNorm(use_running_average=not train, momentum=0.9,
+                    epsilon=1e-5, dtype=self.dtype, name="bn")(x)
     return self.act(x) if self.act is not None else x
 
 

@@ -37,6 +37,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from kd_jax.models.layers import BatchNorm
 from kd_jax.models.pspnet import resize_bilinear
 from kd_jax.models.registry import register
 
@@ -56,8 +57,8 @@ class PReLU(nn.Module):
 
 
 def bn_prelu(x, train, dtype, name):
-  x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-3,
-                   dtype=dtype, param_dtype=jnp.float32, name=f"{name}_bn")(x)
+  x = BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-3,
+                dtype=dtype, param_dtype=jnp.float32, name=f"{name}_bn")(x)
   return PReLU(dtype=dtype, name=f"{name}_act")(x)
 
 
@@ -153,9 +154,9 @@ class ESPNet(nn.Module):
                               use_bias=False, dtype=d,
                               param_dtype=jnp.float32, name=name)(z)
 
-    z = nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                     epsilon=1e-3, dtype=d, param_dtype=jnp.float32,
-                     name="dec3_bn")(logits8)
+    z = BatchNorm(use_running_average=not train, momentum=0.9,
+                  epsilon=1e-3, dtype=d, param_dtype=jnp.float32,
+                  name="dec3_bn")(logits8)
     z = up(z, "dec3_up")
     z = jnp.concatenate([conv(c, 1, dtype=d, name="dec2_proj")(l2), z], -1)
     z = bn_prelu(z, train, d, "dec2_cat")

@@ -43,6 +43,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from kd_jax.models.layers import BatchNorm, max_pool_2x2
 from kd_jax.models.registry import register
 
 DEFAULT_INPUT = {
@@ -58,8 +59,8 @@ RECIPES = {
 
 
 def _bn(train, dtype, name):
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                      epsilon=1e-5, dtype=dtype, name=name)
+  return BatchNorm(use_running_average=not train, momentum=0.9,
+                   epsilon=1e-5, dtype=dtype, name=name)
 
 
 class MedTexCNN(nn.Module):
@@ -89,7 +90,7 @@ class MedTexCNN(nn.Module):
       x = nn.Conv(w, (self.kernel, self.kernel), use_bias=False,
                   dtype=self.dtype, name=f"conv{i + 1}")(x)
       x = _bn(train, self.dtype, f"bn{i + 1}")(x)
-      x = nn.relu(nn.max_pool(x, (2, 2), strides=(2, 2)))
+      x = nn.relu(max_pool_2x2(x))
       features[f"block{i + 1}"] = x
     features["embedding"] = jnp.mean(x, axis=(1, 2))
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(
@@ -147,7 +148,7 @@ class MedTexExplainer(nn.Module):
           x, train=train)
       features[f"enc{i + 1}"] = x
       skips.append(x)
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = max_pool_2x2(x)
     x = ConvBNReLU(self.width * side, self.dtype, name="bottleneck")(
         x, train=train)
     features["bottleneck"] = x

@@ -34,6 +34,7 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from kd_jax.models.layers import BatchNorm
 from kd_jax.models.registry import register
 
 DEFAULT_INPUT = {
@@ -62,9 +63,9 @@ def conv(features: int, kernel: int, *, stride: int = 1, dilation: int = 1,
 
 def batch_norm(train: bool, *, dtype: Any = jnp.float32,
                epsilon: float = 1e-5, name: Optional[str] = None):
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                      epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32,
-                      name=name)
+  return BatchNorm(use_running_average=not train, momentum=0.9,
+                   epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32,
+                   name=name)
 
 
 class BasicBlock(nn.Module):

@@ -36,6 +36,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from kd_jax.models.layers import BatchNorm, max_pool_2x2
 from kd_jax.models.registry import register
 
 # Registered name → default (H, W, C): Synapse CT slices.
@@ -46,8 +47,8 @@ RECIPES = {
 
 
 def _bn(train: bool, dtype, name=None):
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                      dtype=dtype, name=name)
+  return BatchNorm(use_running_average=not train, momentum=0.9,
+                   dtype=dtype, name=name)
 
 
 class ConvBNReLU(nn.Module):
@@ -132,14 +133,14 @@ class SqueezeUNet(nn.Module):
         x = ConvBNReLU(ch, 3, self.dtype, name="stem")(x, train=train)
         x = self._fire(ch, "enc1_fire1")(x, train=train)
       else:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = max_pool_2x2(x)
         x = self._fire(ch, f"enc{i + 1}_fire1")(x, train=train)
         x = self._fire(ch, f"enc{i + 1}_fire2")(x, train=train)
       features[f"enc{i + 1}"] = x
       skips.append(x)
 
     ch = self.width * side
-    x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = max_pool_2x2(x)
     x = self._fire(ch, "bottleneck_fire1")(x, train=train)
     x = self._fire(ch, "bottleneck_fire2")(x, train=train)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)

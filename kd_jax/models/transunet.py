@@ -49,6 +49,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kd_jax.models.layers import BatchNorm
 from kd_jax.models.registry import register
 from kd_jax.models.vit import Block, resize_pos_embed
 
@@ -123,8 +124,8 @@ class ConvBNReLU(nn.Module):
   def __call__(self, x, *, train: bool):
     x = nn.Conv(self.features, (3, 3), padding=1, use_bias=False,
                 dtype=self.dtype, name="conv")(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                     epsilon=1e-5, dtype=self.dtype, name="bn")(x)
+    x = BatchNorm(use_running_average=not train, momentum=0.9,
+                  epsilon=1e-5, dtype=self.dtype, name="bn")(x)
     return nn.relu(x)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from kd_jax.models.layers import BatchNorm, max_pool_2x2
 from kd_jax.models.registry import register
 
 DEFAULT_INPUT = {"unet": (128, 128, 1)}
@@ -32,8 +33,8 @@ class ConvBlock(nn.Module):
   def __call__(self, x, *, train: bool):
     for _ in range(2):
       x = nn.Conv(self.features, (3, 3), use_bias=False, dtype=self.dtype)(x)
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                       dtype=self.dtype)(x)
+      x = BatchNorm(use_running_average=not train, momentum=0.9,
+                    dtype=self.dtype)(x)
       x = nn.relu(x)
     return x
 
@@ -88,7 +89,7 @@ class UNet(nn.Module):
           x, train=train)
       features[f"enc{i + 1}"] = x
       skips.append(x)
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = max_pool_2x2(x)
     x = ConvBlock(self.width * 2**self.depth, self.dtype, name="bottleneck")(
         x, train=train)
     features["bottleneck"] = x

@@ -1,0 +1,186 @@
+"""kd_jax.models.layers against the flax layers they replace and numpy."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kd_jax.models import layers
+
+SHAPES = [(2, 5, 6, 3), (3, 7, 4), (6, 5)]
+
+
+def _inputs(shape, dtype, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(1.5, 2.0, shape).astype(np.float32)
+  dy = rng.normal(size=shape).astype(np.float32)
+  c = shape[-1]
+  params = {"scale": np.linspace(0.5, 1.5, c, dtype=np.float32),
+            "bias": np.linspace(-1.0, 1.0, c, dtype=np.float32)}
+  return jnp.asarray(x, dtype), jnp.asarray(dy, dtype), params
+
+
+def _train_grads(cls, x, dy, params, *, through_stats=False, jit=True):
+  """Gradients (params, x) of Σ y·dy [+ Σ mean² + Σ var] in training mode,
+  y, and the updated batch statistics."""
+  bn = cls(use_running_average=False, momentum=0.9, epsilon=1e-3)
+  stats = bn.init(jax.random.key(0), x)["batch_stats"]
+
+  def loss(p, x):
+    y, new = bn.apply({"params": p, "batch_stats": stats}, x,
+                      mutable=["batch_stats"])
+    total = jnp.sum(y.astype(jnp.float32) * dy.astype(jnp.float32))
+    if through_stats:
+      new_stats = new["batch_stats"]
+      total += jnp.sum(new_stats["mean"] ** 2) + jnp.sum(new_stats["var"])
+    return total, (y, new["batch_stats"])
+
+  fn = jax.grad(loss, argnums=(0, 1), has_aux=True)
+  return (jax.jit(fn) if jit else fn)(params, x)
+
+
+def _assert_tree_close(a, b, rtol, atol):
+  jax.tree.map(lambda p, q: np.testing.assert_allclose(
+      np.asarray(p, np.float32), np.asarray(q, np.float32), rtol=rtol,
+      atol=atol), a, b)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("through_stats", [False, True])
+def test_batchnorm_train_matches_flax(shape, through_stats):
+  x, dy, params = _inputs(shape, jnp.float32)
+  mine = _train_grads(layers.BatchNorm, x, dy, params,
+                      through_stats=through_stats)
+  ref = _train_grads(nn.BatchNorm, x, dy, params, through_stats=through_stats)
+  _assert_tree_close(mine, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_batchnorm_bfloat16_matches_flax():
+  x, dy, params = _inputs((4, 6, 6, 8), jnp.bfloat16)
+  (g, gx), (y, stats) = _train_grads(layers.BatchNorm, x, dy, params)
+  (rg, rgx), (ry, rstats) = _train_grads(nn.BatchNorm, x, dy, params)
+  assert y.dtype == ry.dtype == jnp.float32  # bf16 input, f32 params.
+  assert gx.dtype == jnp.bfloat16
+  _assert_tree_close((g, y, stats), (rg, ry, rstats), rtol=2e-2, atol=2e-2)
+  _assert_tree_close(gx, rgx, rtol=5e-2, atol=5e-2)
+
+
+def test_batchnorm_dtype_output():
+  x, _, _ = _inputs((2, 4, 4, 3), jnp.float32)
+  bn = layers.BatchNorm(use_running_average=False, dtype=jnp.bfloat16)
+  y, _ = bn.apply(bn.init(jax.random.key(0), x), x, mutable=["batch_stats"])
+  assert y.dtype == jnp.bfloat16
+
+
+def test_batchnorm_jit_equals_no_jit():
+  x, dy, params = _inputs((2, 5, 6, 3), jnp.float32)
+  jitted = _train_grads(layers.BatchNorm, x, dy, params, through_stats=True)
+  eager = _train_grads(layers.BatchNorm, x, dy, params, through_stats=True,
+                       jit=False)
+  _assert_tree_close(jitted, eager, rtol=1e-6, atol=1e-6)
+
+
+def test_batchnorm_numpy_formula():
+  """Output and running averages against the formula, in numpy float64."""
+  x, _, params = _inputs((3, 4, 5, 2), jnp.float32)
+  bn = layers.BatchNorm(use_running_average=False, momentum=0.9,
+                        epsilon=1e-3)
+  old = {"mean": jnp.array([0.5, -1.0]), "var": jnp.array([2.0, 0.25])}
+  y, new = bn.apply({"params": params, "batch_stats": old}, x,
+                    mutable=["batch_stats"])
+  xn = np.asarray(x, np.float64).reshape(-1, 2)
+  mean, var = xn.mean(0), xn.var(0)
+  want = ((np.asarray(x, np.float64) - mean) / np.sqrt(var + 1e-3)
+          * params["scale"] + params["bias"])
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(new["batch_stats"]["mean"],
+                             0.9 * np.asarray(old["mean"]) + 0.1 * mean,
+                             rtol=1e-6)
+  np.testing.assert_allclose(new["batch_stats"]["var"],
+                             0.9 * np.asarray(old["var"]) + 0.1 * var,
+                             rtol=1e-5)
+  # Evaluation uses the running averages.
+  y_eval = bn.clone(use_running_average=True).apply(
+      {"params": params, "batch_stats": new["batch_stats"]}, x)
+  r_mean = np.asarray(new["batch_stats"]["mean"], np.float64)
+  r_var = np.asarray(new["batch_stats"]["var"], np.float64)
+  np.testing.assert_allclose(
+      y_eval, (np.asarray(x, np.float64) - r_mean) / np.sqrt(r_var + 1e-3)
+      * params["scale"] + params["bias"], rtol=1e-5, atol=1e-5)
+
+
+def test_batchnorm_constant_channel():
+  """A constant channel has variance 0 (E[x²] − E[x]² may round below 0 and
+  is clipped): finite gradients, equal to flax's."""
+  x, dy, params = _inputs((4, 3, 3, 2), jnp.float32)
+  x = x.at[..., 1].set(3.7)
+  mine = _train_grads(layers.BatchNorm, x, dy, params, through_stats=True)
+  ref = _train_grads(nn.BatchNorm, x, dy, params, through_stats=True)
+  assert all(np.isfinite(v).all() for v in jax.tree.leaves(mine))
+  _assert_tree_close(mine, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_batchnorm_variables_and_names_match_flax():
+  """Same variable tree (auto-named BatchNorm_i), shapes and initial values,
+  so a checkpoint of either restores into the other."""
+
+  def block(cls):
+    class Block(nn.Module):
+      @nn.compact
+      def __call__(self, x):
+        x = cls(use_running_average=True)(x)
+        return cls(use_running_average=True, name="bn")(x)
+    return Block()
+
+  x = jnp.ones((2, 3, 3, 4))
+  mine = block(layers.BatchNorm).init(jax.random.key(0), x)
+  ref = block(nn.BatchNorm).init(jax.random.key(0), x)
+  assert jax.tree.structure(mine) == jax.tree.structure(ref)
+  assert set(mine["params"]) == {"BatchNorm_0", "bn"}
+  _assert_tree_close(mine, ref, rtol=0, atol=0)
+  # Evaluation with flax's variables gives flax's output.
+  xs = jnp.asarray(np.random.default_rng(1).normal(size=x.shape), jnp.float32)
+  stats = {"BatchNorm_0": {"mean": jnp.full(4, 0.3), "var": jnp.full(4, 2.0)},
+           "bn": {"mean": jnp.full(4, -0.1), "var": jnp.full(4, 0.5)}}
+  v = {"params": ref["params"], "batch_stats": stats}
+  np.testing.assert_allclose(block(layers.BatchNorm).apply(v, xs),
+                             block(nn.BatchNorm).apply(v, xs), rtol=1e-6)
+
+
+def test_channel_sums_both_branches():
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(300, 7)), jnp.float32)
+  want = np.asarray(x, np.float64).sum(0)
+  for fn in (layers.channel_sums, layers._sum_matmul, layers._sum_reduce):  # pylint: disable=protected-access
+    np.testing.assert_allclose(jax.jit(fn)(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_channel_sums_is_a_dot_on_cpu():
+  if jax.default_backend() != "cpu":
+    pytest.skip("the matmul branch is the CPU one")
+  hlo = jax.jit(layers.channel_sums).lower(
+      jnp.ones((64, 8))).compile().as_text()
+  assert " dot(" in hlo and " reduce(" not in hlo, hlo
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 6, 3), (1, 5, 7, 2)])
+def test_max_pool_2x2_matches_flax(shape):
+  x = jnp.asarray(np.random.default_rng(3).normal(size=shape), jnp.float32)
+  dy = jnp.asarray(np.random.default_rng(4).normal(
+      size=(shape[0], shape[1] // 2, shape[2] // 2, shape[3])), jnp.float32)
+
+  def grads(pool):
+    return jax.jit(jax.value_and_grad(lambda x: jnp.sum(pool(x) * dy)))(x)
+
+  mine = grads(layers.max_pool_2x2)
+  ref = grads(lambda x: nn.max_pool(x, (2, 2), strides=(2, 2)))
+  np.testing.assert_allclose(layers.max_pool_2x2(x),
+                             nn.max_pool(x, (2, 2), strides=(2, 2)))
+  # Random normal values: no ties, so the gradients agree exactly.
+  _assert_tree_close(mine, ref, rtol=1e-6, atol=0)
+
+
+def test_max_pool_2x2_ties_share_the_gradient():
+  x = jnp.asarray([[1.0, 1.0], [0.0, 1.0]]).reshape(1, 2, 2, 1)
+  g = jax.grad(lambda x: jnp.sum(layers.max_pool_2x2(x)))(x)
+  np.testing.assert_allclose(g[0, ..., 0], [[1 / 3, 1 / 3], [0, 1 / 3]],
+                             rtol=1e-6)
