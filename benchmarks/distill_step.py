@@ -4,13 +4,15 @@
     python benchmarks/distill_step.py --pair=default --devices=1,8
     python benchmarks/distill_step.py --pair=default --teacher_cache
     python benchmarks/distill_step.py --pair=transunet_squeeze --rounds=3
+    python benchmarks/distill_step.py --pair=vit_efficientvit
     python benchmarks/distill_step.py --pair=unet_large --steps=2 \
         --variant="2:--xla_cpu_experimental_ynn_fusion_type=" \
         --variant="1:patch=conv_transpose_upsample" --torch_threads=0,1 --profile
 
 One step = teacher forward (eval mode, frozen) + student forward/backward +
 optimizer update, with the loss of configs/default.py's distilled stage
-(CE + Dice + a logit term, kd_kl or cwd, as the config says), AdamW with
+(CE + Dice + a logit term, kd_kl or cwd, as the config says) unless the
+pair gives its own (`losses`: vit_efficientvit's), AdamW with
 warm-up/cosine schedule and global-norm clipping, at `--batch` (16 unless
 given). Pairs: `default` (configs/default.py's teacher and student: UNet
 width 16 → 8 since 2026-11-23 14:58, → 4 before; depth 3, 64²),
@@ -19,7 +21,14 @@ width 16 → 8 since 2026-11-23 14:58, → 4 before; depth 3, 64²),
 `pspnet_resnet18` (pspnet_resnet101 → pspnet_resnet18, deep-stem dilated
 ResNets at output stride 8, 64²: 70.4 M → 13.1 M parameters; the student's
 dropout masks are each framework's own draws, so its first-step losses
-agree only approximately); 9 classes.
+agree only approximately) and `vit_efficientvit` (foundation-encoder
+distillation: vit_b16 with its position embedding learned for the input
+side → efficientvit_b0, 64², 1 channel; one loss term, embedding_cosine
+between the teacher's [CLS] "embedding" and the student's pooled
+"embedding" through a linear connector, trained with the student on both
+sides; the models' 9-class heads are unused by the loss: XLA drops them
+from kd_jax's step, the PyTorch side computes them, as a user's loop
+would); 9 classes.
 
 * kd_jax side: the trainer's own pieces (`train.build_method`,
   `init_state`, `make_optimizer`, `make_train_step`, `jit_train_step` over
@@ -35,7 +44,10 @@ agree only approximately); 9 classes.
   teacher outputs, built by `train.build_teacher_cache`) and the student
   trained alone (CE + Dice), and prints their ratio; each also times its
   train loop over unaugmented examples (the cache needs
-  `data.augment=False`), the cached one after building the cache.
+  `data.augment=False`), the cached one after building the cache. A pair
+  without a per-pixel student (vit_efficientvit) has no student-only step:
+  `--teacher_cache` adds only the cached worker and compares it with the
+  full distill step, and `mode=student` is refused.
   `--compute_dtype=bfloat16` sets `config.compute_dtype` (float32
   parameters and loss). On an accelerator the summary gives MFU: XLA's
   cost-analysis FLOPs per step / step time / the devices' dense peak
@@ -96,6 +108,20 @@ PAIRS = {
     # (output stride 8; 64² gives an 8×8 map, ≥ the largest bin, 6).
     "pspnet_resnet18": dict(teacher=dict(name="pspnet_resnet101"),
                             student=dict(name="pspnet_resnet18"), size=64),
+    # Foundation-encoder distillation: ViT-B/16 → EfficientViT-B0 (the side
+    # must be a multiple of 32), global embedding matching as the stage's
+    # one term: the student's pooled head vector through a linear
+    # connector against the teacher's [CLS]. `image_size=None` is filled in
+    # with the input side by pair_config, so the ViT's position embedding
+    # is learned for it and never resized. No student-only step
+    # (`student_only=False`): the baseline stage's CE + Dice reads per-pixel
+    # logits, and this image-level student has none.
+    "vit_efficientvit": dict(
+        teacher=dict(name="vit_b16", image_size=None),
+        student=dict(name="efficientvit_b0"), size=64,
+        losses=dict(embedding=dict(fn="embedding_cosine", student="embedding",
+                                   teacher="embedding", connector="linear")),
+        student_only=False),
 }
 NUM_CLASSES = 9  # The synthetic CT source's classes.
 REPLY = "@@"  # Prefix of a worker's reply line (libraries may print too).
@@ -168,7 +194,7 @@ def parse_args(argv=None):
   p.add_argument("--teacher_cache", action="store_true",
                  help="also time the step fed a teacher cache and the "
                  "student-only step (two more kd_jax workers, on the first "
-                 "--devices count)")
+                 "--devices count; the latter only for pairs that have one)")
   p.add_argument("--compute_dtype", default="float32",
                  choices=("float32", "bfloat16"),
                  help="config.compute_dtype of the kd_jax side (float32 "
@@ -214,13 +240,18 @@ def pair_config(pair, size):
     sys.path.insert(0, REPO)
   from configs import default  # pylint: disable=import-outside-toplevel
 
+  def sized(model):  # A model learned for one input side gets this one.
+    return dict(model, image_size=size) if "image_size" in model else model
+
   config = default.get_config()
   config.data.image_size = size
   stage = config.stages.distilled
   spec = PAIRS[pair]
   if spec["student"]:
-    stage.model = spec["student"]
-    stage.teacher.model = spec["teacher"]
+    stage.model = sized(spec["student"])
+    stage.teacher.model = sized(spec["teacher"])
+  if "losses" in spec:
+    stage.losses = spec["losses"]
   return config, stage.teacher.model.to_dict(), stage.model.to_dict()
 
 
@@ -502,7 +533,8 @@ class JaxWorker:
       host = jax.device_get({
           "student": {"params": self.state.params["student"],
                       "batch_stats": self.state.batch_stats["student"]},
-          "teacher": self.frozen})
+          "teacher": self.frozen,
+          "connectors": {"params": self.state.params["connectors"]}})
       np.savez(init_file + ".tmp.npz", **{
           k: np.asarray(v) for k, v in _flatten(host).items()})
       os.replace(init_file + ".tmp.npz", init_file)
@@ -680,30 +712,68 @@ class TorchWorker:
     self.images = self.images.contiguous().to(self.device)
     self.labels = torch.from_numpy(batch["label"]).long().to(self.device)
 
+    self.loss, connector = self._loss_fn(config.stages.distilled.losses,
+                                         init.get("connectors", {}))
+    # As kd_jax's optimizer over state.params: the student and the
+    # connectors, clipped by one global norm.
+    self.trained = list(self.student.parameters())
+    if connector is not None:
+      self.trained += list(connector.parameters())
     opt = config.optimizer
-    self.opt = torch.optim.AdamW(self.student.parameters(), lr=opt.lr,
+    self.opt = torch.optim.AdamW(self.trained, lr=opt.lr,
                                  weight_decay=opt.weight_decay)
     self.sched = torch.optim.lr_scheduler.LambdaLR(
         self.opt, _warmup_cosine(opt.warmup_steps, config.steps))
     self.grad_clip = opt.grad_clip
-    self.kd = _kd_term(config.stages.distilled.losses)
     info.update(params_teacher=tm.count_params(self.teacher),
-                params_student=tm.count_params(self.student))
+                params_student=tm.count_params(self.student),
+                params_connectors=(tm.count_params(connector)
+                                   if connector is not None else 0))
     losses = [self._step() for _ in range(max(args.warmup, 1))]
     info.update(first_loss=float(losses[0]))
     self.info = info
+
+  def _loss_fn(self, losses, connectors):
+    """(loss of the student's and the teacher's (logits, features), the
+    connector module or None) for the stage's terms: global embedding
+    matching when that is the only term, else CE + Dice + a logit term.
+
+    Both models run their whole forward, heads included, as a user's
+    PyTorch loop would; kd_jax's jitted step drops what the loss does not
+    read (XLA dead-code elimination), a few small matmuls here. The loss
+    (connector included: kd_jax builds connectors in float32) runs outside
+    autocast.
+    """
+    tm = self.tm
+    emb = _embedding_term(losses)
+    if emb is None:
+      kd = _kd_term(losses)
+      return (lambda s, t: tm.distill_loss(
+          s[0].float(), t[0].float(), self.labels, **kd)[0]), None
+    # The connector's variables from kd_jax's init, under the term's name.
+    variables = {"params": connectors["params"][emb["name"]]}
+    connector = tm.LinearConnector(
+        *variables["params"]["dense"]["kernel"].shape)
+    tm.load_flax_variables(connector, variables)
+    connector.to(self.device)
+
+    def loss(s, t):
+      s_emb = connector(s[1][emb["student"]].float())
+      return emb["weight"] * tm.embedding_cosine(s_emb,
+                                                 t[1][emb["teacher"]])
+
+    return loss, connector
 
   def _step(self):
     torch = self.torch
     with torch.autocast(self.device, torch.bfloat16, enabled=self.autocast):
       with torch.no_grad():
-        t_logits, _ = self.teacher(self.images)
-      s_logits, _ = self.student(self.images)
-    loss, _ = self.tm.distill_loss(s_logits.float(), t_logits.float(),
-                                   self.labels, **self.kd)
+        teacher = self.teacher(self.images)
+      student = self.student(self.images)
+    loss = self.loss(student, teacher)
     self.opt.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.grad_clip)
+    torch.nn.utils.clip_grad_norm_(self.trained, self.grad_clip)
     self.opt.step()
     self.sched.step()
     return loss.detach()
@@ -740,6 +810,26 @@ def _kd_term(losses):
                      f"kd_kl or cwd; the config's distilled stage has {terms}")
   return dict(kd=logit[0]["fn"], kd_weight=float(logit[0].get("weight", 1.0)),
               temperature=float(logit[0].get("temperature", 1.0)))
+
+
+def _embedding_term(losses):
+  """The stage's global embedding term as {name, weight, student, teacher}
+  when it is the stage's only term and an `embedding_cosine` through a
+  "linear" connector (what the PyTorch twins compute for it); None when no
+  term is `embedding_cosine`, ValueError for any other mix."""
+  items = (list(losses.items()) if hasattr(losses, "items")
+           else [(t.get("name", t["fn"]), t) for t in losses])
+  if all(t["fn"] != "embedding_cosine" for _, t in items):
+    return None
+  if (len(items) != 1 or items[0][1]["fn"] != "embedding_cosine"
+      or items[0][1].get("connector", "conv1x1") != "linear"):
+    raise ValueError(f"the PyTorch twin computes embedding_cosine through a "
+                     f"linear connector as the stage's only term; the "
+                     f"config's distilled stage has {losses}")
+  name, term = items[0]
+  return dict(name=term.get("name", name),
+              weight=float(term.get("weight", 1.0)),
+              student=term["student"], teacher=term["teacher"])
 
 
 def _warmup_cosine(warmup, total):
@@ -820,7 +910,9 @@ def _jax_configs(args):
   """(label, devices, extra XLA flags) of each kd_jax worker."""
   out = [(n, "") for n in (int(x) for x in args.devices.split(",") if x)]
   if args.teacher_cache and out:
-    out += [(out[0][0], "mode=cached"), (out[0][0], "mode=student")]
+    out.append((out[0][0], "mode=cached"))
+    if PAIRS[args.pair].get("student_only", True):
+      out.append((out[0][0], "mode=student"))
   for v in args.variant:
     n, _, flags = v.partition(":")
     out.append((int(n), flags.strip()))
@@ -847,6 +939,15 @@ def main(argv=None):
       sys.exit(f"--batch={args.batch} is not divisible by {n} devices")
   if not jax_configs:
     sys.exit("--devices names no kd_jax worker")
+  if not PAIRS[args.pair].get("student_only", True):
+    if any("mode=student" in f.split() for _, _, f in jax_configs):
+      sys.exit(f"--pair={args.pair} has no student-only step (mode=student "
+               "trains the baseline stage's CE + Dice on per-pixel logits; "
+               "this pair's student gives image-level ones)")
+    if args.teacher_cache:
+      print(f"--teacher_cache: no student-only worker for --pair="
+            f"{args.pair}; the cached step is compared with the full "
+            "distill step", file=sys.stderr)
   args.tmp = tempfile.mkdtemp(prefix="kd_bench_")
   try:
     _compare(args, jax_configs)
@@ -898,13 +999,17 @@ def _compare(args, jax_configs):
   ref = infos[workers[0].name]
   for w in workers:
     i = infos[w.name]
+    conn = i.get("params_connectors", 0)
     print(f"  {w.name}: params teacher {i['params_teacher']:,}, student "
-          f"{i['params_student']:,}; first-step loss {i['first_loss']:.5f}")
+          f"{i['params_student']:,}" + (f", connectors {conn:,}" if conn
+                                        else "") +
+          f"; first-step loss {i['first_loss']:.5f}")
     # Same architectures: the parameter counts must be equal (the
-    # student-only step has no teacher).
+    # student-only step has no teacher and no connectors).
     assert i["params_student"] == ref["params_student"] and (
         i.get("mode") == "student" or
-        i["params_teacher"] == ref["params_teacher"]), (
+        (i["params_teacher"], conn) == (ref["params_teacher"],
+                                        ref.get("params_connectors", 0))), (
             f"parameter counts differ: {w.name} {i} vs {workers[0].name} "
             f"{ref}")
 
@@ -985,6 +1090,10 @@ def _compare(args, jax_configs):
                loops[names[1]]["loop_unaugmented_s"])
       line += f"; in the train loop (an epoch from the cache) {ratio:.2f}×"
     print(line)
+  elif "cached" in by_mode and "distill" in by_mode:  # No student-only step.
+    print(f"teacher cache: cached step / full distill step = "
+          f"{med[by_mode['cached']] / med[by_mode['distill']]:.2f}× (this "
+          "pair has no student-only step)")
   for w in workers:
     i = infos[w.name]
     if "compile_s" in i:

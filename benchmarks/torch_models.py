@@ -1,4 +1,4 @@
-"""PyTorch twins of kd_jax models and of the default distillation loss.
+"""PyTorch twins of kd_jax models and of the benchmark's distillation losses.
 
 Used by `benchmarks/distill_step.py` as the eager PyTorch baseline, so each
 twin has the layer layout, the parameter count and (with the weights copied
@@ -11,8 +11,17 @@ by `load_flax_variables`) the outputs of its kd_jax model:
   PSPNet        kd_jax/models/pspnet.py        ("pspnet_resnet101", "_50",
                                                  "_18"; dilated ResNet of
                                                  kd_jax/models/resnet.py)
+  ViT           kd_jax/models/vit.py           ("vit_s16", "vit_b16",
+                                                 "vit_l16", "vit_tiny";
+                                                 DINOv2 style, registers)
+  EfficientViT  kd_jax/models/efficientvit.py  ("efficientvit_b0", "_b1")
+
+The losses: the default recipe's CE + Dice + a logit term (`distill_loss`),
+and global embedding matching (`embedding_cosine`) through the linear
+connector of kd_jax/models/connectors.py (`LinearConnector`).
 
 Tensors are NCHW (PyTorch's native layout); the kd_jax models are NHWC.
+Token features (a ViT's "block{i}", "tokens") are NLD on both sides.
 Every submodule carries the name of its Flax counterpart (`enc1.Conv_0`,
 `block1_unit1.conv2`, `encoder_block0.attn.query`, ...), so copying Flax
 variables is a walk over the Flax tree, and a missing or extra layer fails
@@ -21,6 +30,7 @@ loudly instead of being skipped.
 Padding follows Flax's "SAME" exactly where it is asymmetric (the 3×3
 stride-2 transposed conv of the transposed fire module, TransUNet's 3×3/2
 max-pool): PyTorch's symmetric padding would shift those outputs by a pixel.
+EfficientViT pads k//2 on both sides in kd_jax too, as PyTorch does.
 Forward outputs match; BatchNorm's running variance differs in one detail
 that only moves the running averages: PyTorch updates it with the unbiased
 batch variance, Flax with the biased one.
@@ -286,19 +296,38 @@ class MLP(nn.Module):
     return self.dropout(self.fc2(x))
 
 
-class Block(nn.Module):
-  """Pre-norm transformer block (kd_jax.models.vit.Block, no LayerScale)."""
+class LayerScale(nn.Module):
+  """vit.LayerScale: a learned per-channel scale of a residual branch."""
 
-  def __init__(self, dim, num_heads, mlp_dim, dropout_rate):
+  def __init__(self, dim, init_value=1e-5):
+    super().__init__()
+    self.gamma = nn.Parameter(torch.full((dim,), float(init_value)))
+
+  def forward(self, x):
+    return x * self.gamma
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block (kd_jax.models.vit.Block): LayerScale ls1,
+  ls2 on the residual branches when `layerscale` is given (ViT), none in
+  TransUNet's encoder."""
+
+  def __init__(self, dim, num_heads, mlp_dim, dropout_rate, layerscale=None):
     super().__init__()
     self.norm1 = nn.LayerNorm(dim, eps=1e-6)
     self.attn = Attention(dim, num_heads)
     self.norm2 = nn.LayerNorm(dim, eps=1e-6)
     self.mlp = MLP(dim, mlp_dim, dropout_rate)
+    self.has_ls = layerscale is not None
+    if self.has_ls:
+      self.ls1 = LayerScale(dim, layerscale)
+      self.ls2 = LayerScale(dim, layerscale)
 
   def forward(self, x):
-    x = x + self.attn(self.norm1(x))
-    return x + self.mlp(self.norm2(x))
+    y = self.attn(self.norm1(x))
+    x = x + (self.ls1(y) if self.has_ls else y)
+    y = self.mlp(self.norm2(x))
+    return x + (self.ls2(y) if self.has_ls else y)
 
 
 class TransUNet(nn.Module):
@@ -578,6 +607,261 @@ class PSPNet(nn.Module):
     return _resize(y, size), feats
 
 
+# ----------------------------------------------------------------------------
+# ViT (DINOv2 style).
+
+
+class ViT(nn.Module):
+  """kd_jax.models.vit.ViT; forward returns (logits, features), tokens NLD,
+  "patch_map" NCHW. With `num_classes=0` there is no head and the logits
+  are the [CLS] embedding, as in kd_jax.
+
+  kd_jax resizes the position embedding bicubically for other input sizes
+  with jax.image.resize's cubic (Keys, a = -0.5), which PyTorch's bicubic
+  (a = -0.75) does not reproduce: the twin takes only inputs of
+  `image_size`, and the benchmark builds both sides for its input.
+  """
+
+  def __init__(self, num_classes=0, width=768, depth=12, num_heads=12,
+               mlp_ratio=4.0, patch=16, image_size=224, num_registers=0,
+               layerscale=1e-5, dropout_rate=0.0, in_channels=3):
+    super().__init__()
+    self.num_classes = num_classes
+    self.depth = depth
+    self.num_registers = num_registers
+    self.patch_embed = nn.Conv2d(in_channels, width, patch, stride=patch)
+    grid = image_size // patch
+    self.cls_token = nn.Parameter(torch.randn(1, 1, width) * 0.02)
+    self.pos_embed = nn.Parameter(
+        torch.randn(1, 1 + grid * grid, width) * 0.02)
+    if num_registers:
+      self.registers = nn.Parameter(
+          torch.randn(1, num_registers, width) * 0.02)
+    for i in range(depth):
+      setattr(self, f"block{i}", Block(width, num_heads,
+                                       int(width * mlp_ratio), dropout_rate,
+                                       layerscale))
+    self.norm = nn.LayerNorm(width, eps=1e-6)
+    if num_classes:
+      self.head = nn.Linear(width, num_classes)
+
+  def forward(self, x):
+    b = x.shape[0]
+    x = self.patch_embed(x)
+    _, d, gh, gw = x.shape
+    if 1 + gh * gw != self.pos_embed.shape[1]:
+      raise ValueError(
+          f"the ViT twin's position embedding covers "
+          f"{self.pos_embed.shape[1] - 1} patches, the input gives {gh}×{gw}; "
+          "build it with image_size = the input side (it does not resize)")
+    x = x.flatten(2).transpose(1, 2)
+    x = torch.cat([self.cls_token.expand(b, -1, -1), x], dim=1)
+    x = x + self.pos_embed
+    r = self.num_registers
+    if r:  # After [CLS], without position embeddings (DINOv2).
+      x = torch.cat([x[:, :1], self.registers.expand(b, -1, -1), x[:, 1:]],
+                    dim=1)
+    features = {}
+    for i in range(self.depth):
+      x = getattr(self, f"block{i}")(x)
+      features[f"block{i}"] = x
+    x = self.norm(x)
+    patches = x[:, 1 + r:]
+    features["tokens"] = patches
+    features["patch_map"] = patches.transpose(1, 2).reshape(b, d, gh, gw)
+    if r:
+      features["registers"] = x[:, 1:1 + r]
+    features["embedding"] = x[:, 0]
+    logits = self.head(x[:, 0]) if self.num_classes else x[:, 0]
+    return logits, features
+
+
+# kd_jax's ViT presets (vit.py).
+VITS = {"vit_s16": dict(width=384, depth=12, num_heads=6),
+        "vit_b16": dict(width=768, depth=12, num_heads=12),
+        "vit_l16": dict(width=1024, depth=24, num_heads=16),
+        "vit_tiny": dict(width=64, depth=2, num_heads=2, image_size=64)}
+
+
+# ----------------------------------------------------------------------------
+# EfficientViT.
+
+
+class ConvNormAct(nn.Module):
+  """efficientvit.ConvNormAct: k×k conv (k//2 padding on both sides) →
+  optional BatchNorm → optional hard-swish; Flax names conv, bn."""
+
+  def __init__(self, cin, cout, kernel=3, stride=1, groups=1, bias=False,
+               norm=True, act=False):
+    super().__init__()
+    self.conv = nn.Conv2d(cin, cout, kernel, stride, kernel // 2,
+                          groups=groups, bias=bias)
+    self.bn = _bn(cout) if norm else None
+    self.act = act
+
+  def forward(self, x):
+    x = self.conv(x)
+    if self.bn is not None:
+      x = self.bn(x)
+    return F.hardswish(x) if self.act else x
+
+
+class DSConv(nn.Module):
+  """efficientvit.DSConv: depthwise 3×3 → BN → hswish, pointwise 1×1 → BN."""
+
+  def __init__(self, cin, cout):
+    super().__init__()
+    self.depth_conv = ConvNormAct(cin, cin, 3, groups=cin, act=True)
+    self.point_conv = ConvNormAct(cin, cout, 1)
+
+  def forward(self, x):
+    return self.point_conv(self.depth_conv(x))
+
+
+class MBConv(nn.Module):
+  """efficientvit.MBConv; `fewer_norm`: biases instead of the first two
+  BatchNorms."""
+
+  def __init__(self, cin, cout, stride=1, expand_ratio=4, fewer_norm=False):
+    super().__init__()
+    mid = round(cin * expand_ratio)
+    fn = fewer_norm
+    self.inverted_conv = ConvNormAct(cin, mid, 1, bias=fn, norm=not fn,
+                                     act=True)
+    self.depth_conv = ConvNormAct(mid, mid, 3, stride, groups=mid, bias=fn,
+                                  norm=not fn, act=True)
+    self.point_conv = ConvNormAct(mid, cout, 1)
+
+  def forward(self, x):
+    return self.point_conv(self.depth_conv(self.inverted_conv(x)))
+
+
+def relu_linear_attention(q, k, v, eps=1e-15):
+  """efficientvit.relu_linear_attention on (B, heads, d, N) tensors:
+  relu(q) (relu(k)ᵀ v) over the normaliser relu(q)·Σ relu(k), in float32
+  whatever the autocast dtype (the sums run over every token)."""
+  dtype = v.dtype
+  with torch.autocast(q.device.type, enabled=False):
+    q, k, v = F.relu(q.float()), F.relu(k.float()), v.float()
+    kv = v @ k.transpose(-1, -2)  # (B, heads, d_v, d_k)
+    num = kv @ q  # (B, heads, d_v, N)
+    den = k.sum(-1, keepdim=True).transpose(-1, -2) @ q  # (B, heads, 1, N)
+    out = num / (den + eps)
+  return out.to(dtype)
+
+
+class LiteMLA(nn.Module):
+  """efficientvit.LiteMLA: qkv 1×1, per scale a depthwise s×s + grouped 1×1
+  aggregation (one group per q / k / v of each head), ReLU linear attention
+  on the doubled heads, proj 1×1 → BN."""
+
+  def __init__(self, cin, cout, head_dim=16, scales=(5,)):
+    super().__init__()
+    self.head_dim = head_dim
+    self.scales = tuple(scales)
+    heads = cin // head_dim
+    total = 3 * heads * head_dim
+    self.qkv = nn.Conv2d(cin, total, 1, bias=False)
+    for s in self.scales:
+      setattr(self, f"aggreg{s}_dw", nn.Conv2d(total, total, s, padding=s // 2,
+                                               groups=total, bias=False))
+      setattr(self, f"aggreg{s}_pw", nn.Conv2d(total, total, 1,
+                                               groups=3 * heads, bias=False))
+    self.proj = ConvNormAct(total // 3 * (1 + len(self.scales)), cout, 1)
+
+  def forward(self, x):
+    b, _, h, w = x.shape
+    qkv = self.qkv(x)
+    branches = [qkv] + [
+        getattr(self, f"aggreg{s}_pw")(getattr(self, f"aggreg{s}_dw")(qkv))
+        for s in self.scales]
+    # Channels are grouped per head as [q | k | v], head_dim each (kd_jax's
+    # NHWC reshape of the channel axis, here the NCHW one).
+    qkv = torch.cat(branches, dim=1).reshape(b, -1, 3, self.head_dim, h * w)
+    out = relu_linear_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+    return self.proj(out.reshape(b, -1, h, w))
+
+
+class EfficientViTModule(nn.Module):
+  """efficientvit.EfficientViTModule: residual LiteMLA (context), then a
+  residual MBConv with fewer norms (local)."""
+
+  def __init__(self, ch, head_dim=16, expand_ratio=4):
+    super().__init__()
+    self.context = LiteMLA(ch, ch, head_dim)
+    self.local = MBConv(ch, ch, 1, expand_ratio, fewer_norm=True)
+
+  def forward(self, x):
+    x = x + self.context(x)
+    return x + self.local(x)
+
+
+class EfficientViT(nn.Module):
+  """kd_jax.models.efficientvit.EfficientViT (NCHW); forward returns
+  (logits, features): "stage0".."stage4" maps and the pooled head vector
+  "embedding"."""
+
+  def __init__(self, num_classes=1000, widths=(8, 16, 32, 64, 128),
+               depths=(1, 2, 2, 2, 2), head_dim=16, head_widths=(1024, 1280),
+               expand_ratio=4, dropout_rate=0.0, in_channels=3):
+    super().__init__()
+    self.depths = tuple(depths)
+    w0 = widths[0]
+    self.stem = ConvNormAct(in_channels, w0, 3, 2, act=True)
+    for i in range(depths[0]):
+      setattr(self, f"stage0_ds{i}", DSConv(w0, w0))
+    cin = w0
+    for s in (1, 2):
+      for i in range(depths[s]):
+        setattr(self, f"stage{s}_mb{i}",
+                MBConv(cin, widths[s], 2 if i == 0 else 1, expand_ratio))
+        cin = widths[s]
+    for s in (3, 4):
+      setattr(self, f"stage{s}_down",
+              MBConv(cin, widths[s], 2, expand_ratio, fewer_norm=True))
+      cin = widths[s]
+      for i in range(depths[s]):
+        setattr(self, f"stage{s}_vit{i}",
+                EfficientViTModule(cin, head_dim, expand_ratio))
+    h0, h1 = head_widths
+    self.head_conv = ConvNormAct(cin, h0, 1, act=True)
+    self.head_fc = nn.Linear(h0, h1, bias=False)
+    self.head_ln = nn.LayerNorm(h1, eps=1e-5)
+    self.dropout = nn.Dropout(dropout_rate)
+    self.classifier = nn.Linear(h1, num_classes)
+
+  def forward(self, x):
+    if x.shape[2] % 32 or x.shape[3] % 32:
+      raise ValueError(f"EfficientViT needs a side divisible by 32; got "
+                       f"{tuple(x.shape)}")
+    features = {}
+    x = self.stem(x)
+    for i in range(self.depths[0]):
+      x = x + getattr(self, f"stage0_ds{i}")(x)
+    features["stage0"] = x
+    for s in (1, 2):
+      for i in range(self.depths[s]):
+        y = getattr(self, f"stage{s}_mb{i}")(x)
+        x = y if i == 0 else x + y
+      features[f"stage{s}"] = x
+    for s in (3, 4):
+      x = getattr(self, f"stage{s}_down")(x)
+      for i in range(self.depths[s]):
+        x = getattr(self, f"stage{s}_vit{i}")(x)
+      features[f"stage{s}"] = x
+    x = self.head_conv(x).mean(dim=(2, 3))
+    x = F.hardswish(self.head_ln(self.head_fc(x)))
+    features["embedding"] = x
+    return self.classifier(self.dropout(x)), features
+
+
+# kd_jax's EfficientViT presets (efficientvit.py).
+EFFICIENTVITS = {"efficientvit_b0": {},
+                 "efficientvit_b1": dict(widths=(16, 32, 64, 128, 256),
+                                         depths=(1, 2, 3, 3, 4),
+                                         head_widths=(1536, 1600))}
+
+
 # kd_jax's transunet_tiny preset.
 TRANSUNET_TINY = dict(resnet_blocks=(1, 1, 1), resnet_width=16, hidden=128,
                       depth=2, num_heads=4, mlp_dim=256, image_size=128,
@@ -600,9 +884,14 @@ def build(name, num_classes, in_channels=1, **kw):
   if name in PSPNETS:
     return PSPNet(num_classes, backbone=PSPNETS[name],
                   in_channels=in_channels, **kw)
+  if name in VITS:
+    return ViT(num_classes, in_channels=in_channels, **{**VITS[name], **kw})
+  if name in EFFICIENTVITS:
+    return EfficientViT(num_classes, in_channels=in_channels,
+                        **{**EFFICIENTVITS[name], **kw})
   raise ValueError(f"no PyTorch twin for model {name!r}; twins: unet, "
                    "squeeze_unet, transunet_tiny, transunet_b16, "
-                   f"{', '.join(PSPNETS)}")
+                   f"{', '.join([*PSPNETS, *VITS, *EFFICIENTVITS])}")
 
 
 def count_params(model) -> int:
@@ -740,3 +1029,43 @@ def distill_loss(student_logits, teacher_logits, labels, temperature=4.0,
   total = ce + dice + kd_weight * term
   return total, {"cross_entropy": ce, "dice": dice, kd: term,
                  "total": total}
+
+
+# ----------------------------------------------------------------------------
+# Global embedding matching: a linear connector and the cosine distance.
+
+
+class LinearConnector(nn.Module):
+  """kd_jax.models.connectors.Linear: one Dense ("dense", with bias) on the
+  last axis, from the student's width to the teacher's."""
+
+  def __init__(self, cin, cout):
+    super().__init__()
+    self.dense = nn.Linear(cin, cout)
+
+  def forward(self, x):
+    return self.dense(x)
+
+
+def _l2_normalize(x, eps):
+  """kd_jax.losses.features._l2_normalize: x / max(||x||, eps) on the last
+  axis, the norm of a zero vector taken as 1 so its gradient stays finite."""
+  sq = (x * x).sum(dim=-1, keepdim=True)
+  norm = torch.sqrt(torch.where(sq > 0, sq, torch.ones_like(sq)))
+  return x / torch.clamp(norm, min=eps)
+
+
+def embedding_cosine(student, teacher):
+  """kd_jax.losses.features.embedding_cosine: mean over examples of
+  1 - cos(e_S, e_T), each vector divided by max(||e||, 1e-8). Takes (B, D)
+  or channels-last (B, ..., D) arrays, the latter averaged over the middle
+  axes as in kd_jax (not NCHW maps)."""
+  if student.shape != teacher.shape:
+    raise ValueError(f"embedding_cosine: student {tuple(student.shape)} and "
+                     f"teacher {tuple(teacher.shape)} differ")
+  s, t = student.float(), teacher.float()
+  if s.ndim > 2:
+    s = s.mean(dim=tuple(range(1, s.ndim - 1)))
+    t = t.mean(dim=tuple(range(1, t.ndim - 1)))
+  cos = (_l2_normalize(s, 1e-8) * _l2_normalize(t, 1e-8)).sum(dim=-1)
+  return (1.0 - cos).mean()

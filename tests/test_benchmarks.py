@@ -18,9 +18,11 @@ torch = pytest.importorskip("torch")
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), "benchmarks"))
+import distill_step  # noqa: E402  pylint: disable=wrong-import-position
 import torch_models  # noqa: E402  pylint: disable=wrong-import-position
 
 from kd_jax import losses, models  # noqa: E402  pylint: disable=g-import-not-at-top
+from kd_jax.models import connectors  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def _jax_variables(name, kw, shape):
@@ -141,7 +143,8 @@ def _init_variables(model, x):
   """kd_jax's initial variables of `model` (init compiled at XLA backend
   level 0, as the benchmark does), with random BatchNorm scales, biases and
   running statistics and random conv biases, so that a mix-up of any of
-  them shows."""
+  them shows; LayerScale's gammas too (at their 1e-5 start the residual
+  branches they scale would barely show)."""
   init = jax.jit(functools.partial(model.init, train=False))
   key = jax.random.key(0)
   variables = init.lower(key, x).compile(
@@ -150,7 +153,7 @@ def _init_variables(model, x):
 
   def draw(path, v):
     leaf = path[-1].key
-    if leaf in ("scale", "var"):
+    if leaf in ("scale", "var", "gamma"):
       return rng.uniform(0.5, 1.5, size=v.shape).astype(np.float32)
     if leaf in ("bias", "mean"):
       return rng.normal(scale=0.1, size=v.shape).astype(np.float32)
@@ -216,3 +219,91 @@ def test_pspnet_param_count_equal(name):
                           jax.random.key(0), jnp.zeros((1, 64, 64, 1)))
   n_jax = sum(x.size for x in jax.tree.leaves(shapes["params"]))
   assert torch_models.count_params(torch_models.build(name, 9)) == n_jax
+
+
+def test_vit_efficientvit_pair_param_counts_equal():
+  """The pair's models as the benchmark builds them (9 classes, 1 channel,
+  64²); the twins on the meta device: counting needs no memory."""
+  _, t_cfg, s_cfg = distill_step.pair_config("vit_efficientvit", 64)
+  assert t_cfg["image_size"] == 64  # No position-embedding resize.
+  for cfg in (t_cfg, s_cfg):
+    kw = {k: v for k, v in cfg.items() if k != "name"}
+    model = models.build(cfg["name"], num_classes=9, **kw)
+    shapes = jax.eval_shape(functools.partial(model.init, train=False),
+                            jax.random.key(0), jnp.zeros((1, 64, 64, 1)))
+    with torch.device("meta"):
+      twin = torch_models.build(cfg["name"], 9, in_channels=1, **kw)
+    assert torch_models.count_params(twin) == sum(
+        x.size for x in jax.tree.leaves(shapes["params"])), cfg
+
+
+@pytest.mark.parametrize("name,kw,keys", [
+    ("vit_tiny", dict(num_classes=5, image_size=32),
+     ("block0", "block1", "tokens", "patch_map")),
+    # No head (logits = [CLS]) and registers between [CLS] and the patches.
+    ("vit_tiny", dict(num_classes=0, image_size=32, num_registers=2),
+     ("block1", "registers", "patch_map")),
+    ("efficientvit_b0", dict(num_classes=5),
+     ("stage0", "stage2", "stage3", "stage4")),
+])
+def test_vit_and_efficientvit_twins_match_eval_outputs(name, kw, keys):
+  """Tiny sizes (32², batch 2, 1 channel), kd_jax's init with random norm
+  statistics, biases and LayerScales: every variable is copied, and the
+  logits, "embedding" and intermediate features agree."""
+  model = models.build(name, **kw)
+  x = np.random.default_rng(0).uniform(size=(2, 32, 32, 1)).astype(
+      np.float32)
+  variables = _init_variables(model, x)
+  twin = _twin(name, kw, variables, 1)
+  assert torch_models.count_params(twin) == sum(
+      v.size for v in jax.tree.leaves(variables["params"]))
+  logits, feats = jax.jit(functools.partial(model.apply, train=False))(
+      variables, x)
+  with torch.no_grad():
+    t_logits, t_feats = twin(_nchw(x))
+  assert set(t_feats) == set(feats)
+  _assert_close(t_logits, logits)
+  for k in ("embedding",) + keys:
+    _assert_close(t_feats[k], feats[k])
+
+
+def test_embedding_cosine_and_linear_connector_match_kd_jax():
+  """Value and input gradient of the pair's loss term; one teacher row is
+  zero, so the zero-norm branch of the normalisation is compared too."""
+  rng = np.random.default_rng(2)
+  s = rng.normal(size=(4, 24)).astype(np.float32)
+  t = rng.normal(size=(4, 16)).astype(np.float32)
+  t[0] = 0.0
+  conn = connectors.build_connector("linear", 16)
+  params = conn.init(jax.random.key(3), jnp.asarray(s))
+  params = jax.tree.map(lambda v: v + rng.normal(
+      scale=0.1, size=v.shape).astype(np.float32), params)  # Nonzero bias.
+  objective = losses.objective([dict(
+      fn="embedding_cosine", student="embedding", teacher="embedding",
+      connector="linear", weight=2.0)])
+
+  def loss(s):
+    out = conn.apply(params, s)
+    return objective({"features": {"embedding_cosine": (out, t)}})[0]
+
+  value, grad = jax.value_and_grad(loss)(jnp.asarray(s))
+  twin = torch_models.LinearConnector(24, 16)
+  torch_models.load_flax_variables(twin, params)
+  t_s = torch.from_numpy(s).requires_grad_(True)
+  t_value = 2.0 * torch_models.embedding_cosine(twin(t_s),
+                                                torch.from_numpy(t))
+  t_value.backward()
+  np.testing.assert_allclose(float(t_value.detach()), float(value), rtol=1e-5)
+  np.testing.assert_allclose(t_s.grad.numpy(), grad, rtol=1e-4, atol=1e-6)
+
+
+def test_vit_efficientvit_student_only_is_refused():
+  """The pair has no per-pixel student: --teacher_cache adds only the
+  cached worker, and an explicit student-only worker stops the run before
+  any worker starts."""
+  args = distill_step.parse_args(["--pair=vit_efficientvit",
+                                  "--teacher_cache"])
+  configs = distill_step._jax_configs(args)  # pylint: disable=protected-access
+  assert [flags for _, _, flags in configs] == ["", "mode=cached"]
+  with pytest.raises(SystemExit, match="no student-only step"):
+    distill_step.main(["--pair=vit_efficientvit", "--variant=1:mode=student"])
