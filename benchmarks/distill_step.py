@@ -326,6 +326,17 @@ def _patch_flax_batchnorm():
   _replace_in_models(layers.BatchNorm, nn.BatchNorm)
 
 
+def _patch_flax_conv():
+  """flax's `nn.Conv` with XLA's convolution in every model again, in place
+  of `kd_jax.models.layers.Conv` (one-channel and 1×1 convolutions as
+  matmuls on CPU)."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+
+  from kd_jax.models import layers  # pylint: disable=import-outside-toplevel
+
+  _replace_in_models(layers.Conv, nn.Conv)
+
+
 def _replace_in_models(old, new):
   """Every kd_jax model module's global bound to `old` rebound to `new`."""
   import kd_jax.models.connectors  # pylint: disable=import-outside-toplevel,unused-import
@@ -409,6 +420,7 @@ PATCHES = {"conv_transpose_upsample": _patch_conv_transpose_upsample,
            "glibc_malloc_defaults": _patch_glibc_malloc_defaults,
            "flat_optimizer": _patch_flat_optimizer,
            "flax_batchnorm": _patch_flax_batchnorm,
+           "flax_conv": _patch_flax_conv,
            "flax_max_pool": _patch_flax_max_pool,
            "gather_cross_entropy": _patch_gather_cross_entropy,
            "threefry_partitionable": _patch_threefry_partitionable}

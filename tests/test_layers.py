@@ -184,3 +184,97 @@ def test_max_pool_2x2_ties_share_the_gradient():
   g = jax.grad(lambda x: jnp.sum(layers.max_pool_2x2(x)))(x)
   np.testing.assert_allclose(g[0, ..., 0], [[1 / 3, 1 / 3], [0, 1 / 3]],
                              rtol=1e-6)
+
+
+# (input channels, kernel, strides, padding, groups): the first four take the
+# matmul form on CPU, the rest are XLA's convolution unchanged.
+CONV_CASES = [
+    (1, (3, 3), 1, "SAME", 1),
+    (1, (5, 3), 1, "VALID", 1),
+    (1, (3, 3), 1, ((2, 0), (1, 1)), 1),
+    (6, (1, 1), 1, "SAME", 1),
+    (1, (3, 3), 2, "SAME", 1),
+    (4, (3, 3), 1, "SAME", 1),
+    (4, (1, 1), 1, "SAME", 2),
+]
+
+
+@pytest.mark.parametrize("cin,kernel,strides,padding,groups", CONV_CASES)
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_conv_matches_flax(cin, kernel, strides, padding, groups, use_bias):
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(2, 9, 10, cin)), jnp.float32)
+  kw = dict(features=6, kernel_size=kernel, strides=strides, padding=padding,
+            feature_group_count=groups, use_bias=use_bias)
+  mine, ref = layers.Conv(**kw), nn.Conv(**kw)
+  variables = ref.init(jax.random.key(0), x)
+  # Same variables, shapes and initial values.
+  _assert_tree_close(mine.init(jax.random.key(0), x), variables, 0, 0)
+  variables = jax.tree.map(  # A non-zero bias, so its gradient path counts.
+      lambda v: v + 0.1, variables)
+
+  def value_and_grads(module):
+    def loss(v, x):
+      return jnp.sum(jnp.sin(module.apply(v, x)))
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(variables, x)
+
+  _assert_tree_close(value_and_grads(mine), value_and_grads(ref),
+                     rtol=1e-5, atol=1e-5)
+
+
+def test_conv_one_channel_numpy_formula():
+  """y[b, i, j, o] = Σ_{u,v} x_pad[b, i + u, j + v] · k[u, v, 0, o] + bias[o]."""
+  rng = np.random.default_rng(6)
+  x = rng.normal(size=(2, 5, 4, 1)).astype(np.float32)
+  kernel = rng.normal(size=(3, 3, 1, 2)).astype(np.float32)
+  bias = np.array([0.5, -1.0], np.float32)
+  y = layers.Conv(2, (3, 3)).apply(
+      {"params": {"kernel": kernel, "bias": bias}}, jnp.asarray(x))
+  xp = np.pad(x[..., 0].astype(np.float64), ((0, 0), (1, 1), (1, 1)))
+  want = np.zeros((2, 5, 4, 2))
+  for u in range(3):
+    for v in range(3):
+      want += xp[:, u:u + 5, v:v + 4, None] * kernel[u, v, 0]
+  np.testing.assert_allclose(y, want + bias, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_as_matmul_equals_xla_convolution():
+  """The CPU branch itself (what other platforms skip) against lax."""
+  rng = np.random.default_rng(7)
+  dn = ("NHWC", "HWIO", "NHWC")
+  for cin, k in ((1, 3), (5, 1)):
+    x = jnp.asarray(rng.normal(size=(2, 6, 7, cin)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(k, k, cin, 3)), jnp.float32)
+    pads = ((k // 2, k // 2),) * 2
+    want = jax.lax.conv_general_dilated(x, w, (1, 1), pads,
+                                        dimension_numbers=dn)
+    got = layers._conv_as_matmul(x, w, pads, None, None)  # pylint: disable=protected-access
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_one_channel_and_1x1_are_dots_on_cpu():
+  if jax.default_backend() != "cpu":
+    pytest.skip("the matmul form is the CPU one")
+
+  def hlo(cin, k):
+    module = layers.Conv(4, (k, k))
+    x = jnp.ones((2, 8, 8, cin))
+    v = module.init(jax.random.key(0), x)
+    grad = jax.grad(lambda v, x: jnp.sum(module.apply(v, x)), argnums=(0, 1))
+    return jax.jit(grad).lower(v, x).compile().as_text()
+
+  for cin, k in ((1, 3), (3, 1)):
+    text = hlo(cin, k)
+    assert " dot(" in text and " convolution(" not in text, text
+  assert " convolution(" in hlo(3, 3)  # Not a case it rewrites.
+
+
+def test_conv_bfloat16_dtype():
+  x = jnp.ones((1, 4, 4, 1), jnp.bfloat16)
+  module = layers.Conv(3, (3, 3), dtype=jnp.bfloat16)
+  v = module.init(jax.random.key(0), x)
+  y = module.apply(v, x)
+  assert y.dtype == jnp.bfloat16 and v["params"]["kernel"].dtype == jnp.float32
+  ref = nn.Conv(3, (3, 3), dtype=jnp.bfloat16).apply(v, x)
+  np.testing.assert_allclose(np.asarray(y, np.float32),
+                             np.asarray(ref, np.float32), rtol=2e-2, atol=2e-2)

@@ -26,7 +26,7 @@ from typing import Any, Optional, Sequence, Union
 import flax.linen as nn
 import jax.numpy as jnp
 
-from kd_jax.models.layers import BatchNorm
+from kd_jax.models.layers import BatchNorm, Conv
 
 Dtype = Any
 
@@ -53,7 +53,7 @@ class Conv1x1(nn.Module):
   def __call__(self, x, *, train: bool = False):
     _check_map_or_tokens(x, "Conv1x1")
     spatial = x.ndim - 2
-    x = nn.Conv(self.out_features, (1,) * spatial, use_bias=not self.use_bn,
+    x = Conv(self.out_features, (1,) * spatial, use_bias=not self.use_bn,
                 dtype=self.dtype, name="conv")(x)
     if self.use_bn:
       x = BatchNorm(use_running_average=not train, momentum=0.9,

@@ -37,6 +37,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kd_jax.models.layers import Conv
 from kd_jax.models.registry import register
 
 DEFAULT_INPUT = {"sagan_discriminator": (64, 64, 3 + 19)}
@@ -64,7 +65,7 @@ class SelfAttention(nn.Module):
     n, h, w, c = x.shape
 
     def proj(features, name):
-      y = nn.Conv(features, (1, 1), dtype=self.dtype,
+      y = Conv(features, (1, 1), dtype=self.dtype,
                   param_dtype=jnp.float32, name=name)(x)
       return y.reshape(n, h * w, features)
 
@@ -92,7 +93,7 @@ class Discriminator(nn.Module):
                        f"got {x.shape[1:3]}")
     feats = {}
     for i in range(4):
-      layer = nn.Conv(self.conv_dim * 2**i, (4, 4), strides=2,
+      layer = Conv(self.conv_dim * 2**i, (4, 4), strides=2,
                       padding=[(1, 1), (1, 1)], dtype=self.dtype,
                       param_dtype=jnp.float32, name=f"block{i + 1}")
       if self.spectral_norm:
@@ -104,6 +105,6 @@ class Discriminator(nn.Module):
       if i >= 2:
         x = SelfAttention(dtype=self.dtype, name=f"attn{i - 1}")(x)
       feats[f"block{i + 1}"] = x
-    x = nn.Conv(1, (4, 4), padding="VALID", dtype=self.dtype,
+    x = Conv(1, (4, 4), padding="VALID", dtype=self.dtype,
                 param_dtype=jnp.float32, name="last")(x)
     return jnp.mean(x, axis=(1, 2, 3)), feats

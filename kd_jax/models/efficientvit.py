@@ -47,7 +47,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kd_jax.models.layers import BatchNorm
+from kd_jax.models.layers import BatchNorm, Conv
 from kd_jax.models.registry import register
 
 DEFAULT_INPUT = {
@@ -76,7 +76,7 @@ class ConvNormAct(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool):
     p = self.kernel // 2
-    x = nn.Conv(self.features, (self.kernel, self.kernel),
+    x = Conv(self.features, (self.kernel, self.kernel),
                 strides=(self.strides, self.strides), padding=((p, p), (p, p)),
                 feature_group_count=self.groups, use_bias=self.use_bias,
                 dtype=self.dtype, name="conv")(x)
@@ -148,14 +148,14 @@ class LiteMLA(nn.Module):
     b, h, w, c = x.shape
     heads = c // self.head_dim
     total = heads * self.head_dim
-    qkv = nn.Conv(3 * total, (1, 1), use_bias=False, dtype=self.dtype,
+    qkv = Conv(3 * total, (1, 1), use_bias=False, dtype=self.dtype,
                   name="qkv")(x)
     branches = [qkv]
     for s in self.scales:
-      y = nn.Conv(3 * total, (s, s), padding=s // 2,
+      y = Conv(3 * total, (s, s), padding=s // 2,
                   feature_group_count=3 * total, use_bias=False,
                   dtype=self.dtype, name=f"aggreg{s}_dw")(qkv)
-      y = nn.Conv(3 * total, (1, 1), feature_group_count=3 * heads,
+      y = Conv(3 * total, (1, 1), feature_group_count=3 * heads,
                   use_bias=False, dtype=self.dtype, name=f"aggreg{s}_pw")(y)
       branches.append(y)
     # Channels are grouped per head as [q | k | v], head_dim each.

@@ -37,7 +37,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from kd_jax.models.layers import BatchNorm
+from kd_jax.models.layers import BatchNorm, Conv
 from kd_jax.models.pspnet import resize_bilinear
 from kd_jax.models.registry import register
 
@@ -64,7 +64,7 @@ def bn_prelu(x, train, dtype, name):
 
 def conv(features, kernel, *, stride=1, dilation=1, dtype, name):
   pad = dilation * (kernel - 1) // 2
-  return nn.Conv(features, (kernel, kernel), strides=stride,
+  return Conv(features, (kernel, kernel), strides=stride,
                  kernel_dilation=dilation, padding=[(pad, pad), (pad, pad)],
                  use_bias=False, dtype=dtype, param_dtype=jnp.float32,
                  name=name)

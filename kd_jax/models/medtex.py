@@ -43,7 +43,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from kd_jax.models.layers import BatchNorm, max_pool_2x2
+from kd_jax.models.layers import BatchNorm, Conv, max_pool_2x2
 from kd_jax.models.registry import register
 
 DEFAULT_INPUT = {
@@ -87,7 +87,7 @@ class MedTexCNN(nn.Module):
     x = x.astype(self.dtype)
     features = {}
     for i, w in enumerate(self.widths):
-      x = nn.Conv(w, (self.kernel, self.kernel), use_bias=False,
+      x = Conv(w, (self.kernel, self.kernel), use_bias=False,
                   dtype=self.dtype, name=f"conv{i + 1}")(x)
       x = _bn(train, self.dtype, f"bn{i + 1}")(x)
       x = nn.relu(max_pool_2x2(x))
@@ -113,7 +113,7 @@ class ConvBNReLU(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    x = nn.Conv(self.features, (3, 3), use_bias=False, dtype=self.dtype,
+    x = Conv(self.features, (3, 3), use_bias=False, dtype=self.dtype,
                 name="conv")(x)
     return nn.relu(_bn(train, self.dtype, "bn")(x))
 
@@ -160,7 +160,7 @@ class MedTexExplainer(nn.Module):
       x = jnp.concatenate([x, skips[i]], axis=-1)
       x = ConvBNReLU(ch, self.dtype, name=f"dec{i + 1}")(x, train=train)
       features[f"dec{i + 1}"] = x
-    mask_logits = nn.Conv(out_ch, (1, 1), dtype=self.dtype,
+    mask_logits = Conv(out_ch, (1, 1), dtype=self.dtype,
                           name="mask_head")(x)
     features["mask_logits"] = mask_logits
     return nn.sigmoid(mask_logits), features

@@ -35,6 +35,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from kd_jax.models import resnet
+from kd_jax.models.layers import Conv
 from kd_jax.models.pspnet import SegHead, resize_bilinear
 from kd_jax.models.registry import register
 
@@ -85,7 +86,7 @@ class ConvBN(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool):
     pad = self.dilation * (self.kernel - 1) // 2
-    x = nn.Conv(self.features, (self.kernel, self.kernel),
+    x = Conv(self.features, (self.kernel, self.kernel),
                 strides=self.stride, kernel_dilation=self.dilation,
                 padding=[(pad, pad), (pad, pad)],
                 feature_group_count=x.shape[-1] if self.depthwise else 1,

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kd_jax.models import resnet
+from kd_jax.models.layers import Conv
 from kd_jax.models.registry import register
 
 _SEG_INPUT = (512, 512, 3)
@@ -98,7 +99,7 @@ class SegHead(nn.Module):
     x = conv_bn_relu(x, self.channels, 3, train, self.dtype, "head")
     y = nn.Dropout(self.dropout, broadcast_dims=(1, 2),
                    deterministic=not train)(x)
-    y = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype,
+    y = Conv(self.num_classes, (1, 1), dtype=self.dtype,
                 param_dtype=jnp.float32, name="classifier")(y)
     return y, x
 
@@ -150,7 +151,7 @@ class PSPNet(nn.Module):
     feats["head"] = y
     y = nn.Dropout(self.dropout, broadcast_dims=(1, 2),
                    deterministic=not train)(y)
-    y = nn.Conv(self.num_classes, (1, 1), dtype=d, param_dtype=jnp.float32,
+    y = Conv(self.num_classes, (1, 1), dtype=d, param_dtype=jnp.float32,
                 name="classifier")(y)
     if self.aux:
       aux, _ = SegHead(self.num_classes, self.aux_channels or ch[2] // 2,

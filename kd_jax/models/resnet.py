@@ -34,7 +34,7 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from kd_jax.models.layers import BatchNorm
+from kd_jax.models.layers import BatchNorm, Conv
 from kd_jax.models.registry import register
 
 DEFAULT_INPUT = {
@@ -55,7 +55,7 @@ def conv(features: int, kernel: int, *, stride: int = 1, dilation: int = 1,
          dtype: Any = jnp.float32, name: Optional[str] = None) -> nn.Conv:
   """Bias-free conv with torch-style symmetric padding."""
   pad = dilation * (kernel - 1) // 2
-  return nn.Conv(features, (kernel, kernel), strides=stride,
+  return Conv(features, (kernel, kernel), strides=stride,
                  kernel_dilation=dilation, padding=[(pad, pad), (pad, pad)],
                  use_bias=False, dtype=dtype, param_dtype=jnp.float32,
                  name=name)

@@ -36,7 +36,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from kd_jax.models.layers import BatchNorm, max_pool_2x2
+from kd_jax.models.layers import BatchNorm, Conv, max_pool_2x2
 from kd_jax.models.registry import register
 
 # Registered name → default (H, W, C): Synapse CT slices.
@@ -58,7 +58,7 @@ class ConvBNReLU(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    x = nn.Conv(self.features, (self.kernel, self.kernel), use_bias=False,
+    x = Conv(self.features, (self.kernel, self.kernel), use_bias=False,
                 dtype=self.dtype, name="conv")(x)
     return nn.relu(_bn(train, self.dtype, "bn")(x))
 
@@ -85,9 +85,9 @@ class Fire(nn.Module):
                            use_bias=False, dtype=self.dtype,
                            name="expand3")(x)
     else:
-      a = nn.Conv(half, (1, 1), use_bias=False, dtype=self.dtype,
+      a = Conv(half, (1, 1), use_bias=False, dtype=self.dtype,
                   name="expand1")(x)
-      b = nn.Conv(self.features - half, (3, 3), use_bias=False,
+      b = Conv(self.features - half, (3, 3), use_bias=False,
                   dtype=self.dtype, name="expand3")(x)
     a = nn.relu(_bn(train, self.dtype, "bn1")(a))
     b = nn.relu(_bn(train, self.dtype, "bn3")(b))
@@ -154,6 +154,6 @@ class SqueezeUNet(nn.Module):
       x = self._fire(ch, f"dec{i + 1}_fire")(x, train=train)
       features[f"dec{i + 1}"] = x
 
-    logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype,
+    logits = Conv(self.num_classes, (1, 1), dtype=self.dtype,
                      name="head")(x)
     return logits, features

@@ -49,7 +49,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kd_jax.models.layers import BatchNorm
+from kd_jax.models.layers import BatchNorm, Conv
 from kd_jax.models.registry import register
 from kd_jax.models.vit import Block, resize_pos_embed
 
@@ -122,7 +122,7 @@ class ConvBNReLU(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    x = nn.Conv(self.features, (3, 3), padding=1, use_bias=False,
+    x = Conv(self.features, (3, 3), padding=1, use_bias=False,
                 dtype=self.dtype, name="conv")(x)
     x = BatchNorm(use_running_average=not train, momentum=0.9,
                   epsilon=1e-5, dtype=self.dtype, name="bn")(x)
@@ -192,7 +192,7 @@ class TransUNet(nn.Module):
 
     # ViT on the 1/16 map.
     b, gh, gw, _ = x.shape
-    x = nn.Conv(self.hidden, (1, 1), dtype=self.dtype, name="patch_embed")(x)
+    x = Conv(self.hidden, (1, 1), dtype=self.dtype, name="patch_embed")(x)
     x = x.reshape(b, gh * gw, self.hidden)
     g0 = self.image_size // 16
     pos = self.param("pos_embed", nn.initializers.normal(0.02),
@@ -219,7 +219,7 @@ class TransUNet(nn.Module):
       x = ConvBNReLU(ch, self.dtype, name=f"decoder{i}_conv1")(x, train=train)
       x = ConvBNReLU(ch, self.dtype, name=f"decoder{i}_conv2")(x, train=train)
       features[f"decoder.block{i}"] = x
-    logits = nn.Conv(self.num_classes, (3, 3), padding=1, dtype=self.dtype,
+    logits = Conv(self.num_classes, (3, 3), padding=1, dtype=self.dtype,
                      name="segmentation_head")(x)
     return logits, features
 

@@ -17,7 +17,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from kd_jax.models.layers import BatchNorm, max_pool_2x2
+from kd_jax.models.layers import BatchNorm, Conv, max_pool_2x2
 from kd_jax.models.registry import register
 
 DEFAULT_INPUT = {"unet": (128, 128, 1)}
@@ -32,7 +32,7 @@ class ConvBlock(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool):
     for _ in range(2):
-      x = nn.Conv(self.features, (3, 3), use_bias=False, dtype=self.dtype)(x)
+      x = Conv(self.features, (3, 3), use_bias=False, dtype=self.dtype)(x)
       x = BatchNorm(use_running_average=not train, momentum=0.9,
                     dtype=self.dtype)(x)
       x = nn.relu(x)
@@ -100,6 +100,6 @@ class UNet(nn.Module):
       x = jnp.concatenate([x, skips[i]], axis=-1)
       x = ConvBlock(ch, self.dtype, name=f"dec{i + 1}")(x, train=train)
       features[f"dec{i + 1}"] = x
-    logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype,
+    logits = Conv(self.num_classes, (1, 1), dtype=self.dtype,
                      name="head")(x)
     return logits, features

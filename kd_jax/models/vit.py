@@ -41,6 +41,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kd_jax.models.layers import Conv
 from kd_jax.models.registry import register
 
 DEFAULT_INPUT = {
@@ -164,7 +165,7 @@ class ViT(nn.Module):
           f"ViT(patch={p}) needs NHWC input with height and width divisible "
           f"by {p}; got shape {tuple(x.shape)}")
     b = x.shape[0]
-    x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID",
+    x = Conv(self.width, (p, p), strides=(p, p), padding="VALID",
                 dtype=self.dtype, name="patch_embed")(x.astype(self.dtype))
     gh, gw = x.shape[1:3]
     x = x.reshape(b, gh * gw, self.width)
