@@ -186,16 +186,24 @@ def test_max_pool_2x2_ties_share_the_gradient():
                              rtol=1e-6)
 
 
-# (input channels, kernel, strides, padding, groups): the first four take the
-# matmul form on CPU, the rest are XLA's convolution unchanged.
+# (input channels, kernel, strides, padding, groups): matmuls on CPU (one
+# input channel or 1×1, stride 1), depthwise tap sums (groups = channels),
+# batched einsums (grouped 1×1), then cases left to XLA's convolution.
 CONV_CASES = [
     (1, (3, 3), 1, "SAME", 1),
     (1, (5, 3), 1, "VALID", 1),
     (1, (3, 3), 1, ((2, 0), (1, 1)), 1),
     (6, (1, 1), 1, "SAME", 1),
+    (6, (3, 3), 1, "SAME", 6),
+    (6, (3, 3), 2, "SAME", 6),
+    (6, (5, 5), 1, "SAME", 6),
+    (6, (3, 3), 2, ((0, 2), (1, 0)), 6),
+    (6, (3, 2), 3, "VALID", 6),
+    (6, (1, 1), 1, "SAME", 3),
     (1, (3, 3), 2, "SAME", 1),
     (4, (3, 3), 1, "SAME", 1),
-    (4, (1, 1), 1, "SAME", 2),
+    (4, (3, 3), 1, "SAME", 2),
+    (6, (3, 3), 1, ((-1, 1), (1, 1)), 6),
 ]
 
 
@@ -204,7 +212,8 @@ CONV_CASES = [
 def test_conv_matches_flax(cin, kernel, strides, padding, groups, use_bias):
   rng = np.random.default_rng(5)
   x = jnp.asarray(rng.normal(size=(2, 9, 10, cin)), jnp.float32)
-  kw = dict(features=6, kernel_size=kernel, strides=strides, padding=padding,
+  kw = dict(features=cin if groups == cin > 1 else 6, kernel_size=kernel,
+            strides=strides, padding=padding,
             feature_group_count=groups, use_bias=use_bias)
   mine, ref = layers.Conv(**kw), nn.Conv(**kw)
   variables = ref.init(jax.random.key(0), x)
@@ -269,12 +278,58 @@ def test_conv_one_channel_and_1x1_are_dots_on_cpu():
   assert " convolution(" in hlo(3, 3)  # Not a case it rewrites.
 
 
-def test_conv_bfloat16_dtype():
-  x = jnp.ones((1, 4, 4, 1), jnp.bfloat16)
-  module = layers.Conv(3, (3, 3), dtype=jnp.bfloat16)
+@pytest.mark.parametrize("cin,groups", [(1, 1), (4, 4)])
+def test_conv_bfloat16_dtype(cin, groups):
+  x = jnp.asarray(np.random.default_rng(9).normal(size=(1, 4, 4, cin)),
+                  jnp.bfloat16)
+  kw = dict(features=cin if groups > 1 else 3, kernel_size=(3, 3),
+            feature_group_count=groups, dtype=jnp.bfloat16)
+  module = layers.Conv(**kw)
   v = module.init(jax.random.key(0), x)
   y = module.apply(v, x)
   assert y.dtype == jnp.bfloat16 and v["params"]["kernel"].dtype == jnp.float32
-  ref = nn.Conv(3, (3, 3), dtype=jnp.bfloat16).apply(v, x)
+  ref = nn.Conv(**kw).apply(v, x)
   np.testing.assert_allclose(np.asarray(y, np.float32),
                              np.asarray(ref, np.float32), rtol=2e-2, atol=2e-2)
+  g = jax.grad(lambda v: jnp.sum(module.apply(v, x).astype(jnp.float32)))(v)
+  assert g["params"]["kernel"].dtype == jnp.float32
+
+
+def test_depthwise_and_grouped_have_no_convolution_on_cpu():
+  if jax.default_backend() != "cpu":
+    pytest.skip("the rewrites are the CPU ones")
+  for features, kernel, strides, groups in ((8, 3, 2, 8), (8, 1, 1, 4)):
+    module = layers.Conv(features, (kernel, kernel), strides=strides,
+                         feature_group_count=groups)
+    x = jnp.ones((2, 8, 8, 8))
+    v = module.init(jax.random.key(0), x)
+    grad = jax.grad(lambda v, x: jnp.sum(module.apply(v, x)), argnums=(0, 1))
+    text = jax.jit(grad).lower(v, x).compile().as_text()
+    assert " convolution(" not in text, text
+
+
+def test_depthwise_conv_numpy_formula():
+  """y[b, o, p, c] = Σ_{u,v} x_pad[b, s·o + u, s·p + v, c] · k[u, v, 0, c]
+  and its kernel gradient Σ_{b,o,p} x_pad[b, s·o + u, s·p + v, c] · dy."""
+  rng = np.random.default_rng(8)
+  x = rng.normal(size=(2, 7, 6, 3)).astype(np.float32)
+  k = rng.normal(size=(3, 3, 1, 3)).astype(np.float32)
+  pads, s = ((1, 1), (0, 2)), 2
+  y, vjp = jax.vjp(lambda x, k: layers.depthwise_conv(x, k, (s, s), pads),
+                   jnp.asarray(x), jnp.asarray(k))
+  xp = np.pad(x.astype(np.float64), ((0, 0), *pads, (0, 0)))
+  ho, wo = (7 + 2 - 3) // s + 1, (6 + 2 - 3) // s + 1
+  want = np.zeros((2, ho, wo, 3))
+  for u in range(3):
+    for v in range(3):
+      want += (xp[:, u:u + s * (ho - 1) + 1:s, v:v + s * (wo - 1) + 1:s]
+               * k[u, v, 0])
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+  dy = rng.normal(size=want.shape).astype(np.float32)
+  _, dk = vjp(jnp.asarray(dy))
+  want_dk = np.zeros((3, 3, 1, 3))
+  for u in range(3):
+    for v in range(3):
+      view = xp[:, u:u + s * (ho - 1) + 1:s, v:v + s * (wo - 1) + 1:s]
+      want_dk[u, v, 0] = np.sum(view * dy, axis=(0, 1, 2))
+  np.testing.assert_allclose(dk, want_dk, rtol=1e-5, atol=1e-5)
