@@ -337,6 +337,17 @@ def _patch_flax_conv():
   _replace_in_models(layers.Conv, nn.Conv)
 
 
+def _patch_flax_conv_transpose():
+  """flax's `nn.ConvTranspose` (XLA's transposed convolution; on XLA:CPU its
+  kernel gradient is a convolution with an image-sized window) in place of
+  `kd_jax.models.layers.ConvTranspose` in every model."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+
+  from kd_jax.models import layers  # pylint: disable=import-outside-toplevel
+
+  _replace_in_models(layers.ConvTranspose, nn.ConvTranspose)
+
+
 def _replace_in_models(old, new):
   """Every kd_jax model module's global bound to `old` rebound to `new`."""
   import kd_jax.models.connectors  # pylint: disable=import-outside-toplevel,unused-import
@@ -421,6 +432,7 @@ PATCHES = {"conv_transpose_upsample": _patch_conv_transpose_upsample,
            "flat_optimizer": _patch_flat_optimizer,
            "flax_batchnorm": _patch_flax_batchnorm,
            "flax_conv": _patch_flax_conv,
+           "flax_conv_transpose": _patch_flax_conv_transpose,
            "flax_max_pool": _patch_flax_max_pool,
            "gather_cross_entropy": _patch_gather_cross_entropy,
            "threefry_partitionable": _patch_threefry_partitionable}
@@ -620,7 +632,9 @@ class JaxWorker:
       t = time.perf_counter()
       for _ in range(batches):
         next(it)
-      return batches * self.args.batch / (time.perf_counter() - t)
+      rate = batches * self.args.batch / (time.perf_counter() - t)
+      it.close()  # Its prefetch threads would compete with the next timing.
+      return rate
 
     def fresh():  # A new source: nothing rendered yet.
       return self.data.build(self.config.data).train
@@ -663,7 +677,9 @@ class JaxWorker:
       self.state, metrics = self.step(
           self.state, self.train.to_global(next(it), self.mesh), self.frozen)
     self.jax.block_until_ready(metrics)
-    return (time.perf_counter() - t) / batches
+    seconds = (time.perf_counter() - t) / batches
+    it.close()
+    return seconds
 
 
 def _thunk_kind(name):

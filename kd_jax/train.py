@@ -491,6 +491,9 @@ def train_stage(config, name: str, workdir: str, datasets, mesh=None):
         checkpoint.save(mngr, step, state, force=True)
         break
       checkpoint.save(mngr, step, state, force=step == steps)
+  # Stops its prefetch threads, which would otherwise keep the cores busy
+  # filling their buffer during the evaluation and the next stage.
+  batches.close()
   mngr.wait_until_finished()
   mngr.close()
   writer.flush()

@@ -1,4 +1,6 @@
 """kd_jax.models.layers against the flax layers they replace and numpy."""
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -333,3 +335,55 @@ def test_depthwise_conv_numpy_formula():
       view = xp[:, u:u + s * (ho - 1) + 1:s, v:v + s * (wo - 1) + 1:s]
       want_dk[u, v, 0] = np.sum(view * dy, axis=(0, 1, 2))
   np.testing.assert_allclose(dk, want_dk, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel,strides,padding", [
+    (2, 2, "SAME"), (3, 2, "SAME"), (2, 2, "VALID"), (3, 2, "VALID"),
+    (4, 2, "SAME"), (3, 3, "SAME"), (1, 2, "SAME"), (3, 1, "SAME"),
+    (3, 2, ((1, 2), (0, 1))), (5, 3, "VALID"),
+])
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_conv_transpose_matches_flax(kernel, strides, padding, use_bias):
+  x = jnp.asarray(np.random.default_rng(10).normal(size=(2, 5, 6, 3)),
+                  jnp.float32)
+  kw = dict(features=4, kernel_size=(kernel, kernel),
+            strides=(strides, strides), padding=padding, use_bias=use_bias)
+  mine, ref = layers.ConvTranspose(**kw), nn.ConvTranspose(**kw)
+  variables = ref.init(jax.random.key(0), x)
+  _assert_tree_close(mine.init(jax.random.key(0), x), variables, 0, 0)
+  variables = jax.tree.map(lambda v: v + 0.1, variables)
+
+  def value_and_grads(module):
+    def loss(v, x):
+      return jnp.sum(jnp.sin(module.apply(v, x)))
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(variables, x)
+
+  got, want = value_and_grads(mine), value_and_grads(ref)
+  _assert_tree_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_conv_transpose_numpy_formula():
+  """Stride-2 3×3 'SAME' (lax pads the 2-dilated input by (2, 1)):
+  y[o] = Σ_t x_dilated_padded[o + t]·k[t], no kernel flip."""
+  rng = np.random.default_rng(11)
+  x = rng.normal(size=(1, 3, 4, 2)).astype(np.float32)
+  k = rng.normal(size=(3, 3, 2, 5)).astype(np.float32)
+  y = layers.conv_transpose(jnp.asarray(x), jnp.asarray(k), (2, 2), "SAME")
+  xd = np.zeros((1, 5, 7, 2))
+  xd[:, ::2, ::2] = x
+  xd = np.pad(xd, ((0, 0), (2, 1), (2, 1), (0, 0)))
+  want = np.zeros((1, 6, 8, 5))
+  for u in range(3):
+    for v in range(3):
+      want += np.einsum("bhwc,co->bhwo", xd[:, u:u + 6, v:v + 8], k[u, v])
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_transpose_has_no_dilated_convolution():
+  x = jnp.ones((2, 8, 8, 4))
+  module = layers.ConvTranspose(3, (3, 3), strides=(2, 2))
+  v = module.init(jax.random.key(0), x)
+  grad = jax.grad(lambda v, x: jnp.sum(module.apply(v, x)), argnums=(0, 1))
+  text = jax.jit(grad).lower(v, x).as_text()
+  dilations = re.findall(r"lhs_dilate = \[(\d+), (\d+)\]", text)
+  assert dilations and set(dilations) == {("1", "1")}, text

@@ -37,7 +37,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from kd_jax.models.layers import BatchNorm, Conv
+from kd_jax.models.layers import BatchNorm, Conv, ConvTranspose
 from kd_jax.models.pspnet import resize_bilinear
 from kd_jax.models.registry import register
 
@@ -150,7 +150,7 @@ class ESPNet(nn.Module):
     # Decoder: H/8 → H/4, fuse with projected level 2, → H/2, fuse with
     # level 1, → H.
     def up(z, name):
-      return nn.ConvTranspose(c, (2, 2), strides=(2, 2), padding="VALID",
+      return ConvTranspose(c, (2, 2), strides=(2, 2), padding="VALID",
                               use_bias=False, dtype=d,
                               param_dtype=jnp.float32, name=name)(z)
 

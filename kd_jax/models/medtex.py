@@ -43,7 +43,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from kd_jax.models.layers import BatchNorm, Conv, max_pool_2x2
+from kd_jax.models.layers import BatchNorm, Conv, ConvTranspose, max_pool_2x2
 from kd_jax.models.registry import register
 
 DEFAULT_INPUT = {
@@ -155,7 +155,7 @@ class MedTexExplainer(nn.Module):
     features["embedding"] = jnp.mean(x, axis=(1, 2))
     for i in reversed(range(self.depth)):
       ch = self.width * 2**i
-      x = nn.ConvTranspose(ch, (2, 2), strides=(2, 2), dtype=self.dtype,
+      x = ConvTranspose(ch, (2, 2), strides=(2, 2), dtype=self.dtype,
                            name=f"up{i + 1}")(x)
       x = jnp.concatenate([x, skips[i]], axis=-1)
       x = ConvBNReLU(ch, self.dtype, name=f"dec{i + 1}")(x, train=train)

@@ -36,7 +36,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from kd_jax.models.layers import BatchNorm, Conv, max_pool_2x2
+from kd_jax.models.layers import BatchNorm, Conv, ConvTranspose, max_pool_2x2
 from kd_jax.models.registry import register
 
 # Registered name → default (H, W, C): Synapse CT slices.
@@ -79,9 +79,9 @@ class Fire(nn.Module):
     x = ConvBNReLU(self.squeeze, 1, self.dtype, name="squeeze")(x, train=train)
     half = self.features // 2
     if self.up:
-      a = nn.ConvTranspose(half, (2, 2), strides=(2, 2), use_bias=False,
+      a = ConvTranspose(half, (2, 2), strides=(2, 2), use_bias=False,
                            dtype=self.dtype, name="expand1")(x)
-      b = nn.ConvTranspose(self.features - half, (3, 3), strides=(2, 2),
+      b = ConvTranspose(self.features - half, (3, 3), strides=(2, 2),
                            use_bias=False, dtype=self.dtype,
                            name="expand3")(x)
     else:
