@@ -54,7 +54,7 @@ class Conv1x1(nn.Module):
     _check_map_or_tokens(x, "Conv1x1")
     spatial = x.ndim - 2
     x = Conv(self.out_features, (1,) * spatial, use_bias=not self.use_bn,
-                dtype=self.dtype, name="conv")(x)
+             dtype=self.dtype, name="conv")(x)
     if self.use_bn:
       x = BatchNorm(use_running_average=not train, momentum=0.9,
                     dtype=self.dtype, name="bn")(x)

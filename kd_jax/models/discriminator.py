@@ -66,7 +66,7 @@ class SelfAttention(nn.Module):
 
     def proj(features, name):
       y = Conv(features, (1, 1), dtype=self.dtype,
-                  param_dtype=jnp.float32, name=name)(x)
+               param_dtype=jnp.float32, name=name)(x)
       return y.reshape(n, h * w, features)
 
     q, k = proj(max(1, c // 8), "query"), proj(max(1, c // 8), "key")
@@ -94,8 +94,8 @@ class Discriminator(nn.Module):
     feats = {}
     for i in range(4):
       layer = Conv(self.conv_dim * 2**i, (4, 4), strides=2,
-                      padding=[(1, 1), (1, 1)], dtype=self.dtype,
-                      param_dtype=jnp.float32, name=f"block{i + 1}")
+                   padding=[(1, 1), (1, 1)], dtype=self.dtype,
+                   param_dtype=jnp.float32, name=f"block{i + 1}")
       if self.spectral_norm:
         x = nn.SpectralNorm(layer, name=f"block{i + 1}_sn")(
             x, update_stats=train)
@@ -106,5 +106,5 @@ class Discriminator(nn.Module):
         x = SelfAttention(dtype=self.dtype, name=f"attn{i - 1}")(x)
       feats[f"block{i + 1}"] = x
     x = Conv(1, (4, 4), padding="VALID", dtype=self.dtype,
-                param_dtype=jnp.float32, name="last")(x)
+             param_dtype=jnp.float32, name="last")(x)
     return jnp.mean(x, axis=(1, 2, 3)), feats

@@ -77,9 +77,9 @@ class ConvNormAct(nn.Module):
   def __call__(self, x, *, train: bool):
     p = self.kernel // 2
     x = Conv(self.features, (self.kernel, self.kernel),
-                strides=(self.strides, self.strides), padding=((p, p), (p, p)),
-                feature_group_count=self.groups, use_bias=self.use_bias,
-                dtype=self.dtype, name="conv")(x)
+             strides=(self.strides, self.strides), padding=((p, p), (p, p)),
+             feature_group_count=self.groups, use_bias=self.use_bias,
+             dtype=self.dtype, name="conv")(x)
     if self.norm:
       x = BatchNorm(use_running_average=not train, momentum=0.9,
                     epsilon=1e-5, dtype=self.dtype, name="bn")(x)
@@ -149,14 +149,14 @@ class LiteMLA(nn.Module):
     heads = c // self.head_dim
     total = heads * self.head_dim
     qkv = Conv(3 * total, (1, 1), use_bias=False, dtype=self.dtype,
-                  name="qkv")(x)
+               name="qkv")(x)
     branches = [qkv]
     for s in self.scales:
       y = Conv(3 * total, (s, s), padding=s // 2,
-                  feature_group_count=3 * total, use_bias=False,
-                  dtype=self.dtype, name=f"aggreg{s}_dw")(qkv)
+               feature_group_count=3 * total, use_bias=False,
+               dtype=self.dtype, name=f"aggreg{s}_dw")(qkv)
       y = Conv(3 * total, (1, 1), feature_group_count=3 * heads,
-                  use_bias=False, dtype=self.dtype, name=f"aggreg{s}_pw")(y)
+               use_bias=False, dtype=self.dtype, name=f"aggreg{s}_pw")(y)
       branches.append(y)
     # Channels are grouped per head as [q | k | v], head_dim each.
     qkv = jnp.concatenate(branches, axis=-1).reshape(

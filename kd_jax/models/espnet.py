@@ -65,9 +65,9 @@ def bn_prelu(x, train, dtype, name):
 def conv(features, kernel, *, stride=1, dilation=1, dtype, name):
   pad = dilation * (kernel - 1) // 2
   return Conv(features, (kernel, kernel), strides=stride,
-                 kernel_dilation=dilation, padding=[(pad, pad), (pad, pad)],
-                 use_bias=False, dtype=dtype, param_dtype=jnp.float32,
-                 name=name)
+              kernel_dilation=dilation, padding=[(pad, pad), (pad, pad)],
+              use_bias=False, dtype=dtype, param_dtype=jnp.float32,
+              name=name)
 
 
 class ESP(nn.Module):
@@ -151,8 +151,8 @@ class ESPNet(nn.Module):
     # level 1, → H.
     def up(z, name):
       return ConvTranspose(c, (2, 2), strides=(2, 2), padding="VALID",
-                              use_bias=False, dtype=d,
-                              param_dtype=jnp.float32, name=name)(z)
+                           use_bias=False, dtype=d,
+                           param_dtype=jnp.float32, name=name)(z)
 
     z = BatchNorm(use_running_average=not train, momentum=0.9,
                   epsilon=1e-3, dtype=d, param_dtype=jnp.float32,

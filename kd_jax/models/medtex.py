@@ -88,7 +88,7 @@ class MedTexCNN(nn.Module):
     features = {}
     for i, w in enumerate(self.widths):
       x = Conv(w, (self.kernel, self.kernel), use_bias=False,
-                  dtype=self.dtype, name=f"conv{i + 1}")(x)
+               dtype=self.dtype, name=f"conv{i + 1}")(x)
       x = _bn(train, self.dtype, f"bn{i + 1}")(x)
       x = nn.relu(max_pool_2x2(x))
       features[f"block{i + 1}"] = x
@@ -114,7 +114,7 @@ class ConvBNReLU(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool):
     x = Conv(self.features, (3, 3), use_bias=False, dtype=self.dtype,
-                name="conv")(x)
+             name="conv")(x)
     return nn.relu(_bn(train, self.dtype, "bn")(x))
 
 
@@ -156,11 +156,11 @@ class MedTexExplainer(nn.Module):
     for i in reversed(range(self.depth)):
       ch = self.width * 2**i
       x = ConvTranspose(ch, (2, 2), strides=(2, 2), dtype=self.dtype,
-                           name=f"up{i + 1}")(x)
+                        name=f"up{i + 1}")(x)
       x = jnp.concatenate([x, skips[i]], axis=-1)
       x = ConvBNReLU(ch, self.dtype, name=f"dec{i + 1}")(x, train=train)
       features[f"dec{i + 1}"] = x
     mask_logits = Conv(out_ch, (1, 1), dtype=self.dtype,
-                          name="mask_head")(x)
+                       name="mask_head")(x)
     features["mask_logits"] = mask_logits
     return nn.sigmoid(mask_logits), features

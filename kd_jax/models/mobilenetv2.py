@@ -87,11 +87,11 @@ class ConvBN(nn.Module):
   def __call__(self, x, *, train: bool):
     pad = self.dilation * (self.kernel - 1) // 2
     x = Conv(self.features, (self.kernel, self.kernel),
-                strides=self.stride, kernel_dilation=self.dilation,
-                padding=[(pad, pad), (pad, pad)],
-                feature_group_count=x.shape[-1] if self.depthwise else 1,
-                use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-                name="conv")(x)
+             strides=self.stride, kernel_dilation=self.dilation,
+             padding=[(pad, pad), (pad, pad)],
+             feature_group_count=x.shape[-1] if self.depthwise else 1,
+             use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+             name="conv")(x)
     x = resnet.batch_norm(train, dtype=self.dtype, name="bn")(x)
     return nn.relu6(x) if self.act else x
 

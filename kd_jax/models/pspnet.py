@@ -100,7 +100,7 @@ class SegHead(nn.Module):
     y = nn.Dropout(self.dropout, broadcast_dims=(1, 2),
                    deterministic=not train)(x)
     y = Conv(self.num_classes, (1, 1), dtype=self.dtype,
-                param_dtype=jnp.float32, name="classifier")(y)
+             param_dtype=jnp.float32, name="classifier")(y)
     return y, x
 
 
@@ -152,7 +152,7 @@ class PSPNet(nn.Module):
     y = nn.Dropout(self.dropout, broadcast_dims=(1, 2),
                    deterministic=not train)(y)
     y = Conv(self.num_classes, (1, 1), dtype=d, param_dtype=jnp.float32,
-                name="classifier")(y)
+             name="classifier")(y)
     if self.aux:
       aux, _ = SegHead(self.num_classes, self.aux_channels or ch[2] // 2,
                        self.dropout, dtype=d,

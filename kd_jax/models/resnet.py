@@ -56,9 +56,9 @@ def conv(features: int, kernel: int, *, stride: int = 1, dilation: int = 1,
   """Bias-free conv with torch-style symmetric padding."""
   pad = dilation * (kernel - 1) // 2
   return Conv(features, (kernel, kernel), strides=stride,
-                 kernel_dilation=dilation, padding=[(pad, pad), (pad, pad)],
-                 use_bias=False, dtype=dtype, param_dtype=jnp.float32,
-                 name=name)
+              kernel_dilation=dilation, padding=[(pad, pad), (pad, pad)],
+              use_bias=False, dtype=dtype, param_dtype=jnp.float32,
+              name=name)
 
 
 def batch_norm(train: bool, *, dtype: Any = jnp.float32,

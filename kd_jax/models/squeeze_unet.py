@@ -59,7 +59,7 @@ class ConvBNReLU(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool):
     x = Conv(self.features, (self.kernel, self.kernel), use_bias=False,
-                dtype=self.dtype, name="conv")(x)
+             dtype=self.dtype, name="conv")(x)
     return nn.relu(_bn(train, self.dtype, "bn")(x))
 
 
@@ -80,15 +80,15 @@ class Fire(nn.Module):
     half = self.features // 2
     if self.up:
       a = ConvTranspose(half, (2, 2), strides=(2, 2), use_bias=False,
-                           dtype=self.dtype, name="expand1")(x)
+                        dtype=self.dtype, name="expand1")(x)
       b = ConvTranspose(self.features - half, (3, 3), strides=(2, 2),
-                           use_bias=False, dtype=self.dtype,
-                           name="expand3")(x)
+                        use_bias=False, dtype=self.dtype,
+                        name="expand3")(x)
     else:
       a = Conv(half, (1, 1), use_bias=False, dtype=self.dtype,
-                  name="expand1")(x)
+               name="expand1")(x)
       b = Conv(self.features - half, (3, 3), use_bias=False,
-                  dtype=self.dtype, name="expand3")(x)
+               dtype=self.dtype, name="expand3")(x)
     a = nn.relu(_bn(train, self.dtype, "bn1")(a))
     b = nn.relu(_bn(train, self.dtype, "bn3")(b))
     return jnp.concatenate([a, b], axis=-1)
@@ -155,5 +155,5 @@ class SqueezeUNet(nn.Module):
       features[f"dec{i + 1}"] = x
 
     logits = Conv(self.num_classes, (1, 1), dtype=self.dtype,
-                     name="head")(x)
+                  name="head")(x)
     return logits, features

@@ -123,7 +123,7 @@ class ConvBNReLU(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool):
     x = Conv(self.features, (3, 3), padding=1, use_bias=False,
-                dtype=self.dtype, name="conv")(x)
+             dtype=self.dtype, name="conv")(x)
     x = BatchNorm(use_running_average=not train, momentum=0.9,
                   epsilon=1e-5, dtype=self.dtype, name="bn")(x)
     return nn.relu(x)
@@ -220,7 +220,7 @@ class TransUNet(nn.Module):
       x = ConvBNReLU(ch, self.dtype, name=f"decoder{i}_conv2")(x, train=train)
       features[f"decoder.block{i}"] = x
     logits = Conv(self.num_classes, (3, 3), padding=1, dtype=self.dtype,
-                     name="segmentation_head")(x)
+                  name="segmentation_head")(x)
     return logits, features
 
 

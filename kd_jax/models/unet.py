@@ -101,5 +101,5 @@ class UNet(nn.Module):
       x = ConvBlock(ch, self.dtype, name=f"dec{i + 1}")(x, train=train)
       features[f"dec{i + 1}"] = x
     logits = Conv(self.num_classes, (1, 1), dtype=self.dtype,
-                     name="head")(x)
+                  name="head")(x)
     return logits, features

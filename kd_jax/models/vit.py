@@ -166,7 +166,7 @@ class ViT(nn.Module):
           f"by {p}; got shape {tuple(x.shape)}")
     b = x.shape[0]
     x = Conv(self.width, (p, p), strides=(p, p), padding="VALID",
-                dtype=self.dtype, name="patch_embed")(x.astype(self.dtype))
+             dtype=self.dtype, name="patch_embed")(x.astype(self.dtype))
     gh, gw = x.shape[1:3]
     x = x.reshape(b, gh * gw, self.width)
 
