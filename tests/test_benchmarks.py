@@ -53,6 +53,18 @@ def _nchw(x):
   return torch.from_numpy(np.array(x)).permute(0, 3, 1, 2)
 
 
+def _eval_outputs(model, twin, variables, x):
+  """Eval-mode (logits, features) of the kd_jax model and of its twin,
+  after checking the twin holds as many parameters."""
+  assert torch_models.count_params(twin) == sum(
+      v.size for v in jax.tree.leaves(variables["params"]))
+  logits, feats = jax.jit(functools.partial(model.apply, train=False))(
+      variables, x)
+  with torch.no_grad():
+    t_logits, t_feats = twin(_nchw(x))
+  return logits, feats, t_logits, t_feats
+
+
 @pytest.mark.parametrize("width,depth", [(2, 2), (16, 3), (4, 3)])
 def test_unet_param_count_equal(width, depth):
   model = models.build("unet", num_classes=9, width=width, depth=depth)
@@ -73,12 +85,7 @@ def test_unet_param_count_equal(width, depth):
 def test_twin_matches_outputs(name, kw, shape):
   model, variables, x = _jax_variables(name, kw, shape)
   twin = _twin(name, kw, variables, shape[-1])  # Copies every variable.
-  assert torch_models.count_params(twin) == sum(
-      v.size for v in jax.tree.leaves(variables["params"]))
-  logits, feats = jax.jit(functools.partial(model.apply, train=False))(
-      variables, x)
-  with torch.no_grad():
-    t_logits, t_feats = twin(_nchw(x))
+  logits, feats, t_logits, t_feats = _eval_outputs(model, twin, variables, x)
   np.testing.assert_allclose(t_logits.permute(0, 2, 3, 1).numpy(), logits,
                              atol=1e-5)
   assert set(t_feats) == set(feats)
@@ -255,12 +262,7 @@ def test_vit_and_efficientvit_twins_match_eval_outputs(name, kw, keys):
       np.float32)
   variables = _init_variables(model, x)
   twin = _twin(name, kw, variables, 1)
-  assert torch_models.count_params(twin) == sum(
-      v.size for v in jax.tree.leaves(variables["params"]))
-  logits, feats = jax.jit(functools.partial(model.apply, train=False))(
-      variables, x)
-  with torch.no_grad():
-    t_logits, t_feats = twin(_nchw(x))
+  logits, feats, t_logits, t_feats = _eval_outputs(model, twin, variables, x)
   assert set(t_feats) == set(feats)
   _assert_close(t_logits, logits)
   for k in ("embedding",) + keys:
