@@ -206,6 +206,7 @@ CONV_CASES = [
     (4, (3, 3), 1, "SAME", 1),
     (4, (3, 3), 1, "SAME", 2),
     (6, (3, 3), 1, ((-1, 1), (1, 1)), 6),
+    (1, (3, 3), 1, ((-1, 1), (1, 1)), 1),
 ]
 
 
@@ -234,7 +235,7 @@ def test_conv_matches_flax(cin, kernel, strides, padding, groups, use_bias):
 
 
 def test_conv_one_channel_numpy_formula():
-  """y[b, i, j, o] = Σ_{u,v} x_pad[b, i + u, j + v] · k[u, v, 0, o] + bias[o]."""
+  """y[b, i, j, o] = Σ_{u,v} x_pad[b, i + u, j + v]·k[u, v, 0, o] + bias[o]."""
   rng = np.random.default_rng(6)
   x = rng.normal(size=(2, 5, 4, 1)).astype(np.float32)
   kernel = rng.normal(size=(3, 3, 1, 2)).astype(np.float32)

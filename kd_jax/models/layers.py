@@ -299,10 +299,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   the module docstring) computed another way on CPU; same values.
 
   Rewritten, for 2-D NHWC/HWIO/NHWC convolutions without dilation or batch
-  groups: stride-1 convolutions with one input channel or a 1×1 kernel (a
-  matmul), grouped stride-1 1×1 convolutions (a batched einsum), and
-  depthwise convolutions with channel multiplier 1 and non-negative padding
-  at any stride (`depthwise_conv`). Everything else, and every other
+  groups, with non-negative padding: stride-1 convolutions with one input
+  channel or a 1×1 kernel (a matmul), grouped stride-1 1×1 convolutions (a
+  batched einsum), and depthwise convolutions with channel multiplier 1 at
+  any stride (`depthwise_conv`). Everything else, and every other
   platform, is `jax.lax.conv_general_dilated` itself.
   """
   def conv(lhs, rhs):
@@ -312,11 +312,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
         preferred_element_type)
 
   ones = (1,) * (lhs.ndim - 2)
-  plain = (lhs.ndim == 4 and dimension_numbers == jax.lax.conv_dimension_numbers(
+  nhwc = lhs.ndim == 4 and dimension_numbers == jax.lax.conv_dimension_numbers(
       lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
-           and tuple(lhs_dilation or ones) == ones
-           and tuple(rhs_dilation or ones) == ones and batch_group_count == 1)
-  if not plain:
+  if not (nhwc and tuple(lhs_dilation or ones) == ones
+          and tuple(rhs_dilation or ones) == ones and batch_group_count == 1):
     return conv(lhs, rhs)
   strides = tuple(window_strides)
   if isinstance(padding, str):
@@ -325,13 +324,15 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   else:
     pads = tuple(tuple(p) for p in padding)
   pads = tuple(tuple(int(v) for v in p) for p in pads)
+  if min(min(p) for p in pads) < 0:  # Cropping: left to XLA.
+    return conv(lhs, rhs)
   cin, cin_g, cout = lhs.shape[-1], rhs.shape[2], rhs.shape[3]
   one_by_one = rhs.shape[:2] == (1, 1)
   if feature_group_count == 1 and strides == ones and (cin == 1 or one_by_one):
     fast = partial(_conv_as_matmul, pads=pads, precision=precision,
                    preferred_element_type=preferred_element_type)
   elif (feature_group_count == cin == cout and cin_g == 1
-        and min(min(p) for p in pads) >= 0 and preferred_element_type is None):
+        and preferred_element_type is None):
     fast = partial(depthwise_conv, strides=strides, pads=pads)
   elif (feature_group_count > 1 and one_by_one and strides == ones
         and pads == ((0, 0), (0, 0))):
