@@ -7,7 +7,7 @@
     python benchmarks/distill_step.py --pair=vit_efficientvit
     python benchmarks/distill_step.py --pair=unet_large --steps=2 \
         --variant="2:--xla_cpu_experimental_ynn_fusion_type=" \
-        --variant="1:patch=conv_transpose_upsample" --torch_threads=0,1 --profile
+        --variant="1:patch=flax_conv_transpose" --torch_threads=0,1 --profile
 
 One step = teacher forward (eval mode, frozen) + student forward/backward +
 optimizer update, with the loss of configs/default.py's distilled stage
@@ -302,20 +302,6 @@ def _load_batch(args):
 # the maths, so the first-step loss must equal the unpatched worker's.
 
 
-def _patch_conv_transpose_upsample():
-  """UNet's 2×2 stride-2 upsampling as flax's `nn.ConvTranspose` again (what
-  kd_jax used before `unet.Upsample2x`, the same parameters and output)."""
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
-
-  from kd_jax.models import unet  # pylint: disable=import-outside-toplevel
-
-  def conv_transpose(features, dtype, name):
-    return nn.ConvTranspose(features, (2, 2), strides=(2, 2), dtype=dtype,
-                            name=name)
-
-  unet.Upsample2x = conv_transpose
-
-
 def _patch_flax_batchnorm():
   """flax's `nn.BatchNorm` (autodiff through its statistics) in every model
   again, in place of `kd_jax.models.layers.BatchNorm`."""
@@ -426,8 +412,7 @@ def _patch_one_core():
   os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
 
-PATCHES = {"conv_transpose_upsample": _patch_conv_transpose_upsample,
-           "one_core": _patch_one_core,
+PATCHES = {"one_core": _patch_one_core,
            "glibc_malloc_defaults": _patch_glibc_malloc_defaults,
            "flat_optimizer": _patch_flat_optimizer,
            "flax_batchnorm": _patch_flax_batchnorm,

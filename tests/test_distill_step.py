@@ -56,14 +56,14 @@ def test_mfu_and_peaks():
 
 def test_worker_labels_and_modes():
   args = distill_step.parse_args(["--devices=1,8", "--teacher_cache",
-                                  "--variant=2:patch=conv_transpose_upsample"])
+                                  "--variant=2:patch=flax_conv_transpose"])
   assert distill_step._jax_configs(args) == [
       ("kd_jax jit, 1 device", 1, ""),
       ("kd_jax jit, 8 devices", 8, ""),
       ("kd_jax jit, 1 device, teacher cache", 1, "mode=cached"),
       ("kd_jax jit, 1 device, student only (CE + Dice)", 1, "mode=student"),
-      ("kd_jax jit, 2 devices, patch=conv_transpose_upsample", 2,
-       "patch=conv_transpose_upsample")]
+      ("kd_jax jit, 2 devices, patch=flax_conv_transpose", 2,
+       "patch=flax_conv_transpose")]
 
 
 @pytest.fixture(scope="module")

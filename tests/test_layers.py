@@ -388,3 +388,37 @@ def test_conv_transpose_has_no_dilated_convolution():
   text = jax.jit(grad).lower(v, x).as_text()
   dilations = re.findall(r"lhs_dilate = \[(\d+), (\d+)\]", text)
   assert dilations and set(dilations) == {("1", "1")}, text
+
+
+@pytest.mark.parametrize("shape,features",
+                         [((2, 4, 6, 3), 5), ((1, 8, 8, 16), 8)])
+def test_conv_transpose_2x2_formula(shape, features):
+  """UNet's upsampling: 2×2 stride 2, against flax and the pixel formula."""
+  x = jax.random.normal(jax.random.key(3), shape)
+  ours = layers.ConvTranspose(features, (2, 2), strides=(2, 2))
+  flax_t = nn.ConvTranspose(features, (2, 2), strides=(2, 2))
+  params = ours.init(jax.random.key(4), x)
+  params_t = flax_t.init(jax.random.key(4), x)
+  # Same names, shapes and initial values: checkpoints carry over.
+  jax.tree.map(np.testing.assert_array_equal, params, params_t)
+  params = jax.tree.map(
+      lambda p: p + jax.random.normal(jax.random.key(5), p.shape), params)
+  y = ours.apply(params, x)
+  np.testing.assert_allclose(y, flax_t.apply(params, x), rtol=1e-5, atol=1e-5)
+  # Independent formula: out[2i + a, 2j + b] = x[i, j] · kernel[1 - a, 1 - b].
+  k, b = np.asarray(params["params"]["kernel"]), np.asarray(
+      params["params"]["bias"])
+  xs = np.asarray(x)
+  want = np.zeros(y.shape, np.float32)
+  for a in range(2):
+    for c in range(2):
+      want[:, a::2, c::2] = xs @ k[1 - a, 1 - c] + b
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+
+  def loss(p, module):
+    return jnp.sum(jnp.sin(module.apply(p, x)))
+
+  g = jax.grad(loss)(params, ours)
+  g_t = jax.grad(loss)(params, flax_t)
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4,
+                                                       atol=1e-4), g, g_t)

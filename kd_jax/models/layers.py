@@ -46,7 +46,6 @@ auto-name) as one ordinary convolution per output phase; XLA:CPU computes a
 transposed convolution's kernel gradient 5-10× slower than that (see
 `conv_transpose`).
 """
-import functools
 from functools import partial
 from typing import Any, Optional
 
@@ -207,16 +206,21 @@ def _acc_dtype(dtype):
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def _taps(xp, w, strides, out_hw):
-  """Σ over kernel taps (i, j) of the strided view xp[:, i + s·o, j + s·p]
-  times w[i, j]: a depthwise convolution of the padded input, accumulated in
-  at least float32."""
+def _tap_view(xp, i, j, strides, out_hw):
+  """xp[:, i + s·o, j + s·p] for o, p over the output: the input pixels
+  that kernel tap (i, j) meets."""
   (sh, sw), (ho, wo) = strides, out_hw
+  return xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
+
+
+def _taps(xp, w, strides, out_hw):
+  """Σ over kernel taps (i, j) of `_tap_view` times w[i, j]: a depthwise
+  convolution of the padded input, accumulated in at least float32."""
   acc = _acc_dtype(xp.dtype)
-  y = jnp.zeros((xp.shape[0], ho, wo, xp.shape[3]), acc)
+  y = jnp.zeros((xp.shape[0], *out_hw, xp.shape[3]), acc)
   for i in range(w.shape[0]):
     for j in range(w.shape[1]):
-      view = xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
+      view = _tap_view(xp, i, j, strides, out_hw)
       y = y + view.astype(acc) * w[i, j].astype(acc)
   return y
 
@@ -268,7 +272,7 @@ def _depthwise_bwd(strides, pads, res, dy):
   rows = []
   for i in range(kh):
     for j in range(kw):
-      view = xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
+      view = _tap_view(xp, i, j, strides, (ho, wo))
       prod = view.astype(acc) * dy_acc
       rows.append(channel_sums(prod.reshape(-1, prod.shape[-1])))
   dw = jnp.stack(rows).reshape(w.shape).astype(w.dtype)
@@ -344,7 +348,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
 
 
 # flax's convolution module with the convolution above.
-Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
+Conv = partial(nn.Conv, conv_general_dilated=conv_general_dilated)
 
 
 def _transpose_pads(kernel, strides, padding):

@@ -17,7 +17,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from kd_jax.models.layers import BatchNorm, Conv, max_pool_2x2
+from kd_jax.models.layers import BatchNorm, Conv, ConvTranspose, max_pool_2x2
 from kd_jax.models.registry import register
 
 DEFAULT_INPUT = {"unet": (128, 128, 1)}
@@ -37,33 +37,6 @@ class ConvBlock(nn.Module):
                     dtype=self.dtype)(x)
       x = nn.relu(x)
     return x
-
-
-class Upsample2x(nn.Module):
-  """`nn.ConvTranspose(features, (2, 2), strides=(2, 2))`, computed as a
-  per-pixel matmul and a depth-to-space.
-
-  The same parameters (`kernel` (2, 2, in, features), `bias`), initialisers
-  and output: flax's transposed convolution correlates with the unflipped
-  kernel, so output pixel (2i + a, 2j + b) is x[i, j] · kernel[1 - a, 1 - b].
-  XLA:CPU lowers the transposed convolution's kernel gradient to a
-  convolution with a window the size of the image; as an einsum both
-  gradients are matmuls (the default distill step 0-13 % faster across runs
-  on the 2-core VM, benchmarks/README.md "Latest").
-  """
-  features: int
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                        (2, 2, x.shape[-1], self.features), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,),
-                      jnp.float32)
-    y = jnp.einsum("nhwc,abcd->nhawbd", x.astype(self.dtype),
-                   kernel[::-1, ::-1].astype(self.dtype))
-    n, h, _, w, _, d = y.shape
-    return y.reshape(n, 2 * h, 2 * w, d) + bias.astype(self.dtype)
 
 
 @register("unet")
@@ -96,7 +69,8 @@ class UNet(nn.Module):
     features["embedding"] = jnp.mean(x, axis=(1, 2))
     for i in reversed(range(self.depth)):
       ch = self.width * 2**i
-      x = Upsample2x(ch, self.dtype, name=f"up{i + 1}")(x)
+      x = ConvTranspose(ch, (2, 2), strides=(2, 2), dtype=self.dtype,
+                        name=f"up{i + 1}")(x)
       x = jnp.concatenate([x, skips[i]], axis=-1)
       x = ConvBlock(ch, self.dtype, name=f"dec{i + 1}")(x, train=train)
       features[f"dec{i + 1}"] = x
