@@ -334,6 +334,14 @@ def _patch_flax_conv_transpose():
   _replace_in_models(layers.ConvTranspose, nn.ConvTranspose)
 
 
+def _patch_unpaired_conv():
+  """XLA's convolution again for the few-channel 3×3 convolutions that
+  `kd_jax.models.layers` computes over column pairs on CPU."""
+  from kd_jax.models import layers  # pylint: disable=import-outside-toplevel
+
+  layers._pairs_pay = lambda *_: False  # pylint: disable=protected-access
+
+
 def _replace_in_models(old, new):
   """Every kd_jax model module's global bound to `old` rebound to `new`."""
   import kd_jax.models.connectors  # pylint: disable=import-outside-toplevel,unused-import
@@ -420,7 +428,8 @@ PATCHES = {"one_core": _patch_one_core,
            "flax_conv_transpose": _patch_flax_conv_transpose,
            "flax_max_pool": _patch_flax_max_pool,
            "gather_cross_entropy": _patch_gather_cross_entropy,
-           "threefry_partitionable": _patch_threefry_partitionable}
+           "threefry_partitionable": _patch_threefry_partitionable,
+           "unpaired_conv": _patch_unpaired_conv}
 
 
 # ----------------------------------------------------------------------------

@@ -234,6 +234,95 @@ def test_conv_matches_flax(cin, kernel, strides, padding, groups, use_bias):
                      rtol=1e-5, atol=1e-5)
 
 
+# (input channels, output channels, padding, height, width): 3×3 stride-1
+# convolutions that keep the width, computed over column pairs on CPU.
+PAIRED_CASES = [
+    (4, 6, "SAME", 5, 32),
+    (16, 16, "SAME", 3, 34),
+    (3, 5, ((1, 1), (0, 2)), 4, 32),
+    (8, 8, ((0, 0), (2, 0)), 6, 32),
+]
+
+
+@pytest.mark.parametrize("cin,cout,padding,h,w", PAIRED_CASES)
+def test_paired_conv_matches_flax(cin, cout, padding, h, w):
+  rng = np.random.default_rng(11)
+  x = jnp.asarray(rng.normal(size=(2, h, w, cin)), jnp.float32)
+  kw = dict(features=cout, kernel_size=(3, 3), padding=padding)
+  mine, ref = layers.Conv(**kw), nn.Conv(**kw)
+  variables = jax.tree.map(lambda v: v + 0.1,
+                           ref.init(jax.random.key(0), x))
+
+  def value_and_grads(module):
+    def loss(v, x):
+      return jnp.sum(jnp.sin(module.apply(v, x)))
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(variables, x)
+
+  _assert_tree_close(value_and_grads(mine), value_and_grads(ref),
+                     rtol=1e-4, atol=1e-4)
+
+
+def test_pair_kernel_formula():
+  """k2[i, b, s·C + c, t·O + o] = k[i, 2b + s − t, c, o], 0 outside."""
+  rng = np.random.default_rng(12)
+  k = rng.normal(size=(3, 3, 2, 4)).astype(np.float32)
+  got = np.asarray(layers._pair_kernel(jnp.asarray(k)))  # pylint: disable=protected-access
+  assert got.shape == (3, 2, 4, 8)
+  want = np.zeros((3, 2, 2, 2, 2, 4), np.float32)
+  for b in range(2):
+    for s in range(2):
+      for t in range(2):
+        if 0 <= 2 * b + s - t < 3:
+          want[:, b, s, :, t] = k[:, 2 * b + s - t]
+  np.testing.assert_array_equal(got, want.reshape(3, 2, 4, 8))
+
+
+@pytest.mark.parametrize("w,pads", [(6, ((1, 1), (1, 1))),
+                                    (8, ((0, 2), (2, 0)))])
+def test_paired_conv_numpy_formula(w, pads):
+  """The CPU branch itself against y[b, i, j, o] = Σ_{u,v,c}
+  x_pad[b, i + u, j + v, c]·k[u, v, c, o], at widths the rule skips."""
+  rng = np.random.default_rng(13)
+  x = rng.normal(size=(2, 5, w, 3)).astype(np.float32)
+  k = rng.normal(size=(3, 3, 3, 2)).astype(np.float32)
+  got = layers._paired_conv(jnp.asarray(x), jnp.asarray(k), pads, None, None)  # pylint: disable=protected-access
+  xp = np.pad(x.astype(np.float64), ((0, 0), *pads, (0, 0)))
+  ho = xp.shape[1] - 2
+  want = np.zeros((2, ho, w, 2))
+  for u in range(3):
+    for v in range(3):
+      want += np.einsum("bhwc,co->bhwo", xp[:, u:u + ho, v:v + w], k[u, v])
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_few_channel_convs_are_paired_on_cpu():
+  """XLA compiles the pairs' convolution (half the width, twice the
+  channels) in the forward and both gradients; 32 input channels or a
+  narrow input keep XLA's own."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("the pairs are the CPU form")
+
+  def convs(cin, w):
+    module = layers.Conv(8, (3, 3))
+    x = jnp.ones((2, 8, w, cin))
+    v = module.init(jax.random.key(0), x)
+    grad = jax.grad(lambda v, x: jnp.sum(module.apply(v, x) ** 2),
+                    argnums=(0, 1))
+    text = jax.jit(grad).lower(v, x).compile().as_text()
+    return [line for line in text.splitlines() if " convolution(" in line]
+
+  def out_channels(line):
+    return line.split("=")[1].split("]")[0].split(",")[-1]
+
+  # 8 → 8 channels over pairs: 16 → 16 in the forward convolution and in
+  # those of both gradients (input and kernel).
+  paired = convs(8, 32)
+  assert len(paired) == 3 and all(
+      out_channels(line) == "16" for line in paired), paired
+  for cin, w in ((32, 32), (8, 16)):
+    assert all(out_channels(line) != "16" for line in convs(cin, w))
+
+
 def test_conv_one_channel_numpy_formula():
   """y[b, i, j, o] = Σ_{u,v} x_pad[b, i + u, j + v]·k[u, v, 0, o] + bias[o]."""
   rng = np.random.default_rng(6)
@@ -281,9 +370,10 @@ def test_conv_one_channel_and_1x1_are_dots_on_cpu():
   assert " convolution(" in hlo(3, 3)  # Not a case it rewrites.
 
 
-@pytest.mark.parametrize("cin,groups", [(1, 1), (4, 4)])
-def test_conv_bfloat16_dtype(cin, groups):
-  x = jnp.asarray(np.random.default_rng(9).normal(size=(1, 4, 4, cin)),
+@pytest.mark.parametrize("cin,groups,width", [(1, 1, 4), (4, 4, 4),
+                                              (4, 1, 32)])
+def test_conv_bfloat16_dtype(cin, groups, width):
+  x = jnp.asarray(np.random.default_rng(9).normal(size=(1, 4, width, cin)),
                   jnp.bfloat16)
   kw = dict(features=cin if groups > 1 else 3, kernel_size=(3, 3),
             feature_group_count=groups, dtype=jnp.bfloat16)
