@@ -39,7 +39,13 @@ worse: XLA:CPU ran a depthwise 3×3 forward 15-60× slower than the same
 shifted multiply-adds fused into one loop, and a grouped 1×1 convolution's
 gradient 50-100× slower than a batched einsum; `depthwise_conv` and the
 einsum replace them on CPU (EfficientViT-B0's training forward and backward
-at 64², batch 16: 314 ms → 41 ms, PyTorch eager 48 ms).
+at 64², batch 16: 314 ms → 41 ms, PyTorch eager 48 ms). A 3×3
+convolution with 2-16 input and at most 16 output channels on a wide input
+(the UNets' outer levels) runs over pairs of columns: XLA:CPU spends most of
+such a convolution packing image patches for 8-16 output channels, and at
+twice the channels on half the width is in its good range, which more than
+pays for the pair kernel's zero blocks (`_paired_conv`; the default distill
+step 5-6 % faster).
 
 `ConvTranspose`: `flax.linen.ConvTranspose` (same parameters and
 auto-name) as one ordinary convolution per output phase; XLA:CPU computes a
