@@ -297,13 +297,14 @@ def test_paired_conv_numpy_formula(w, pads):
 
 def test_few_channel_convs_are_paired_on_cpu():
   """XLA compiles the pairs' convolution (half the width, twice the
-  channels) in the forward and both gradients; 32 input channels or a
-  narrow input keep XLA's own."""
+  channels) in the forward and both gradients (at most 8 channels on one
+  side) or in the forward only (16 → 16); 32 input channels or a narrow
+  input keep XLA's own."""
   if jax.default_backend() != "cpu":
     pytest.skip("the pairs are the CPU form")
 
-  def convs(cin, w):
-    module = layers.Conv(8, (3, 3))
+  def convs(cin, w, cout=8):
+    module = layers.Conv(cout, (3, 3))
     x = jnp.ones((2, 8, w, cin))
     v = module.init(jax.random.key(0), x)
     grad = jax.grad(lambda v, x: jnp.sum(module.apply(v, x) ** 2),
@@ -321,6 +322,9 @@ def test_few_channel_convs_are_paired_on_cpu():
       out_channels(line) == "16" for line in paired), paired
   for cin, w in ((32, 32), (8, 16)):
     assert all(out_channels(line) != "16" for line in convs(cin, w))
+  # 16 → 16: the forward over pairs (32 → 32), the gradients XLA's own.
+  hybrid = convs(16, 32, cout=16)
+  assert sorted(out_channels(line) for line in hybrid) == ["16", "16", "32"]
 
 
 def test_conv_one_channel_numpy_formula():

@@ -338,12 +338,38 @@ def _paired_conv(lhs, rhs, pads, precision, preferred_element_type):
   return y.reshape(n, y.shape[1], w, cout)
 
 
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _paired_forward(lhs, rhs, pads, precision, preferred_element_type):
+  """`_paired_conv` forward, XLA's own convolution's gradients: for 16 → 16
+  channels the pairs' forward was faster, their gradients slower (on the
+  2-core VM, 2026-12-01, at 32² and 64²)."""
+  return _paired_conv(lhs, rhs, pads, precision, preferred_element_type)
+
+
+def _paired_forward_fwd(lhs, rhs, pads, precision, preferred_element_type):
+  return (_paired_forward(lhs, rhs, pads, precision, preferred_element_type),
+          (lhs, rhs))
+
+
+def _paired_forward_bwd(pads, precision, preferred_element_type, res, dy):
+  lhs, rhs = res
+  _, vjp = jax.vjp(lambda x, w: jax.lax.conv_general_dilated(
+      x, w, (1, 1), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      precision=precision, preferred_element_type=preferred_element_type),
+                   lhs, rhs)
+  return vjp(dy)
+
+
+_paired_forward.defvjp(_paired_forward_fwd, _paired_forward_bwd)
+
+
 def _pairs_pay(lhs_shape, rhs_shape, pads):
   """Whether `_paired_conv` beats XLA:CPU's convolution: 3×3 kernels with
   2-16 input and at most 16 output channels on an even width of at least
   32 that the padding keeps (measured on the 2-core VM, 2026-12-01: with
   gradients, 64² 8 → 8 channels 35-40 % faster, 16 → 8 and 32² 8 → 16
-  10-40 %; at 32 input or output channels the pairs were slower)."""
+  10-40 %; at 32 input or output channels the pairs were slower; at
+  16 → 16 only their forward was faster, see `_paired_forward`)."""
   w, cin = lhs_shape[2], lhs_shape[3]
   kh, kw, _, cout = rhs_shape
   lo, hi = pads[1]
@@ -394,7 +420,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                    preferred_element_type=preferred_element_type)
   elif (feature_group_count == 1 and strides == ones
         and _pairs_pay(lhs.shape, rhs.shape, pads)):
-    fast = partial(_paired_conv, pads=pads, precision=precision,
+    # Gradients over pairs too while either side has at most 8 channels.
+    paired = _paired_conv if min(cin, cout) <= 8 else _paired_forward
+    fast = partial(paired, pads=pads, precision=precision,
                    preferred_element_type=preferred_element_type)
   elif (feature_group_count == cin == cout and cin_g == 1
         and preferred_element_type is None):
