@@ -69,7 +69,8 @@ log), for `--rounds` rounds in rotating order, so the noise of a shared
 machine hits all of them alike. Printed as a markdown table per
 configuration: median time per step over the rounds, the range, images/s,
 speed relative to PyTorch (the fastest PyTorch row's time / this row's: >1
-means faster than PyTorch), compile time, peak RSS and the part imports
+means faster than PyTorch), the same ratio round by round (its median over
+the rounds: steadier when the machine's speed drifts), compile time, peak RSS and the part imports
 alone take. Then the images/s of kd_jax's grain training pipeline (synthetic
 CT + augmentation, `data.pipeline.train_batches` + `iterate`) in the first
 epoch (each example rendered) and in later ones (examples served from
@@ -1062,32 +1063,42 @@ def _compare(args, jax_configs):
   med = {k: statistics.median(v) for k, v in times.items()}
   torch_times = [med[w.name] for w in workers if w.is_torch]
   best_torch = min(torch_times) if torch_times else None
+  # The same ratio round by round (the workers of a round ran within a
+  # second of each other), its median: steadier than the ratio of medians
+  # when the machine's speed drifts during the run.
+  ref = min((w.name for w in workers if w.is_torch), key=med.get,
+            default=None)
   print()
   print("| configuration | step (ms, median) | min–max (ms) | images/s | "
-        "speed vs PyTorch | compile (s) | peak RSS (MB) | imports' RSS (MB) |")
-  print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        "speed vs PyTorch | per round | compile (s) | peak RSS (MB) | "
+        "imports' RSS (MB) |")
+  print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
   for w in workers:
     i, t = infos[w.name], med[w.name]
     speed = f"{best_torch / t:.2f}×" if best_torch else "–"
+    per_round = "–" if ref is None else "{:.2f}×".format(statistics.median(
+        a / b for a, b in zip(times[ref], times[w.name])))
     compile_s = (f"{i['trace_s'] + i['compile_s']:.1f}" if "compile_s" in i
                  else "–")
     print(f"| {w.name} | {t * 1e3:.0f} | {min(times[w.name]) * 1e3:.0f}–"
           f"{max(times[w.name]) * 1e3:.0f} | {args.batch / t:.0f} | {speed} "
-          f"| {compile_s} | {rss[w.name]:.0f} | {i['import_rss_mb']:.0f} |")
+          f"| {per_round} | {compile_s} | {rss[w.name]:.0f} | "
+          f"{i['import_rss_mb']:.0f} |")
   if loader is not None:
     print(f"| grain loader, 4 threads: synthetic CT + augment, first epoch "
           f"(each example rendered) | – | – | {loader['images_per_s']:.0f} | "
-          "– | – | – | – |")
+          "– | – | – | – | – |")
     print(f"| grain loader, 4 threads: synthetic CT + augment, later epochs "
           f"(the {loader['num_train']} examples from memory; rendering them "
           f"took {loader['render_all_s']:.0f} s) | – | – | "
-          f"{loader['cached_images_per_s']:.0f} | – | – | – | – |")
+          f"{loader['cached_images_per_s']:.0f} | – | – | – | – | – |")
     for key, what in (("loop_rendered_s", "first epoch"),
                       ("loop_cached_s", "later epochs")):
       t = loader[key]
       speed = f"{best_torch / t:.2f}×" if best_torch else "–"
       print(f"| {workers[0].name}, train loop: step + loader ({what}) | "
-            f"{t * 1e3:.0f} | – | {args.batch / t:.0f} | {speed} | – | – | – |")
+            f"{t * 1e3:.0f} | – | {args.batch / t:.0f} | {speed} | – | – | – "
+            "| – |")
   for name, loop in loops.items():
     t = loop["loop_unaugmented_s"]
     speed = f"{best_torch / t:.2f}×" if best_torch else "–"
@@ -1096,7 +1107,7 @@ def _compare(args, jax_configs):
              else "")
     print(f"| {name}, train loop: step + loader (later epochs, no "
           f"augmentation{built}) | {t * 1e3:.0f} | – | {args.batch / t:.0f} | "
-          f"{speed} | – | – | – |")
+          f"{speed} | – | – | – | – |")
   print()
   by_mode = {infos[w.name].get("mode"): w.name for w in reversed(workers)}
   if "cached" in by_mode and "student" in by_mode:

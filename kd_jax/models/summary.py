@@ -9,7 +9,10 @@
   state) separately. Both come from `jax.eval_shape(model.init, ...)`, so no
   memory is allocated and even PSPNet-ResNet101 counts in about a second.
 * `flops` is XLA's cost analysis of the jitted eval-mode forward
-  (`model.apply(variables, x, train=False)`), compiled but never run. XLA
+  (`model.apply(variables, x, train=False)`), lowered as for a GPU and
+  never run: the model's own count, without kd_jax's CPU-only rewrites
+  (`kd_jax.models.layers`: e.g. column pairs, which trade 4/3 the
+  multiply-adds for speed on XLA:CPU). XLA
   counts a multiply-add as two FLOPs, so ResNet-50 at 224² reads ≈ 8.0e9
   where papers quoting "GFLOPs" as multiply-adds say 4.1. Elementwise work
   (BatchNorm, activations, resizes) is included; convolution taps that fall
@@ -78,11 +81,13 @@ def summary(model, input_shape, *, dtype=jnp.float32) -> dict:
   def forward(variables, x):
     return model.apply(variables, x, train=False)
 
-  compiled = jax.jit(forward).lower(variables, x).compile()
+  # Lowering for another platform needs no such device.
+  lowered = jax.jit(forward).trace(variables, x).lower(
+      lowering_platforms=("cuda",))
   return dict(
       params=_count(variables.get("params", {})),
       batch_stats=_count(variables.get("batch_stats", {})),
-      flops=_flops(compiled.cost_analysis()),
+      flops=_flops(lowered.cost_analysis()),
   )
 
 
