@@ -340,7 +340,7 @@ def _patch_unpaired_conv():
   `kd_jax.models.layers` computes over column pairs on CPU."""
   from kd_jax.models import layers  # pylint: disable=import-outside-toplevel
 
-  layers._pairs_pay = lambda *_: False  # pylint: disable=protected-access
+  layers._pair_form = lambda *_: None  # pylint: disable=protected-access
 
 
 def _replace_in_models(old, new):
@@ -1069,10 +1069,11 @@ def _compare(args, jax_configs):
   ref = min((w.name for w in workers if w.is_torch), key=med.get,
             default=None)
   print()
-  print("| configuration | step (ms, median) | min–max (ms) | images/s | "
-        "speed vs PyTorch | per round | compile (s) | peak RSS (MB) | "
-        "imports' RSS (MB) |")
-  print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+  columns = ["configuration", "step (ms, median)", "min–max (ms)",
+             "images/s", "speed vs PyTorch", "per round", "compile (s)",
+             "peak RSS (MB)", "imports' RSS (MB)"]
+  print("| " + " | ".join(columns) + " |")
+  print("|---|" + "---:|" * (len(columns) - 1))
   for w in workers:
     i, t = infos[w.name], med[w.name]
     speed = f"{best_torch / t:.2f}×" if best_torch else "–"
@@ -1084,30 +1085,34 @@ def _compare(args, jax_configs):
           f"{max(times[w.name]) * 1e3:.0f} | {args.batch / t:.0f} | {speed} "
           f"| {per_round} | {compile_s} | {rss[w.name]:.0f} | "
           f"{i['import_rss_mb']:.0f} |")
+  def extra_row(name, step_s=None, images_per_s=None):
+    """A loader or train-loop row: step time, images/s and speed vs
+    PyTorch where they apply, '–' in every other column."""
+    cells = ["–"] * (len(columns) - 1)
+    if step_s is not None:
+      images_per_s = args.batch / step_s
+      cells[0] = f"{step_s * 1e3:.0f}"
+      cells[3] = f"{best_torch / step_s:.2f}×" if best_torch else "–"
+    cells[2] = f"{images_per_s:.0f}"
+    print(f"| {name} | " + " | ".join(cells) + " |")
+
   if loader is not None:
-    print(f"| grain loader, 4 threads: synthetic CT + augment, first epoch "
-          f"(each example rendered) | – | – | {loader['images_per_s']:.0f} | "
-          "– | – | – | – | – |")
-    print(f"| grain loader, 4 threads: synthetic CT + augment, later epochs "
-          f"(the {loader['num_train']} examples from memory; rendering them "
-          f"took {loader['render_all_s']:.0f} s) | – | – | "
-          f"{loader['cached_images_per_s']:.0f} | – | – | – | – | – |")
+    extra_row("grain loader, 4 threads: synthetic CT + augment, first epoch "
+              "(each example rendered)", images_per_s=loader["images_per_s"])
+    extra_row("grain loader, 4 threads: synthetic CT + augment, later epochs "
+              f"(the {loader['num_train']} examples from memory; rendering "
+              f"them took {loader['render_all_s']:.0f} s)",
+              images_per_s=loader["cached_images_per_s"])
     for key, what in (("loop_rendered_s", "first epoch"),
                       ("loop_cached_s", "later epochs")):
-      t = loader[key]
-      speed = f"{best_torch / t:.2f}×" if best_torch else "–"
-      print(f"| {workers[0].name}, train loop: step + loader ({what}) | "
-            f"{t * 1e3:.0f} | – | {args.batch / t:.0f} | {speed} | – | – | – "
-            "| – |")
+      extra_row(f"{workers[0].name}, train loop: step + loader ({what})",
+                loader[key])
   for name, loop in loops.items():
-    t = loop["loop_unaugmented_s"]
-    speed = f"{best_torch / t:.2f}×" if best_torch else "–"
     built = (f"; cache of {loop['num_train']} examples built in "
              f"{loop['cache_build_s']:.1f} s" if "cache_build_s" in loop
              else "")
-    print(f"| {name}, train loop: step + loader (later epochs, no "
-          f"augmentation{built}) | {t * 1e3:.0f} | – | {args.batch / t:.0f} | "
-          f"{speed} | – | – | – | – |")
+    extra_row(f"{name}, train loop: step + loader (later epochs, no "
+              f"augmentation{built})", loop["loop_unaugmented_s"])
   print()
   by_mode = {infos[w.name].get("mode"): w.name for w in reversed(workers)}
   if "cached" in by_mode and "student" in by_mode:

@@ -301,6 +301,9 @@ def _grouped_1x1(lhs, rhs, precision, preferred_element_type):
   return y.reshape(n, h, w, cout)
 
 
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
 def _pair_kernel(rhs):
   """The (kh, kw, C, O) kernel as the kernel over column pairs that
   `_paired_conv` uses: (kh, kw // 2 + 1, 2C, 2O), where input pair tap b
@@ -333,8 +336,8 @@ def _paired_conv(lhs, rhs, pads, precision, preferred_element_type):
   x = jnp.pad(lhs, ((0, 0), (0, 0), (lo, width - w - lo), (0, 0)))
   y = jax.lax.conv_general_dilated(
       x.reshape(n, h, width // 2, 2 * cin), _pair_kernel(rhs), (1, 1),
-      (pads[0], (0, 0)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      precision=precision, preferred_element_type=preferred_element_type)
+      (pads[0], (0, 0)), dimension_numbers=_NHWC, precision=precision,
+      preferred_element_type=preferred_element_type)
   return y.reshape(n, y.shape[1], w, cout)
 
 
@@ -353,28 +356,32 @@ def _paired_forward_fwd(lhs, rhs, pads, precision, preferred_element_type):
 
 def _paired_forward_bwd(pads, precision, preferred_element_type, res, dy):
   lhs, rhs = res
-  _, vjp = jax.vjp(lambda x, w: jax.lax.conv_general_dilated(
-      x, w, (1, 1), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      precision=precision, preferred_element_type=preferred_element_type),
-                   lhs, rhs)
+  _, vjp = jax.vjp(partial(
+      jax.lax.conv_general_dilated, window_strides=(1, 1), padding=pads,
+      dimension_numbers=_NHWC, precision=precision,
+      preferred_element_type=preferred_element_type), lhs, rhs)
   return vjp(dy)
 
 
 _paired_forward.defvjp(_paired_forward_fwd, _paired_forward_bwd)
 
 
-def _pairs_pay(lhs_shape, rhs_shape, pads):
-  """Whether `_paired_conv` beats XLA:CPU's convolution: 3×3 kernels with
-  2-16 input and at most 16 output channels on an even width of at least
-  32 that the padding keeps (measured on the 2-core VM, 2026-12-01: with
-  gradients, 64² 8 → 8 channels 35-40 % faster, 16 → 8 and 32² 8 → 16
-  10-40 %; at 32 input or output channels the pairs were slower; at
-  16 → 16 only their forward was faster, see `_paired_forward`)."""
+def _pair_form(lhs_shape, rhs_shape, pads):
+  """`_paired_conv`, `_paired_forward` or None (XLA's convolution) for a
+  stride-1 convolution. Pairs for 3×3 kernels with 2-16 input and at most
+  16 output channels on an even width of at least 32 that the padding
+  keeps; their gradients too while one side has at most 8 channels
+  (measured on the 2-core VM, 2026-12-01: with gradients, 64² 8 → 8
+  channels 35-40 % faster, 16 → 8 and 32² 8 → 16 10-40 %; at 32 input or
+  output channels the pairs were slower; at 16 → 16 only their forward
+  was faster)."""
   w, cin = lhs_shape[2], lhs_shape[3]
   kh, kw, _, cout = rhs_shape
   lo, hi = pads[1]
-  return (kh == kw == 3 and 2 <= cin <= 16 and cout <= 16 and w % 2 == 0
-          and w >= 32 and lo + hi == kw - 1)
+  if not (kh == kw == 3 and 2 <= cin <= 16 and cout <= 16 and w % 2 == 0
+          and w >= 32 and lo + hi == kw - 1):
+    return None
+  return _paired_conv if min(cin, cout) <= 8 else _paired_forward
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
@@ -419,9 +426,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     fast = partial(_conv_as_matmul, pads=pads, precision=precision,
                    preferred_element_type=preferred_element_type)
   elif (feature_group_count == 1 and strides == ones
-        and _pairs_pay(lhs.shape, rhs.shape, pads)):
-    # Gradients over pairs too while either side has at most 8 channels.
-    paired = _paired_conv if min(cin, cout) <= 8 else _paired_forward
+        and (paired := _pair_form(lhs.shape, rhs.shape, pads))):
     fast = partial(paired, pads=pads, precision=precision,
                    preferred_element_type=preferred_element_type)
   elif (feature_group_count == cin == cout and cin_g == 1
