@@ -86,8 +86,10 @@ def test_twin_matches_outputs(name, kw, shape):
   model, variables, x = _jax_variables(name, kw, shape)
   twin = _twin(name, kw, variables, shape[-1])  # Copies every variable.
   logits, feats, t_logits, t_feats = _eval_outputs(model, twin, variables, x)
+  # float32 sums in another order (transunet_tiny's 2×2 maps at 32² are
+  # matmuls in kd_jax on CPU): 1e-5 relative on top of 1e-5 absolute.
   np.testing.assert_allclose(t_logits.permute(0, 2, 3, 1).numpy(), logits,
-                             atol=1e-5)
+                             rtol=1e-5, atol=1e-5)
   assert set(t_feats) == set(feats)
   np.testing.assert_allclose(t_feats["embedding"].numpy(),
                              feats["embedding"], atol=1e-5)
@@ -309,3 +311,37 @@ def test_vit_efficientvit_student_only_is_refused():
   assert [flags for _, _, flags in configs] == ["", "mode=cached"]
   with pytest.raises(SystemExit, match="no student-only step"):
     distill_step.main(["--pair=vit_efficientvit", "--variant=1:mode=student"])
+
+
+def test_resnet_backbone_twin_matches_on_tiny_maps():
+  """At 32² ResNet-18's last two stages are 2×2 and 1×1 maps, which kd_jax
+  computes as matmuls on CPU (`layers.TINY_OUTPUT`): the twin that
+  benchmarks/backbone_step.py times must give the same features."""
+  model, variables, x = _jax_variables(
+      "resnet18", dict(num_classes=None, width=8), (2, 32, 32, 3))
+  twin = torch_models.ResNet("resnet18", width=8)
+  torch_models.load_flax_variables(twin, variables)
+  assert torch_models.count_params(twin) == sum(
+      v.size for v in jax.tree.leaves(variables["params"]))
+  _, feats = jax.jit(functools.partial(model.apply, train=False))(
+      variables, x)
+  with torch.no_grad():
+    t_feats = twin.eval()(_nchw(x))
+  for key in ("layer3", "layer4"):
+    assert feats[key].shape[1] <= 2
+    np.testing.assert_allclose(t_feats[key].permute(0, 2, 3, 1).numpy(),
+                               feats[key], rtol=1e-4, atol=1e-4)
+
+
+def test_backbone_step_prints_equal_losses(capsys):
+  import backbone_step  # pylint: disable=import-outside-toplevel
+  # 64², batch 4: 16 values per channel for the last stage's BatchNorm
+  # (at 32², batch 2, two values, it amplifies float rounding).
+  backbone_step.main(["--model=resnet18", "--size=64", "--batch=4",
+                      "--width=8", "--rounds=1", "--steps=1"])
+  rows = [line for line in capsys.readouterr().out.splitlines()
+          if line.startswith("| ") and not line.startswith("| worker")]
+  assert [r.split(" | ")[0][2:] for r in rows] == list(backbone_step.WORKERS)
+  losses = [float(r.rstrip(" |").rsplit(" | ", 1)[1]) for r in rows]
+  # Same weights, same batch: the same loss, to float32 rounding.
+  np.testing.assert_allclose(losses, losses[0], rtol=1e-5)

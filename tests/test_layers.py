@@ -340,35 +340,59 @@ def test_conv_one_channel_numpy_formula():
   np.testing.assert_allclose(y, want + bias, rtol=1e-5, atol=1e-5)
 
 
-def test_conv_as_matmul_equals_xla_convolution():
+@pytest.mark.parametrize("cin,k,strides,side", [
+    (1, 3, 1, 6), (5, 1, 1, 6), (5, 3, 1, 2), (5, 3, 2, 4), (5, 1, 2, 3)])
+def test_conv_as_matmul_equals_xla_convolution(cin, k, strides, side):
   """The CPU branch itself (what other platforms skip) against lax."""
   rng = np.random.default_rng(7)
   dn = ("NHWC", "HWIO", "NHWC")
-  for cin, k in ((1, 3), (5, 1)):
-    x = jnp.asarray(rng.normal(size=(2, 6, 7, cin)), jnp.float32)
-    w = jnp.asarray(rng.normal(size=(k, k, cin, 3)), jnp.float32)
-    pads = ((k // 2, k // 2),) * 2
-    want = jax.lax.conv_general_dilated(x, w, (1, 1), pads,
-                                        dimension_numbers=dn)
-    got = layers._conv_as_matmul(x, w, pads, None, None)  # pylint: disable=protected-access
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  x = jnp.asarray(rng.normal(size=(2, side, side + 1, cin)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(k, k, cin, 3)), jnp.float32)
+  pads = ((k // 2, k // 2),) * 2
+  want = jax.lax.conv_general_dilated(x, w, (strides,) * 2, pads,
+                                      dimension_numbers=dn)
+  got = layers._conv_as_matmul(x, w, (strides,) * 2, pads, None, None)  # pylint: disable=protected-access
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_conv_one_channel_and_1x1_are_dots_on_cpu():
+# (input side, kernel, strides, padding): outputs of at most 2×2, computed
+# as a matmul over the taps on CPU.
+TINY_CASES = [
+    (2, (3, 3), 1, "SAME"),
+    (1, (3, 3), 1, "SAME"),
+    (4, (3, 3), 2, "SAME"),
+    (3, (3, 3), 2, ((1, 1), (1, 1))),
+    (2, (3, 3), 2, "SAME"),
+    (4, (1, 1), 2, "SAME"),
+    (4, (3, 3), 1, "VALID"),
+    (2, (3, 2), 1, ((2, 0), (0, 1))),
+]
+
+
+@pytest.mark.parametrize("side,kernel,strides,padding", TINY_CASES)
+def test_tiny_output_conv_matches_flax(side, kernel, strides, padding):
+  rng = np.random.default_rng(12)
+  x = jnp.asarray(rng.normal(size=(3, side, side, 24)), jnp.float32)
+  # 24 channels × up to 9 taps summed in another order: 1e-4.
+  _assert_conv_matches_flax(x, 1e-4, features=16, kernel_size=kernel,
+                            strides=strides, padding=padding)
+
+
+def test_conv_one_channel_1x1_and_tiny_are_dots_on_cpu():
   if jax.default_backend() != "cpu":
     pytest.skip("the matmul form is the CPU one")
 
-  def hlo(cin, k):
+  def hlo(cin, k, side):
     module = layers.Conv(4, (k, k))
-    x = jnp.ones((2, 8, 8, cin))
+    x = jnp.ones((2, side, side, cin))
     v = module.init(jax.random.key(0), x)
     grad = jax.grad(lambda v, x: jnp.sum(module.apply(v, x)), argnums=(0, 1))
     return jax.jit(grad).lower(v, x).compile().as_text()
 
-  for cin, k in ((1, 3), (3, 1)):
-    text = hlo(cin, k)
+  for cin, k, side in ((1, 3, 8), (3, 1, 8), (3, 3, 2)):
+    text = hlo(cin, k, side)
     assert " dot(" in text and " convolution(" not in text, text
-  assert " convolution(" in hlo(3, 3)  # Not a case it rewrites.
+  assert " convolution(" in hlo(3, 3, 3)  # Not a case it rewrites.
 
 
 @pytest.mark.parametrize("cin,groups,width", [(1, 1, 4), (4, 4, 4),

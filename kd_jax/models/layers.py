@@ -34,7 +34,13 @@ convolution with eight input channels, and computes a 1×1 convolution's
 kernel gradient as a convolution with an image-sized window; as a matmul
 both directions are dots (on 16×64×64 inputs, the one-channel 3×3 forward
 went from 2.4-3.2 ms to 0.6-0.7 ms, a 1×1 kernel gradient from 1.2 to
-0.5 ms; 2-core VM, 2026-12-01). Depthwise and grouped convolutions are
+0.5 ms; 2-core VM, 2026-12-01). Every convolution whose output is at
+most 2×2 (`TINY_OUTPUT`; a ResNet's last stage on inputs up to 64²) is a
+matmul over the taps too, as XLA:CPU's convolution falls off a cliff there: a 3×3 512 → 512 convolution on a 16×2×2
+batch took 162 ms forward, 4 ms as the matmul, and ResNet-18's training
+forward and backward at 64², batch 16, went from 1151 ms to 163 ms
+(PyTorch eager 137 ms; `benchmarks/backbone_step.py`, 2026-12-02).
+Depthwise and grouped convolutions are
 worse: XLA:CPU ran a depthwise 3×3 forward 15-60× slower than the same
 shifted multiply-adds fused into one loop, and a grouped 1×1 convolution's
 gradient 50-100× slower than a batched einsum; `depthwise_conv` and the
@@ -191,18 +197,19 @@ def max_pool_2x2(x):
   return jnp.max(x.reshape(b, h // 2, 2, w // 2, 2, c), axis=(2, 4))
 
 
-def _conv_as_matmul(lhs, rhs, pads, precision, preferred_element_type):
-  """A stride-1 NHWC × HWIO convolution as one einsum over the kernel taps
-  (shifted views of the padded input for a one-channel input; the input
-  itself for a 1×1 kernel)."""
+def _conv_as_matmul(lhs, rhs, strides, pads, precision,
+                    preferred_element_type):
+  """An NHWC × HWIO convolution as one einsum over the kernel taps: the
+  padded input's views that the taps meet, concatenated on the channel axis
+  (the input itself for a 1×1 stride-1 kernel)."""
   kh, kw, cin, cout = rhs.shape
   x = jnp.pad(lhs, ((0, 0), *pads, (0, 0)))
-  ho, wo = x.shape[1] - kh + 1, x.shape[2] - kw + 1
-  if kh == kw == 1:
+  if kh == kw == 1 and strides == (1, 1):
     taps = x
-  else:  # cin == 1: the taps become the contracted axis.
-    taps = jnp.stack([x[:, i:i + ho, j:j + wo, 0] for i in range(kh)
-                      for j in range(kw)], axis=-1)
+  else:
+    out_hw = _out_hw(lhs.shape, (kh, kw), strides, pads)
+    taps = jnp.concatenate([_tap_view(x, i, j, strides, out_hw)
+                            for i in range(kh) for j in range(kw)], axis=-1)
   return jnp.einsum("bhwk,ko->bhwo", taps, rhs.reshape(kh * kw * cin, cout),
                     precision=precision,
                     preferred_element_type=preferred_element_type)
@@ -231,7 +238,7 @@ def _taps(xp, w, strides, out_hw):
   return y
 
 
-def _depthwise_out_hw(x_shape, k_hw, strides, pads):
+def _out_hw(x_shape, k_hw, strides, pads):
   return tuple((n + lo + hi - k) // s + 1 for n, k, s, (lo, hi)
                in zip(x_shape[1:3], k_hw, strides, pads))
 
@@ -247,7 +254,7 @@ def depthwise_conv(x, w, strides, pads):
   flipped kernel, and each tap's kernel gradient a per-channel sum (a matmul
   on CPU, see `channel_sums`).
   """
-  out_hw = _depthwise_out_hw(x.shape, w.shape[:2], strides, pads)
+  out_hw = _out_hw(x.shape, w.shape[:2], strides, pads)
   xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
   return _taps(xp, w[:, :, 0], strides, out_hw).astype(x.dtype)
 
@@ -302,6 +309,11 @@ def _grouped_1x1(lhs, rhs, precision, preferred_element_type):
 
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
+
+# Outputs up to TINY_OUTPUT × TINY_OUTPUT are computed as a matmul over the
+# kernel taps on CPU: there XLA:CPU's convolution falls off a cliff (a
+# ResNet's last stage on small inputs, 10-40× slower than the matmul).
+TINY_OUTPUT = 2
 
 
 def _pair_kernel(rhs):
@@ -393,7 +405,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
 
   Rewritten, for 2-D NHWC/HWIO/NHWC convolutions without dilation or batch
   groups, with non-negative padding: stride-1 convolutions with one input
-  channel or a 1×1 kernel (a matmul), stride-1 3×3 convolutions with few
+  channel or a 1×1 kernel, and any convolution whose output is at most 2×2
+  (a matmul over the kernel taps), stride-1 3×3 convolutions with few
   channels on wide inputs (over column pairs, `_paired_conv`), grouped
   stride-1 1×1 convolutions (a batched einsum), and depthwise convolutions
   with channel multiplier 1 at any stride (`depthwise_conv`). Everything
@@ -422,8 +435,12 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     return conv(lhs, rhs)
   cin, cin_g, cout = lhs.shape[-1], rhs.shape[2], rhs.shape[3]
   one_by_one = rhs.shape[:2] == (1, 1)
-  if feature_group_count == 1 and strides == ones and (cin == 1 or one_by_one):
-    fast = partial(_conv_as_matmul, pads=pads, precision=precision,
+  out_hw = _out_hw(lhs.shape, rhs.shape[:2], strides, pads)
+  tiny = 1 <= min(out_hw) and max(out_hw) <= TINY_OUTPUT
+  if feature_group_count == 1 and (
+      tiny or (strides == ones and (cin == 1 or one_by_one))):
+    fast = partial(_conv_as_matmul, strides=strides, pads=pads,
+                   precision=precision,
                    preferred_element_type=preferred_element_type)
   elif (feature_group_count == 1 and strides == ones
         and (paired := _pair_form(lhs.shape, rhs.shape, pads))):
