@@ -75,7 +75,8 @@ alone take. Then the images/s of kd_jax's grain training pipeline (synthetic
 CT + augmentation, `data.pipeline.train_batches` + `iterate`) in the first
 epoch (each example rendered) and in later ones (examples served from
 memory), and the trainer's loop (step fed by that pipeline) with each.
-`--profile` adds
+With more than one kd_jax worker, each later one against the first, round
+by round (median, and how many rounds it was faster). `--profile` adds
 where each side's time goes (XLA thunks by kind from a JAX profiler trace,
 summed over threads; PyTorch's profiler by op). Timings on shared machines
 are noisy: the load average is printed with the table.
@@ -178,7 +179,9 @@ def parse_args(argv=None):
   p.add_argument("--batch", type=int, default=16, help="global batch")
   p.add_argument("--size", type=int, default=None,
                  help="image side (default: the pair's, 64 or 128)")
-  p.add_argument("--rounds", type=int, default=5)
+  # Rounds of one run scatter by ±20 % on a shared VM: 5 rounds left the
+  # default pair's ratio anywhere in 0.9-1.1×.
+  p.add_argument("--rounds", type=int, default=15)
   p.add_argument("--steps", type=int, default=3,
                  help="steps per round and configuration")
   p.add_argument("--warmup", type=int, default=2,
@@ -1114,6 +1117,14 @@ def _compare(args, jax_configs):
     extra_row(f"{name}, train loop: step + loader (later epochs, no "
               f"augmentation{built})", loop["loop_unaugmented_s"])
   print()
+  # An A/B of kd_jax workers (variants, device counts, modes) cancels the
+  # drift the same way: each against the first, round by round.
+  jax_workers = [w.name for w in workers if not w.is_torch]
+  for name in jax_workers[1:]:
+    ratios = [a / b for a, b in zip(times[jax_workers[0]], times[name])]
+    print(f"{name} against {jax_workers[0]}, per round: "
+          f"{statistics.median(ratios):.3f}× (faster in "
+          f"{sum(r > 1 for r in ratios)} of {len(ratios)} rounds)")
   by_mode = {infos[w.name].get("mode"): w.name for w in reversed(workers)}
   if "cached" in by_mode and "student" in by_mode:
     cached, student = med[by_mode["cached"]], med[by_mode["student"]]
