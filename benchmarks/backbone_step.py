@@ -44,8 +44,9 @@ def _jax_step(args, xla_tiny):
   model = registry.build(args.model, num_classes=None, width=args.width)
   variables = model.init(jax.random.key(0), x[:1], train=False)
   if not xla_tiny:  # The twin starts from the same weights.
-    np.savez(args.tmp + "/init.npz", **{
-        k: np.asarray(v) for k, v in distill_step._flatten(variables).items()})  # pylint: disable=protected-access
+    flat = distill_step._flatten(variables)  # pylint: disable=protected-access
+    np.savez(args.tmp + "/init.npz",
+             **{k: np.asarray(v) for k, v in flat.items()})
 
   def loss(params, stats):
     (_, feats), updates = model.apply(
@@ -74,7 +75,8 @@ def _torch_step(args):
   import torch_models as tm  # pylint: disable=import-outside-toplevel
 
   runtime.configure()  # The same malloc setting as kd_jax's process.
-  variables = distill_step._unflatten(dict(np.load(args.tmp + "/init.npz")))  # pylint: disable=protected-access
+  flat = dict(np.load(args.tmp + "/init.npz"))
+  variables = distill_step._unflatten(flat)  # pylint: disable=protected-access
   model = tm.ResNet(args.model, width=args.width).train()
   tm.load_flax_variables(model, variables)
   x = torch.from_numpy(np.load(args.tmp + "/x.npy")).permute(0, 3, 1, 2)
@@ -86,7 +88,7 @@ def _torch_step(args):
     loss.backward()
     return loss
 
-  loss = float(step().detach())  # Before any step: the same weights as kd_jax's.
+  loss = float(step().detach())  # Before any update: kd_jax's weights.
   return step, dict(threads=torch.get_num_threads(), loss=loss)
 
 
@@ -152,10 +154,10 @@ def main(argv=None):
       proc.stdin.close()
       proc.wait()
   torch_t = np.array(times[2])
-  print(f"{args.model} backbone (width {args.width}), training forward + backward, batch "
-        f"{args.batch}, {args.size}², {args.rounds} rounds × {args.steps} "
-        f"steps, {os.cpu_count()} CPUs; PyTorch {infos[2]['threads']} "
-        "threads")
+  print(f"{args.model} backbone (width {args.width}), training forward + "
+        f"backward, batch {args.batch}, {args.size}², {args.rounds} rounds "
+        f"× {args.steps} steps, {os.cpu_count()} CPUs; PyTorch "
+        f"{infos[2]['threads']} threads")
   print("| worker | step (ms, median) | speed vs PyTorch (per round) "
         "| compile (s) | loss |")
   print("|---|---:|---:|---:|---:|")

@@ -36,12 +36,12 @@ both directions are dots (on 16×64×64 inputs, the one-channel 3×3 forward
 went from 2.4-3.2 ms to 0.6-0.7 ms, a 1×1 kernel gradient from 1.2 to
 0.5 ms; 2-core VM, 2026-12-01). Every convolution whose output is at
 most 2×2 (`TINY_OUTPUT`; a ResNet's last stage on inputs up to 64²) is a
-matmul over the taps too, as XLA:CPU's convolution falls off a cliff there: a 3×3 512 → 512 convolution on a 16×2×2
-batch took 162 ms forward, 4 ms as the matmul, and ResNet-18's training
-forward and backward at 64², batch 16, went from 1151 ms to 163 ms
-(PyTorch eager 137 ms; `benchmarks/backbone_step.py`, 2026-12-02).
-Depthwise and grouped convolutions are
-worse: XLA:CPU ran a depthwise 3×3 forward 15-60× slower than the same
+matmul over the taps too, as XLA:CPU's convolution falls off a cliff
+there: a 3×3 512 → 512 convolution on a 16×2×2 batch took 162 ms
+forward, 5 ms as the matmul, and ResNet-18's training forward and backward
+at 64², batch 16, went from 1151 ms to 163 ms (PyTorch eager 137 ms;
+`benchmarks/backbone_step.py`, 2026-12-02). Depthwise and grouped
+convolutions are worse: XLA:CPU ran a depthwise 3×3 forward 15-60× slower than the same
 shifted multiply-adds fused into one loop, and a grouped 1×1 convolution's
 gradient 50-100× slower than a batched einsum; `depthwise_conv` and the
 einsum replace them on CPU (EfficientViT-B0's training forward and backward
