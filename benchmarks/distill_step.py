@@ -396,15 +396,19 @@ def _patch_gather_cross_entropy():
 def _patch_flax_max_pool():
   """flax's `nn.max_pool` (a reduce-window; on XLA:CPU its gradient carries
   argmax iotas and a scatter) in place of `kd_jax.models.layers.max_pool_2x2`
-  in every model."""
+  and `layers.max_pool` in every model."""
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
 
   from kd_jax.models import layers  # pylint: disable=import-outside-toplevel
 
-  def max_pool(x):
+  def max_pool_2x2(x):
     return nn.max_pool(x, (2, 2), strides=(2, 2))
 
-  _replace_in_models(layers.max_pool_2x2, max_pool)
+  def max_pool(x, window, strides, padding="VALID"):
+    return nn.max_pool(x, window, strides=strides, padding=padding)
+
+  _replace_in_models(layers.max_pool_2x2, max_pool_2x2)
+  _replace_in_models(layers.max_pool, max_pool)
 
 
 def _patch_glibc_malloc_defaults():

@@ -1,5 +1,6 @@
 """kd_jax.models.layers against the flax layers they replace and numpy."""
 import re
+from functools import partial
 
 import flax.linen as nn
 import jax
@@ -186,6 +187,52 @@ def test_max_pool_2x2_ties_share_the_gradient():
   g = jax.grad(lambda x: jnp.sum(layers.max_pool_2x2(x)))(x)
   np.testing.assert_allclose(g[0, ..., 0], [[1 / 3, 1 / 3], [0, 1 / 3]],
                              rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape,window,strides,padding", [
+    ((2, 9, 8, 3), (3, 3), (2, 2), ((1, 1), (1, 1))),  # ResNet's stem pool
+    ((2, 8, 8, 3), (3, 3), (2, 2), "SAME"),  # transunet's
+    ((1, 7, 10, 2), (3, 3), (2, 2), "VALID"),
+    ((1, 6, 7, 2), (2, 3), (1, 2), ((0, 1), (2, 0))),
+])
+def test_max_pool_matches_flax(shape, window, strides, padding):
+  x = jnp.asarray(np.random.default_rng(13).normal(size=shape), jnp.float32)
+  ref_pool = partial(nn.max_pool, window_shape=window, strides=strides,
+                     padding=padding)
+  want = ref_pool(x)
+  np.testing.assert_array_equal(
+      layers.max_pool(x, window, strides, padding), want)
+  dy = jnp.asarray(np.random.default_rng(14).normal(size=want.shape),
+                   jnp.float32)
+
+  def grads(pool):
+    return jax.jit(jax.value_and_grad(lambda x: jnp.sum(pool(x) * dy)))(x)
+
+  # No ties in normal draws: the same gradient, up to the order in which
+  # overlapping windows add into one input.
+  _assert_tree_close(grads(partial(layers.max_pool, window=window,
+                                   strides=strides, padding=padding)),
+                     grads(ref_pool), rtol=1e-6, atol=1e-6)
+
+
+def test_max_pool_ties_share_the_gradient():
+  """A 3×3 stride-2 pool (padding 1) over a 3×3 input whose maximum 2 is
+  tied at three places in the top-left window: dx = Σ over windows of
+  dy·[x = window max] / (number of tied places in the window)."""
+  x = np.array([[2, 2, 0], [2, 1, 0], [0, 0, 3]], np.float32)
+  xj = jnp.asarray(x).reshape(1, 3, 3, 1)
+  dy = np.array([[1.0, 10.0], [100.0, 1000.0]], np.float32)
+  g = jax.grad(lambda x: jnp.sum(layers.max_pool(
+      x, (3, 3), (2, 2), ((1, 1), (1, 1))) * dy.reshape(1, 2, 2, 1)))(xj)
+  want = np.zeros((5, 5))  # The padded input.
+  xp = np.pad(x, 1, constant_values=-np.inf)
+  for o in range(2):
+    for q in range(2):
+      win = xp[2 * o:2 * o + 3, 2 * q:2 * q + 3]
+      hit = win == win.max()
+      want[2 * o:2 * o + 3, 2 * q:2 * q + 3] += dy[o, q] * hit / hit.sum()
+  np.testing.assert_allclose(g[0, ..., 0], want[1:4, 1:4], rtol=1e-6)
+  assert abs(float(g.sum()) - dy.sum()) < 1e-3  # Every dy is passed on.
 
 
 # (input channels, kernel, strides, padding, groups): matmuls on CPU (one

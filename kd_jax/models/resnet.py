@@ -34,7 +34,7 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from kd_jax.models.layers import BatchNorm, Conv
+from kd_jax.models.layers import BatchNorm, Conv, max_pool
 from kd_jax.models.registry import register
 
 DEFAULT_INPUT = {
@@ -120,7 +120,7 @@ def _shortcut(x, features, stride, train, dtype):
 
 def max_pool_3x3_s2(x):
   # Padding with -inf (reduce_window's init), as torch's MaxPool2d(3, 2, 1).
-  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  return max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
 
 
 def stage_strides(output_stride: int) -> tuple[tuple[int, int], ...]:

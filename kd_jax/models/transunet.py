@@ -49,7 +49,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kd_jax.models.layers import BatchNorm, Conv
+from kd_jax.models.layers import BatchNorm, Conv, max_pool
 from kd_jax.models.registry import register
 from kd_jax.models.vit import Block, resize_pos_embed
 
@@ -180,7 +180,7 @@ class TransUNet(nn.Module):
     x = StdConv(w, 7, 2, self.dtype, name="root_conv")(x)
     x = nn.relu(_gn(w, self.dtype, "root_gn")(x))
     features["cnn.root"] = x
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+    x = max_pool(x, (3, 3), (2, 2), "SAME")
     for s, units in enumerate(self.resnet_blocks):
       out, mid = w * 4 * 2**s, w * 2**s
       for u in range(units):
