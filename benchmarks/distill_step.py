@@ -70,8 +70,8 @@ machine hits all of them alike. Printed as a markdown table per
 configuration: median time per step over the rounds, the range, images/s,
 speed relative to PyTorch (the fastest PyTorch row's time / this row's: >1
 means faster than PyTorch), the same ratio round by round (its median over
-the rounds: steadier when the machine's speed drifts), compile time, peak RSS and the part imports
-alone take. Then the images/s of kd_jax's grain training pipeline (synthetic
+the rounds: steadier when the machine's speed drifts), compile time, peak
+RSS and the part imports alone take. Then the images/s of kd_jax's grain training pipeline (synthetic
 CT + augmentation, `data.pipeline.train_batches` + `iterate`) in the first
 epoch (each example rendered) and in later ones (examples served from
 memory), and the trainer's loop (step fed by that pipeline) with each.
@@ -1075,6 +1075,10 @@ def _compare(args, jax_configs):
   # when the machine's speed drifts during the run.
   ref = min((w.name for w in workers if w.is_torch), key=med.get,
             default=None)
+
+  def per_round(base, name):  # Median of base's time / name's, by round.
+    return statistics.median(a / b for a, b in zip(times[base], times[name]))
+
   print()
   columns = ["configuration", "step (ms, median)", "min–max (ms)",
              "images/s", "speed vs PyTorch", "per round", "compile (s)",
@@ -1084,13 +1088,12 @@ def _compare(args, jax_configs):
   for w in workers:
     i, t = infos[w.name], med[w.name]
     speed = f"{best_torch / t:.2f}×" if best_torch else "–"
-    per_round = "–" if ref is None else "{:.2f}×".format(statistics.median(
-        a / b for a, b in zip(times[ref], times[w.name])))
+    by_round = "–" if ref is None else f"{per_round(ref, w.name):.2f}×"
     compile_s = (f"{i['trace_s'] + i['compile_s']:.1f}" if "compile_s" in i
                  else "–")
     print(f"| {w.name} | {t * 1e3:.0f} | {min(times[w.name]) * 1e3:.0f}–"
           f"{max(times[w.name]) * 1e3:.0f} | {args.batch / t:.0f} | {speed} "
-          f"| {per_round} | {compile_s} | {rss[w.name]:.0f} | "
+          f"| {by_round} | {compile_s} | {rss[w.name]:.0f} | "
           f"{i['import_rss_mb']:.0f} |")
   def extra_row(name, step_s=None, images_per_s=None):
     """A loader or train-loop row: step time, images/s and speed vs
@@ -1125,10 +1128,10 @@ def _compare(args, jax_configs):
   # drift the same way: each against the first, round by round.
   jax_workers = [w.name for w in workers if not w.is_torch]
   for name in jax_workers[1:]:
-    ratios = [a / b for a, b in zip(times[jax_workers[0]], times[name])]
+    faster = sum(a > b for a, b in zip(times[jax_workers[0]], times[name]))
     print(f"{name} against {jax_workers[0]}, per round: "
-          f"{statistics.median(ratios):.3f}× (faster in "
-          f"{sum(r > 1 for r in ratios)} of {len(ratios)} rounds)")
+          f"{per_round(jax_workers[0], name):.3f}× (faster in {faster} of "
+          f"{args.rounds} rounds)")
   by_mode = {infos[w.name].get("mode"): w.name for w in reversed(workers)}
   if "cached" in by_mode and "student" in by_mode:
     cached, student = med[by_mode["cached"]], med[by_mode["student"]]

@@ -199,25 +199,24 @@ def max_pool_2x2(x):
   return jnp.max(x.reshape(b, h // 2, 2, w // 2, 2, c), axis=(2, 4))
 
 
-def _pool_pads(x_shape, window, strides, padding):
+def _pads(x_shape, window, strides, padding):
+  """((lo, hi), (lo, hi)) of 'SAME', 'VALID' or explicit pairs, as ints."""
   if isinstance(padding, str):
-    return tuple(jax.lax.padtype_to_pads(x_shape[1:3], window, strides,
-                                         padding))
+    padding = jax.lax.padtype_to_pads(x_shape[1:3], window, strides, padding)
   return tuple(tuple(int(v) for v in p) for p in padding)
 
 
 def _max_pool_views(x, window, strides, pads):
-  """The −inf-padded input's views that the window taps meet, and the
-  output's height and width."""
+  """The −inf-padded input's views that the window taps meet."""
   xp = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-jnp.inf)
   out_hw = _out_hw(x.shape, window, strides, pads)
   return [_tap_view(xp, i, j, strides, out_hw) for i in range(window[0])
-          for j in range(window[1])], xp.shape[1:3], out_hw
+          for j in range(window[1])]
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _max_pool(x, window, strides, pads):
-  views, _, _ = _max_pool_views(x, window, strides, pads)
+  views = _max_pool_views(x, window, strides, pads)
   y = views[0]
   for v in views[1:]:
     y = jnp.maximum(y, v)
@@ -231,21 +230,12 @@ def _max_pool_fwd(x, window, strides, pads):
 
 def _max_pool_bwd(window, strides, pads, res, dy):
   x, y = res
-  views, (hp, wp), (ho, wo) = _max_pool_views(x, window, strides, pads)
+  views, to_x = jax.vjp(
+      lambda x: _max_pool_views(x, window, strides, pads), x)
   hits = [v == y for v in views]
-  count = sum(h.astype(dy.dtype) for h in hits)
-  share = dy / jnp.maximum(count, 1)
-  zero = jnp.zeros((), dy.dtype)
-  (sh, sw), dxp = strides, 0
-  for (i, j), hit in zip(
-      [(i, j) for i in range(window[0]) for j in range(window[1])], hits):
-    # The view's transpose: its values back at rows i + sh·o, cols j + sw·p.
-    dxp = dxp + jax.lax.pad(
-        jnp.where(hit, share, zero), zero,
-        ((0, 0, 0), (i, hp - i - sh * (ho - 1) - 1, sh - 1),
-         (j, wp - j - sw * (wo - 1) - 1, sw - 1), (0, 0, 0)))
-  (top, _), (left, _) = pads
-  return (dxp[:, top:top + x.shape[1], left:left + x.shape[2]],)
+  share = dy / sum(h.astype(dy.dtype) for h in hits)  # ≥ 1: y is a view.
+  # Each tap's share goes back to the input pixels its view read.
+  return to_x([jnp.where(h, share, 0).astype(dy.dtype) for h in hits])
 
 
 _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
@@ -265,7 +255,7 @@ def max_pool(x, window, strides, padding="VALID"):
   """
   window, strides = tuple(window), tuple(strides)
   return _max_pool(x, window, strides,
-                   _pool_pads(x.shape, window, strides, padding))
+                   _pads(x.shape, window, strides, padding))
 
 
 def _conv_as_matmul(lhs, rhs, strides, pads, precision,
@@ -496,12 +486,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
           and tuple(rhs_dilation or ones) == ones and batch_group_count == 1):
     return conv(lhs, rhs)
   strides = tuple(window_strides)
-  if isinstance(padding, str):
-    pads = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides,
-                                   padding)
-  else:
-    pads = tuple(tuple(p) for p in padding)
-  pads = tuple(tuple(int(v) for v in p) for p in pads)
+  pads = _pads(lhs.shape, rhs.shape[:2], strides, padding)
   if min(min(p) for p in pads) < 0:  # Cropping: left to XLA.
     return conv(lhs, rhs)
   cin, cin_g, cout = lhs.shape[-1], rhs.shape[2], rhs.shape[3]
