@@ -248,7 +248,7 @@ def max_pool(x, window, strides, padding="VALID"):
 
   XLA:CPU differentiates flax's reduce-window through a select-and-scatter
   that ran 4-5× slower than the forward and backward here (ResNet's 3×3
-  stride-2 stem pool on 16×112×112×64: 245-296 ms against 66-91 ms; 2-core
+  stride-2 stem pool on 16×112×112×64: 245-296 ms against 86-113 ms; 2-core
   VM, 2026-12-02). The values equal flax's; the gradient differs only at
   tied maxima, which share it equally (as `max_pool_2x2`'s) instead of one
   of them taking it all.
