@@ -165,10 +165,30 @@ def mfu(flops_per_step, step_s, peak_per_device, devices):
 
 def cost_analysis_flops(compiled):
   """FLOPs XLA's cost analysis counts for a compiled program (one device's
-  share of an SPMD program; a multiply-add counts 2)."""
+  share of an SPMD program; a multiply-add counts 2), plus those of
+  kd_jax's direct convolutions (custom calls, which it counts as 0)."""
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
-  return float(cost.get("flops", 0.0))
+  return float(cost.get("flops", 0.0)) + native_conv_flops(compiled.as_text())
+
+
+_NATIVE_CALL = re.compile(
+    r"= f32\[([\d,]+)\]\S* custom-call\(.*custom_call_target="
+    r"\"kd_jax_conv3x3_(forward|kernel)\".*operand_layout_constraints="
+    r"\{f32\[([\d,]+)\]\S*, f32\[([\d,]+)\]")
+
+
+def native_conv_flops(hlo_text):
+  """2 · C_in · C_out per kernel tap that meets the image, as XLA counts its
+  own convolutions, for each `kd_jax.native` call in an HLO module's text:
+  (3H − 2)(3W − 2) taps per image of the output (forward) or of the output
+  gradient (kernel gradient)."""
+  total = 0
+  for out, kind, a, b in _NATIVE_CALL.findall(hlo_text):
+    out, a, b = ([int(d) for d in dims.split(",")] for dims in (out, a, b))
+    n, h, w, cout = out if kind == "forward" else b  # y, or dy for dw
+    total += 2 * n * (3 * h - 2) * (3 * w - 2) * a[3] * cout
+  return total
 
 
 def parse_args(argv=None):
@@ -346,6 +366,15 @@ def _patch_unpaired_conv():
   layers._pair_form = lambda *_: None  # pylint: disable=protected-access
 
 
+def _patch_no_native():
+  """XLA's convolution (or the column pairs) again where
+  `kd_jax.models.layers` runs kd_jax's direct 3×3 kernels on CPU; the same
+  as KD_JAX_NATIVE=0 for this worker."""
+  from kd_jax.models import layers  # pylint: disable=import-outside-toplevel
+
+  layers._native_form = lambda *_: None  # pylint: disable=protected-access
+
+
 def _replace_in_models(old, new):
   """Every kd_jax model module's global bound to `old` rebound to `new`."""
   import kd_jax.models.connectors  # pylint: disable=import-outside-toplevel,unused-import
@@ -436,6 +465,7 @@ PATCHES = {"one_core": _patch_one_core,
            "flax_conv_transpose": _patch_flax_conv_transpose,
            "flax_max_pool": _patch_flax_max_pool,
            "gather_cross_entropy": _patch_gather_cross_entropy,
+           "no_native": _patch_no_native,
            "threefry_partitionable": _patch_threefry_partitionable,
            "unpaired_conv": _patch_unpaired_conv}
 

@@ -345,3 +345,28 @@ def test_backbone_step_prints_equal_losses(capsys):
   losses = [float(r.rstrip(" |").rsplit(" | ", 1)[1]) for r in rows]
   # Same weights, same batch: the same loss, to float32 rounding.
   np.testing.assert_allclose(losses, losses[0], rtol=1e-5)
+
+
+def test_flop_count_includes_the_native_convolutions():
+  """kd_jax's direct convolutions are custom calls that XLA's cost analysis
+  counts as 0: the benchmark adds them, as many as XLA counts for its own
+  convolution of the same shapes (forward, input and kernel gradients)."""
+  from kd_jax.models import layers  # pylint: disable=import-outside-toplevel
+  x, w = jnp.ones((2, 8, 8, 16)), jnp.ones((3, 3, 16, 32))
+
+  def step(conv):
+    return jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(conv(x, w) ** 2),
+                                      argnums=(0, 1))).lower(x, w).compile()
+
+  def xla(x, w):
+    return jax.lax.conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  if layers.native.library() is None:
+    pytest.skip("kd_jax.native did not compile here")
+  ours, theirs = step(layers.native_conv3x3), step(xla)
+  # 22 of 24 taps along each side of 8 meet the image.
+  assert distill_step.native_conv_flops(ours.as_text()) == 3 * 2 * 2 * (
+      22 * 22) * 16 * 32
+  assert distill_step.cost_analysis_flops(ours) == pytest.approx(
+      distill_step.cost_analysis_flops(theirs), rel=0.02)

@@ -28,7 +28,13 @@ an elementwise mask. `max_pool`, for any window (ResNet's and TransUNet's
 and a closed-form gradient from the same views.
 
 `Conv`: `flax.linen.Conv` (the same module, parameters and auto-names) whose
-convolution is `conv_general_dilated` below: on CPU, a stride-1 convolution
+convolution is `conv_general_dilated` below. On CPU, a stride-1 3×3 float32
+convolution with padding 1 and 8, 16 or 32 channels on each side (the
+UNets' outer levels, where XLA:CPU spends most of a convolution packing
+image patches) runs on kd_jax's own direct kernels, forward and both
+gradients (`native_conv3x3`, `kd_jax.native`, compiled on first use; with
+gradients 2-3× faster than XLA's at 64², and the default distill step
+1.17× PyTorch eager's instead of 0.90×, 2026-12-02). Otherwise, a stride-1 convolution
 whose input has one channel (a grey-scale image into the first layer), or
 whose kernel is 1×1, is computed as a matmul over the kernel taps. XLA:CPU
 runs a one-channel 3×3 convolution several times slower than the same
@@ -67,6 +73,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
+
+from kd_jax import native
 
 
 def _sum_matmul(x2d):
@@ -457,6 +465,59 @@ def _pair_form(lhs_shape, rhs_shape, pads):
   return _paired_conv if min(cin, cout) <= 8 else _paired_forward
 
 
+_PAD1 = ((0, 0), (1, 1), (1, 1), (0, 0))
+
+
+@jax.custom_vjp
+def native_conv3x3(x, w):
+  """A stride-1 3×3 NHWC × HWIO float32 convolution with padding 1, both
+  directions computed by kd_jax's direct CPU kernels (`kd_jax.native`):
+  8, 16 or 32 channels on each side. CPU only; `conv_general_dilated`
+  chooses it where it pays (`_native_form`)."""
+  return native.conv3x3_forward(jnp.pad(x, _PAD1), w)
+
+
+def _native_fwd(x, w):
+  xp = jnp.pad(x, _PAD1)
+  return native.conv3x3_forward(xp, w), (xp, w)
+
+
+def _native_bwd(res, dy):
+  xp, w = res
+  # The input gradient is the forward convolution of the padded output
+  # gradient with the kernel flipped in space and transposed in channels.
+  w_t = jnp.transpose(w[::-1, ::-1], (0, 1, 3, 2))
+  dx = native.conv3x3_forward(jnp.pad(dy, _PAD1), w_t)
+  return dx, native.conv3x3_kernel_grad(xp, dy)
+
+
+native_conv3x3.defvjp(_native_fwd, _native_bwd)
+
+# Channel counts on each side that the direct kernels take (their vector
+# blocks); from 64 channels on XLA's convolution was as fast.
+NATIVE_CHANNELS = (8, 16, 32)
+
+
+def _native_form(lhs, rhs, pads, feature_group_count, preferred_element_type):
+  """`native_conv3x3` where it applies (and the kernels compiled), else
+  None: float32, 3×3, padding 1, one group, 8, 16 or 32 channels on each
+  side, a CPU backend with a single device (the custom call has no
+  sharding rule: with the batch sharded over several devices XLA's own
+  convolution is partitioned instead)."""
+  if not (lhs.dtype == rhs.dtype == jnp.float32
+          and preferred_element_type in (None, jnp.float32)
+          and rhs.shape[:2] == (3, 3) and pads == ((1, 1), (1, 1))
+          and feature_group_count == 1
+          and lhs.shape[3] in NATIVE_CHANNELS
+          and rhs.shape[3] in NATIVE_CHANNELS):
+    return None
+  if jax.default_backend() != "cpu" or jax.device_count() != 1:
+    return None
+  if native.library() is None:
+    return None
+  return native_conv3x3
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None,
                          feature_group_count=1, batch_group_count=1,
@@ -493,7 +554,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   one_by_one = rhs.shape[:2] == (1, 1)
   out_hw = _out_hw(lhs.shape, rhs.shape[:2], strides, pads)
   tiny = 1 <= min(out_hw) and max(out_hw) <= TINY_OUTPUT
-  if feature_group_count == 1 and (
+  if strides == ones and (direct := _native_form(
+      lhs, rhs, pads, feature_group_count, preferred_element_type)):
+    fast = direct
+  elif feature_group_count == 1 and (
       tiny or (strides == ones and (cin == 1 or one_by_one))):
     fast = partial(_conv_as_matmul, strides=strides, pads=pads,
                    precision=precision,
