@@ -197,3 +197,48 @@ def test_kernel_gradient_is_the_same_every_time():
   first = np.asarray(grad(xp, dy))
   for _ in range(20):
     np.testing.assert_array_equal(np.asarray(grad(xp, dy)), first)
+
+
+_ISA_CHECK = """
+import sys
+import numpy as np
+import jax.numpy as jnp
+from kd_jax import native
+native.FLAGS = tuple("-march=" + sys.argv[1] if f == "-march=native" else f
+                     for f in native.FLAGS)
+assert native.library() is not None
+sys.path.insert(0, sys.argv[2])
+import test_native as t
+for cin, cout in ((8, 8), (16, 16), (32, 32), (16, 8), (8, 32)):
+  x, k, dy = t._data(2, 5, 19, cin, cout)
+  xp = jnp.asarray(np.pad(x, t.PAD))
+  np.testing.assert_allclose(native.conv3x3_forward(xp, jnp.asarray(k)),
+                             t._numpy_conv(x, k), rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(native.conv3x3_kernel_grad(xp, jnp.asarray(dy)),
+                             t._numpy_kernel_grad(x, dy), rtol=1e-5, atol=1e-3)
+print("ok")
+"""
+
+
+def _cpu_has(flag):
+  try:
+    with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+      return flag in f.read().split()
+  except OSError:
+    return False
+
+
+@needs_library
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86 ISA levels")
+@pytest.mark.parametrize("march", ["x86-64", "x86-64-v3"])
+def test_other_vector_widths_compute_the_same(march, tmp_path):
+  """The register blockings for 4-float (SSE) and 8-float (AVX2) vectors,
+  compiled for those ISAs, against the numpy formula (the machine running
+  the suite compiles only its own)."""
+  if march == "x86-64-v3" and not _cpu_has("avx2"):
+    pytest.skip("no AVX2 here")
+  out = subprocess.run(
+      [sys.executable, "-c", _ISA_CHECK, march, os.path.dirname(__file__)],
+      capture_output=True, text=True, check=False,
+      env={**os.environ, "KD_JAX_NATIVE_CACHE": str(tmp_path)})
+  assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

@@ -39,6 +39,33 @@ template <int VW>
 using Vec = typename VecType<VW>::type;
 static_assert(sizeof(Vec<16>) == 64, "vector extension");
 
+// The widest vector this machine's registers hold (floats), and how many
+// accumulators fit in its vector registers beside the operands. A vector
+// wider than the registers makes GCC spill every operation (20× slower).
+#if defined(__AVX512F__)
+constexpr int kWidth = 16, kAccumulators = 24;  // 32 zmm
+#elif defined(__AVX__)
+constexpr int kWidth = 8, kAccumulators = 12;  // 16 ymm
+#elif defined(__aarch64__)
+constexpr int kWidth = 4, kAccumulators = 24;  // 32 NEON q registers
+#else
+constexpr int kWidth = 4, kAccumulators = 12;  // 16 xmm (SSE)
+#endif
+
+// Register blocking for CO output channels: VW floats per vector, NV vectors
+// per pixel, UR pixels of the forward and CB input channels of the kernel
+// gradient in registers (CB a power of two: it divides any multiple of 8).
+template <int CO>
+struct Blocking {
+  static constexpr int VW = CO < kWidth ? CO : kWidth;
+  static constexpr int NV = CO / VW;
+  static constexpr int UR = kAccumulators / NV < 16 ? kAccumulators / NV : 16;
+  static constexpr int CB = kAccumulators / NV >= 8   ? 8
+                            : kAccumulators / NV >= 4 ? 4
+                            : kAccumulators / NV >= 2 ? 2
+                                                      : 1;
+};
+
 template <int VW>
 inline Vec<VW> load(const float* p) {
   Vec<VW> v;
@@ -119,10 +146,10 @@ inline void forward_tail(int r, const float* xrow, int64_t row_stride,
   }
 }
 
-template <int VW, int NV, int UR>
+template <typename B>
 void forward(ffi::ThreadPool& pool, const float* xp, const float* w, float* y,
              int64_t n, int64_t h, int64_t wd, int64_t ci) {
-  constexpr int CO = VW * NV;
+  constexpr int VW = B::VW, NV = B::NV, UR = B::UR, CO = VW * NV;
   const int64_t row_stride = (wd + 2) * ci;
   auto row = [&](int64_t r) {  // r = image · h + output row
     const float* xrow = xp + ((r / h) * (h + 2) + r % h) * row_stride;
@@ -179,10 +206,10 @@ void kernel_image(const float* xp, const float* dy, float* dw, int64_t h,
 // reproduces its parameters bit for bit).
 constexpr int64_t GROUPS = 8;
 
-template <int VW, int NV, int CB>
+template <typename B>
 void kernel_grad(ffi::ThreadPool& pool, const float* xp, const float* dy,
                  float* dw, int64_t n, int64_t h, int64_t wd, int64_t ci) {
-  constexpr int CO = VW * NV;
+  constexpr int VW = B::VW, NV = B::NV, CB = B::CB, CO = VW * NV;
   const int64_t size = 9 * ci * CO, groups = std::min(n, GROUPS);
   std::vector<float> partial(groups * size, 0.0f);
   auto group = [&](int64_t g) {
@@ -218,11 +245,11 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xp,
   const float* k = w.typed_data();
   float* out = y->typed_data();
   if (co == 8) {
-    forward<8, 1, 16>(pool, x, k, out, n, h, wd, ci);
+    forward<Blocking<8>>(pool, x, k, out, n, h, wd, ci);
   } else if (co == 16) {
-    forward<16, 1, 16>(pool, x, k, out, n, h, wd, ci);
+    forward<Blocking<16>>(pool, x, k, out, n, h, wd, ci);
   } else if (co == 32) {
-    forward<16, 2, 12>(pool, x, k, out, n, h, wd, ci);
+    forward<Blocking<32>>(pool, x, k, out, n, h, wd, ci);
   } else {
     return check(false, "KdConv3x3Forward: output channels 8, 16 or 32");
   }
@@ -245,11 +272,11 @@ ffi::Error KernelImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xp,
   const float* g = dy.typed_data();
   float* out = dw->typed_data();
   if (co == 8) {
-    kernel_grad<8, 1, 8>(pool, x, g, out, n, h, wd, ci);
+    kernel_grad<Blocking<8>>(pool, x, g, out, n, h, wd, ci);
   } else if (co == 16) {
-    kernel_grad<16, 1, 8>(pool, x, g, out, n, h, wd, ci);
+    kernel_grad<Blocking<16>>(pool, x, g, out, n, h, wd, ci);
   } else if (co == 32) {
-    kernel_grad<16, 2, 8>(pool, x, g, out, n, h, wd, ci);
+    kernel_grad<Blocking<32>>(pool, x, g, out, n, h, wd, ci);
   } else {
     return check(false, "KdConv3x3Kernel: output channels 8, 16 or 32");
   }
