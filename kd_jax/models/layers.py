@@ -34,7 +34,7 @@ UNets' outer levels, where XLA:CPU spends most of a convolution packing
 image patches) runs on kd_jax's own direct kernels, forward and both
 gradients (`native_conv3x3`, `kd_jax.native`, compiled on first use; with
 gradients 2-3× faster than XLA's at 64², and the default distill step
-1.17× PyTorch eager's instead of 0.90×, 2026-12-02). Otherwise, a stride-1 convolution
+1.24× PyTorch eager's instead of 0.91×, 2026-12-02). Otherwise, a stride-1 convolution
 whose input has one channel (a grey-scale image into the first layer), or
 whose kernel is 1×1, is computed as a matmul over the kernel taps. XLA:CPU
 runs a one-channel 3×3 convolution several times slower than the same
