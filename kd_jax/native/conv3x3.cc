@@ -224,9 +224,19 @@ void kernel_grad(ffi::ThreadPool& pool, const float* xp, const float* dy,
     for (int64_t k = 0; k < size; ++k) dw[k] += partial[g * size + k];
 }
 
-ffi::Error check(bool ok, const char* what) {
-  return ok ? ffi::Error::Success()
-            : ffi::Error(ffi::ErrorCode::kInvalidArgument, what);
+ffi::Error invalid(const char* what) {
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument, what);
+}
+
+// f(Blocking<co>{}) for the output channel counts the kernels take.
+template <typename F>
+bool with_blocking(int64_t co, const F& f) {
+  switch (co) {
+    case 8: f(Blocking<8>{}); return true;
+    case 16: f(Blocking<16>{}); return true;
+    case 32: f(Blocking<32>{}); return true;
+    default: return false;
+  }
 }
 
 ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xp,
@@ -239,20 +249,15 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xp,
       wdim[0] != 3 || wdim[1] != 3 || wdim[2] != xd[3] ||
       yd[0] != xd[0] || yd[1] != xd[1] - 2 || yd[2] != xd[2] - 2 ||
       yd[3] != wdim[3] || xd[3] % 8 != 0)
-    return check(false, "KdConv3x3Forward: shapes do not match");
+    return invalid("KdConv3x3Forward: shapes do not match");
   const int64_t n = yd[0], h = yd[1], wd = yd[2], ci = xd[3], co = yd[3];
   const float* x = xp.typed_data();
   const float* k = w.typed_data();
   float* out = y->typed_data();
-  if (co == 8) {
-    forward<Blocking<8>>(pool, x, k, out, n, h, wd, ci);
-  } else if (co == 16) {
-    forward<Blocking<16>>(pool, x, k, out, n, h, wd, ci);
-  } else if (co == 32) {
-    forward<Blocking<32>>(pool, x, k, out, n, h, wd, ci);
-  } else {
-    return check(false, "KdConv3x3Forward: output channels 8, 16 or 32");
-  }
+  if (!with_blocking(co, [&](auto b) {
+        forward<decltype(b)>(pool, x, k, out, n, h, wd, ci);
+      }))
+    return invalid("KdConv3x3Forward: output channels 8, 16 or 32");
   return ffi::Error::Success();
 }
 
@@ -266,20 +271,15 @@ ffi::Error KernelImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xp,
       gd[0] != xd[0] || gd[1] != xd[1] - 2 || gd[2] != xd[2] - 2 ||
       wdim[0] != 3 || wdim[1] != 3 || wdim[2] != xd[3] || wdim[3] != gd[3] ||
       xd[3] % 8 != 0)
-    return check(false, "KdConv3x3Kernel: shapes do not match");
+    return invalid("KdConv3x3Kernel: shapes do not match");
   const int64_t n = gd[0], h = gd[1], wd = gd[2], ci = xd[3], co = gd[3];
   const float* x = xp.typed_data();
   const float* g = dy.typed_data();
   float* out = dw->typed_data();
-  if (co == 8) {
-    kernel_grad<Blocking<8>>(pool, x, g, out, n, h, wd, ci);
-  } else if (co == 16) {
-    kernel_grad<Blocking<16>>(pool, x, g, out, n, h, wd, ci);
-  } else if (co == 32) {
-    kernel_grad<Blocking<32>>(pool, x, g, out, n, h, wd, ci);
-  } else {
-    return check(false, "KdConv3x3Kernel: output channels 8, 16 or 32");
-  }
+  if (!with_blocking(co, [&](auto b) {
+        kernel_grad<decltype(b)>(pool, x, g, out, n, h, wd, ci);
+      }))
+    return invalid("KdConv3x3Kernel: output channels 8, 16 or 32");
   return ffi::Error::Success();
 }
 
