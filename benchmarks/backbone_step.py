@@ -6,9 +6,11 @@ PyTorch eager twin (`torch_models.ResNet`, the same initial weights).
 
 The loss is the mean square of the last stage's features, BatchNorm in
 training mode; kd_jax's step is jitted (gradients of every parameter). A
-third worker runs kd_jax with XLA's own convolution for outputs of at most
-2×2 (`layers.TINY_OUTPUT = 0`), the case XLA:CPU runs 10-40× slower than a
-matmul: a ResNet's last stage on inputs up to 64².
+third worker runs kd_jax with XLA's own convolution where kd_jax has its
+own on CPU: for outputs of at most 2×2 (`layers.TINY_OUTPUT = 0`; XLA:CPU
+runs those 10-40× slower than a matmul, a ResNet's last stage on inputs up
+to 64²) and for the 3×3 convolutions of `kd_jax.native`'s kernels (64
+channels on maps of 32² and more: a ResNet's first stage from 128² up).
 
 Each worker is its own process (in one process the idle threads of one
 spin while another works); their rounds take turns, and the ratio is taken
@@ -25,10 +27,10 @@ import numpy as np
 
 import distill_step  # The variables' (un)flattening for the twin.
 
-WORKERS = ("kd_jax", "kd_jax, XLA's tiny convolutions", "PyTorch eager")
+WORKERS = ("kd_jax", "kd_jax, XLA's convolutions", "PyTorch eager")
 
 
-def _jax_step(args, xla_tiny):
+def _jax_step(args, xla_convs):
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
@@ -38,12 +40,13 @@ def _jax_step(args, xla_tiny):
   runtime.configure()
   # No persistent cache: the compile time is a cold compile.
   jax.config.update("jax_compilation_cache_dir", None)
-  if xla_tiny:
+  if xla_convs:
     layers.TINY_OUTPUT = 0
+    layers._native_form = lambda *_: None  # pylint: disable=protected-access
   x = jnp.asarray(np.load(args.tmp + "/x.npy"))
   model = registry.build(args.model, num_classes=None, width=args.width)
   variables = model.init(jax.random.key(0), x[:1], train=False)
-  if not xla_tiny:  # The twin starts from the same weights.
+  if not xla_convs:  # The twin starts from the same weights.
     flat = distill_step._flatten(variables)  # pylint: disable=protected-access
     np.savez(args.tmp + "/init.npz",
              **{k: np.asarray(v) for k, v in flat.items()})
@@ -97,7 +100,7 @@ def serve(args):
   if args.worker == WORKERS[2]:
     step, info = _torch_step(args)
   else:
-    step, info = _jax_step(args, xla_tiny=args.worker == WORKERS[1])
+    step, info = _jax_step(args, xla_convs=args.worker == WORKERS[1])
   for _ in range(2):
     step()
   print(json.dumps(info), flush=True)

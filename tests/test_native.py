@@ -51,7 +51,8 @@ SIZES = [(1, 1, 1), (2, 3, 5), (1, 4, 16), (3, 5, 17), (2, 7, 29)]
 
 @needs_library
 @pytest.mark.parametrize("cin,cout", [(8, 8), (8, 16), (16, 8), (16, 32),
-                                      (32, 16), (32, 32), (24, 8)])
+                                      (32, 16), (32, 32), (24, 8), (64, 64),
+                                      (16, 64), (64, 32)])
 @pytest.mark.parametrize("n,h,w", SIZES)
 def test_forward_and_kernel_gradient_match_numpy(n, h, w, cin, cout):
   x, k, dy = _data(n, h, w, cin, cout)
@@ -67,7 +68,7 @@ def test_forward_and_kernel_gradient_match_numpy(n, h, w, cin, cout):
 @needs_library
 def test_unsupported_channels_are_refused_by_the_kernel():
   x, k, _ = _data(1, 4, 4, 8, 24)
-  with pytest.raises(Exception, match="output channels 8, 16 or 32"):
+  with pytest.raises(Exception, match="output channels 8, 16, 32 or 64"):
     jax.block_until_ready(native.conv3x3_forward(
         jnp.asarray(np.pad(x, PAD)), jnp.asarray(k)))
 
@@ -98,7 +99,8 @@ def losses():
 
 @needs_library
 @pytest.mark.parametrize("shape", [(2, 16, 19, 8, 16), (3, 9, 20, 16, 8),
-                                   (1, 11, 13, 32, 32), (2, 64, 64, 16, 16)])
+                                   (1, 11, 13, 32, 32), (2, 64, 64, 16, 16),
+                                   (1, 32, 35, 64, 32), (1, 33, 32, 32, 64)])
 def test_layers_convolution_and_gradients_match_xla(losses, shape):
   n, h, w, cin, cout = shape
   x, k, dy = (jnp.asarray(a) for a in _data(n, h, w, cin, cout, seed=1))
@@ -122,10 +124,15 @@ def test_layers_choose_the_kernels_only_where_they_apply():
   assert _custom_calls(_kd_jax, x, jnp.zeros((3, 3, 16, 32))) == 1
   assert _custom_calls(grad, x, jnp.zeros((3, 3, 16, 32))) == 3
   for w in (jnp.zeros((3, 3, 16, 24)),   # no vector block for 24
-            jnp.zeros((3, 3, 16, 64)),   # XLA as fast from 64 channels
+            jnp.zeros((3, 3, 16, 64)),   # 64 channels: only from 32² up
+            jnp.zeros((3, 3, 16, 128)),  # XLA as fast from 128 channels
             jnp.zeros((3, 3, 16, 16), jnp.bfloat16),
             jnp.zeros((5, 5, 16, 16))):
     assert _custom_calls(_kd_jax, x.astype(w.dtype), w) == 0, w.shape
+  # 64 channels from 32² up, with 16-float vectors (AVX-512) only.
+  assert _custom_calls(_kd_jax, jnp.zeros((1, 32, 32, 16)),
+                       jnp.zeros((3, 3, 16, 64))) == (
+                           native.vector_width() == 16)
   strided = layers.conv_general_dilated(
       x, jnp.zeros((3, 3, 16, 16)), (2, 2), "SAME",
       dimension_numbers=jax.lax.conv_dimension_numbers(
@@ -209,13 +216,14 @@ native.FLAGS = tuple("-march=" + sys.argv[1] if f == "-march=native" else f
 assert native.library() is not None
 sys.path.insert(0, sys.argv[2])
 import test_native as t
-for cin, cout in ((8, 8), (16, 16), (32, 32), (16, 8), (8, 32)):
+for cin, cout in ((8, 8), (16, 16), (32, 32), (16, 8), (8, 32), (64, 64)):
   x, k, dy = t._data(2, 5, 19, cin, cout)
   xp = jnp.asarray(np.pad(x, t.PAD))
   np.testing.assert_allclose(native.conv3x3_forward(xp, jnp.asarray(k)),
                              t._numpy_conv(x, k), rtol=1e-5, atol=1e-4)
   np.testing.assert_allclose(native.conv3x3_kernel_grad(xp, jnp.asarray(dy)),
                              t._numpy_kernel_grad(x, dy), rtol=1e-5, atol=1e-3)
+assert native.vector_width() == int(sys.argv[3])
 print("ok")
 """
 
@@ -238,7 +246,8 @@ def test_other_vector_widths_compute_the_same(march, tmp_path):
   if march == "x86-64-v3" and not _cpu_has("avx2"):
     pytest.skip("no AVX2 here")
   out = subprocess.run(
-      [sys.executable, "-c", _ISA_CHECK, march, os.path.dirname(__file__)],
+      [sys.executable, "-c", _ISA_CHECK, march, os.path.dirname(__file__),
+       {"x86-64": "4", "x86-64-v3": "8"}[march]],
       capture_output=True, text=True, check=False,
       env={**os.environ, "KD_JAX_NATIVE_CACHE": str(tmp_path)})
   assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

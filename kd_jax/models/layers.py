@@ -29,7 +29,8 @@ and a closed-form gradient from the same views.
 
 `Conv`: `flax.linen.Conv` (the same module, parameters and auto-names) whose
 convolution is `conv_general_dilated` below. On CPU, a stride-1 3×3 float32
-convolution with padding 1 and 8, 16 or 32 channels on each side (the
+convolution with padding 1 and 8, 16 or 32 channels on each side, or 64 on
+maps of at least 32² (the
 UNets' outer levels, where XLA:CPU spends most of a convolution packing
 image patches) runs on kd_jax's own direct kernels, forward and both
 gradients (`native_conv3x3`, `kd_jax.native`, compiled on first use; with
@@ -472,7 +473,7 @@ _PAD1 = ((0, 0), (1, 1), (1, 1), (0, 0))
 def native_conv3x3(x, w):
   """A stride-1 3×3 NHWC × HWIO float32 convolution with padding 1, both
   directions computed by kd_jax's direct CPU kernels (`kd_jax.native`):
-  8, 16 or 32 channels on each side. CPU only; `conv_general_dilated`
+  8, 16, 32 or 64 channels on each side. CPU only; `conv_general_dilated`
   chooses it where it pays (`_native_form`)."""
   return native.conv3x3_forward(jnp.pad(x, _PAD1), w)
 
@@ -494,14 +495,19 @@ def _native_bwd(res, dy):
 native_conv3x3.defvjp(_native_fwd, _native_bwd)
 
 # Channel counts on each side that the direct kernels take (their vector
-# blocks); from 64 channels on XLA's convolution was as fast.
-NATIVE_CHANNELS = (8, 16, 32)
+# blocks). With 64 channels they beat XLA's convolution from 32² up (with
+# gradients 1.2-1.5×, AVX-512; at 16² and below as fast), so 64 needs that
+# side and 16-float vectors; from 128 channels on XLA's was as fast or
+# faster.
+NATIVE_CHANNELS = (8, 16, 32, 64)
+NATIVE_MIN_SIDE_64 = 32
 
 
 def _native_form(lhs, rhs, pads, feature_group_count, preferred_element_type):
   """`native_conv3x3` where it applies (and the kernels compiled), else
-  None: float32, 3×3, padding 1, one group, 8, 16 or 32 channels on each
-  side, a CPU backend with a single device (the custom call has no
+  None: float32, 3×3, padding 1, one group, 8, 16, 32 or (on sides of at
+  least NATIVE_MIN_SIDE_64, with AVX-512) 64 channels on each side, a CPU
+  backend with a single device (the custom call has no
   sharding rule: with the batch sharded over several devices XLA's own
   convolution is partitioned instead)."""
   if not (lhs.dtype == rhs.dtype == jnp.float32
@@ -509,11 +515,15 @@ def _native_form(lhs, rhs, pads, feature_group_count, preferred_element_type):
           and rhs.shape[:2] == (3, 3) and pads == ((1, 1), (1, 1))
           and feature_group_count == 1
           and lhs.shape[3] in NATIVE_CHANNELS
-          and rhs.shape[3] in NATIVE_CHANNELS):
+          and rhs.shape[3] in NATIVE_CHANNELS
+          and (max(lhs.shape[3], rhs.shape[3]) < 64
+               or min(lhs.shape[1:3]) >= NATIVE_MIN_SIDE_64)):
     return None
   if jax.default_backend() != "cpu" or jax.device_count() != 1:
     return None
   if native.library() is None:
+    return None
+  if max(lhs.shape[3], rhs.shape[3]) == 64 and native.vector_width() < 16:
     return None
   return native_conv3x3
 

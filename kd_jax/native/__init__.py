@@ -1,6 +1,6 @@
 """kd_jax's own CPU kernels (`conv3x3.cc`), compiled on first use.
 
-XLA:CPU runs a 3×3 convolution with 8-32 output channels on a wide image
+XLA:CPU runs a 3×3 convolution with 8-64 output channels on a wide image
 far below the machine's speed: most of its time goes into Eigen's packing of
 image patches, not into multiply-adds. `conv3x3.cc` computes those
 convolutions directly, as XLA FFI custom calls on XLA's own thread pool
@@ -124,6 +124,13 @@ def _load():
   return lib
 
 
+def vector_width() -> int:
+  """Floats per vector register the kernels were compiled for (16 with
+  AVX-512, 8 with AVX, 4 otherwise); 0 without the library."""
+  lib = library()
+  return lib.KdConv3x3VectorWidth() if lib is not None else 0
+
+
 def _require():
   if library() is None:
     raise RuntimeError(
@@ -135,7 +142,7 @@ def _require():
 def conv3x3_forward(xp, w):
   """y[n,h,x,o] = Σ_{i,j,c} xp[n,h+i,x+j,c]·w[i,j,c,o] for an input `xp`
   padded by one on each side (NHWC, float32) and a 3×3 HWIO kernel with 8,
-  16 or 32 output channels and a multiple of 8 input channels. Needs
+  16, 32 or 64 output channels and a multiple of 8 input channels. Needs
   `library()` (the targets registered); CPU only."""
   _require()
   n, hp, wp, _ = xp.shape

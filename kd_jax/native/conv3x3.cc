@@ -1,7 +1,7 @@
 // Direct 3×3 stride-1 convolutions for XLA:CPU, as XLA FFI handlers.
 //
 // XLA:CPU computes a convolution as Eigen's image-patch packing followed by
-// a matrix multiply; with 8-32 output channels on a wide image the packing
+// a matrix multiply; with 8-64 output channels on a wide image the packing
 // costs more than the multiply-adds. Here each output row is computed
 // directly: a block of UR output pixels × CO channels stays in vector
 // registers while the nine taps and the input channels are swept, the input
@@ -59,7 +59,9 @@ template <int CO>
 struct Blocking {
   static constexpr int VW = CO < kWidth ? CO : kWidth;
   static constexpr int NV = CO / VW;
-  static constexpr int UR = kAccumulators / NV < 16 ? kAccumulators / NV : 16;
+  static constexpr int UR = kAccumulators / NV < 1    ? 1
+                            : kAccumulators / NV < 16 ? kAccumulators / NV
+                                                      : 16;
   static constexpr int CB = kAccumulators / NV >= 8   ? 8
                             : kAccumulators / NV >= 4 ? 4
                             : kAccumulators / NV >= 2 ? 2
@@ -235,6 +237,7 @@ bool with_blocking(int64_t co, const F& f) {
     case 8: f(Blocking<8>{}); return true;
     case 16: f(Blocking<16>{}); return true;
     case 32: f(Blocking<32>{}); return true;
+    case 64: f(Blocking<64>{}); return true;
     default: return false;
   }
 }
@@ -257,7 +260,7 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xp,
   if (!with_blocking(co, [&](auto b) {
         forward<decltype(b)>(pool, x, k, out, n, h, wd, ci);
       }))
-    return invalid("KdConv3x3Forward: output channels 8, 16 or 32");
+    return invalid("KdConv3x3Forward: output channels 8, 16, 32 or 64");
   return ffi::Error::Success();
 }
 
@@ -279,11 +282,16 @@ ffi::Error KernelImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xp,
   if (!with_blocking(co, [&](auto b) {
         kernel_grad<decltype(b)>(pool, x, g, out, n, h, wd, ci);
       }))
-    return invalid("KdConv3x3Kernel: output channels 8, 16 or 32");
+    return invalid("KdConv3x3Kernel: output channels 8, 16, 32 or 64");
   return ffi::Error::Success();
 }
 
 }  // namespace
+
+// Floats per vector register in this build: with fewer than 16, 64 output
+// channels leave too few registers for a pixel block (one pixel at a time),
+// and kd_jax.models.layers keeps those convolutions XLA's.
+extern "C" int KdConv3x3VectorWidth() { return kWidth; }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KdConv3x3Forward, ForwardImpl,
                               ffi::Ffi::Bind()
