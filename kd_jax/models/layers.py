@@ -475,7 +475,7 @@ def native_conv3x3(x, w):
   directions computed by kd_jax's direct CPU kernels (`kd_jax.native`):
   8, 16, 32 or 64 channels on each side. CPU only; `conv_general_dilated`
   chooses it where it pays (`_native_form`)."""
-  return native.conv3x3_forward(jnp.pad(x, _PAD1), w)
+  return _native_fwd(x, w)[0]
 
 
 def _native_fwd(x, w):
@@ -510,20 +510,18 @@ def _native_form(lhs, rhs, pads, feature_group_count, preferred_element_type):
   backend with a single device (the custom call has no
   sharding rule: with the batch sharded over several devices XLA's own
   convolution is partitioned instead)."""
+  wide = max(lhs.shape[3], rhs.shape[3]) == 64
   if not (lhs.dtype == rhs.dtype == jnp.float32
           and preferred_element_type in (None, jnp.float32)
           and rhs.shape[:2] == (3, 3) and pads == ((1, 1), (1, 1))
           and feature_group_count == 1
           and lhs.shape[3] in NATIVE_CHANNELS
           and rhs.shape[3] in NATIVE_CHANNELS
-          and (max(lhs.shape[3], rhs.shape[3]) < 64
-               or min(lhs.shape[1:3]) >= NATIVE_MIN_SIDE_64)):
+          and (not wide or min(lhs.shape[1:3]) >= NATIVE_MIN_SIDE_64)
+          and jax.default_backend() == "cpu" and jax.device_count() == 1):
     return None
-  if jax.default_backend() != "cpu" or jax.device_count() != 1:
-    return None
-  if native.library() is None:
-    return None
-  if max(lhs.shape[3], rhs.shape[3]) == 64 and native.vector_width() < 16:
+  # vector_width() is 0 without the library (no compiler, KD_JAX_NATIVE=0).
+  if native.vector_width() < (16 if wide else 1):
     return None
   return native_conv3x3
 
