@@ -1,6 +1,6 @@
 """A study: every stage of a config, for several seeds, in one table.
 
-    python -m kd_jax.study --config=configs/distillo/study.py:cpu \
+    python -m kd_jax.study --config=configs/distillo.py:study,cpu \
         --workdir=runs/distillo
 
 For each seed of `config.study.seeds` the stages of `config.stage_order`
@@ -437,7 +437,7 @@ def main(argv):
   config = flags.FLAGS.config
   if "study" not in config:
     sys.exit("error: the config has no `study` section (seeds, figures); "
-             "use configs/distillo/study.py or add one")
+             "use configs/distillo.py:study,<preset> or add one")
   try:
     run(config, flags.FLAGS.workdir)
   except train.ConfigError as e:

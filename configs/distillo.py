@@ -1,13 +1,18 @@
-"""The "Distillo, ergo sum" study: TransUNet → SqueezeU-Net, shared config.
+"""The "Distillo, ergo sum" study: TransUNet → SqueezeU-Net.
 
-One arm per file in this folder (teacher.py, student.py, kd.py, latent.py,
-dml.py, and study.py for all of them over several seeds); each is a few lines
-calling `get_config(arm, arg)`. The arms share every hyper-parameter of a
-preset (data, input size, batch, epochs, optimizer, task loss); they differ
-only in what they train and the extra loss term:
+One file for every arm; the config arg (after the colon) names the arm:
+
+    python -m kd_jax.main --config=configs/distillo.py:kd,cpu \
+        --workdir=runs/distillo_kd
+    python -m kd_jax.study --config=configs/distillo.py:study,cpu \
+        --workdir=runs/distillo [--config.study.seeds="(0,1,2)"]
+
+The arms share every hyper-parameter of a preset (data, input size, batch,
+epochs, optimizer, task loss); they differ only in what they train and the
+extra loss term:
 
   teacher  TransUNet alone                     α·CE + β·Dice
-  student  SqueezeU-Net alone                  α·CE + β·Dice
+  student  SqueezeU-Net alone (the baseline)   α·CE + β·Dice
   kd       SqueezeU-Net ← frozen teacher       α·CE + β·Dice + δ·KL(T)
   latent   SqueezeU-Net ← frozen teacher       α·CE + β·Dice + δ·L1 between
            the student's "bottleneck" (1/16 side, 16·width ch) through a
@@ -15,15 +20,15 @@ only in what they train and the extra loss term:
            a 1/16-side map, hidden ch)
   dml      SqueezeU-Net and TransUNet trained together from scratch (Deep
            Mutual Learning), each with α·CE + β·Dice + δ·KL to the other
+  study    every arm above, for kd_jax.study (several seeds, one table)
 
-`arg` (after the colon: `--config=configs/distillo/kd.py:full`) is
-`[<data>_]<preset>[,teacher=<stage dir>]`:
+The arg is `<arm>[,[<data>_]<preset>][,teacher=<stage dir>]`, e.g. `kd`,
+`kd,full`, `study,synapse`, `kd,synapse_full,teacher=runs/x/seed0/teacher`:
 
   cpu   (default) 64×64 input, transunet_tiny teacher, 12 epochs at batch
-        16 (984 steps), AdamW: one arm trains in ~5 min on a 2-core CPU.
-        At 4 epochs the TransUNet teacher was still worse than the student
-        alone (ACDC val volumes, mean Dice 0.30 vs 0.41); at 12 its slice
-        validation Dice reached 0.76 (2026-11-23)
+        16, AdamW: sized for a CPU. 12 epochs because with fewer the
+        TransUNet teacher is not yet better than the student alone, and
+        there is nothing to distil.
   full  224×224 input, transunet_b16 teacher, 40 epochs at batch 24, SGD
         0.01 with momentum 0.9 (TransUNet's optimizer): for a GPU/TPU
   data  acdc (default; `data.root` holds acdc/, "" = $KD_JAX_DATA or
@@ -40,6 +45,8 @@ override of --config.epochs or --config.batch_size updates them).
 import ml_collections
 
 ARMS = ("teacher", "student", "kd", "latent", "dml")
+# The arg's first item: one arm, or "study" for all of them.
+CHOICES = ARMS + ("study",)
 DATASETS = ("acdc", "synapse")
 PRESETS = ("cpu", "full")
 
@@ -47,33 +54,44 @@ PRESETS = ("cpu", "full")
 # Synapse training list (18 cases, 2211 slices). Only used to turn epochs
 # into steps.
 TRAIN_SLICES = {"acdc": 1312, "synapse": 2211}
-NUM_CLASSES = {"acdc": 4, "synapse": 9}
 # The class whose saliency and Grad-CAM the study shows.
 CAM_CLASS = {"acdc": "left_ventricle", "synapse": "liver"}
 
+USAGE = "<arm>[,[<data>_]<preset>][,teacher=<dir>]"
 
-def parse_arg(arg: str) -> dict:
-  """`[<data>_]<preset>[,teacher=<dir>]` → dict(dataset, preset, teacher)."""
-  head, *options = [p.strip() for p in (arg or "cpu").split(",")]
+
+def parse_arg(arg) -> dict:
+  """`<arm>[,[<data>_]<preset>][,teacher=<dir>]` → dict(arm, dataset,
+  preset, teacher); a one-line ValueError naming the choices otherwise."""
+  arm, *rest = [p.strip() for p in (arg or "").split(",")]
+  if arm not in CHOICES:
+    raise ValueError(
+        f"config arg {arg or ''!r}: expected {USAGE} with arm in "
+        f"{', '.join(CHOICES)}, e.g. configs/distillo.py:kd,cpu")
+  # The preset is the item without "=" (options are key=value); cpu if none.
+  head = rest.pop(0) if rest and "=" not in rest[0] else ""
   parts = head.split("_") if head else ["cpu"]
   dataset = parts.pop(0) if parts[0] in DATASETS else "acdc"
   preset = parts.pop(0) if parts else "cpu"
   if parts or preset not in PRESETS:
     raise ValueError(
-        f"config arg {arg!r}: expected [<data>_]<preset>[,teacher=<dir>] "
-        f"with data in {DATASETS} and preset in {PRESETS}, e.g. 'cpu', "
-        "'full', 'synapse', 'synapse_full'")
-  out = dict(dataset=dataset, preset=preset, teacher="")
-  for option in options:
+        f"config arg {arg!r}: expected {USAGE} with data in "
+        f"{', '.join(DATASETS)} and preset in {', '.join(PRESETS)}, e.g. "
+        f"'{arm},cpu', '{arm},full', '{arm},synapse', '{arm},synapse_full'")
+  out = dict(arm=arm, dataset=dataset, preset=preset, teacher="")
+  for option in rest:
     key, _, value = option.partition("=")
     if key != "teacher" or not value:
       raise ValueError(f"config arg {arg!r}: unknown option {option!r}; the "
                        "only option is teacher=<trained teacher stage dir>")
+    if arm not in ("kd", "latent"):
+      raise ValueError(f"config arg {arg!r}: teacher=<dir> applies to the "
+                       f"kd and latent arms, not {arm!r}")
     out["teacher"] = value
   return out
 
 
-def _preset(preset: str, image_size_full: int = 224) -> dict:
+def _preset(preset: str) -> dict:
   if preset == "cpu":
     size = 64
     return dict(
@@ -82,7 +100,7 @@ def _preset(preset: str, image_size_full: int = 224) -> dict:
         optimizer=dict(name="adamw", lr=2e-3, weight_decay=1e-4,
                        momentum=0.9, warmup_steps=20, grad_clip=1.0),
         log_every=20, eval_every=100, checkpoint_every=100)
-  size = image_size_full
+  size = 224
   return dict(
       image_size=size, batch_size=24, epochs=40,
       teacher=dict(name="transunet_b16", image_size=size),
@@ -99,11 +117,10 @@ def _data(dataset: str, image_size: int) -> dict:
               augment=True, num_val_cases=2, num_classes=9)
 
 
-def get_config(arm: str, arg: str = "cpu") -> ml_collections.ConfigDict:
-  """The config of one arm (or "study": every arm, for kd_jax.study)."""
-  if arm not in ARMS + ("study",):
-    raise ValueError(f"arm {arm!r}: choose one of {ARMS + ('study',)}")
+def get_config(arg=None) -> ml_collections.ConfigDict:
+  """The config of one arm, or with `study` every arm (for kd_jax.study)."""
   opts = parse_arg(arg)
+  arm = opts["arm"]
   p = _preset(opts["preset"])
   config = ml_collections.ConfigDict()
   config.seed = 0
@@ -127,6 +144,8 @@ def get_config(arm: str, arg: str = "cpu") -> ml_collections.ConfigDict:
     teacher_ref = dict(model=teacher, stage="", checkpoint=opts["teacher"])
   else:
     teacher_ref = dict(model=teacher, stage="teacher", checkpoint="")
+  # Every arm's config holds every stage, so that one arm's run and the
+  # study's train the same stage the same way.
   config.stages = dict(
       teacher=dict(method="supervised", model=teacher, losses=task),
       student=dict(method="supervised", model=student, losses=task),
@@ -146,9 +165,6 @@ def get_config(arm: str, arg: str = "cpu") -> ml_collections.ConfigDict:
   elif arm in ("kd", "latent") and not opts["teacher"]:
     config.stage_order = ("teacher", arm)  # The teacher trains first.
   else:
-    if opts["teacher"] and arm not in ("kd", "latent"):
-      raise ValueError(f"config arg {arg!r}: teacher=<dir> applies to the "
-                       f"kd and latent arms, not {arm!r}")
     config.stage_order = (arm,)
   if arm == "study":
     # Read by kd_jax.study only: seeds, and the figures' class and slices.
