@@ -66,19 +66,58 @@ def ref_cross_entropy(z, y, ignore_index=None, class_weights=None,
   return num / den
 
 
-def ref_dice(z, y, ignore_index=None, smooth=1e-5, mask=None):
+def ref_dice(z, y, ignore_index=None, smooth=1e-5, squared_denominator=False,
+             average="present", include_background=True, batch=True,
+             mask=None):
   c = z.shape[-1]
-  valid = np_valid(y.shape, mask, y, ignore_index).ravel()
-  p = np_softmax(z.reshape(-1, c))[valid]
-  lab = y.ravel()[valid]
-  pred = p.argmax(-1)
+  valid = np_valid(y.shape, mask, y, ignore_index)
+  # Groups of positions: the whole batch, or one example each.
+  groups = [slice(None)] if batch else [slice(b, b + 1)
+                                        for b in range(z.shape[0])]
   scores = []
-  for k in range(c):
-    g = (lab == k).astype(float)
-    if g.sum() > 0 or (pred == k).any():
-      scores.append((2 * np.sum(p[:, k] * g) + smooth)
-                    / (p[:, k].sum() + g.sum() + smooth))
-  return 1.0 - np.mean(scores)
+  for group in groups:
+    keep = valid[group].ravel()
+    if not keep.any():
+      continue
+    p = np_softmax(z[group].reshape(-1, c))[keep]
+    lab = y[group].ravel()[keep]
+    pred = p.argmax(-1)
+    for k in range(0 if include_background else 1, c):
+      g = (lab == k).astype(float)
+      if average == "present" and not (g.sum() > 0 or (pred == k).any()):
+        continue
+      q = p[:, k]
+      den = (q @ q + g @ g) if squared_denominator else (q.sum() + g.sum())
+      scores.append((2 * np.sum(q * g) + smooth) / (den + smooth))
+  return 1.0 - np.mean(scores) if scores else 0.0
+
+
+def ref_dice_transunet(z, y, squared_denominator, average, smooth=1e-5):
+  """TransUNet's DiceLoss as its utils.py computes it, on NHWC arrays:
+  for every class, sums over the whole batch, squared denominator, then the
+  plain mean over the classes."""
+  assert squared_denominator and average == "all"  # The flags that ask it.
+  c = z.shape[-1]
+  score = np_softmax(z)
+  total = 0.0
+  for i in range(c):
+    s, t = score[..., i], (y == i).astype(float)
+    total += 1 - (2 * np.sum(s * t) + smooth) / (
+        np.sum(s * s) + np.sum(t * t) + smooth)
+  return total / c
+
+
+def ref_dice_monai(z, y, batch, average, smooth=1e-5):
+  """MONAI's DiceLoss defaults (softmax, one-hot labels, batch=False): a
+  Dice per example and class over the spatial axes, then the mean."""
+  assert not batch and average == "all"  # The flags that ask for it.
+  c = z.shape[-1]
+  p = np_softmax(z)
+  g = np.eye(c)[y]
+  axes = tuple(range(1, z.ndim - 1))
+  inter = np.sum(p * g, axis=axes)
+  den = np.sum(p, axis=axes) + np.sum(g, axis=axes)
+  return np.mean(1 - (2 * inter + smooth) / (den + smooth))
 
 
 def ref_focal(z, y, gamma=2.0, ignore_index=None, class_weights=None,
@@ -95,10 +134,26 @@ def ref_focal(z, y, gamma=2.0, ignore_index=None, class_weights=None,
   return total / valid.sum()
 
 
-def ref_kd_kl(s, t, temperature=1.0, mask=None):
+def ref_kd_kl(s, t, temperature=1.0, reduction="mean",
+              scale_by_tau_squared=True, mask=None):
   kl = np_kl(np_softmax(t / temperature), np_softmax(s / temperature))
   valid = np_valid(kl.shape, mask)
-  return kl[valid].mean() * temperature**2
+  if reduction == "mean":
+    value = kl[valid].mean()
+  else:  # Sum over classes and positions, divided by the batch size.
+    value = kl[valid].sum() / s.shape[0]
+  return value * (temperature**2 if scale_by_tau_squared else 1.0)
+
+
+def ref_kd_torchdistill(s, t, temperature, reduction, scale_by_tau_squared):
+  """torchdistill's KDLoss alone (no targets): nn.KLDivLoss(batchmean) of
+  the softened NCHW distributions, i.e. the elementwise t * (log t - log s)
+  summed over every element and divided by the batch size; no tau^2."""
+  assert reduction == "batchmean" and not scale_by_tau_squared
+  nchw = lambda x: np.moveaxis(x, -1, 1)
+  log_s = np.log(np_softmax(nchw(s) / temperature, axis=1))
+  q = np_softmax(nchw(t) / temperature, axis=1)
+  return np.sum(q * (np.log(q) - log_s)) / s.shape[0]
 
 
 def ref_soft_ce(s, t, temperature=1.0, mask=None):
@@ -169,11 +224,24 @@ def ref_ensemble_l2(s, t, mask=None):
   return d[np_valid(d.shape, mask)].mean()
 
 
-def ref_at(s, t, p=2.0, eps=1e-12):
+def ref_at(s, t, p=2.0, form="code", eps=1e-12):
   def att(f):
     a = np.mean(np.abs(f) ** p, axis=-1).reshape(f.shape[0], -1)
     return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), eps)
-  return np.mean((att(s) - att(t)) ** 2)
+  if form == "code":
+    return np.mean((att(s) - att(t)) ** 2)
+  return np.mean(np.linalg.norm(att(s) - att(t), axis=1))
+
+
+def ref_at_paper(s, t, form="paper"):
+  """Eq. (2) of Zagoruyko & Komodakis with p = 2 and beta / 2 = 1: Q is the
+  channel *sum* of squares (the paper's F), the loss the L2 norm of the
+  difference of the normalised maps, here averaged over the examples."""
+  assert form == "paper"
+  def q(f):
+    a = np.sum(f ** 2, axis=-1).reshape(f.shape[0], -1)
+    return a / np.linalg.norm(a, axis=1, keepdims=True)
+  return np.mean([np.linalg.norm(a - b) for a, b in zip(q(s), q(t))])
 
 
 def ref_vid(mu, t, alpha, eps=1e-5):
@@ -356,6 +424,13 @@ CASES = [
     Case("dice/dense_ignore", L.dice_loss, logits_labels(DENSE, ignore=True),
          dict(ignore_index=255), ref_dice,
          bad=lambda a: (a[0], a[1][:, :-1])),
+    Case("dice/dense_transunet", L.dice_loss, logits_labels(DENSE),
+         dict(squared_denominator=True, average="all"), ref_dice_transunet),
+    Case("dice/dense_monai", L.dice_loss, logits_labels(DENSE),
+         dict(batch=False, average="all"), ref_dice_monai),
+    Case("dice/dense_options_mask", L.dice_loss, logits_labels(DENSE),
+         dict(squared_denominator=True, include_background=False,
+              batch=False, smooth=1e-3, mask=pixel_mask(DENSE)), ref_dice),
     Case("focal/dense", L.focal_loss, logits_labels(DENSE),
          dict(gamma=2.0, mask=example_mask(DENSE)), ref_focal),
     Case("focal/cls_weights", L.focal_loss, logits_labels(CLS),
@@ -369,6 +444,13 @@ CASES = [
          bad=other_spatial),
     Case("kd_kl/dense_mask", L.kd_kl, logits_pair(DENSE),
          dict(temperature=2.0, mask=pixel_mask(DENSE)), ref_kd_kl, swap01),
+    Case("kd_kl/dense_torchdistill", L.kd_kl, logits_pair(DENSE),
+         # tau^2 != H*W, so that ignoring both flags cannot pass.
+         dict(temperature=3.0, reduction="batchmean",
+              scale_by_tau_squared=False), ref_kd_torchdistill, swap01),
+    Case("kd_kl/dense_batchmean_mask", L.kd_kl, logits_pair(DENSE),
+         dict(temperature=2.0, reduction="batchmean",
+              mask=pixel_mask(DENSE)), ref_kd_kl, swap01),
     Case("pixelwise_kd/dense", L.pixelwise_kd, logits_pair(DENSE), {},
          ref_kd_kl, swap01, bad=other_spatial),
     Case("pixelwise_kd/masked", L.pixelwise_kd, logits_pair(DENSE),
@@ -414,6 +496,12 @@ CASES = [
     Case("attention_transfer/p2", L.attention_transfer,
          feature_pair(DENSE, DENSE_T), {}, ref_at, swap01,
          bad=other_spatial),
+    Case("attention_transfer/paper", L.attention_transfer,
+         feature_pair(DENSE, DENSE_T), dict(form="paper"), ref_at_paper,
+         swap01),
+    Case("attention_transfer/paper_p3", L.attention_transfer,
+         feature_pair(DENSE, DENSE_T), dict(form="paper", p=3.0), ref_at,
+         swap01),
     Case("attention_transfer/p1", L.attention_transfer,
          feature_pair(DENSE, DENSE_T), dict(p=1.0), ref_at,
          swap01),
@@ -483,11 +571,14 @@ cases = pytest.mark.parametrize("case", CASES, ids=IDS)
 
 # --------------------------------------------------------------------------
 # Generic tests. Compilation dominates the runtime on a small CPU, so each
-# case is evaluated eagerly once (every loss runs as one jitted program) and
-# compiled once more inside an outer jit together with its gradients, vmap
-# and bf16 variants; the tests share these results. Cases that only vary a
-# hyperparameter of a loss tested elsewhere skip the transformations.
+# case is evaluated eagerly once (op by op, as a user calling the plain
+# function outside jit would) and compiled once inside a jit together with
+# its gradients, vmap and bf16 variants; the tests share these results.
+# Cases that only vary a hyperparameter of a loss tested elsewhere skip the
+# transformations.
 VARIANTS = {"cwd_features/nhwc", "attention_transfer/p1",
+            "attention_transfer/paper_p3", "kd_kl/dense_batchmean_mask",
+            "dice/dense_monai",
             "pairwise_similarity/pool2", "embedding_cosine/pooled_tokens",
             "embedding_l2/normalized_nhwc", "focal/cls_weights",
             "pixelwise_kd/dense", "kd_kl/dense", "cross_entropy/dense_mask"}
@@ -598,14 +689,16 @@ TEMPERATURE_CASES = [c for c in CASES if "temperature" in c.kwargs]
 @pytest.mark.parametrize("tau", [0.5, 3.0])
 def test_tau_squared_scaling(case, tau):
   """loss(tau * s, tau * t; tau) == tau^2 * loss(s, t; 1): the softened
-  distributions are unchanged, so only the tau^2 factor differs."""
+  distributions are unchanged, so only the tau^2 factor differs (and
+  nothing does with scale_by_tau_squared=False)."""
   args = case_args(case.id)
   kw = dict(case.kwargs)
   kw["temperature"] = 1.0
   base = case.fn(*args, **kw)
   kw["temperature"] = tau
   scaled = (args[0] * tau, args[1] * tau) + tuple(args[2:])
-  np.testing.assert_allclose(case.fn(*scaled, **kw), tau**2 * base,
+  factor = tau**2 if kw.get("scale_by_tau_squared", True) else 1.0
+  np.testing.assert_allclose(case.fn(*scaled, **kw), factor * base,
                              rtol=1e-5, atol=1e-6)
 
 
@@ -637,3 +730,56 @@ def test_kd_kl_shapes_and_dtypes(shape, dtype):
   t64 = np.asarray(jnp.asarray(t, dtype), np.float64)
   np.testing.assert_allclose(got, ref_kd_kl(s64, t64, 2.0), rtol=1e-5,
                              atol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# Conventions offered by flags: how they relate to the defaults.
+
+def test_kd_kl_batchmean_is_the_pixel_sum_over_the_batch():
+  rng = np.random.RandomState(1)
+  s, t = _randn(rng, DENSE), _randn(rng, DENSE)
+  h, w = DENSE[1:3]
+  mean = L.kd_kl(s, t, temperature=2.0)
+  batchmean = L.kd_kl(s, t, temperature=2.0, reduction="batchmean")
+  np.testing.assert_allclose(batchmean, h * w * mean, rtol=1e-5)
+  bare = L.kd_kl(s, t, temperature=2.0, reduction="batchmean",
+                 scale_by_tau_squared=False)
+  np.testing.assert_allclose(bare, batchmean / 4.0, rtol=1e-6)
+  # On (B, C) logits the two reductions agree.
+  s, t = _randn(rng, CLS), _randn(rng, CLS)
+  np.testing.assert_allclose(L.kd_kl(s, t, reduction="batchmean"),
+                             L.kd_kl(s, t), rtol=1e-6)
+
+
+def test_dice_flags_change_the_value():
+  s, y = case_args("dice/dense_transunet")
+  # Class 4 absent from labels and predictions: "present" skips it.
+  y = np.where(y == 4, 0, y)
+  s = s - 20.0 * (np.arange(5) == 4)
+  default = float(L.dice_loss(s, y))
+  for kw in (dict(squared_denominator=True), dict(average="all"),
+             dict(batch=False), dict(include_background=False)):
+    assert abs(float(L.dice_loss(s, y, **kw)) - default) > 1e-4, kw
+
+
+def test_attention_transfer_forms_differ():
+  s, t = case_args("attention_transfer/paper")
+  code = float(L.attention_transfer(s, t))
+  paper = float(L.attention_transfer(s, t, form="paper"))
+  assert paper > code > 0  # A norm of entries < 1 vs a mean of squares.
+
+
+@pytest.mark.parametrize("fn,kw", [
+    (L.kd_kl, dict(temperature=3.0, reduction="batchmean",
+                   scale_by_tau_squared=False)),
+    (L.dice_loss, dict(squared_denominator=True, average="all")),
+    (L.attention_transfer, dict(form="paper")),
+], ids=["kd_kl", "dice", "attention_transfer"])
+def test_grad_without_jit(fn, kw):
+  """The plain functions differentiate eagerly too (no jit of their own)."""
+  case = {L.kd_kl: "kd_kl/dense_torchdistill",
+          L.dice_loss: "dice/dense_transunet",
+          L.attention_transfer: "attention_transfer/paper"}[fn]
+  args = case_args(case)
+  grad = jax.grad(functools.partial(fn, **kw))(*args)
+  assert np.all(np.isfinite(grad)) and np.any(grad != 0)

@@ -106,6 +106,35 @@ def test_ensemble_and_dml_terms():
   np.testing.assert_allclose(total, L.dml(LOGITS, TEACHER), rtol=1e-6)
 
 
+def test_convention_flags_pass_through_config():
+  """The peers' conventions, chosen in a config, reach the losses."""
+  terms = [dict(fn="dice", squared_denominator=True, average="all",
+                name="dice_transunet"),
+           dict(fn="kd_kl", temperature=2.0, reduction="batchmean",
+                scale_by_tau_squared=False, name="kd_torchdistill"),
+           dict(fn="attention_transfer", form="paper", weight=500.0)]
+  x = dict(logits=LOGITS, labels=LABELS, teacher_logits=TEACHER,
+           features={"attention_transfer": (FEAT_S, FEAT_T[..., :2])})
+  total, metrics = jax.jit(L.objective(terms))(x)
+  want = {
+      "dice_transunet": L.dice_loss(LOGITS, LABELS, squared_denominator=True,
+                                    average="all"),
+      "kd_torchdistill": L.kd_kl(LOGITS, TEACHER, temperature=2.0,
+                                 reduction="batchmean",
+                                 scale_by_tau_squared=False),
+      "attention_transfer": L.attention_transfer(FEAT_S, FEAT_T[..., :2],
+                                                 form="paper"),
+  }
+  for name, value in want.items():
+    np.testing.assert_allclose(metrics[name], value, rtol=1e-5)
+  # (tau^2 = 4 against H * W = 16: the conventions give other values.)
+  assert float(want["kd_torchdistill"]) != pytest.approx(
+      float(L.kd_kl(LOGITS, TEACHER, temperature=2.0)))
+  np.testing.assert_allclose(
+      total, want["dice_transunet"] + want["kd_torchdistill"]
+      + 500.0 * want["attention_transfer"], rtol=1e-5)
+
+
 def test_term_names_resolve_duplicates_in_order():
   terms = [dict(fn="kd_kl"), dict(fn="kd_kl", temperature=2.0),
            dict(fn="hint_l1", name="latent"), dict(fn="hint_l2",
@@ -139,6 +168,8 @@ def test_config_dict_terms_are_accepted():
     ([dict(fn="vid", alpha=ALPHA)], r"'alpha' is an array input"),
     ([dict(fn="kd_kl", temperature=0.0)], r"temperature must be a number > 0"),
     ([dict(fn="kd_kl", temperature="4")], r"temperature must be a number"),
+    ([dict(fn="kd_kl", temperature=-4)], r"temperature must be a number > 0"),
+    ([dict(fn="kd_kl", reduction="batch")], r"reduction must be one of"),
     ([dict(fn="kd_kl", weight="1")], r"weight must be a number"),
     ([dict(fn="kd_kl", name="total")], r"'total' is reserved"),
     ([dict(fn="kd_kl", name="")], r"name must be a non-empty string"),

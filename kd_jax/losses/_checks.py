@@ -1,22 +1,16 @@
-"""Argument checks, masked reductions and the `jit_loss` decorator.
+"""Static argument checks and masked reductions shared by the losses.
 
-Shapes are static under `jax.jit`, so every shape check runs in Python and
-raises a ValueError while tracing, before anything is computed. Values
-(temperatures, masks) are checked by `jit_loss` only when they are concrete,
-i.e. outside `jit`/`grad`/`vmap`; inside a trace they cannot be seen and the
-documented fallback applies instead (an all-ignored mask gives 0).
+Every check here looks only at shapes, dtypes and Python-level options, which
+are static under `jax.jit`: it runs in Python while tracing (or on every
+eager call) and raises a ValueError before anything is computed. Nothing
+here looks at array values: that would need the values on the host, which a
+trace cannot give and an eager call pays for with a device sync. Numeric
+hyperparameters given in a config (temperature > 0, ...) are validated once,
+when `losses.objective` is built.
 """
-
-import functools
-import inspect
 
 import jax
 import jax.numpy as jnp
-
-
-def is_traced(x) -> bool:
-  """True when `x` is an abstract value inside a jit/grad/vmap trace."""
-  return isinstance(x, jax.core.Tracer)
 
 
 def as_float(x, name: str) -> jax.Array:
@@ -50,28 +44,6 @@ def min_ndim(name: str, x, ndim: int, layout: str) -> None:
                      f"dimensions), got shape {jnp.shape(x)}.")
 
 
-def positive(name: str, value) -> None:
-  """Raises a ValueError when a concrete scalar `value` is not > 0."""
-  if is_traced(value):
-    return
-  try:
-    v = float(value)
-  except TypeError as e:
-    raise ValueError(f"{name} must be a positive scalar, got "
-                     f"{value!r}.") from e
-  if not v > 0:  # Also catches NaN.
-    raise ValueError(f"{name} must be > 0, got {value!r}; pass a positive "
-                     f"number (1.0 means no softening).")
-
-
-def non_negative(name: str, value) -> None:
-  """Raises a ValueError when a concrete scalar `value` is not >= 0."""
-  if is_traced(value):
-    return
-  if not float(value) >= 0:
-    raise ValueError(f"{name} must be >= 0, got {value!r}.")
-
-
 def check_labels(logits, labels, logits_name: str = "logits") -> None:
   """Labels must be integers shaped like `logits` without its class axis."""
   if jnp.shape(labels) != jnp.shape(logits)[:-1]:
@@ -103,9 +75,9 @@ def valid_positions(shape, *, mask=None, labels=None, ignore_index=None,
     A boolean array of `shape`.
 
   Raises:
-    ValueError: if the mask shape does not fit. (An all-ignored mask is
-      caught by `jit_loss` when it is concrete; otherwise the masked means
-      return 0.)
+    ValueError: if the mask shape does not fit. (A mask that leaves no
+      valid position is a value, not a shape: it is not an error, and the
+      masked means return 0.)
   """
   shape = tuple(shape)
   valid = jnp.ones(shape, bool)
@@ -131,80 +103,8 @@ def masked_mean(values: jax.Array, valid: jax.Array) -> jax.Array:
   return jnp.sum(values) / jnp.maximum(count, 1.0)
 
 
-def _concrete(x):
-  return x is not None and not is_traced(x)
-
-
-def check_not_all_ignored(fn_name: str, mask=None, labels=None,
-                          ignore_index=None) -> None:
-  """Raises a ValueError when concrete inputs leave no valid position.
-
-  Looks at the concrete parts only, on the host (no compilation); a traced
-  mask or label array is treated as all-valid, so under jit nothing is
-  raised and the masked means return 0.
-  """
-  # device_get gives host (numpy) arrays, and leaves numpy arrays as they
-  # are: comparisons there compile and trace nothing. (jnp.asarray would
-  # be staged into an enclosing trace.) Lists and scalars are not checked.
-  def host(x):
-    x = jax.device_get(x)
-    return x if hasattr(x, "shape") and hasattr(x, "any") else None
-
-  valid = None
-  if _concrete(mask):
-    valid = host(mask)
-    valid = None if valid is None else valid != 0
-  if ignore_index is not None and _concrete(labels) and (
-      host(labels) is not None):
-    keep = host(labels) != ignore_index
-    if valid is None:
-      valid = keep
-    elif valid.shape == keep.shape[:valid.ndim]:
-      valid = valid.reshape(valid.shape + (1,) * (keep.ndim - valid.ndim))
-      valid = valid & keep
-    else:
-      return  # Bad mask shape: the loss itself raises a clearer error.
-  if valid is not None and not valid.any():
-    raise ValueError(
-        f"{fn_name}: every position is ignored (mask all zero"
-        f"{f' or every label == ignore_index={ignore_index}' if ignore_index is not None else ''}"
-        f"); there is nothing to average. Check the mask / ignore_index "
-        f"(inside jit this cannot be seen and the loss is 0).")
-
-
-def jit_loss(*, static=(), positive_args=(), non_negative_args=()):
-  """Decorator: validates concrete values, then runs the loss as one jit.
-
-  Called eagerly, a loss then costs one XLA compilation per input shape
-  (not one per jnp operation) and later calls reuse it; inside a user's
-  jit/grad/vmap the inner jit is simply inlined. Scalar hyperparameters
-  (temperature, alpha, ...) are traced, so changing them does not
-  recompile; `static` names the arguments that change shapes or Python
-  control flow. Because traced values cannot be inspected, the value checks
-  run here, before the jit: `positive_args` must be > 0,
-  `non_negative_args` >= 0, and a concrete `mask` (with `labels` and
-  `ignore_index` when the loss takes them) must leave a valid position.
-  """
-  def decorate(fn):
-    signature = inspect.signature(fn)
-    jitted = jax.jit(fn, static_argnames=static)
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-      try:
-        bound = signature.bind(*args, **kwargs)
-      except TypeError as e:
-        raise TypeError(f"{fn.__name__}{signature}: {e}") from None
-      bound.apply_defaults()
-      given = bound.arguments
-      for name in positive_args:
-        positive(name, given[name])
-      for name in non_negative_args:
-        non_negative(name, given[name])
-      if "mask" in given:
-        check_not_all_ignored(fn.__name__, given["mask"], given.get("labels"),
-                              given.get("ignore_index"))
-      return jitted(*args, **kwargs)
-
-    return wrapper
-  return decorate
+def one_of(fn_name: str, name: str, value, options) -> None:
+  """Raises a ValueError unless the Python option `value` is in `options`."""
+  if isinstance(value, bool) or value not in options:
+    raise ValueError(f"{fn_name}: {name} must be one of "
+                     f"{', '.join(map(repr, options))}, got {value!r}.")

@@ -22,7 +22,6 @@ import jax.numpy as jnp
 from kd_jax.losses import _checks
 
 
-@_checks.jit_loss()
 def wgan_critic_loss(real_scores, fake_scores) -> jax.Array:
   """WGAN critic loss: E[D(fake)] - E[D(real)].
 
@@ -50,7 +49,6 @@ def wgan_critic_loss(real_scores, fake_scores) -> jax.Array:
   return jnp.mean(fake) - jnp.mean(real)
 
 
-@_checks.jit_loss()
 def wgan_generator_loss(fake_scores) -> jax.Array:
   """WGAN generator (student) loss: -E[D(fake)].
 

@@ -24,7 +24,6 @@ def _same(student_feature, teacher_feature):
           _checks.as_float(teacher_feature, "teacher_feature"))
 
 
-@_checks.jit_loss()
 def hint_l1(student_feature, teacher_feature) -> jax.Array:
   """FitNets hint with an L1 distance: mean |f_S - f_T|.
 
@@ -44,7 +43,6 @@ def hint_l1(student_feature, teacher_feature) -> jax.Array:
   return jnp.mean(jnp.abs(s - t))
 
 
-@_checks.jit_loss()
 def hint_l2(student_feature, teacher_feature) -> jax.Array:
   """FitNets hint: mean squared error (f_S - f_T)^2.
 
@@ -67,6 +65,13 @@ def _l2_normalize(x, axis=-1, eps=1e-12):
   sq = jnp.sum(x * x, axis=axis, keepdims=True)
   norm = jnp.sqrt(jnp.where(sq > 0, sq, 1.0))  # sq == 0 means x == 0.
   return x / jnp.maximum(norm, eps)
+
+
+def _safe_norm(x, axis=-1):
+  """L2 norm along `axis` with a zero (not NaN) gradient at x = 0, which is
+  where a distance loss is at its minimum."""
+  sq = jnp.sum(x * x, axis=axis)
+  return jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
 
 
 def _spatial(name, x):
@@ -98,19 +103,40 @@ def _same_batch(s, t, min_batch):
   return flat(s, "student_feature"), flat(t, "teacher_feature")
 
 
-@_checks.jit_loss(positive_args=("p", "eps"))
+AT_FORMS = ("code", "paper")
+
+
 def attention_transfer(student_feature, teacher_feature, *, p: float = 2.0,
-                       eps: float = 1e-12) -> jax.Array:
+                       form: str = "code", eps: float = 1e-12) -> jax.Array:
   """Attention transfer (activation-based, channel-pooled |f|^p maps).
 
-  Formula, per example, with the spatial attention map
+  Attention map per example, flattened over the spatial positions:
       Q = vec( (1/C) sum_c |f_c|^p ),   q = Q / max(||Q||_2, eps)
-      loss = (1 / (B H W)) sum_b sum_i (q_S,b,i - q_T,b,i)^2
-  Reduction: mean over examples and spatial positions of the squared
-  difference of the L2-normalised maps (the authors' code; the paper writes
-  beta/2 times the per-example norm, and uses beta = 1000 / weight in the
-  config). Channels may differ between student and teacher; batch and
-  spatial dims must match. No temperature. 0 when the maps are equal.
+  (the paper pools with a sum over channels, the authors' code with a mean;
+  the normalisation makes the two equal.)
+
+  Forms (`form`):
+    "code" (default), the authors' `at_loss`:
+        loss = (1 / (B H W)) sum_b sum_i (q_S,b,i - q_T,b,i)^2
+      the mean over examples and positions of the squared difference. The
+      authors' scripts weight it by beta = 1000 (`--beta 1e+3`): with the
+      mean over B*H*W that is the paper's "beta = 10^3 divided by the
+      number of elements in the attention map and batch size", applied to
+      the squared norm rather than the norm and without the 1/2.
+      mdistiller's `at_loss` and torchdistill's `ATLoss(mode="code")` are
+      this form.
+    "paper", eq. (2) of the paper with its p = 2 norm (not squared):
+        loss = (1 / B) sum_b || q_S,b - q_T,b ||_2
+      the mean over examples of the per-example L2 distance; the paper's
+      beta / 2 goes in the term's weight. torchdistill's
+      `ATLoss(mode="paper")` is this form (it sums the norms over the batch
+      and divides by the batch size).
+  Reduction: "code", mean over examples and positions; "paper", mean over
+  examples. The paper's sum over layers is one term per layer here.
+  The peers square f instead of taking |f|^p; for p = 2 that is the same.
+  Channels may differ between student and teacher; batch and spatial dims
+  must match (the peers pool the larger map to the smaller one; resize in
+  the method). No temperature. 0 when the maps are equal.
 
   Reference: Zagoruyko & Komodakis, "Paying More Attention to Attention",
   ICLR 2017.
@@ -118,14 +144,15 @@ def attention_transfer(student_feature, teacher_feature, *, p: float = 2.0,
   Args:
     student_feature: (..., H, W, C_S).
     teacher_feature: (..., H, W, C_T).
-    p: exponent of the channel pooling (paper: 2).
-    eps: normalisation floor.
+    p: exponent of the channel pooling (paper: 2), > 0.
+    form: "code" or "paper" (see above).
+    eps: normalisation floor, > 0.
 
   Returns:
     float32 scalar >= 0.
   """
+  _checks.one_of("attention_transfer", "form", form, AT_FORMS)
   _same_spatial(student_feature, teacher_feature)
-  _checks.positive("p", p)
 
   def att(x, name):
     x = _checks.as_float(x, name)
@@ -133,11 +160,13 @@ def attention_transfer(student_feature, teacher_feature, *, p: float = 2.0,
     a = a.reshape(a.shape[:-2] + (-1,))
     return _l2_normalize(a, eps=eps)
 
-  return jnp.mean((att(student_feature, "student_feature")
-                   - att(teacher_feature, "teacher_feature")) ** 2)
+  diff = (att(student_feature, "student_feature")
+          - att(teacher_feature, "teacher_feature"))
+  if form == "code":
+    return jnp.mean(diff ** 2)
+  return jnp.mean(_safe_norm(diff))
 
 
-@_checks.jit_loss(positive_args=("eps",))
 def vid(mean, teacher_feature, alpha, *, eps: float = 1e-5) -> jax.Array:
   """Variational information distillation: Gaussian NLL of the teacher.
 
@@ -170,7 +199,6 @@ def vid(mean, teacher_feature, alpha, *, eps: float = 1e-5) -> jax.Array:
                      f" one variance parameter per channel of "
                      f"teacher_feature {jnp.shape(teacher_feature)} "
                      f"(channels last).")
-  _checks.positive("eps", eps)
   mu = _checks.as_float(mean, "mean")
   t = _checks.as_float(teacher_feature, "teacher_feature")
   var = jax.nn.softplus(_checks.as_float(alpha, "alpha")) + eps
@@ -184,7 +212,6 @@ def _max_pool(x, size):
   return jnp.max(x, axis=(-4, -2))
 
 
-@_checks.jit_loss(static=("pool_size",))
 def pairwise_similarity(student_feature, teacher_feature, *,
                         pool_size: int = 1) -> jax.Array:
   """Pair-wise similarity distillation of Structured KD.
@@ -230,7 +257,6 @@ def pairwise_similarity(student_feature, teacher_feature, *,
                    - sim(teacher_feature, "teacher_feature")) ** 2)
 
 
-@_checks.jit_loss()
 def similarity_preserving(student_feature, teacher_feature) -> jax.Array:
   """Similarity-preserving KD: match the batch's similarity matrices.
 
@@ -251,7 +277,6 @@ def similarity_preserving(student_feature, teacher_feature) -> jax.Array:
   return jnp.mean((g(t) - g(s)) ** 2)
 
 
-@_checks.jit_loss(positive_args=("eps",))
 def pkt(student_feature, teacher_feature, *, eps: float = 1e-7
         ) -> jax.Array:
   """Probabilistic knowledge transfer with the cosine-similarity kernel.
@@ -287,7 +312,6 @@ def _pairwise_distances(x):
   return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
 
 
-@_checks.jit_loss(positive_args=("delta",))
 def rkd_distance(student_feature, teacher_feature, *, delta: float = 1.0
                  ) -> jax.Array:
   """Relational KD, distance-wise potential.
@@ -317,7 +341,6 @@ def rkd_distance(student_feature, teacher_feature, *, delta: float = 1.0
   return jnp.mean(optax.huber_loss(psi(s), psi(t), delta=delta))
 
 
-@_checks.jit_loss(positive_args=("delta",))
 def rkd_angle(student_feature, teacher_feature, *, delta: float = 1.0
               ) -> jax.Array:
   """Relational KD, angle-wise potential.
@@ -350,7 +373,6 @@ def _pooled(x, name):
   return jnp.mean(x, axis=tuple(range(1, x.ndim - 1))) if x.ndim > 2 else x
 
 
-@_checks.jit_loss()
 def embedding_cosine(student_feature, teacher_feature) -> jax.Array:
   """Global embedding matching with the cosine distance.
 
@@ -371,7 +393,6 @@ def embedding_cosine(student_feature, teacher_feature) -> jax.Array:
   return jnp.mean(1.0 - cos)
 
 
-@_checks.jit_loss(static=("normalize",))
 def embedding_l2(student_feature, teacher_feature, *,
                  normalize: bool = False) -> jax.Array:
   """Global embedding matching with the squared L2 distance.
@@ -394,7 +415,6 @@ def embedding_l2(student_feature, teacher_feature, *,
   return jnp.mean(jnp.sum((s - t) ** 2, axis=-1))
 
 
-@_checks.jit_loss()
 def feature_map_cosine(student_feature, teacher_feature) -> jax.Array:
   """Dense feature-map matching with the per-position cosine distance.
 

@@ -5,18 +5,22 @@ Layout: logits are (..., C), classes last: (B, C) for classification,
 Student and teacher logits must have the same shape (resize the teacher's
 map to the student's resolution in the method, not here).
 
-Temperature convention (all KL-type losses here): both distributions are
-softened as p^tau = softmax(z / tau) and the divergence is multiplied by
-tau^2 (Hinton et al. 2015), so gradient magnitudes stay comparable across
-temperatures. tau must be > 0.
+Temperature convention (all KL-type losses here, unless a flag says
+otherwise): both distributions are softened as p^tau = softmax(z / tau) and
+the divergence is multiplied by tau^2 (Hinton et al. 2015), so gradient
+magnitudes stay comparable across temperatures. tau must be > 0: a
+temperature given in a term config is checked when `objective` is built;
+called directly, these functions do not look at values (tau <= 0 gives
+inf/NaN, as in optax).
 
 Gradients flow into both arguments: freeze the teacher in the method (or
 pass `jax.lax.stop_gradient(teacher_logits)`). The exception is `dml`, which
 stops the gradient of each side's target itself.
 
 `mask` (nonzero = valid) may have any prefix of the positions shape: (B,) to
-drop examples, (B, H, W) to drop pixels. All-ignored masks raise a
-ValueError when visible eagerly, and give 0 under jit/grad/vmap.
+drop examples, (B, H, W) to drop pixels. A mask that leaves no valid
+position gives 0 with zero gradient (a batch with nothing to learn from
+contributes nothing).
 """
 
 from typing import Optional
@@ -27,13 +31,12 @@ import jax.numpy as jnp
 from kd_jax.losses import _checks
 
 
-def _pair(student_logits, teacher_logits, temperature, min_classes=1):
+def _pair(student_logits, teacher_logits, min_classes=1):
   _checks.min_ndim("student_logits", student_logits, 1, "(..., C)")
   _checks.same_shape("student_logits", student_logits, "teacher_logits",
                      teacher_logits,
                      "both need layout (..., C) with the same classes; "
                      "resize the teacher's map to the student's resolution")
-  _checks.positive("temperature", temperature)
   if student_logits.shape[-1] < min_classes:
     raise ValueError(f"logits need at least {min_classes} classes on the "
                      f"last axis, got shape {student_logits.shape}.")
@@ -46,20 +49,43 @@ def _kl_rows(target_logp, logp):
   return jnp.sum(jnp.exp(target_logp) * (target_logp - logp), axis=-1)
 
 
-@_checks.jit_loss(positive_args=("temperature",))
+KD_REDUCTIONS = ("mean", "batchmean")
+
+
 def kd_kl(student_logits, teacher_logits, *, temperature: float = 1.0,
+          reduction: str = "mean", scale_by_tau_squared: bool = True,
           mask=None) -> jax.Array:
   """Hinton knowledge distillation: temperature-softened KL divergence.
 
-  Formula, per position i:
-      kl_i = tau^2 * sum_c p^tau_T,ic (log p^tau_T,ic - log p^tau_S,ic)
-  with p^tau = softmax(z / tau).
+  Formula, per position i, with p^tau = softmax(z / tau):
+      kl_i = sum_c p^tau_T,ic (log p^tau_T,ic - log p^tau_S,ic)
+      loss = s * reduce_i(kl_i),  s = tau^2 (or 1, scale_by_tau_squared=False)
 
-  Reduction: mean over positions — over examples for (B, C); for dense
-  (B, H, W, C) outputs, mean over all B*H*W pixels (= mean over examples of
-  the per-image pixel mean). Other toolkits differ: some sum over pixels,
-  some divide the batch sum by H*W only. With `mask`, mean over valid
-  positions. Temperature: tau^2 scaling (see module docstring).
+  Reduction (`reduction`):
+    "mean" (default): mean over positions — over examples for (B, C); for
+      dense (B, H, W, C) outputs, mean over all B*H*W pixels (= mean over
+      examples of the per-image pixel mean). With `mask`, mean over the valid
+      positions.
+    "batchmean": sum over classes and positions, divided by the batch size
+      B = logits.shape[0] (1 for a single (C,) vector); with `mask`, the sum
+      runs over valid positions and is still divided by B. For (B, C) this
+      equals "mean"; for dense outputs it is H*W times larger.
+  Temperature: tau^2 scaling by default (see module docstring).
+
+  Peers:
+    - mdistiller's `kd_loss` (KL summed over classes, mean over the batch,
+      times tau^2) is the default, reduction="mean"; it is
+      classification-only, where "mean" and "batchmean" agree.
+    - torchdistill's `KDLoss` is `nn.KLDivLoss(reduction="batchmean")` on
+      softmaxes over the class axis (dim 1 of NCHW), i.e. reduction=
+      "batchmean": the sum over classes and pixels divided by the batch
+      size. Used alone (alpha None or 0, or no targets) it returns that KL
+      with no tau^2: scale_by_tau_squared=False. With alpha > 0 and targets
+      it returns alpha * CE + beta * tau^2 * KL: keep the tau^2 and put beta
+      in the term's weight and the CE in its own term.
+    - The attention-transfer authors' `distillation` helper (KL summed and
+      divided by the batch size, times tau^2) is reduction="batchmean",
+      equal to the default on (B, C) logits.
 
   Reference: Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural
   Network", 2015.
@@ -68,19 +94,27 @@ def kd_kl(student_logits, teacher_logits, *, temperature: float = 1.0,
     student_logits: (..., C).
     teacher_logits: (..., C), same shape.
     temperature: tau > 0.
+    reduction: "mean" or "batchmean" (see above).
+    scale_by_tau_squared: multiply by tau^2 (Hinton); False gives the bare
+      KL of the softened distributions.
     mask: optional validity mask, shape a prefix of logits.shape[:-1].
 
   Returns:
     float32 scalar >= 0; 0 when the logits are equal.
   """
-  s, t = _pair(student_logits, teacher_logits, temperature)
+  _checks.one_of("kd_kl", "reduction", reduction, KD_REDUCTIONS)
+  s, t = _pair(student_logits, teacher_logits)
   valid = _checks.valid_positions(s.shape[:-1], mask=mask, fn_name="kd_kl")
   kl = _kl_rows(jax.nn.log_softmax(t / temperature),
                 jax.nn.log_softmax(s / temperature))
-  return _checks.masked_mean(kl, valid) * temperature**2
+  if reduction == "mean":
+    loss = _checks.masked_mean(kl, valid)
+  else:
+    batch = s.shape[0] if s.ndim > 1 else 1
+    loss = jnp.sum(jnp.where(valid, kl, 0.0)) / batch
+  return loss * temperature**2 if scale_by_tau_squared else loss
 
 
-@_checks.jit_loss()
 def pixelwise_kd(student_logits, teacher_logits, *, mask=None) -> jax.Array:
   """Pixel-wise distillation of Structured KD (the paper's form).
 
@@ -112,7 +146,6 @@ def pixelwise_kd(student_logits, teacher_logits, *, mask=None) -> jax.Array:
   return kd_kl(student_logits, teacher_logits, temperature=1.0, mask=mask)
 
 
-@_checks.jit_loss(positive_args=("temperature",))
 def soft_cross_entropy(student_logits, teacher_logits, *,
                        temperature: float = 1.0, mask=None) -> jax.Array:
   """Cross-entropy of the student against the teacher's soft distribution.
@@ -128,7 +161,7 @@ def soft_cross_entropy(student_logits, teacher_logits, *,
   Returns:
     float32 scalar.
   """
-  s, t = _pair(student_logits, teacher_logits, temperature)
+  s, t = _pair(student_logits, teacher_logits)
   valid = _checks.valid_positions(s.shape[:-1], mask=mask,
                                   fn_name="soft_cross_entropy")
   p_t = jax.nn.softmax(t / temperature)
@@ -136,7 +169,6 @@ def soft_cross_entropy(student_logits, teacher_logits, *,
   return _checks.masked_mean(ce, valid) * temperature**2
 
 
-@_checks.jit_loss(positive_args=("temperature",))
 def dkd(student_logits, teacher_logits, labels, *, alpha: float = 1.0,
         beta: float = 8.0, temperature: float = 4.0,
         ignore_index: Optional[int] = None, mask=None) -> jax.Array:
@@ -183,7 +215,7 @@ def dkd(student_logits, teacher_logits, labels, *, alpha: float = 1.0,
         f"{student_logits.shape}: with 2 classes the non-target distribution "
         f"has one class, so NCKD is undefined and TCKD is plain KD. Use "
         f"kd_kl for binary problems.")
-  s, t = _pair(student_logits, teacher_logits, temperature)
+  s, t = _pair(student_logits, teacher_logits)
   _checks.check_labels(s, labels, "student_logits")
   valid = _checks.valid_positions(labels.shape, mask=mask, labels=labels,
                                   ignore_index=ignore_index, fn_name="dkd")
@@ -224,7 +256,6 @@ def _safe_norm(x):
   return jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
 
 
-@_checks.jit_loss(positive_args=("temperature",))
 def dist(student_logits, teacher_logits, *, beta: float = 1.0,
          gamma: float = 1.0, temperature: float = 1.0,
          eps: float = 1e-8, mask=None) -> jax.Array:
@@ -251,7 +282,7 @@ def dist(student_logits, teacher_logits, *, beta: float = 1.0,
   Returns:
     float32 scalar in [0, 4 * tau^2 * max(beta, gamma)].
   """
-  s, t = _pair(student_logits, teacher_logits, temperature)
+  s, t = _pair(student_logits, teacher_logits)
   valid = _checks.valid_positions(s.shape[:-1], mask=mask, fn_name="dist")
   c = s.shape[-1]
   ys = jax.nn.softmax(s / temperature).reshape(-1, c)
@@ -265,7 +296,6 @@ def dist(student_logits, teacher_logits, *, beta: float = 1.0,
   return jnp.where(jnp.any(valid), loss, 0.0)  # 0 when nothing is valid.
 
 
-@_checks.jit_loss(positive_args=("temperature",))
 def cwd(student_logits, teacher_logits, *, temperature: float = 1.0
         ) -> jax.Array:
   """Channel-wise distillation: per-channel spatial softmax, then KL.
@@ -291,7 +321,7 @@ def cwd(student_logits, teacher_logits, *, temperature: float = 1.0
     float32 scalar >= 0.
   """
   _checks.min_ndim("student_logits", student_logits, 3, "(..., H, W, C)")
-  s, t = _pair(student_logits, teacher_logits, temperature)
+  s, t = _pair(student_logits, teacher_logits)
   lead = s.shape[:-3]
   # (..., H, W, C) -> (..., C, H*W): a distribution over positions per channel.
   def spatial(z):
@@ -301,7 +331,6 @@ def cwd(student_logits, teacher_logits, *, temperature: float = 1.0
   return jnp.mean(kl) * temperature**2
 
 
-@_checks.jit_loss(positive_args=("temperature",))
 def dml(student_logits, peer_logits, *, temperature: float = 1.0,
         mask=None) -> jax.Array:
   """Deep mutual learning: symmetric KL between two peers.
@@ -327,7 +356,7 @@ def dml(student_logits, peer_logits, *, temperature: float = 1.0,
   Returns:
     float32 scalar >= 0.
   """
-  z1, z2 = _pair(student_logits, peer_logits, temperature)
+  z1, z2 = _pair(student_logits, peer_logits)
   valid = _checks.valid_positions(z1.shape[:-1], mask=mask, fn_name="dml")
   l1 = jax.nn.log_softmax(z1 / temperature)
   l2 = jax.nn.log_softmax(z2 / temperature)
@@ -347,7 +376,6 @@ def _ensemble(student, teachers):
         f"jnp.stack(outputs).")
 
 
-@_checks.jit_loss(positive_args=("temperature",))
 def ensemble_kd(student_logits, teacher_logits, *, temperature: float = 1.0,
                 mask=None) -> jax.Array:
   """KD from an ensemble: KL to the teachers' averaged probabilities.
@@ -372,7 +400,6 @@ def ensemble_kd(student_logits, teacher_logits, *, temperature: float = 1.0,
     float32 scalar >= 0.
   """
   _ensemble(student_logits, teacher_logits)
-  _checks.positive("temperature", temperature)
   s = _checks.as_float(student_logits, "student_logits")
   t = _checks.as_float(teacher_logits, "teacher_logits")
   valid = _checks.valid_positions(s.shape[:-1], mask=mask,
@@ -384,7 +411,6 @@ def ensemble_kd(student_logits, teacher_logits, *, temperature: float = 1.0,
   return _checks.masked_mean(kl, valid) * temperature**2
 
 
-@_checks.jit_loss()
 def ensemble_l2(student_outputs, teacher_outputs, *, mask=None) -> jax.Array:
   """Regression soft targets from an ensemble: squared error to the mean.
 

@@ -15,7 +15,10 @@ names get `_1`, `_2`, ... in order), and the method-layer keys `student`,
 `teacher`, `connector` (which features to take and how to project them; the
 method uses them, this module ignores them). Every other key is a keyword
 argument of the loss, checked against its signature when `objective` is
-called, so a bad config fails before the first step.
+called, so a bad config fails before the first step. The values are checked
+then too (the losses themselves never look at values): temperature, p, eps
+and delta > 0, smooth and gamma >= 0, string options among the accepted
+ones, flags True or False, other numeric keywords numbers.
 
 `inputs`, the argument of the returned function, is a dict:
     "logits":          student logits (..., C)          task and logits terms
@@ -34,6 +37,7 @@ Only the keys the terms need are read; a missing one raises
 
 import collections.abc
 import inspect
+import numbers
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Sequence
 from typing import Tuple
 
@@ -109,6 +113,51 @@ _LEADING_INPUTS = {"task": ("logits", "labels"),
                    "logits": ("logits", "teacher_logits")}
 
 
+# The losses never look at values (they stay pure functions under jit and
+# grad), so the numeric hyperparameters of a config are checked here, once,
+# when the objective is built: keyword name -> (condition, what it must be).
+_NUMBER_RULES = {
+    "temperature": (lambda v: v > 0, "a number > 0 (1.0 means no softening)"),
+    "p": (lambda v: v > 0, "a number > 0"),
+    "eps": (lambda v: v > 0, "a number > 0"),
+    "delta": (lambda v: v > 0, "a number > 0"),
+    "smooth": (lambda v: v >= 0, "a number >= 0"),
+    "gamma": (lambda v: v >= 0, "a number >= 0"),
+}
+# String options: (loss function, keyword) -> the accepted values.
+_CHOICES = {
+    (logits.kd_kl, "reduction"): logits.KD_REDUCTIONS,
+    (features.attention_transfer, "form"): features.AT_FORMS,
+    (task.dice_loss, "average"): task.DICE_AVERAGES,
+}
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_value(where: str, fn, param: inspect.Parameter, value) -> None:
+  """Raises a ValueError when a config value cannot be right for `param`."""
+  name, default = param.name, param.default
+  if (fn, name) in _CHOICES:
+    options = _CHOICES[(fn, name)]
+    if isinstance(value, bool) or value not in options:
+      raise ValueError(f"{where}: {name} must be one of "
+                       f"{', '.join(map(repr, options))}, got {value!r}.")
+  elif isinstance(default, bool):
+    if not isinstance(value, bool):
+      raise ValueError(f"{where}: {name} must be True or False, got "
+                       f"{value!r}.")
+  elif name in _NUMBER_RULES:
+    condition, requirement = _NUMBER_RULES[name]
+    # `not condition` also rejects NaN.
+    if not _is_number(value) or not condition(value):
+      raise ValueError(f"{where}: {name} must be {requirement}, got "
+                       f"{value!r}.")
+  elif _is_number(default) and not _is_number(value):
+    raise ValueError(f"{where}: {name} must be a number, got {value!r}.")
+
+
 class MissingInputError(KeyError, ValueError):
   """An input an objective term needs is absent from `inputs`."""
 
@@ -181,11 +230,9 @@ def _parse(term: Mapping[str, Any], index: int) -> _Term:
           f"loss term #{index} ({fn_name}): unknown keyword {key!r}; "
           f"{fn_name} accepts: {', '.join(configurable) or 'none'} (plus "
           f"the term keys {', '.join(_TERM_KEYS)}).")
-  if "temperature" in kwargs:
-    t = kwargs["temperature"]
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
-      raise ValueError(f"loss term #{index} ({fn_name}): temperature must be "
-                       f"a number > 0, got {t!r}.")
+  for key, value in kwargs.items():
+    _check_value(f"loss term #{index} ({fn_name})", spec.fn, params[key],
+                 value)
   takes_labels = spec.kind != "task" and "labels" in extra_positional
   array_params = tuple(n for n in extra_positional if n != "labels")
   if array_params and spec.kind != "features":
@@ -297,7 +344,8 @@ def objective(terms: Sequence[Mapping[str, Any]]
   Raises:
     ValueError: at construction, for an unknown fn (the message lists the
       registry), an unknown keyword (the message lists the accepted ones), a
-      'custom' loss, a bad weight/name/temperature, or no terms.
+      bad keyword value (e.g. temperature <= 0, an unknown option), a
+      'custom' loss, a bad weight or name, or no terms.
   """
   resolved = _resolve(terms)
 

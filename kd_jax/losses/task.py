@@ -7,10 +7,10 @@ logits.shape[:-1]. A "position" is one example (classification) or one pixel
 shape: (B,) drops whole examples, (B, H, W) drops pixels. Positions whose
 label equals `ignore_index` are dropped too.
 
-All-ignored batches: when the mask/labels are concrete (eager calls) and no
-position is valid, a ValueError is raised; inside `jit`/`grad`/`vmap` this
-cannot be seen and the loss is 0 with zero gradient (a batch with nothing to
-learn from contributes nothing).
+A mask (or ignore_index) that leaves no valid position gives 0 with zero
+gradient: a batch with nothing to learn from contributes nothing. Values are
+never inspected (the losses stay pure functions that jit, grad and vmap
+trace as they are); shapes, dtypes and options are checked statically.
 """
 
 from typing import Optional
@@ -29,7 +29,6 @@ def _class_weights(class_weights, num_classes: int) -> jax.Array:
   return w
 
 
-@_checks.jit_loss()
 def cross_entropy(logits, labels, *, ignore_index: Optional[int] = None,
                   class_weights=None, mask=None) -> jax.Array:
   """Softmax cross-entropy with integer labels.
@@ -56,8 +55,7 @@ def cross_entropy(logits, labels, *, ignore_index: Optional[int] = None,
     mask: optional validity mask, shape a prefix of labels.shape.
 
   Returns:
-    float32 scalar. 0 (zero gradient) when nothing is valid under a trace;
-    ValueError when that is visible eagerly.
+    float32 scalar; 0 (zero gradient) when no position is valid.
   """
   _checks.check_labels(logits, labels)
   z = _checks.as_float(logits, "logits")
@@ -78,44 +76,91 @@ def cross_entropy(logits, labels, *, ignore_index: Optional[int] = None,
   return jnp.sum(w * nll) / jnp.where(jnp.sum(w) > 0, jnp.sum(w), 1.0)
 
 
-@_checks.jit_loss(non_negative_args=("smooth",))
+DICE_AVERAGES = ("present", "all")
+
+
 def dice_loss(logits, labels, *, ignore_index: Optional[int] = None,
-              smooth: float = 1e-5, mask=None) -> jax.Array:
-  """Soft Dice loss on softmax probabilities, averaged over present classes.
+              smooth: float = 1e-5, squared_denominator: bool = False,
+              average: str = "present", include_background: bool = True,
+              batch: bool = True, mask=None) -> jax.Array:
+  """Soft Dice loss on softmax probabilities, averaged over classes.
 
-  Formula, with p = softmax(z) and g = one_hot(y), sums over the valid
-  positions of the whole batch:
+  Formula, with p = softmax(z), g = one_hot(y), and sums over the valid
+  positions of a group (the whole batch, or one example with batch=False):
       D_c = (2 sum_i p_ic g_ic + smooth) / (sum_i p_ic + sum_i g_ic + smooth)
-      loss = 1 - (1/|P|) sum_{c in P} D_c
-  P, the present classes, are those with at least one valid position whose
-  label is c or whose argmax prediction is c. A class absent from both the
-  ground truth and the (hard) prediction is skipped: its Dice is undefined
-  (0/0 without `smooth`, or an arbitrary 1 with it) and would only dilute the
-  average. Every valid position has an argmax, so P is never empty unless no
-  position is valid (then the loss is 0 under a trace, ValueError eagerly).
+  or, with squared_denominator=True,
+      D_c = (2 sum_i p_ic g_ic + smooth) / (sum_i p_ic^2 + sum_i g_ic^2
+                                             + smooth)
+  and loss = 1 - (mean of D_c over the counted (group, class) pairs).
 
-  Reduction: per batch (all valid pixels of all examples pooled per class),
-  then mean over present classes. No temperature. Background (class 0) is a
-  class like the others. Minimum 0 when p is one-hot and equal to g.
+  Which classes count (`average`, `include_background`):
+    "present" (default): a class counts in a group when at least one valid
+      position there has it as label or as argmax prediction. A class absent
+      from both is skipped: its Dice is undefined (0/0 without `smooth`, or
+      an arbitrary value near 0 or 1 with it) and would only shift the
+      average. Every valid position has an argmax, so some class counts
+      unless nothing is valid.
+    "all": every class counts in every group with a valid position, absent
+      ones included: their D_c = smooth / (sum_i p_ic + smooth) (squared: of
+      p^2) is near 1 only once the class's summed probability there is far
+      below `smooth`, so they push their probabilities toward 0.
+    include_background=False drops class 0 before either rule (then a group
+      whose labels and predictions are all background has nothing to count
+      and the loss is 0).
 
-  Reference: Milletari et al., "V-Net", 3DV 2016 (soft Dice); the per-class
-  batch form follows the TransUNet / "Distillo, ergo sum" training loss.
+  Default form: batch=True (per-class sums over all valid pixels of all
+  examples), linear denominator, classes averaged over the present ones,
+  background included; `smooth` is added to numerator and denominator.
+
+  Peers:
+    - TransUNet's `DiceLoss` (utils.py of the official repository, called
+      with softmax=True) sums over the whole batch per class, squares p and
+      g in the denominator and averages over every class, background and
+      absent classes included, with smooth = 1e-5 on both sides:
+      squared_denominator=True, average="all" (with the defaults batch=True,
+      include_background=True). Its optional per-class `weight` is not
+      offered, and it has no ignore_index or mask.
+    - MONAI's `DiceLoss` (softmax=True, to_onehot_y=True) defaults to
+      include_background=True, squared_pred=False, batch=False (a Dice per
+      example and class, then the mean over both) and smooth_nr = smooth_dr
+      = 1e-5: batch=False, average="all". Its squared_pred is
+      squared_denominator, its include_background and batch are the flags
+      of the same names. Different smooth_nr and smooth_dr, jaccard and
+      class weights are not offered; with batch=False an example with no
+      valid position is left out of the mean here.
+
+  Reduction: as above, per group then the mean over the counted
+  (group, class) pairs; 0 with zero gradient when nothing is valid. No
+  temperature. Minimum 0 when p is one-hot and equal to g (up to smooth).
+
+  Reference: Milletari et al., "V-Net", 3DV 2016 (soft Dice, squared
+  denominator); Chen et al., "TransUNet", 2021 (official code as above).
 
   Args:
-    logits: (..., C) float logits.
+    logits: (..., C) float logits; (B, ..., C) with batch=False.
     labels: (...,) integer class ids.
     ignore_index: label value to skip.
-    smooth: additive smoothing of numerator and denominator (> 0 keeps the
-      gradient finite).
+    smooth: additive smoothing of numerator and denominator, >= 0 (> 0
+      keeps the loss and gradient finite for empty classes).
+    squared_denominator: sum p^2 + g^2 instead of p + g in the denominator.
+    average: "present" or "all" (see above).
+    include_background: count class 0.
+    batch: pool each class over the whole batch (True) or compute a Dice per
+      example (False).
     mask: optional validity mask, shape a prefix of labels.shape.
 
   Returns:
     float32 scalar in [0, 1].
   """
+  _checks.one_of("dice_loss", "average", average, DICE_AVERAGES)
   _checks.check_labels(logits, labels)
-  _checks.non_negative("smooth", smooth)
+  if not batch:
+    _checks.min_ndim("logits", logits, 2, "(B, ..., C) with batch=False")
   z = _checks.as_float(logits, "logits")
   num_classes = z.shape[-1]
+  if not include_background and num_classes < 2:
+    raise ValueError(f"dice_loss: include_background=False needs at least "
+                     f"2 classes, got logits of shape {z.shape}.")
   valid = _checks.valid_positions(labels.shape, mask=mask, labels=labels,
                                   ignore_index=ignore_index, fn_name="dice")
   v = valid[..., None].astype(z.dtype)
@@ -124,18 +169,27 @@ def dice_loss(logits, labels, *, ignore_index: Optional[int] = None,
                      dtype=z.dtype) * v
   hard = jax.nn.one_hot(jnp.argmax(z, axis=-1), num_classes,
                         dtype=z.dtype) * v
-  axes = tuple(range(z.ndim - 1))
+  if not include_background:
+    p, g, hard = p[..., 1:], g[..., 1:], hard[..., 1:]
+  # Sum over the positions of a group: every axis but the classes, and the
+  # batch axis too unless the Dice is per example.
+  axes = tuple(range(0 if batch else 1, z.ndim - 1))
   inter = jnp.sum(p * g, axis=axes)
-  denom = jnp.sum(p, axis=axes) + jnp.sum(g, axis=axes)
+  if squared_denominator:
+    denom = jnp.sum(p * p, axis=axes) + jnp.sum(g * g, axis=axes)
+  else:
+    denom = jnp.sum(p, axis=axes) + jnp.sum(g, axis=axes)
   dice = (2.0 * inter + smooth) / jnp.maximum(denom + smooth, 1e-12)
-  present = (jnp.sum(g, axis=axes) + jnp.sum(hard, axis=axes)) > 0
-  n_present = jnp.sum(present, dtype=z.dtype)
-  mean_dice = jnp.sum(jnp.where(present, dice, 0.0)) / jnp.maximum(
-      n_present, 1.0)
-  return jnp.where(n_present > 0, 1.0 - mean_dice, 0.0)
+  if average == "present":
+    counted = (jnp.sum(g, axis=axes) + jnp.sum(hard, axis=axes)) > 0
+  else:
+    counted = jnp.broadcast_to(jnp.sum(v, axis=axes) > 0, dice.shape)
+  n_counted = jnp.sum(counted, dtype=z.dtype)
+  mean_dice = jnp.sum(jnp.where(counted, dice, 0.0)) / jnp.maximum(
+      n_counted, 1.0)
+  return jnp.where(n_counted > 0, 1.0 - mean_dice, 0.0)
 
 
-@_checks.jit_loss(non_negative_args=("gamma",))
 def focal_loss(logits, labels, *, gamma: float = 2.0,
                ignore_index: Optional[int] = None, class_weights=None,
                mask=None) -> jax.Array:
@@ -166,7 +220,6 @@ def focal_loss(logits, labels, *, gamma: float = 2.0,
     float32 scalar.
   """
   _checks.check_labels(logits, labels)
-  _checks.non_negative("gamma", gamma)
   z = _checks.as_float(logits, "logits")
   valid = _checks.valid_positions(labels.shape, mask=mask, labels=labels,
                                   ignore_index=ignore_index, fn_name="focal")
