@@ -30,6 +30,8 @@ the generator step if you do not want the state to move. With
 Self-attention: query and key 1×1 convs to C/8, value 1×1 conv to C, softmax
 over positions (computed in float32), output γ·attention + x with γ a
 learned scalar initialised at 0.
+
+The convolution layer is a module field (`conv`; flax's by default).
 """
 from typing import Any
 
@@ -37,8 +39,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kd_jax.models.layers import Conv
 from kd_jax.models.registry import register
+
+ModuleDef = Any
 
 DEFAULT_INPUT = {"sagan_discriminator": (64, 64, 3 + 19)}
 RECIPES = {"sagan_discriminator": "Structured KD holistic loss (critic)"}
@@ -59,14 +62,15 @@ def discriminator_input(image, probs):
 class SelfAttention(nn.Module):
   """SAGAN self-attention block (see the module docstring)."""
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
 
   @nn.compact
   def __call__(self, x):
     n, h, w, c = x.shape
 
     def proj(features, name):
-      y = Conv(features, (1, 1), dtype=self.dtype,
-               param_dtype=jnp.float32, name=name)(x)
+      y = self.conv(features, (1, 1), dtype=self.dtype,
+                    param_dtype=jnp.float32, name=name)(x)
       return y.reshape(n, h * w, features)
 
     q, k = proj(max(1, c // 8), "query"), proj(max(1, c // 8), "key")
@@ -85,6 +89,7 @@ class Discriminator(nn.Module):
   spectral_norm: bool = True
   negative_slope: float = 0.1
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -93,9 +98,9 @@ class Discriminator(nn.Module):
                        f"got {x.shape[1:3]}")
     feats = {}
     for i in range(4):
-      layer = Conv(self.conv_dim * 2**i, (4, 4), strides=2,
-                   padding=[(1, 1), (1, 1)], dtype=self.dtype,
-                   param_dtype=jnp.float32, name=f"block{i + 1}")
+      layer = self.conv(self.conv_dim * 2**i, (4, 4), strides=2,
+                        padding=[(1, 1), (1, 1)], dtype=self.dtype,
+                        param_dtype=jnp.float32, name=f"block{i + 1}")
       if self.spectral_norm:
         x = nn.SpectralNorm(layer, name=f"block{i + 1}_sn")(
             x, update_stats=train)
@@ -103,8 +108,9 @@ class Discriminator(nn.Module):
         x = layer(x)
       x = nn.leaky_relu(x, self.negative_slope)
       if i >= 2:
-        x = SelfAttention(dtype=self.dtype, name=f"attn{i - 1}")(x)
+        x = SelfAttention(dtype=self.dtype, conv=self.conv,
+                          name=f"attn{i - 1}")(x)
       feats[f"block{i + 1}"] = x
-    x = Conv(1, (4, 4), padding="VALID", dtype=self.dtype,
-             param_dtype=jnp.float32, name="last")(x)
+    x = self.conv(1, (4, 4), padding="VALID", dtype=self.dtype,
+                  param_dtype=jnp.float32, name="last")(x)
     return jnp.mean(x, axis=(1, 2, 3)), feats

@@ -40,6 +40,9 @@ Features (NHWC unless stated):
                       side with widths[i] channels
   "embedding"         the pooled head vector fed to the classifier,
                       (B, head_widths[1])
+
+The convolution and BatchNorm layers are module fields (`conv`, `norm`;
+flax's by default).
 """
 from typing import Any, Sequence
 
@@ -47,8 +50,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kd_jax.models.layers import BatchNorm, Conv
 from kd_jax.models.registry import register
+
+ModuleDef = Any
 
 DEFAULT_INPUT = {
     "efficientvit_b0": (224, 224, 3),
@@ -69,19 +73,21 @@ class ConvNormAct(nn.Module):
   strides: int = 1
   groups: int = 1
   use_bias: bool = False
-  norm: bool = True
+  use_norm: bool = True
   act: Any = None
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     p = self.kernel // 2
-    x = Conv(self.features, (self.kernel, self.kernel),
-             strides=(self.strides, self.strides), padding=((p, p), (p, p)),
-             feature_group_count=self.groups, use_bias=self.use_bias,
-             dtype=self.dtype, name="conv")(x)
-    if self.norm:
-      x = BatchNorm(use_running_average=not train, momentum=0.9,
+    x = self.conv(self.features, (self.kernel, self.kernel),
+                  strides=(self.strides, self.strides),
+                  padding=((p, p), (p, p)), feature_group_count=self.groups,
+                  use_bias=self.use_bias, dtype=self.dtype, name="conv")(x)
+    if self.use_norm:
+      x = self.norm(use_running_average=not train, momentum=0.9,
                     epsilon=1e-5, dtype=self.dtype, name="bn")(x)
     return self.act(x) if self.act is not None else x
 
@@ -89,14 +95,17 @@ class ConvNormAct(nn.Module):
 class DSConv(nn.Module):
   features: int
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     c = x.shape[-1]
+    layers = dict(conv=self.conv, norm=self.norm)
     x = ConvNormAct(c, 3, groups=c, act=hswish, dtype=self.dtype,
-                    name="depth_conv")(x, train=train)
+                    name="depth_conv", **layers)(x, train=train)
     return ConvNormAct(self.features, 1, dtype=self.dtype,
-                       name="point_conv")(x, train=train)
+                       name="point_conv", **layers)(x, train=train)
 
 
 class MBConv(nn.Module):
@@ -107,18 +116,22 @@ class MBConv(nn.Module):
   expand_ratio: float = 4
   fewer_norm: bool = False
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     mid = round(x.shape[-1] * self.expand_ratio)
     fn = self.fewer_norm
-    x = ConvNormAct(mid, 1, use_bias=fn, norm=not fn, act=hswish,
-                    dtype=self.dtype, name="inverted_conv")(x, train=train)
+    layers = dict(conv=self.conv, norm=self.norm)
+    x = ConvNormAct(mid, 1, use_bias=fn, use_norm=not fn, act=hswish,
+                    dtype=self.dtype, name="inverted_conv", **layers)(
+                        x, train=train)
     x = ConvNormAct(mid, 3, self.strides, groups=mid, use_bias=fn,
-                    norm=not fn, act=hswish, dtype=self.dtype,
-                    name="depth_conv")(x, train=train)
+                    use_norm=not fn, act=hswish, dtype=self.dtype,
+                    name="depth_conv", **layers)(x, train=train)
     return ConvNormAct(self.features, 1, dtype=self.dtype,
-                       name="point_conv")(x, train=train)
+                       name="point_conv", **layers)(x, train=train)
 
 
 def relu_linear_attention(q, k, v, eps=1e-15):
@@ -142,21 +155,24 @@ class LiteMLA(nn.Module):
   head_dim: int = 16
   scales: Sequence[int] = (5,)
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     b, h, w, c = x.shape
     heads = c // self.head_dim
     total = heads * self.head_dim
-    qkv = Conv(3 * total, (1, 1), use_bias=False, dtype=self.dtype,
-               name="qkv")(x)
+    qkv = self.conv(3 * total, (1, 1), use_bias=False, dtype=self.dtype,
+                    name="qkv")(x)
     branches = [qkv]
     for s in self.scales:
-      y = Conv(3 * total, (s, s), padding=s // 2,
-               feature_group_count=3 * total, use_bias=False,
-               dtype=self.dtype, name=f"aggreg{s}_dw")(qkv)
-      y = Conv(3 * total, (1, 1), feature_group_count=3 * heads,
-               use_bias=False, dtype=self.dtype, name=f"aggreg{s}_pw")(y)
+      y = self.conv(3 * total, (s, s), padding=s // 2,
+                    feature_group_count=3 * total, use_bias=False,
+                    dtype=self.dtype, name=f"aggreg{s}_dw")(qkv)
+      y = self.conv(3 * total, (1, 1), feature_group_count=3 * heads,
+                    use_bias=False, dtype=self.dtype,
+                    name=f"aggreg{s}_pw")(y)
       branches.append(y)
     # Channels are grouped per head as [q | k | v], head_dim each.
     qkv = jnp.concatenate(branches, axis=-1).reshape(
@@ -164,22 +180,25 @@ class LiteMLA(nn.Module):
     out = relu_linear_attention(qkv[..., 0, :], qkv[..., 1, :],
                                 qkv[..., 2, :])
     out = out.reshape(b, h, w, -1)
-    return ConvNormAct(self.features, 1, dtype=self.dtype, name="proj")(
-        out, train=train)
+    return ConvNormAct(self.features, 1, dtype=self.dtype, name="proj",
+                       conv=self.conv, norm=self.norm)(out, train=train)
 
 
 class EfficientViTModule(nn.Module):
   head_dim: int = 16
   expand_ratio: float = 4
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     c = x.shape[-1]
-    x = x + LiteMLA(c, self.head_dim, dtype=self.dtype, name="context")(
-        x, train=train)
+    layers = dict(conv=self.conv, norm=self.norm)
+    x = x + LiteMLA(c, self.head_dim, dtype=self.dtype, name="context",
+                    **layers)(x, train=train)
     return x + MBConv(c, 1, self.expand_ratio, fewer_norm=True,
-                      dtype=self.dtype, name="local")(x, train=train)
+                      dtype=self.dtype, name="local", **layers)(x, train=train)
 
 
 class EfficientViT(nn.Module):
@@ -192,6 +211,7 @@ class EfficientViT(nn.Module):
     head_widths: the head's 1×1 conv and hidden Linear widths.
     expand_ratio: MBConv expansion.
     dropout_rate: dropout before the final Linear, active only when `train`.
+    conv, norm: the convolution and BatchNorm layers (flax's by default).
   """
   num_classes: int = 1000
   widths: Sequence[int] = (8, 16, 32, 64, 128)
@@ -201,6 +221,8 @@ class EfficientViT(nn.Module):
   expand_ratio: float = 4
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -209,32 +231,37 @@ class EfficientViT(nn.Module):
           f"EfficientViT needs NHWC input with height and width divisible by "
           f"32; got shape {tuple(x.shape)}")
     x = x.astype(self.dtype)
+    layers = dict(conv=self.conv, norm=self.norm)
     features = {}
     w0 = self.widths[0]
-    x = ConvNormAct(w0, 3, 2, act=hswish, dtype=self.dtype, name="stem")(
-        x, train=train)
+    x = ConvNormAct(w0, 3, 2, act=hswish, dtype=self.dtype, name="stem",
+                    **layers)(x, train=train)
     for i in range(self.depths[0]):
-      x = x + DSConv(w0, self.dtype, name=f"stage0_ds{i}")(x, train=train)
+      x = x + DSConv(w0, self.dtype, name=f"stage0_ds{i}", **layers)(
+          x, train=train)
     features["stage0"] = x
 
     for s in (1, 2):
       for i in range(self.depths[s]):
         y = MBConv(self.widths[s], 2 if i == 0 else 1, self.expand_ratio,
-                   dtype=self.dtype, name=f"stage{s}_mb{i}")(x, train=train)
+                   dtype=self.dtype, name=f"stage{s}_mb{i}", **layers)(
+                       x, train=train)
         x = y if i == 0 else x + y
       features[f"stage{s}"] = x
 
     for s in (3, 4):
       x = MBConv(self.widths[s], 2, self.expand_ratio, fewer_norm=True,
-                 dtype=self.dtype, name=f"stage{s}_down")(x, train=train)
+                 dtype=self.dtype, name=f"stage{s}_down", **layers)(
+                     x, train=train)
       for i in range(self.depths[s]):
         x = EfficientViTModule(self.head_dim, self.expand_ratio, self.dtype,
-                               name=f"stage{s}_vit{i}")(x, train=train)
+                               name=f"stage{s}_vit{i}", **layers)(
+                                   x, train=train)
       features[f"stage{s}"] = x
 
     h0, h1 = self.head_widths
-    x = ConvNormAct(h0, 1, act=hswish, dtype=self.dtype, name="head_conv")(
-        x, train=train)
+    x = ConvNormAct(h0, 1, act=hswish, dtype=self.dtype, name="head_conv",
+                    **layers)(x, train=train)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(h1, use_bias=False, dtype=self.dtype, name="head_fc")(x)
     x = hswish(nn.LayerNorm(epsilon=1e-5, dtype=self.dtype,

@@ -31,15 +31,19 @@ Features (NHWC):
              Structured KD's pair-wise loss matches
   "decoder": H/2, num_classes (espnet only) fused map before the last
              transposed conv
+
+The convolution, BatchNorm and transposed-convolution layers are module
+fields (`conv`, `norm`, `conv_transpose`; flax's by default).
 """
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from kd_jax.models.layers import BatchNorm, Conv, ConvTranspose
 from kd_jax.models.pspnet import resize_bilinear
 from kd_jax.models.registry import register
+
+ModuleDef = Any
 
 DEFAULT_INPUT = {"espnet_c": (512, 512, 3), "espnet": (512, 512, 3)}
 RECIPES = {"espnet_c": "Structured KD student", "espnet": "Structured KD student"}
@@ -56,18 +60,20 @@ class PReLU(nn.Module):
     return jnp.where(x >= 0, x, a.astype(self.dtype) * x)
 
 
-def bn_prelu(x, train, dtype, name):
-  x = BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-3,
-                dtype=dtype, param_dtype=jnp.float32, name=f"{name}_bn")(x)
+def bn_prelu(x, train, dtype, name, *, norm: ModuleDef):
+  x = norm(use_running_average=not train, momentum=0.9, epsilon=1e-3,
+           dtype=dtype, param_dtype=jnp.float32, name=f"{name}_bn")(x)
   return PReLU(dtype=dtype, name=f"{name}_act")(x)
 
 
-def conv(features, kernel, *, stride=1, dilation=1, dtype, name):
+def conv(conv_cls: ModuleDef, features, kernel, *, stride=1, dilation=1,
+         dtype, name):
+  """A bias-free `conv_cls` with torch-style symmetric padding."""
   pad = dilation * (kernel - 1) // 2
-  return Conv(features, (kernel, kernel), strides=stride,
-              kernel_dilation=dilation, padding=[(pad, pad), (pad, pad)],
-              use_bias=False, dtype=dtype, param_dtype=jnp.float32,
-              name=name)
+  return conv_cls(features, (kernel, kernel), strides=stride,
+                  kernel_dilation=dilation, padding=[(pad, pad), (pad, pad)],
+                  use_bias=False, dtype=dtype, param_dtype=jnp.float32,
+                  name=name)
 
 
 class ESP(nn.Module):
@@ -76,6 +82,8 @@ class ESP(nn.Module):
   downsample: bool = False
   residual: bool = True
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -83,19 +91,19 @@ class ESP(nn.Module):
     n = self.features // 5
     n1 = self.features - 4 * n
     if self.downsample:
-      r = conv(n, 3, stride=2, dtype=d, name="reduce")(x)
+      r = conv(self.conv, n, 3, stride=2, dtype=d, name="reduce")(x)
     else:
-      r = conv(n, 1, dtype=d, name="reduce")(x)
-    branches = [conv(n1, 3, dtype=d, name="d1")(r)]
+      r = conv(self.conv, n, 1, dtype=d, name="reduce")(x)
+    branches = [conv(self.conv, n1, 3, dtype=d, name="d1")(r)]
     total = None
     for rate in (2, 4, 8, 16):
-      b = conv(n, 3, dilation=rate, dtype=d, name=f"d{rate}")(r)
+      b = conv(self.conv, n, 3, dilation=rate, dtype=d, name=f"d{rate}")(r)
       total = b if total is None else total + b  # hierarchical fusion
       branches.append(total)
     y = jnp.concatenate(branches, axis=-1)
     if not self.downsample and self.residual and x.shape == y.shape:
       y = x + y
-    return bn_prelu(y, train, d, "out")
+    return bn_prelu(y, train, d, "out", norm=self.norm)
 
 
 def _avg_pool(x):
@@ -110,10 +118,14 @@ class ESPNet(nn.Module):
   q: int = 8
   decoder: bool = True
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
+  conv_transpose: ModuleDef = nn.ConvTranspose
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     d = self.dtype
+    layers = dict(conv=self.conv, norm=self.norm)
     size = x.shape[1:3]
     if size[0] % 8 or size[1] % 8:
       raise ValueError(f"ESPNet needs H, W divisible by 8, got {size}")
@@ -121,49 +133,53 @@ class ESPNet(nn.Module):
     img4 = _avg_pool(img2)
     feats = {}
     # Level 1 (H/2).
-    y = conv(16, 3, stride=2, dtype=d, name="level1_conv")(x)
-    y = bn_prelu(y, train, d, "level1")
+    y = conv(self.conv, 16, 3, stride=2, dtype=d, name="level1_conv")(x)
+    y = bn_prelu(y, train, d, "level1", norm=self.norm)
     l1 = bn_prelu(jnp.concatenate([y, img2.astype(y.dtype)], -1), train, d,
-                  "level1_cat")
+                  "level1_cat", norm=self.norm)
     feats["level1"] = l1
     # Level 2 (H/4).
-    down2 = ESP(64, downsample=True, dtype=d, name="level2_down")(l1,
-                                                                  train=train)
+    down2 = ESP(64, downsample=True, dtype=d, name="level2_down", **layers)(
+        l1, train=train)
     y = down2
     for i in range(self.p):
-      y = ESP(64, dtype=d, name=f"level2_{i}")(y, train=train)
+      y = ESP(64, dtype=d, name=f"level2_{i}", **layers)(y, train=train)
     l2 = bn_prelu(jnp.concatenate([y, down2, img4.astype(y.dtype)], -1),
-                  train, d, "level2_cat")
+                  train, d, "level2_cat", norm=self.norm)
     feats["level2"] = l2
     # Level 3 (H/8).
-    down3 = ESP(128, downsample=True, dtype=d, name="level3_down")(l2,
-                                                                   train=train)
+    down3 = ESP(128, downsample=True, dtype=d, name="level3_down", **layers)(
+        l2, train=train)
     y = down3
     for i in range(self.q):
-      y = ESP(128, dtype=d, name=f"level3_{i}")(y, train=train)
-    l3 = bn_prelu(jnp.concatenate([down3, y], -1), train, d, "level3_cat")
+      y = ESP(128, dtype=d, name=f"level3_{i}", **layers)(y, train=train)
+    l3 = bn_prelu(jnp.concatenate([down3, y], -1), train, d, "level3_cat",
+                  norm=self.norm)
     feats["level3"] = feats["head"] = l3
     c = self.num_classes
-    logits8 = conv(c, 1, dtype=d, name="classifier")(l3)
+    logits8 = conv(self.conv, c, 1, dtype=d, name="classifier")(l3)
     if not self.decoder:
       return resize_bilinear(logits8, size), feats
     # Decoder: H/8 → H/4, fuse with projected level 2, → H/2, fuse with
     # level 1, → H.
     def up(z, name):
-      return ConvTranspose(c, (2, 2), strides=(2, 2), padding="VALID",
-                           use_bias=False, dtype=d,
-                           param_dtype=jnp.float32, name=name)(z)
+      return self.conv_transpose(c, (2, 2), strides=(2, 2), padding="VALID",
+                                 use_bias=False, dtype=d,
+                                 param_dtype=jnp.float32, name=name)(z)
 
-    z = BatchNorm(use_running_average=not train, momentum=0.9,
+    z = self.norm(use_running_average=not train, momentum=0.9,
                   epsilon=1e-3, dtype=d, param_dtype=jnp.float32,
                   name="dec3_bn")(logits8)
     z = up(z, "dec3_up")
-    z = jnp.concatenate([conv(c, 1, dtype=d, name="dec2_proj")(l2), z], -1)
-    z = bn_prelu(z, train, d, "dec2_cat")
-    z = ESP(c, residual=False, dtype=d, name="dec2_esp")(z, train=train)
-    z = bn_prelu(up(z, "dec2_up"), train, d, "dec2_up")
-    z = conv(c, 3, dtype=d, name="dec1_conv")(jnp.concatenate([z, l1], -1))
-    z = bn_prelu(z, train, d, "dec1")
+    z = jnp.concatenate(
+        [conv(self.conv, c, 1, dtype=d, name="dec2_proj")(l2), z], -1)
+    z = bn_prelu(z, train, d, "dec2_cat", norm=self.norm)
+    z = ESP(c, residual=False, dtype=d, name="dec2_esp", **layers)(
+        z, train=train)
+    z = bn_prelu(up(z, "dec2_up"), train, d, "dec2_up", norm=self.norm)
+    z = conv(self.conv, c, 3, dtype=d, name="dec1_conv")(
+        jnp.concatenate([z, l1], -1))
+    z = bn_prelu(z, train, d, "dec1", norm=self.norm)
     feats["decoder"] = z
     return up(z, "classifier_up"), feats
 

@@ -37,14 +37,19 @@ divisible by 2^depth. Features:
   "dec{depth}".."dec1"  decoder stage outputs; "dec1" at full resolution
   "mask_logits"         the mask before the sigmoid, (B, H, W, 1 or C)
   "embedding"           global average of "bottleneck", (B, C)
+
+The convolution, BatchNorm, max-pool (and, in the explainer,
+transposed-convolution) layers are module fields (`conv`, `norm`, `pool`,
+`conv_transpose`; flax's by default).
 """
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from kd_jax.models.layers import BatchNorm, Conv, ConvTranspose, max_pool_2x2
 from kd_jax.models.registry import register
+
+ModuleDef = Any
 
 DEFAULT_INPUT = {
     "medtex_teacher": (224, 224, 3),
@@ -58,9 +63,9 @@ RECIPES = {
 }
 
 
-def _bn(train, dtype, name):
-  return BatchNorm(use_running_average=not train, momentum=0.9,
-                   epsilon=1e-5, dtype=dtype, name=name)
+def _bn(norm: ModuleDef, train, dtype, name):
+  return norm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+              dtype=dtype, name=name)
 
 
 class MedTexCNN(nn.Module):
@@ -70,11 +75,15 @@ class MedTexCNN(nn.Module):
     num_classes: classifier outputs.
     widths: channels of the four blocks.
     kernel: conv kernel side.
+    conv, norm, pool: the layers (flax's by default).
   """
   num_classes: int = 5
   widths: Sequence[int] = (32, 64, 128, 256)
   kernel: int = 3
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
+  pool: Callable = nn.max_pool
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -87,10 +96,10 @@ class MedTexCNN(nn.Module):
     x = x.astype(self.dtype)
     features = {}
     for i, w in enumerate(self.widths):
-      x = Conv(w, (self.kernel, self.kernel), use_bias=False,
-               dtype=self.dtype, name=f"conv{i + 1}")(x)
-      x = _bn(train, self.dtype, f"bn{i + 1}")(x)
-      x = nn.relu(max_pool_2x2(x))
+      x = self.conv(w, (self.kernel, self.kernel), use_bias=False,
+                    dtype=self.dtype, name=f"conv{i + 1}")(x)
+      x = _bn(self.norm, train, self.dtype, f"bn{i + 1}")(x)
+      x = nn.relu(self.pool(x, (2, 2), strides=(2, 2)))
       features[f"block{i + 1}"] = x
     features["embedding"] = jnp.mean(x, axis=(1, 2))
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(
@@ -110,12 +119,14 @@ class MedTexStudent(MedTexCNN):
 class ConvBNReLU(nn.Module):
   features: int
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    x = Conv(self.features, (3, 3), use_bias=False, dtype=self.dtype,
-             name="conv")(x)
-    return nn.relu(_bn(train, self.dtype, "bn")(x))
+    x = self.conv(self.features, (3, 3), use_bias=False, dtype=self.dtype,
+                  name="conv")(x)
+    return nn.relu(_bn(self.norm, train, self.dtype, "bn")(x))
 
 
 @register("medtex_explainer")
@@ -126,11 +137,16 @@ class MedTexExplainer(nn.Module):
     width: channels of the first stage (doubling per stage).
     depth: number of poolings.
     per_channel: one mask channel per input channel instead of one shared.
+    conv, norm, conv_transpose, pool: the layers (flax's by default).
   """
   width: int = 16
   depth: int = 3
   per_channel: bool = False
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
+  conv_transpose: ModuleDef = nn.ConvTranspose
+  pool: Callable = nn.max_pool
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -141,26 +157,28 @@ class MedTexExplainer(nn.Module):
           f"and width divisible by {side}; got shape {tuple(x.shape)}")
     out_ch = x.shape[-1] if self.per_channel else 1
     x = x.astype(self.dtype)
+    layers = dict(conv=self.conv, norm=self.norm)
     features = {}
     skips = []
     for i in range(self.depth):
-      x = ConvBNReLU(self.width * 2**i, self.dtype, name=f"enc{i + 1}")(
-          x, train=train)
+      x = ConvBNReLU(self.width * 2**i, self.dtype, name=f"enc{i + 1}",
+                     **layers)(x, train=train)
       features[f"enc{i + 1}"] = x
       skips.append(x)
-      x = max_pool_2x2(x)
-    x = ConvBNReLU(self.width * side, self.dtype, name="bottleneck")(
-        x, train=train)
+      x = self.pool(x, (2, 2), strides=(2, 2))
+    x = ConvBNReLU(self.width * side, self.dtype, name="bottleneck",
+                   **layers)(x, train=train)
     features["bottleneck"] = x
     features["embedding"] = jnp.mean(x, axis=(1, 2))
     for i in reversed(range(self.depth)):
       ch = self.width * 2**i
-      x = ConvTranspose(ch, (2, 2), strides=(2, 2), dtype=self.dtype,
-                        name=f"up{i + 1}")(x)
+      x = self.conv_transpose(ch, (2, 2), strides=(2, 2), dtype=self.dtype,
+                              name=f"up{i + 1}")(x)
       x = jnp.concatenate([x, skips[i]], axis=-1)
-      x = ConvBNReLU(ch, self.dtype, name=f"dec{i + 1}")(x, train=train)
+      x = ConvBNReLU(ch, self.dtype, name=f"dec{i + 1}", **layers)(
+          x, train=train)
       features[f"dec{i + 1}"] = x
-    mask_logits = Conv(out_ch, (1, 1), dtype=self.dtype,
-                       name="mask_head")(x)
+    mask_logits = self.conv(out_ch, (1, 1), dtype=self.dtype,
+                            name="mask_head")(x)
     features["mask_logits"] = mask_logits
     return nn.sigmoid(mask_logits), features

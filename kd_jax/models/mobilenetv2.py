@@ -28,6 +28,9 @@ Features (NHWC; strides for output_stride 32 | 8; channels at width 1.0):
   "last":   H/32, 1280 (classifier only)
   "embedding": (N, C) global average of the last map
   "head":   H/8, 128 (mobilenetv2_seg only) the map before the classifier
+
+The convolution and BatchNorm layers are module fields (`conv`, `norm`;
+flax's by default).
 """
 from typing import Any, Optional
 
@@ -35,9 +38,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from kd_jax.models import resnet
-from kd_jax.models.layers import Conv
 from kd_jax.models.pspnet import SegHead, resize_bilinear
 from kd_jax.models.registry import register
+
+ModuleDef = Any
 
 DEFAULT_INPUT = {
     "mobilenetv2": (224, 224, 3),
@@ -82,17 +86,19 @@ class ConvBN(nn.Module):
   depthwise: bool = False
   act: bool = True
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     pad = self.dilation * (self.kernel - 1) // 2
-    x = Conv(self.features, (self.kernel, self.kernel),
-             strides=self.stride, kernel_dilation=self.dilation,
-             padding=[(pad, pad), (pad, pad)],
-             feature_group_count=x.shape[-1] if self.depthwise else 1,
-             use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-             name="conv")(x)
-    x = resnet.batch_norm(train, dtype=self.dtype, name="bn")(x)
+    x = self.conv(self.features, (self.kernel, self.kernel),
+                  strides=self.stride, kernel_dilation=self.dilation,
+                  padding=[(pad, pad), (pad, pad)],
+                  feature_group_count=x.shape[-1] if self.depthwise else 1,
+                  use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+                  name="conv")(x)
+    x = resnet.batch_norm(self.norm, train, dtype=self.dtype, name="bn")(x)
     return nn.relu6(x) if self.act else x
 
 
@@ -102,18 +108,21 @@ class InvertedResidual(nn.Module):
   stride: int = 1
   dilation: int = 1
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     c_in, d = x.shape[-1], self.dtype
+    layers = dict(conv=self.conv, norm=self.norm)
     y = x
     if self.expansion != 1:
-      y = ConvBN(round(c_in * self.expansion), dtype=d,
-                 name="expand")(y, train=train)
+      y = ConvBN(round(c_in * self.expansion), dtype=d, name="expand",
+                 **layers)(y, train=train)
     y = ConvBN(y.shape[-1], 3, self.stride, self.dilation, depthwise=True,
-               dtype=d, name="depthwise")(y, train=train)
-    y = ConvBN(self.features, act=False, dtype=d, name="project")(y,
-                                                                  train=train)
+               dtype=d, name="depthwise", **layers)(y, train=train)
+    y = ConvBN(self.features, act=False, dtype=d, name="project",
+               **layers)(y, train=train)
     if self.stride == 1 and c_in == self.features:
       y = x + y
     return y
@@ -124,6 +133,7 @@ class MobileNetV2(nn.Module):
 
   num_classes None → no dropout and linear head (logits None); last_conv
   False → no 1×1 conv to 1280 ("last" absent, "embedding" pools stage7).
+  conv, norm: the convolution and BatchNorm layers (flax's by default).
   """
   num_classes: Optional[int] = 1000
   width: float = 1.0
@@ -131,24 +141,28 @@ class MobileNetV2(nn.Module):
   last_conv: bool = True
   dropout: float = 0.2
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     d = self.dtype
+    layers = dict(conv=self.conv, norm=self.norm)
     feats = {}
     x = ConvBN(make_divisible(32 * self.width), 3, 2, dtype=d,
-               name="stem")(x, train=train)
+               name="stem", **layers)(x, train=train)
     feats["stem"] = x
     for i, ((t, c, n, _), (s, dil)) in enumerate(
         zip(SETTINGS, _dilations(self.output_stride))):
       for j in range(n):
         x = InvertedResidual(make_divisible(c * self.width), t,
                              s if j == 0 else 1, dil, dtype=d,
-                             name=f"stage{i + 1}_{j}")(x, train=train)
+                             name=f"stage{i + 1}_{j}", **layers)(x,
+                                                                 train=train)
       feats[f"stage{i + 1}"] = x
     if self.last_conv:
       x = ConvBN(make_divisible(1280 * max(1.0, self.width)), dtype=d,
-                 name="last")(x, train=train)
+                 name="last", **layers)(x, train=train)
       feats["last"] = x
     feats["embedding"] = jnp.mean(x, axis=(1, 2))
     logits = None
@@ -170,15 +184,19 @@ class MobileNetV2Seg(nn.Module):
   head_channels: int = 128
   dropout: float = 0.1
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     size = x.shape[1:3]
+    layers = dict(conv=self.conv, norm=self.norm)
     _, feats = MobileNetV2(num_classes=None, width=self.width,
                            output_stride=8, last_conv=False, dtype=self.dtype,
-                           name="backbone")(x, train=train)
+                           name="backbone", **layers)(x, train=train)
     feats = dict(feats)
     y, feats["head"] = SegHead(self.num_classes, self.head_channels,
                                self.dropout, dtype=self.dtype,
-                               name="seg_head")(feats["stage7"], train=train)
+                               name="seg_head", **layers)(feats["stage7"],
+                                                          train=train)
     return resize_bilinear(y, size), feats

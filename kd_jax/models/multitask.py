@@ -21,14 +21,19 @@ Features: the trunk's (see resnet.py / mobilenetv2.py): "stem",
 for MobileNetV2, plus "embedding" (N, C) — 2048 / 512 / 1280 channels.
 `width` scales the trunk (ResNet: 64·width stem channels; MobileNetV2: its
 multiplier).
+
+The convolution, BatchNorm and max-pool layers are module fields (`conv`,
+`norm`, `pool`; flax's by default), passed down to the trunk.
 """
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from kd_jax.models import mobilenetv2, resnet
 from kd_jax.models.registry import register
+
+ModuleDef = Any
 
 HEADS = ("dr_grade", "dme_risk", "fovea", "disc")
 _FUNDUS_INPUT = (512, 512, 3)
@@ -52,17 +57,21 @@ class MultiTask(nn.Module):
   dropout: float = 0.2
   width: float = 1.0
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
+  pool: Callable = nn.max_pool  # ResNet trunks' stem pool
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     d = self.dtype
+    layers = dict(conv=self.conv, norm=self.norm)
     if self.trunk == "mobilenetv2":
       body = mobilenetv2.MobileNetV2(num_classes=None, width=self.width,
-                                     dtype=d, name="trunk")
+                                     dtype=d, name="trunk", **layers)
     else:
       body = resnet.resnet_by_name(self.trunk, num_classes=None,
                                    width=int(round(64 * self.width)), dtype=d,
-                                   name="trunk")
+                                   name="trunk", pool=self.pool, **layers)
     _, feats = body(x, train=train)
     sizes = dict(dr_grade=self.grade_classes, dme_risk=self.risk_classes,
                  fovea=2, disc=2)

@@ -28,8 +28,11 @@ layer4 at H/8), "embedding", plus:
                 feature matching use it.
   "aux_logits": (N, H, W, num_classes) auxiliary head on layer3, PSPNet
                 with aux=True only; weight its CE by 0.4 as in PSPNet.
+
+The convolution, BatchNorm and max-pool layers are module fields (`conv`,
+`norm`, `pool`; flax's by default), passed down to the ResNet backbone.
 """
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -37,8 +40,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from kd_jax.models import resnet
-from kd_jax.models.layers import Conv
 from kd_jax.models.registry import register
+
+ModuleDef = Any
 
 _SEG_INPUT = (512, 512, 3)
 DEFAULT_INPUT = {
@@ -79,9 +83,11 @@ def adaptive_avg_pool(x, bins: int):
   return jnp.einsum("ih,jw,nhwc->nijc", mh, mw, x)
 
 
-def conv_bn_relu(x, features, kernel, train, dtype, name):
-  x = resnet.conv(features, kernel, dtype=dtype, name=f"{name}_conv")(x)
-  return nn.relu(resnet.batch_norm(train, dtype=dtype, name=f"{name}_bn")(x))
+def conv_bn_relu(x, features, kernel, train, dtype, name, *,
+                 conv: ModuleDef, norm: ModuleDef):
+  x = resnet.conv(conv, features, kernel, dtype=dtype, name=f"{name}_conv")(x)
+  return nn.relu(resnet.batch_norm(norm, train, dtype=dtype,
+                                   name=f"{name}_bn")(x))
 
 
 class SegHead(nn.Module):
@@ -93,14 +99,17 @@ class SegHead(nn.Module):
   channels: int = 256
   dropout: float = 0.1
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    x = conv_bn_relu(x, self.channels, 3, train, self.dtype, "head")
+    x = conv_bn_relu(x, self.channels, 3, train, self.dtype, "head",
+                     conv=self.conv, norm=self.norm)
     y = nn.Dropout(self.dropout, broadcast_dims=(1, 2),
                    deterministic=not train)(x)
-    y = Conv(self.num_classes, (1, 1), dtype=self.dtype,
-             param_dtype=jnp.float32, name="classifier")(y)
+    y = self.conv(self.num_classes, (1, 1), dtype=self.dtype,
+                  param_dtype=jnp.float32, name="classifier")(y)
     return y, x
 
 
@@ -110,17 +119,22 @@ class PyramidPooling(nn.Module):
   channels: int
   bins: Sequence[int] = (1, 2, 3, 6)
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
 
   @nn.compact
   def __call__(self, x, *, train: bool):
+    layers = dict(conv=self.conv, norm=self.norm)
     size = x.shape[1:3]
     pyramid = [x]
     for b in self.bins:
       p = adaptive_avg_pool(x, b)
-      p = conv_bn_relu(p, self.channels, 1, train, self.dtype, f"bin{b}")
+      p = conv_bn_relu(p, self.channels, 1, train, self.dtype, f"bin{b}",
+                       **layers)
       pyramid.append(resize_bilinear(p, size))
     x = jnp.concatenate(pyramid, axis=-1)
-    return conv_bn_relu(x, self.channels, 3, train, self.dtype, "fuse")
+    return conv_bn_relu(x, self.channels, 3, train, self.dtype, "fuse",
+                        **layers)
 
 
 class PSPNet(nn.Module):
@@ -135,28 +149,32 @@ class PSPNet(nn.Module):
   deep_stem: bool = True
   width: int = 64
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
+  pool: Callable = nn.max_pool
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     d = self.dtype
+    layers = dict(conv=self.conv, norm=self.norm)
     size = x.shape[1:3]
     ch = resnet.stage_channels(self.backbone, self.width)
     _, feats = resnet.resnet_by_name(
         self.backbone, num_classes=None, output_stride=8,
         deep_stem=self.deep_stem, width=self.width, dtype=d,
-        name="backbone")(x, train=train)
+        name="backbone", pool=self.pool, **layers)(x, train=train)
     feats = dict(feats)
     y = PyramidPooling(self.head_channels or ch[3] // 4, self.bins, dtype=d,
-                       name="ppm")(feats["layer4"], train=train)
+                       name="ppm", **layers)(feats["layer4"], train=train)
     feats["head"] = y
     y = nn.Dropout(self.dropout, broadcast_dims=(1, 2),
                    deterministic=not train)(y)
-    y = Conv(self.num_classes, (1, 1), dtype=d, param_dtype=jnp.float32,
-             name="classifier")(y)
+    y = self.conv(self.num_classes, (1, 1), dtype=d, param_dtype=jnp.float32,
+                  name="classifier")(y)
     if self.aux:
       aux, _ = SegHead(self.num_classes, self.aux_channels or ch[2] // 2,
-                       self.dropout, dtype=d,
-                       name="aux")(feats["layer3"], train=train)
+                       self.dropout, dtype=d, name="aux", **layers)(
+                           feats["layer3"], train=train)
       feats["aux_logits"] = resize_bilinear(aux, size)
     return resize_bilinear(y, size), feats
 
@@ -185,15 +203,21 @@ class ResNet18Seg(nn.Module):
   deep_stem: bool = False
   width: int = 64
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
+  pool: Callable = nn.max_pool
 
   @nn.compact
   def __call__(self, x, *, train: bool):
+    layers = dict(conv=self.conv, norm=self.norm)
     size = x.shape[1:3]
     _, feats = resnet.ResNet18(
         num_classes=None, output_stride=8, deep_stem=self.deep_stem,
-        width=self.width, dtype=self.dtype, name="backbone")(x, train=train)
+        width=self.width, dtype=self.dtype, name="backbone", pool=self.pool,
+        **layers)(x, train=train)
     feats = dict(feats)
     y, feats["head"] = SegHead(self.num_classes, self.head_channels,
                                self.dropout, dtype=self.dtype,
-                               name="seg_head")(feats["layer4"], train=train)
+                               name="seg_head", **layers)(feats["layer4"],
+                                                          train=train)
     return resize_bilinear(y, size), feats

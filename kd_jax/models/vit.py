@@ -34,6 +34,9 @@ Features (after the final LayerNorm unless stated):
   "patch_map"  the patch tokens as a map (B, H/16, W/16, D), NHWC
   "registers"  register tokens (B, R, D), only when num_registers > 0
   "embedding"  the [CLS] token (B, D)
+
+The patch embedding's convolution layer is a module field (`conv`; flax's
+by default).
 """
 from typing import Any, Optional
 
@@ -41,8 +44,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kd_jax.models.layers import Conv
 from kd_jax.models.registry import register
+
+ModuleDef = Any
 
 DEFAULT_INPUT = {
     "vit_s16": (224, 224, 3),
@@ -144,6 +148,7 @@ class ViT(nn.Module):
     num_registers: register tokens (0 = none).
     layerscale: LayerScale initial value (None disables it).
     dropout_rate: MLP dropout (0 in DINOv2).
+    conv: the patch embedding's convolution layer (flax's by default).
   """
   num_classes: int = 0
   width: int = 768
@@ -156,6 +161,7 @@ class ViT(nn.Module):
   layerscale: Optional[float] = 1e-5
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -165,8 +171,8 @@ class ViT(nn.Module):
           f"ViT(patch={p}) needs NHWC input with height and width divisible "
           f"by {p}; got shape {tuple(x.shape)}")
     b = x.shape[0]
-    x = Conv(self.width, (p, p), strides=(p, p), padding="VALID",
-             dtype=self.dtype, name="patch_embed")(x.astype(self.dtype))
+    x = self.conv(self.width, (p, p), strides=(p, p), padding="VALID",
+                  dtype=self.dtype, name="patch_embed")(x.astype(self.dtype))
     gh, gw = x.shape[1:3]
     x = x.reshape(b, gh * gw, self.width)
 
