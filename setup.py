@@ -26,8 +26,6 @@ setup(
     version="0.1.0",
     description="Knowledge distillation for medical imaging in JAX/Flax.",
     packages=find_packages(include=["kd_jax", "kd_jax.*"]),
-    # The CPU kernels' source, compiled on first use (kd_jax.native).
-    package_data={"kd_jax.native": ["conv3x3.cc"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={

@@ -5,7 +5,7 @@ Three stages in one run, each in its own subfolder of the workdir:
   baseline   a narrow UNet trained alone (CE + Dice)
   distilled  the same narrow UNet distilled from the frozen teacher
              (CE + Dice + channel-wise distillation of the logits)
-Sized to finish in about 10 minutes on a 2-core CPU.
+Sized to finish in minutes on a 2-core CPU.
 
 Why channel-wise distillation (Shu et al., ICCV 2021) and not Hinton KD on
 every pixel: the organs cover a few percent of the pixels, so a per-pixel KL
@@ -14,7 +14,7 @@ student's result swung with the seed, on some seeds below the student alone. CWD
 channel into a distribution over the pixels and matches those, so every
 organ weighs the same. T = 1 keeps those distributions peaked on the organ
 (the paper's T = 4, for 19-class street scenes, spreads them here). The
-measurements behind these choices are in the README ("Default experiment").
+runs behind these choices: docs/default.md.
 """
 import ml_collections
 
@@ -25,6 +25,9 @@ def get_config():
   # float32 on CPU; "bfloat16" computes in bf16 (float32 params and loss) on
   # GPU/TPU.
   config.compute_dtype = "float32"
+  # kd_jax.cpu_layers' forms of flax's layers on a CPU backend (this demo
+  # runs on CPUs); "flax" uses flax's own. Ignored on GPU/TPU.
+  config.layers = "cpu"
   # Small batches, more updates: the narrow student learns each organ in a
   # jump, and 800 updates at batch 8 get it further than 400 at batch 16 for
   # the same compute.

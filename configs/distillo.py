@@ -125,6 +125,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.compute_dtype = "float32" if opts["preset"] == "cpu" else "bfloat16"
+  # The CPU preset trains with kd_jax.cpu_layers' forms (flax's elsewhere).
+  config.layers = "cpu" if opts["preset"] == "cpu" else "flax"
   config.batch_size = p["batch_size"]
   config.epochs = p["epochs"]
   config.steps = (config.get_ref("epochs") * TRAIN_SLICES[opts["dataset"]]

@@ -2,6 +2,10 @@
 
 Any config value can be overridden, e.g. `--config.optimizer.lr=0.01` or
 `--config.stages.teacher.steps=100`.
+
+Importing this module changes nothing in the process. For faster reruns set
+JAX's persistent compilation cache yourself, e.g.
+`JAX_COMPILATION_CACHE_DIR=~/.cache/jax python -m kd_jax.main ...`.
 """
 import sys
 
@@ -9,9 +13,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from kd_jax import runtime, train
-
-runtime.configure()
+from kd_jax import train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.",

@@ -448,7 +448,6 @@ def main(argv):
 if __name__ == "__main__":
   from absl import app
   # --config (with --config.<key> overrides) and --workdir exactly as
-  # training defines and parses them; the import also applies
-  # runtime.configure() (fast compiles, persistent XLA cache).
+  # training defines and parses them.
   from kd_jax import main as train_main
   app.run(main, flags_parser=train_main.parse_flags)

@@ -26,7 +26,7 @@ import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from kd_jax import checkpoint, data, methods, models
+from kd_jax import checkpoint, cpu_layers, data, methods, models
 from kd_jax.evaluate import metrics as metrics_lib
 
 
@@ -245,11 +245,17 @@ def stage_config(config, name):
       steps=int(stage.get("steps", config.steps)), optimizer=opt)
 
 
-def _build_model(model_cfg, num_classes, dtype):
+# `config.layers`: "flax" (flax's own layers) or "cpu" (kd_jax.cpu_layers'
+# pure-JAX forms on a CPU backend, flax's on any other).
+LAYERS = ("flax", "cpu")
+
+
+def _build_model(model_cfg, num_classes, dtype, layers="flax"):
   cfg = dict(model_cfg)
   name = cfg.pop("name")
   cfg.setdefault("num_classes", num_classes)
-  return models.build(name, dtype=dtype, **cfg)
+  model = models.build(name, dtype=dtype, **cfg)
+  return cpu_layers.apply(model) if layers == "cpu" else model
 
 
 class ConfigError(ValueError):
@@ -260,7 +266,7 @@ STAGE_KEYS = {"method", "model", "teacher", "peer", "losses", "steps",
               "optimizer"}
 
 
-def _build_peer(s, name, num_classes, dtype):
+def _build_peer(s, name, num_classes, dtype, layers):
   """The second model of a mutual-learning stage, from `peer=dict(name=...)`."""
   peer = s["peer"]
   peer = peer.to_dict() if hasattr(peer, "to_dict") else peer
@@ -274,7 +280,7 @@ def _build_peer(s, name, num_classes, dtype):
                      f"e.g. peer=dict(name='transunet_tiny'); got "
                      f"peer={peer!r}; models: {', '.join(models.names())}")
   try:
-    return _build_model(peer, num_classes, dtype)
+    return _build_model(peer, num_classes, dtype, layers)
   except (ValueError, TypeError) as e:
     raise ValueError(f"peer {peer}: {e}") from None
 
@@ -287,8 +293,9 @@ def build_method(config, name, workdir, num_classes, load_teacher=True):
   """
   s = stage_config(config, name)
   dtype = jnp.dtype(config.compute_dtype)
-  model = _build_model(s["model"], num_classes, dtype)
-  peer = _build_peer(s, name, num_classes, dtype)
+  layers = config.get("layers", "flax")
+  model = _build_model(s["model"], num_classes, dtype, layers)
+  peer = _build_peer(s, name, num_classes, dtype, layers)
   if peer is not None:
     return methods.build("mutual", model=model, peer=peer,
                          loss_terms=s["losses"]), {}
@@ -299,7 +306,7 @@ def build_method(config, name, workdir, num_classes, load_teacher=True):
   if not t or not t.get("model"):
     raise ValueError(f"stage {name!r}: a distill stage needs teacher="
                      "dict(model=dict(name=...), stage=... or checkpoint=...)")
-  teacher = _build_model(t["model"], num_classes, dtype)
+  teacher = _build_model(t["model"], num_classes, dtype, layers)
   method = methods.build("distill", model=model, teacher=teacher,
                          loss_terms=s["losses"])
   if not load_teacher:
@@ -311,7 +318,8 @@ def build_method(config, name, workdir, num_classes, load_teacher=True):
 
 # Run-wide keys. `epochs` is a config's own FieldReference that its `steps`
 # are computed from; `study` holds a study's settings (kd_jax.study).
-CONFIG_KEYS = {"seed", "compute_dtype", "batch_size", "steps", "epochs",
+CONFIG_KEYS = {"seed", "compute_dtype", "layers", "batch_size", "steps",
+               "epochs",
                "log_every", "eval_every", "checkpoint_every", "optimizer",
                "data", "stage_order", "stages", "teacher_cache", "study"}
 
@@ -324,6 +332,9 @@ def validate(config, workdir, datasets) -> None:
   if bad:
     raise ConfigError(f"unknown config keys {sorted(bad)}; allowed: "
                      f"{sorted(CONFIG_KEYS)}")
+  if config.get("layers", "flax") not in LAYERS:
+    raise ConfigError(f"config.layers={config.layers!r}; choose one of "
+                      f"{list(LAYERS)}")
   order = list(config.stage_order)
   unknown = [n for n in order if n not in config.stages]
   if unknown or not order:

@@ -189,8 +189,7 @@ def main(argv):
 if __name__ == "__main__":
   from absl import app, flags
   # --config (with --config.<key> overrides) and --workdir exactly as
-  # training defines and parses them; the import also applies
-  # runtime.configure() (fast compiles, persistent XLA cache).
+  # training defines and parses them.
   from kd_jax import main as train_main
   flags.DEFINE_list("stages", None, "Stages to evaluate (default: those of "
                     "config.stage_order with a checkpoint).")

@@ -26,9 +26,8 @@ from typing import Any, Optional, Sequence, Union
 import flax.linen as nn
 import jax.numpy as jnp
 
-from kd_jax.models.layers import BatchNorm, Conv
-
 Dtype = Any
+ModuleDef = Any
 
 
 def _check_map_or_tokens(x, who: str):
@@ -48,15 +47,17 @@ class Conv1x1(nn.Module):
   out_features: int
   use_bn: bool = False
   dtype: Dtype = jnp.float32
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
     _check_map_or_tokens(x, "Conv1x1")
     spatial = x.ndim - 2
-    x = Conv(self.out_features, (1,) * spatial, use_bias=not self.use_bn,
-             dtype=self.dtype, name="conv")(x)
+    x = self.conv(self.out_features, (1,) * spatial,
+                  use_bias=not self.use_bn, dtype=self.dtype, name="conv")(x)
     if self.use_bn:
-      x = BatchNorm(use_running_average=not train, momentum=0.9,
+      x = self.norm(use_running_average=not train, momentum=0.9,
                     dtype=self.dtype, name="bn")(x)
     return x
 

@@ -28,13 +28,14 @@ Features (NHWC, H×W the input size, s = output_stride):
   "layer4":    H/32, 512 | 2048  (H/16 when s = 16, H/8 when s = 8)
   "embedding": (N, C4) global average of "layer4"
 Channel figures are for width 64.
+
+Layers are module fields (`conv`, `norm`, `pool`), flax's own by default.
 """
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from kd_jax.models.layers import BatchNorm, Conv, max_pool
 from kd_jax.models.registry import register
 
 DEFAULT_INPUT = {
@@ -51,21 +52,26 @@ RECIPES = {
 }
 
 
-def conv(features: int, kernel: int, *, stride: int = 1, dilation: int = 1,
-         dtype: Any = jnp.float32, name: Optional[str] = None) -> nn.Conv:
-  """Bias-free conv with torch-style symmetric padding."""
+ModuleDef = Any
+
+
+def conv(conv_cls: ModuleDef, features: int, kernel: int, *, stride: int = 1,
+         dilation: int = 1, dtype: Any = jnp.float32,
+         name: Optional[str] = None) -> nn.Conv:
+  """A bias-free `conv_cls` with torch-style symmetric padding."""
   pad = dilation * (kernel - 1) // 2
-  return Conv(features, (kernel, kernel), strides=stride,
-              kernel_dilation=dilation, padding=[(pad, pad), (pad, pad)],
-              use_bias=False, dtype=dtype, param_dtype=jnp.float32,
-              name=name)
+  return conv_cls(features, (kernel, kernel), strides=stride,
+                  kernel_dilation=dilation, padding=[(pad, pad), (pad, pad)],
+                  use_bias=False, dtype=dtype, param_dtype=jnp.float32,
+                  name=name)
 
 
-def batch_norm(train: bool, *, dtype: Any = jnp.float32,
+def batch_norm(norm_cls: ModuleDef, train: bool, *, dtype: Any = jnp.float32,
                epsilon: float = 1e-5, name: Optional[str] = None):
-  return BatchNorm(use_running_average=not train, momentum=0.9,
-                   epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32,
-                   name=name)
+  """`norm_cls` with torch's momentum (0.1, i.e. 0.9 here) and epsilon."""
+  return norm_cls(use_running_average=not train, momentum=0.9,
+                  epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32,
+                  name=name)
 
 
 class BasicBlock(nn.Module):
@@ -74,18 +80,20 @@ class BasicBlock(nn.Module):
   stride: int = 1
   dilation: int = 1
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
   expansion = 1
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     d = self.dtype
-    y = conv(self.features, 3, stride=self.stride, dilation=self.dilation,
-             dtype=d, name="conv1")(x)
-    y = nn.relu(batch_norm(train, dtype=d, name="bn1")(y))
-    y = conv(self.features, 3, dilation=self.dilation, dtype=d,
+    y = conv(self.conv, self.features, 3, stride=self.stride,
+             dilation=self.dilation, dtype=d, name="conv1")(x)
+    y = nn.relu(batch_norm(self.norm, train, dtype=d, name="bn1")(y))
+    y = conv(self.conv, self.features, 3, dilation=self.dilation, dtype=d,
              name="conv2")(y)
-    y = batch_norm(train, dtype=d, name="bn2")(y)
-    return nn.relu(y + _shortcut(x, self.features, self.stride, train, d))
+    y = batch_norm(self.norm, train, dtype=d, name="bn2")(y)
+    return nn.relu(y + _shortcut(self, x, self.features, self.stride, train))
 
 
 class Bottleneck(nn.Module):
@@ -94,33 +102,31 @@ class Bottleneck(nn.Module):
   stride: int = 1
   dilation: int = 1
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
   expansion = 4
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     d = self.dtype
-    y = conv(self.features, 1, dtype=d, name="conv1")(x)
-    y = nn.relu(batch_norm(train, dtype=d, name="bn1")(y))
-    y = conv(self.features, 3, stride=self.stride, dilation=self.dilation,
-             dtype=d, name="conv2")(y)
-    y = nn.relu(batch_norm(train, dtype=d, name="bn2")(y))
-    y = conv(self.features * 4, 1, dtype=d, name="conv3")(y)
-    y = batch_norm(train, dtype=d, name="bn3")(y)
-    return nn.relu(y + _shortcut(x, self.features * 4, self.stride, train, d))
+    y = conv(self.conv, self.features, 1, dtype=d, name="conv1")(x)
+    y = nn.relu(batch_norm(self.norm, train, dtype=d, name="bn1")(y))
+    y = conv(self.conv, self.features, 3, stride=self.stride,
+             dilation=self.dilation, dtype=d, name="conv2")(y)
+    y = nn.relu(batch_norm(self.norm, train, dtype=d, name="bn2")(y))
+    y = conv(self.conv, self.features * 4, 1, dtype=d, name="conv3")(y)
+    y = batch_norm(self.norm, train, dtype=d, name="bn3")(y)
+    return nn.relu(y + _shortcut(self, x, self.features * 4, self.stride, train))
 
 
-def _shortcut(x, features, stride, train, dtype):
+def _shortcut(block, x, features, stride, train):
   if stride == 1 and x.shape[-1] == features:
     return x
-  # Called inside the parent block's compact scope, so these names are the
-  # block's own submodules.
-  x = conv(features, 1, stride=stride, dtype=dtype, name="proj_conv")(x)
-  return batch_norm(train, dtype=dtype, name="proj_bn")(x)
-
-
-def max_pool_3x3_s2(x):
-  # Padding with -inf (reduce_window's init), as torch's MaxPool2d(3, 2, 1).
-  return max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
+  # Called inside the block's compact scope, so these names are the block's
+  # own submodules.
+  x = conv(block.conv, features, 1, stride=stride, dtype=block.dtype,
+           name="proj_conv")(x)
+  return batch_norm(block.norm, train, dtype=block.dtype, name="proj_bn")(x)
 
 
 def stage_strides(output_stride: int) -> tuple[tuple[int, int], ...]:
@@ -144,6 +150,9 @@ class ResNet(nn.Module):
   deep_stem: bool = False
   width: int = 64
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
+  pool: Callable = nn.max_pool
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -152,20 +161,22 @@ class ResNet(nn.Module):
     feats = {}
     if self.deep_stem:
       for i, ch in enumerate((w, w, 2 * w)):
-        x = conv(ch, 3, stride=2 if i == 0 else 1, dtype=d,
+        x = conv(self.conv, ch, 3, stride=2 if i == 0 else 1, dtype=d,
                  name=f"stem_conv{i + 1}")(x)
-        x = nn.relu(batch_norm(train, dtype=d, name=f"stem_bn{i + 1}")(x))
+        x = nn.relu(batch_norm(self.norm, train, dtype=d,
+                               name=f"stem_bn{i + 1}")(x))
     else:
-      x = conv(w, 7, stride=2, dtype=d, name="stem_conv")(x)
-      x = nn.relu(batch_norm(train, dtype=d, name="stem_bn")(x))
+      x = conv(self.conv, w, 7, stride=2, dtype=d, name="stem_conv")(x)
+      x = nn.relu(batch_norm(self.norm, train, dtype=d, name="stem_bn")(x))
     feats["stem"] = x
-    x = max_pool_3x3_s2(x)
+    # Padding with -inf (reduce_window's init), as torch's MaxPool2d(3, 2, 1).
+    x = self.pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for i, (n, (stride, dilation)) in enumerate(
         zip(self.stage_sizes, stage_strides(self.output_stride))):
       for j in range(n):
         x = block_cls(w * 2**i, stride=stride if j == 0 else 1,
-                      dilation=dilation, dtype=d,
-                      name=f"layer{i + 1}_{j}")(x, train=train)
+                      dilation=dilation, dtype=d, conv=self.conv,
+                      norm=self.norm, name=f"layer{i + 1}_{j}")(x, train=train)
       feats[f"layer{i + 1}"] = x
     feats["embedding"] = jnp.mean(x, axis=(1, 2))
     logits = None

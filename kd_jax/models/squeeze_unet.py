@@ -30,13 +30,15 @@ Features (NHWC unless stated):
   "bottleneck"          the deepest map, 1/2^depth of the input side, 16w ch
   "dec{depth}".."dec1"  decoder stage outputs; "dec{i}" matches "enc{i}"
   "embedding"           global average of "bottleneck", (B, 16w)
+
+Layers are module fields (`conv`, `norm`, `conv_transpose`, `pool`), flax's
+own by default.
 """
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from kd_jax.models.layers import BatchNorm, Conv, ConvTranspose, max_pool_2x2
 from kd_jax.models.registry import register
 
 # Registered name → default (H, W, C): Synapse CT slices.
@@ -46,21 +48,26 @@ RECIPES = {
 }
 
 
-def _bn(train: bool, dtype, name=None):
-  return BatchNorm(use_running_average=not train, momentum=0.9,
-                   dtype=dtype, name=name)
+ModuleDef = Any
+
+
+def _bn(norm: ModuleDef, train: bool, dtype, name=None):
+  return norm(use_running_average=not train, momentum=0.9, dtype=dtype,
+              name=name)
 
 
 class ConvBNReLU(nn.Module):
   features: int
   kernel: int = 3
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    x = Conv(self.features, (self.kernel, self.kernel), use_bias=False,
-             dtype=self.dtype, name="conv")(x)
-    return nn.relu(_bn(train, self.dtype, "bn")(x))
+    x = self.conv(self.features, (self.kernel, self.kernel), use_bias=False,
+                  dtype=self.dtype, name="conv")(x)
+    return nn.relu(_bn(self.norm, train, self.dtype, "bn")(x))
 
 
 class Fire(nn.Module):
@@ -73,24 +80,28 @@ class Fire(nn.Module):
   squeeze: int
   up: bool = False
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
+  conv_transpose: ModuleDef = nn.ConvTranspose
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    x = ConvBNReLU(self.squeeze, 1, self.dtype, name="squeeze")(x, train=train)
+    x = ConvBNReLU(self.squeeze, 1, self.dtype, self.conv, self.norm,
+                   name="squeeze")(x, train=train)
     half = self.features // 2
     if self.up:
-      a = ConvTranspose(half, (2, 2), strides=(2, 2), use_bias=False,
-                        dtype=self.dtype, name="expand1")(x)
-      b = ConvTranspose(self.features - half, (3, 3), strides=(2, 2),
-                        use_bias=False, dtype=self.dtype,
-                        name="expand3")(x)
+      a = self.conv_transpose(half, (2, 2), strides=(2, 2), use_bias=False,
+                              dtype=self.dtype, name="expand1")(x)
+      b = self.conv_transpose(self.features - half, (3, 3), strides=(2, 2),
+                              use_bias=False, dtype=self.dtype,
+                              name="expand3")(x)
     else:
-      a = Conv(half, (1, 1), use_bias=False, dtype=self.dtype,
-               name="expand1")(x)
-      b = Conv(self.features - half, (3, 3), use_bias=False,
-               dtype=self.dtype, name="expand3")(x)
-    a = nn.relu(_bn(train, self.dtype, "bn1")(a))
-    b = nn.relu(_bn(train, self.dtype, "bn3")(b))
+      a = self.conv(half, (1, 1), use_bias=False, dtype=self.dtype,
+                    name="expand1")(x)
+      b = self.conv(self.features - half, (3, 3), use_bias=False,
+                    dtype=self.dtype, name="expand3")(x)
+    a = nn.relu(_bn(self.norm, train, self.dtype, "bn1")(a))
+    b = nn.relu(_bn(self.norm, train, self.dtype, "bn3")(b))
     return jnp.concatenate([a, b], axis=-1)
 
 
@@ -112,10 +123,14 @@ class SqueezeUNet(nn.Module):
   squeeze_ratio: int = 8
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
+  conv_transpose: ModuleDef = nn.ConvTranspose
+  pool: Callable = nn.max_pool
 
   def _fire(self, ch, name, up=False):
     return Fire(ch, max(ch // self.squeeze_ratio, 4), up, self.dtype,
-                name=name)
+                self.conv, self.norm, self.conv_transpose, name=name)
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -130,17 +145,18 @@ class SqueezeUNet(nn.Module):
     for i in range(self.depth):
       ch = self.width * 2**i
       if i == 0:
-        x = ConvBNReLU(ch, 3, self.dtype, name="stem")(x, train=train)
+        x = ConvBNReLU(ch, 3, self.dtype, self.conv, self.norm,
+                       name="stem")(x, train=train)
         x = self._fire(ch, "enc1_fire1")(x, train=train)
       else:
-        x = max_pool_2x2(x)
+        x = self.pool(x, (2, 2), strides=(2, 2))
         x = self._fire(ch, f"enc{i + 1}_fire1")(x, train=train)
         x = self._fire(ch, f"enc{i + 1}_fire2")(x, train=train)
       features[f"enc{i + 1}"] = x
       skips.append(x)
 
     ch = self.width * side
-    x = max_pool_2x2(x)
+    x = self.pool(x, (2, 2), strides=(2, 2))
     x = self._fire(ch, "bottleneck_fire1")(x, train=train)
     x = self._fire(ch, "bottleneck_fire2")(x, train=train)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
@@ -154,6 +170,6 @@ class SqueezeUNet(nn.Module):
       x = self._fire(ch, f"dec{i + 1}_fire")(x, train=train)
       features[f"dec{i + 1}"] = x
 
-    logits = Conv(self.num_classes, (1, 1), dtype=self.dtype,
+    logits = self.conv(self.num_classes, (1, 1), dtype=self.dtype,
                   name="head")(x)
     return logits, features

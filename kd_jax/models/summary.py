@@ -10,10 +10,7 @@
   memory is allocated and even PSPNet-ResNet101 counts in about a second.
 * `flops` is XLA's cost analysis of the jitted eval-mode forward
   (`model.apply(variables, x, train=False)`), lowered as for a GPU and
-  never run: the model's own count, without kd_jax's CPU-only rewrites
-  (`kd_jax.models.layers`: e.g. column pairs, which trade 4/3 the
-  multiply-adds for speed on XLA:CPU). XLA
-  counts a multiply-add as two FLOPs, so ResNet-50 at 224² reads ≈ 8.0e9
+  never run. XLA counts a multiply-add as two FLOPs, so ResNet-50 at 224² reads ≈ 8.0e9
   where papers quoting "GFLOPs" as multiply-adds say 4.1. Elementwise work
   (BatchNorm, activations, resizes) is included; convolution taps that fall
   on zero padding are not. The number is for the

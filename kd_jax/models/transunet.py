@@ -19,6 +19,9 @@ channels (256, 128, 64, 16); the first three concatenate the CNN skips at
 segmentation head. A 1-channel input is repeated to 3 channels (CT slices,
 as the reference does), so the count does not depend on the input channels.
 
+Layers are module fields (`conv`, `norm`, `std_conv`, `pool`), flax's own by
+default; `StdConv` subclasses `nn.Conv`.
+
 `transunet_b16` at 224² with 9 classes has 105,277,081 parameters (the
 paper's 105.28 M; the same tensors as the reference code) and 2,880
 BatchNorm statistics. Differences from the reference code that do not change
@@ -43,13 +46,13 @@ Features (NHWC maps, NLD tokens):
                        side with decoder_channels[i] ch
   "embedding"          mean of the "encoder" tokens, (B, hidden)
 """
-from typing import Any, Sequence
+from functools import partial
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kd_jax.models.layers import BatchNorm, Conv, max_pool
 from kd_jax.models.registry import register
 from kd_jax.models.vit import Block, resize_pos_embed
 
@@ -63,27 +66,28 @@ RECIPES = {
 }
 
 
-class StdConv(nn.Module):
-  """Conv with weight standardisation (per output channel, ε = 1e-5), no
-  bias, symmetric (k-1)/2 padding."""
-  features: int
-  kernel: int
-  strides: int = 1
-  dtype: Any = jnp.float32
+ModuleDef = Any
 
-  @nn.compact
-  def __call__(self, x):
-    w = self.param("kernel", nn.initializers.he_normal(),
-                   (self.kernel, self.kernel, x.shape[-1], self.features),
-                   jnp.float32)
-    mean = jnp.mean(w, axis=(0, 1, 2), keepdims=True)
-    var = jnp.var(w, axis=(0, 1, 2), keepdims=True)
-    w = (w - mean) * jax.lax.rsqrt(var + 1e-5)
-    pad = (self.kernel - 1) // 2
-    return jax.lax.conv_general_dilated(
-        x.astype(self.dtype), w.astype(self.dtype),
-        (self.strides, self.strides), [(pad, pad), (pad, pad)],
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+class StdConv(nn.Conv):
+  """`nn.Conv` with weight standardisation (per output channel, ε = 1e-5)."""
+
+  def param(self, name, init_fn, *init_args, **init_kwargs):
+    param = super().param(name, init_fn, *init_args, **init_kwargs)
+    if name == "kernel":
+      mean = jnp.mean(param, axis=(0, 1, 2), keepdims=True)
+      var = jnp.var(param, axis=(0, 1, 2), keepdims=True)
+      param = (param - mean) * jax.lax.rsqrt(var + 1e-5)
+    return param
+
+
+def _std_conv(std_conv, features, kernel, strides, dtype, name):
+  """Bias-free, He-initialised, symmetric (k-1)/2 padding (the reference)."""
+  pad = (kernel - 1) // 2
+  return std_conv(features, (kernel, kernel), strides=strides,
+                  padding=[(pad, pad), (pad, pad)], use_bias=False,
+                  kernel_init=nn.initializers.he_normal(), dtype=dtype,
+                  name=name)
 
 
 def _gn(ch, dtype, name, eps=1e-6, groups=32):
@@ -97,21 +101,22 @@ class Bottleneck(nn.Module):
   mid: int
   strides: int = 1
   dtype: Any = jnp.float32
+  std_conv: ModuleDef = StdConv
 
   @nn.compact
   def __call__(self, x):
+    conv = partial(_std_conv, self.std_conv, dtype=self.dtype)
     residual = x
     if self.strides != 1 or x.shape[-1] != self.features:
-      residual = StdConv(self.features, 1, self.strides, self.dtype,
-                         name="proj")(x)
+      residual = conv(self.features, 1, self.strides, name="proj")(x)
       # One group per channel, with PyTorch's default ε, as the reference.
       residual = nn.GroupNorm(num_groups=self.features, epsilon=1e-5,
                               dtype=self.dtype, name="gn_proj")(residual)
-    y = StdConv(self.mid, 1, 1, self.dtype, name="conv1")(x)
+    y = conv(self.mid, 1, 1, name="conv1")(x)
     y = nn.relu(_gn(self.mid, self.dtype, "gn1")(y))
-    y = StdConv(self.mid, 3, self.strides, self.dtype, name="conv2")(y)
+    y = conv(self.mid, 3, self.strides, name="conv2")(y)
     y = nn.relu(_gn(self.mid, self.dtype, "gn2")(y))
-    y = StdConv(self.features, 1, 1, self.dtype, name="conv3")(y)
+    y = conv(self.features, 1, 1, name="conv3")(y)
     y = _gn(self.features, self.dtype, "gn3")(y)
     return nn.relu(residual + y)
 
@@ -119,12 +124,14 @@ class Bottleneck(nn.Module):
 class ConvBNReLU(nn.Module):
   features: int
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    x = Conv(self.features, (3, 3), padding=1, use_bias=False,
-             dtype=self.dtype, name="conv")(x)
-    x = BatchNorm(use_running_average=not train, momentum=0.9,
+    x = self.conv(self.features, (3, 3), padding=1, use_bias=False,
+                  dtype=self.dtype, name="conv")(x)
+    x = self.norm(use_running_average=not train, momentum=0.9,
                   epsilon=1e-5, dtype=self.dtype, name="bn")(x)
     return nn.relu(x)
 
@@ -159,6 +166,10 @@ class TransUNet(nn.Module):
   decoder_channels: Sequence[int] = (256, 128, 64, 16)
   dropout_rate: float = 0.1
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
+  std_conv: ModuleDef = StdConv
+  pool: Callable = nn.max_pool
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -177,22 +188,23 @@ class TransUNet(nn.Module):
 
     # ResNetV2 trunk.
     w = self.resnet_width
-    x = StdConv(w, 7, 2, self.dtype, name="root_conv")(x)
+    x = _std_conv(self.std_conv, w, 7, 2, self.dtype, name="root_conv")(x)
     x = nn.relu(_gn(w, self.dtype, "root_gn")(x))
     features["cnn.root"] = x
-    x = max_pool(x, (3, 3), (2, 2), "SAME")
+    x = self.pool(x, (3, 3), strides=(2, 2), padding="SAME")
     for s, units in enumerate(self.resnet_blocks):
       out, mid = w * 4 * 2**s, w * 2**s
       for u in range(units):
         x = Bottleneck(out, mid, 2 if (u == 0 and s > 0) else 1, self.dtype,
-                       name=f"block{s + 1}_unit{u + 1}")(x)
+                       self.std_conv, name=f"block{s + 1}_unit{u + 1}")(x)
       features[f"cnn.block{s + 1}"] = x
     skips = [features["cnn.block2"], features["cnn.block1"],
              features["cnn.root"]]
 
     # ViT on the 1/16 map.
     b, gh, gw, _ = x.shape
-    x = Conv(self.hidden, (1, 1), dtype=self.dtype, name="patch_embed")(x)
+    x = self.conv(self.hidden, (1, 1), dtype=self.dtype,
+                  name="patch_embed")(x)
     x = x.reshape(b, gh * gw, self.hidden)
     g0 = self.image_size // 16
     pos = self.param("pos_embed", nn.initializers.normal(0.02),
@@ -210,16 +222,17 @@ class TransUNet(nn.Module):
     features["bottleneck"] = x
 
     # Cascaded upsampler.
-    x = ConvBNReLU(self.head_channels, self.dtype, name="conv_more")(
-        x, train=train)
+    cbr = partial(ConvBNReLU, dtype=self.dtype, conv=self.conv,
+                  norm=self.norm)
+    x = cbr(self.head_channels, name="conv_more")(x, train=train)
     for i, ch in enumerate(self.decoder_channels):
       x = _upsample2(x)
       if i < len(skips):
         x = jnp.concatenate([x, skips[i].astype(x.dtype)], axis=-1)
-      x = ConvBNReLU(ch, self.dtype, name=f"decoder{i}_conv1")(x, train=train)
-      x = ConvBNReLU(ch, self.dtype, name=f"decoder{i}_conv2")(x, train=train)
+      x = cbr(ch, name=f"decoder{i}_conv1")(x, train=train)
+      x = cbr(ch, name=f"decoder{i}_conv2")(x, train=train)
       features[f"decoder.block{i}"] = x
-    logits = Conv(self.num_classes, (3, 3), padding=1, dtype=self.dtype,
+    logits = self.conv(self.num_classes, (3, 3), padding=1, dtype=self.dtype,
                   name="segmentation_head")(x)
     return logits, features
 

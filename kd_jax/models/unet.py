@@ -11,13 +11,16 @@ Features (NHWC unless stated):
   "bottleneck"          the deepest map, 1/2^depth of the input side
   "dec{depth}".."dec1"  decoder stage outputs; "dec1" is at full resolution
   "embedding"           global average of "bottleneck", (B, C)
+
+Layers are module fields (`conv`, `norm`, `conv_transpose`, `pool`), flax's
+own by default.
 """
-from typing import Any
+from functools import partial
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from kd_jax.models.layers import BatchNorm, Conv, ConvTranspose, max_pool_2x2
 from kd_jax.models.registry import register
 
 DEFAULT_INPUT = {"unet": (128, 128, 1)}
@@ -25,15 +28,21 @@ DEFAULT_KWARGS = {"unet": {"num_classes": 9}}
 RECIPES = {"unet": "default recipe: teacher (width 16) and student (width 8)"}
 
 
+ModuleDef = Any
+
+
 class ConvBlock(nn.Module):
   features: int
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     for _ in range(2):
-      x = Conv(self.features, (3, 3), use_bias=False, dtype=self.dtype)(x)
-      x = BatchNorm(use_running_average=not train, momentum=0.9,
+      x = self.conv(self.features, (3, 3), use_bias=False,
+                    dtype=self.dtype)(x)
+      x = self.norm(use_running_average=not train, momentum=0.9,
                     dtype=self.dtype)(x)
       x = nn.relu(x)
     return x
@@ -45,6 +54,10 @@ class UNet(nn.Module):
   width: int = 32
   depth: int = 4
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
+  conv_transpose: ModuleDef = nn.ConvTranspose
+  pool: Callable = nn.max_pool
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -55,25 +68,25 @@ class UNet(nn.Module):
           f"by {side}, got {x.shape[1:3]}; resize or crop the input, or lower "
           "depth")
     x = x.astype(self.dtype)
+    block = partial(ConvBlock, dtype=self.dtype, conv=self.conv,
+                    norm=self.norm)
     features = {}
     skips = []
     for i in range(self.depth):
-      x = ConvBlock(self.width * 2**i, self.dtype, name=f"enc{i + 1}")(
-          x, train=train)
+      x = block(self.width * 2**i, name=f"enc{i + 1}")(x, train=train)
       features[f"enc{i + 1}"] = x
       skips.append(x)
-      x = max_pool_2x2(x)
-    x = ConvBlock(self.width * 2**self.depth, self.dtype, name="bottleneck")(
-        x, train=train)
+      x = self.pool(x, (2, 2), strides=(2, 2))
+    x = block(self.width * 2**self.depth, name="bottleneck")(x, train=train)
     features["bottleneck"] = x
     features["embedding"] = jnp.mean(x, axis=(1, 2))
     for i in reversed(range(self.depth)):
       ch = self.width * 2**i
-      x = ConvTranspose(ch, (2, 2), strides=(2, 2), dtype=self.dtype,
-                        name=f"up{i + 1}")(x)
+      x = self.conv_transpose(ch, (2, 2), strides=(2, 2), dtype=self.dtype,
+                              name=f"up{i + 1}")(x)
       x = jnp.concatenate([x, skips[i]], axis=-1)
-      x = ConvBlock(ch, self.dtype, name=f"dec{i + 1}")(x, train=train)
+      x = block(ch, name=f"dec{i + 1}")(x, train=train)
       features[f"dec{i + 1}"] = x
-    logits = Conv(self.num_classes, (1, 1), dtype=self.dtype,
+    logits = self.conv(self.num_classes, (1, 1), dtype=self.dtype,
                   name="head")(x)
     return logits, features
