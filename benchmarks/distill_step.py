@@ -5,9 +5,11 @@
     python benchmarks/distill_step.py --pair=default --teacher_cache
     python benchmarks/distill_step.py --pair=transunet_squeeze --rounds=3
     python benchmarks/distill_step.py --pair=vit_efficientvit
-    python benchmarks/distill_step.py --pair=unet_large --steps=2 \
-        --variant="2:--xla_cpu_experimental_ynn_fusion_type=" \
-        --variant="1:patch=flax_conv_transpose" --torch_threads=0,1 --profile
+    python benchmarks/distill_step.py --pair=default --layers=cpu,flax \
+        --torch_threads=0,1 --profile
+    git worktree add --detach /tmp/kd_old <commit>   # an older kd_jax
+    python benchmarks/distill_step.py --pair=default --layers=cpu,flax \
+        --variant="1:tree=/tmp/kd_old KD_JAX_NATIVE=0"
 
 One step = teacher forward (eval mode, frozen) + student forward/backward +
 optimizer update, with the loss of configs/default.py's distilled stage
@@ -15,7 +17,7 @@ optimizer update, with the loss of configs/default.py's distilled stage
 pair gives its own (`losses`: vit_efficientvit's), AdamW with
 warm-up/cosine schedule and global-norm clipping, at `--batch` (16 unless
 given). Pairs: `default` (configs/default.py's teacher and student: UNet
-width 16 → 8 since 2026-11-23 14:58, → 4 before; depth 3, 64²),
+width 16 → 8, depth 3, 64²),
 `unet_large` (UNet 32 → 16, depth 4, 128²: 7.8 M → 1.9 M parameters) and
 `transunet_squeeze` (transunet_tiny → squeeze_unet, 128²) and
 `pspnet_resnet18` (pspnet_resnet101 → pspnet_resnet18, deep-stem dilated
@@ -32,14 +34,23 @@ would); 9 classes.
 
 * kd_jax side: the trainer's own pieces (`train.build_method`,
   `init_state`, `make_optimizer`, `make_train_step`, `jit_train_step` over
-  `make_mesh()`, `kd_jax.runtime.configure()`), compiled ahead of time so
-  the compile is timed on its own (cold: no persistent cache unless
-  `--compile_cache`). `--devices=N` shards the batch over N virtual host
-  devices (`--xla_force_host_platform_device_count=N`, set before jax is
+  `make_mesh()`), compiled ahead of time so the compile is timed on its
+  own (cold: no persistent cache unless `--compile_cache`), with the
+  config's `layers` (flax's own, or kd_jax.cpu_layers' CPU forms) unless
+  `--layers` names them: a comma list (`cpu,flax`) runs one kd_jax worker
+  per value. `--devices=N` shards the batch over N virtual host devices
+  (`--xla_force_host_platform_device_count=N`, set before jax is
   imported); a comma list (`1,8`) runs one kd_jax worker per count, and
-  `--variant=N:OPTIONS` adds a worker with extra XLA flags and/or an
-  experimental change (`patch=NAME`, see PATCHES) and/or another step
-  (`mode=NAME`, see MODES). `--teacher_cache` adds two workers: the step
+  `--variant=N:OPTIONS` adds a worker with any of: extra XLA flags,
+  `layers=NAME`, another step (`mode=NAME`, see MODES), environment
+  variables (`NAME=VALUE`, upper case) and `tree=PATH`: kd_jax and
+  configs/ from another checkout (that worker's PYTHONPATH and working
+  folder), so that an older kd_jax (a `git worktree`) and this one are
+  timed in one run; a tree whose kd_jax has a `runtime.configure()` gets
+  it called, as its `kd_jax.main` did. The PyTorch twins start from the
+  initial weights of this checkout's first distill worker; a `tree=`
+  worker draws its own, so its first-step loss may differ.
+  `--teacher_cache` adds two workers: the step
   fed a teacher cache (`config.teacher_cache`: the batch carries the
   teacher outputs, built by `train.build_teacher_cache`) and the student
   trained alone (CE + Dice), and prints their ratio; each also times its
@@ -165,30 +176,10 @@ def mfu(flops_per_step, step_s, peak_per_device, devices):
 
 def cost_analysis_flops(compiled):
   """FLOPs XLA's cost analysis counts for a compiled program (one device's
-  share of an SPMD program; a multiply-add counts 2), plus those of
-  kd_jax's direct convolutions (custom calls, which it counts as 0)."""
+  share of an SPMD program; a multiply-add counts 2)."""
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
-  return float(cost.get("flops", 0.0)) + native_conv_flops(compiled.as_text())
-
-
-_NATIVE_CALL = re.compile(
-    r"= f32\[([\d,]+)\]\S* custom-call\(.*custom_call_target="
-    r"\"kd_jax_conv3x3_(forward|kernel)\".*operand_layout_constraints="
-    r"\{f32\[([\d,]+)\]\S*, f32\[([\d,]+)\]")
-
-
-def native_conv_flops(hlo_text):
-  """2 · C_in · C_out per kernel tap that meets the image, as XLA counts its
-  own convolutions, for each `kd_jax.native` call in an HLO module's text:
-  (3H − 2)(3W − 2) taps per image of the output (forward) or of the output
-  gradient (kernel gradient)."""
-  total = 0
-  for out, kind, a, b in _NATIVE_CALL.findall(hlo_text):
-    out, a, b = ([int(d) for d in dims.split(",")] for dims in (out, a, b))
-    n, h, w, cout = out if kind == "forward" else b  # y, or dy for dw
-    total += 2 * n * (3 * h - 2) * (3 * w - 2) * a[3] * cout
-  return total
+  return float(cost.get("flops", 0.0))
 
 
 def parse_args(argv=None):
@@ -209,12 +200,16 @@ def parse_args(argv=None):
   p.add_argument("--devices", default="1",
                  help="virtual host devices of the kd_jax side; a comma list "
                  "(1,8) runs one kd_jax worker per count")
+  p.add_argument("--layers", default="",
+                 help="config.layers of the kd_jax workers, a comma list "
+                 "(flax,cpu) running one worker per value on each --devices "
+                 "count (default: the config's own)")
   p.add_argument("--variant", action="append", default=[],
                  help="N:OPTIONS, one more kd_jax worker on N devices; "
-                 "OPTIONS (space-separated) are extra XLA flags, "
-                 "init_opt=LEVEL (as --init_opt_level) and patch=NAME, an "
-                 f"experiment from PATCHES ({', '.join(sorted(PATCHES))}) "
-                 "(repeatable)")
+                 "OPTIONS (space-separated): mode=NAME (see MODES), "
+                 "layers=NAME, tree=PATH (kd_jax and configs/ from another "
+                 "checkout), NAME=VALUE (an environment variable, upper "
+                 "case) and --xla... flags (repeatable)")
   p.add_argument("--teacher_cache", action="store_true",
                  help="also time the step fed a teacher cache and the "
                  "student-only step (two more kd_jax workers, on the first "
@@ -228,9 +223,6 @@ def parse_args(argv=None):
                  "kind is not in PEAK_FLOPS")
   p.add_argument("--xla_flags", default="",
                  help="extra XLA_FLAGS for every kd_jax worker")
-  p.add_argument("--torch_retain_freed_memory", action="store_true",
-                 help="add a PyTorch worker per thread count with kd_jax's "
-                 "malloc setting (runtime.retain_freed_memory)")
   p.add_argument("--torch_threads", default="0",
                  help="torch.set_num_threads per PyTorch worker, comma list "
                  "(0: PyTorch's default, one per core)")
@@ -257,11 +249,12 @@ def parse_args(argv=None):
   return args
 
 
-def pair_config(pair, size):
-  """(config, teacher model cfg, student model cfg) of `pair`. Needs only
-  ml_collections, so every process (and the parent) can call it."""
-  if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+def pair_config(pair, size, root=REPO):
+  """(config, teacher model cfg, student model cfg) of `pair`, from the
+  configs/default.py of the checkout at `root`. Needs only ml_collections,
+  so every process (and the parent) can call it."""
+  if root not in sys.path:
+    sys.path.insert(0, root)
   from configs import default  # pylint: disable=import-outside-toplevel
 
   def sized(model):  # A model learned for one input side gets this one.
@@ -320,154 +313,28 @@ def _load_batch(args):
     return {"image": b["image"], "label": b["label"]}
 
 
-# ----------------------------------------------------------------------------
-# Experiments: changes to kd_jax tried in a worker only (`--variant=1:patch=X`)
-# before proposing them. Each keeps the parameters (names, shapes, init) and
-# the maths, so the first-step loss must equal the unpatched worker's.
-
-
-def _patch_flax_batchnorm():
-  """flax's `nn.BatchNorm` (autodiff through its statistics) in every model
-  again, in place of `kd_jax.models.layers.BatchNorm`."""
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
-
-  from kd_jax.models import layers  # pylint: disable=import-outside-toplevel
-
-  _replace_in_models(layers.BatchNorm, nn.BatchNorm)
-
-
-def _patch_flax_conv():
-  """flax's `nn.Conv` with XLA's convolution in every model again, in place
-  of `kd_jax.models.layers.Conv` (one-channel and 1×1 convolutions as
-  matmuls on CPU)."""
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
-
-  from kd_jax.models import layers  # pylint: disable=import-outside-toplevel
-
-  _replace_in_models(layers.Conv, nn.Conv)
-
-
-def _patch_flax_conv_transpose():
-  """flax's `nn.ConvTranspose` (XLA's transposed convolution; on XLA:CPU its
-  kernel gradient is a convolution with an image-sized window) in place of
-  `kd_jax.models.layers.ConvTranspose` in every model."""
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
-
-  from kd_jax.models import layers  # pylint: disable=import-outside-toplevel
-
-  _replace_in_models(layers.ConvTranspose, nn.ConvTranspose)
-
-
-def _patch_unpaired_conv():
-  """XLA's convolution again for the few-channel 3×3 convolutions that
-  `kd_jax.models.layers` computes over column pairs on CPU."""
-  from kd_jax.models import layers  # pylint: disable=import-outside-toplevel
-
-  layers._pair_form = lambda *_: None  # pylint: disable=protected-access
-
-
-def _patch_no_native():
-  """XLA's convolution (or the column pairs) again where
-  `kd_jax.models.layers` runs kd_jax's direct 3×3 kernels on CPU; the same
-  as KD_JAX_NATIVE=0 for this worker."""
-  from kd_jax.models import layers  # pylint: disable=import-outside-toplevel
-
-  layers._native_form = lambda *_: None  # pylint: disable=protected-access
-
-
-def _replace_in_models(old, new):
-  """Every kd_jax model module's global bound to `old` rebound to `new`."""
-  import kd_jax.models.connectors  # pylint: disable=import-outside-toplevel,unused-import
-
-  for name, module in list(sys.modules.items()):
-    if name.startswith("kd_jax.models.") and name != "kd_jax.models.layers":
-      for key, value in list(vars(module).items()):
-        if value is old:
-          setattr(module, key, new)
-
-
-def _patch_threefry_partitionable():
-  """jax's default random-bit generator, which kd_jax.runtime turns off."""
-  import jax  # pylint: disable=import-outside-toplevel
-
-  jax.config.update("jax_threefry_partitionable", True)
-
-
-def _patch_flat_optimizer():
-  """The optimizer over one flat vector of all parameters (`optax.flatten`):
-  a few large fused updates instead of several small ones per array."""
-  import optax  # pylint: disable=import-outside-toplevel
-
-  from kd_jax import train  # pylint: disable=import-outside-toplevel
-
-  make = train.make_optimizer
-  train.make_optimizer = lambda cfg, steps: optax.flatten(make(cfg, steps))
-
-
-def _patch_gather_cross_entropy():
-  """cross_entropy picking the label's log-probability by take_along_axis
-  (a gather; its gradient a scatter-add), as kd_jax did before 2026-11-23:
-  to measure the one-hot select that replaced it. Same value."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-
-  from kd_jax import losses  # pylint: disable=import-outside-toplevel
-
-  def cross_entropy(logits, labels, *, mask=None):
-    assert mask is None
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, labels[..., None], axis=-1))
-
-  spec = losses.REGISTRY["cross_entropy"]  # The objectives' registry.
-  losses.REGISTRY["cross_entropy"] = spec._replace(fn=cross_entropy)
-
-
-def _patch_flax_max_pool():
-  """flax's `nn.max_pool` (a reduce-window; on XLA:CPU its gradient carries
-  argmax iotas and a scatter) in place of `kd_jax.models.layers.max_pool_2x2`
-  and `layers.max_pool` in every model."""
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
-
-  from kd_jax.models import layers  # pylint: disable=import-outside-toplevel
-
-  def max_pool_2x2(x):
-    return nn.max_pool(x, (2, 2), strides=(2, 2))
-
-  def max_pool(x, window, strides, padding="VALID"):
-    return nn.max_pool(x, window, strides=strides, padding=padding)
-
-  _replace_in_models(layers.max_pool_2x2, max_pool_2x2)
-  _replace_in_models(layers.max_pool, max_pool)
-
-
-def _patch_glibc_malloc_defaults():
-  """Undoes `kd_jax.runtime.retain_freed_memory()`: glibc's initial mmap and
-  trim thresholds (128 KiB) and top pad (0), as in a process that never
-  called it, except that the mmap threshold no longer adapts."""
-  from kd_jax import runtime  # pylint: disable=import-outside-toplevel
-
-  assert runtime.set_malloc({runtime.M_MMAP_THRESHOLD: 128 << 10,
-                             runtime.M_TRIM_THRESHOLD: 128 << 10,
-                             runtime.M_TOP_PAD: 0})
-
-
-def _patch_one_core():
-  """The worker pinned to one core before the backend starts, so XLA's
-  thread pool has one thread (as PyTorch with 1 thread, but pinned)."""
-  os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-
-
-PATCHES = {"one_core": _patch_one_core,
-           "glibc_malloc_defaults": _patch_glibc_malloc_defaults,
-           "flat_optimizer": _patch_flat_optimizer,
-           "flax_batchnorm": _patch_flax_batchnorm,
-           "flax_conv": _patch_flax_conv,
-           "flax_conv_transpose": _patch_flax_conv_transpose,
-           "flax_max_pool": _patch_flax_max_pool,
-           "gather_cross_entropy": _patch_gather_cross_entropy,
-           "no_native": _patch_no_native,
-           "threefry_partitionable": _patch_threefry_partitionable,
-           "unpaired_conv": _patch_unpaired_conv}
+def worker_options(text):
+  """A kd_jax worker's OPTIONS (see --variant) as a dict: mode, layers,
+  tree, env (NAME=VALUE pairs) and xla (flags); ValueError for others."""
+  opts = dict(mode="distill", layers="", tree="", env={}, xla=[])
+  for word in text.split():
+    key, eq, value = word.partition("=")
+    if word.startswith("--"):
+      opts["xla"].append(word)
+    elif key in ("mode", "layers", "tree") and value:
+      opts[key] = value
+    elif eq and key.isupper():
+      opts["env"][key] = value
+    else:
+      raise ValueError(f"{word!r}: a kd_jax worker's options are mode=, "
+                       "layers=, tree=, NAME=VALUE and --xla... flags")
+  if opts["mode"] not in MODES:
+    raise ValueError(f"mode={opts['mode']}: choose one of {sorted(MODES)}")
+  if opts["layers"] not in ("", "flax", "cpu"):
+    raise ValueError(f"layers={opts['layers']}: choose flax or cpu")
+  if opts["tree"]:
+    opts["tree"] = os.path.abspath(opts["tree"])
+  return opts
 
 
 # ----------------------------------------------------------------------------
@@ -479,27 +346,20 @@ class JaxWorker:
   """kd_jax's trainer pieces on `devices` virtual host devices."""
 
   def __init__(self, args, devices, extra_flags):
+    opts = worker_options(extra_flags)
+    root = opts["tree"] or REPO  # The parent put its kd_jax on PYTHONPATH.
     # Before any jax import: the device count is fixed when jax starts.
-    options = extra_flags.split()
-    patches = [o[len("patch="):] for o in options if o.startswith("patch=")]
-    init_opt = ([o[len("init_opt="):] for o in options
-                 if o.startswith("init_opt=")] or [args.init_opt_level])[-1]
-    mode = ([o[len("mode="):] for o in options
-             if o.startswith("mode=")] or ["distill"])[-1]
-    if mode not in MODES:
-      raise ValueError(f"mode={mode}: choose one of {sorted(MODES)}")
-    extra_flags = " ".join(o for o in options if not o.startswith(
-        ("patch=", "init_opt=", "mode=")))
     os.environ["XLA_FLAGS"] = " ".join(
         f for f in (os.environ.get("XLA_FLAGS", ""),
                     f"--xla_force_host_platform_device_count={devices}",
-                    args.xla_flags, extra_flags) if f)
+                    args.xla_flags, " ".join(opts["xla"])) if f)
     import jax  # pylint: disable=import-outside-toplevel
     import numpy as np  # pylint: disable=import-outside-toplevel
 
+    import kd_jax  # pylint: disable=import-outside-toplevel
     from kd_jax import data, train  # pylint: disable=import-outside-toplevel
 
-    try:  # The trainer's process settings (kd_jax.main calls this) ...
+    try:  # A tree with kd_jax.runtime (kd_jax.main called it there) ...
       from kd_jax import runtime  # pylint: disable=import-outside-toplevel
       runtime.configure()
     except ImportError:
@@ -507,8 +367,7 @@ class JaxWorker:
     # ... but no persistent cache unless asked: the compile is measured cold.
     jax.config.update("jax_compilation_cache_dir", args.compile_cache or None)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    for name in patches:
-      PATCHES[name]()
+    mode = opts["mode"]
     # Imported libraries alone hold hundreds of MB: reported apart.
     info = dict(devices=devices, import_rss_mb=_rss_mb(), mode=mode,
                 platform=jax.devices()[0].platform,
@@ -519,8 +378,12 @@ class JaxWorker:
       devices = info["devices"] = jax.device_count()
     self.jax, self.data, self.train, self.args = jax, data, train, args
     self.mode = mode
-    config, _, _ = pair_config(args.pair, args.size)
+    config, _, _ = pair_config(args.pair, args.size, root)
     config.compute_dtype = args.compute_dtype
+    if opts["layers"]:
+      config.layers = opts["layers"]
+    info.update(kd_jax=os.path.dirname(os.path.dirname(kd_jax.__file__)),
+                layers=config.get("layers", "–"))
     self.config = config
     self.datasets = data.build(config.data)
 
@@ -547,19 +410,20 @@ class JaxWorker:
     rng = jax.random.key(config.seed)
     # Set-up, run once: by default XLA's backend optimisation (LLVM) of the
     # random initialisers costs most of a minute here and buys nothing.
-    opts = ({} if init_opt == "default" else
-            {"xla_backend_optimization_level": int(init_opt)})
+    init_opt = args.init_opt_level
+    level = ({} if init_opt == "default" else
+             {"xla_backend_optimization_level": int(init_opt)})
     info["init_opt_level"] = init_opt
     t = time.perf_counter()
     init = jax.jit(lambda x: train.init_state(method, tx, rng, x),
                    out_shardings=rep)
-    self.state = init.lower(example).compile(compiler_options=opts)(example)
+    self.state = init.lower(example).compile(compiler_options=level)(example)
     if mode == "student":
       teacher = {"params": {}}
     else:
       init_teacher = jax.jit(lambda x: method.teacher.init(
           jax.random.fold_in(rng, 7), x, train=False), out_shardings=rep)
-      teacher = init_teacher.lower(example).compile(compiler_options=opts)(
+      teacher = init_teacher.lower(example).compile(compiler_options=level)(
           example)
     jax.block_until_ready((self.state, teacher))
     info["init_s"] = time.perf_counter() - t
@@ -584,8 +448,8 @@ class JaxWorker:
                 params_connectors=count(self.state.params.get("connectors",
                                                               {})))
     init_file = os.path.join(args.tmp, "init.npz")
-    if mode == "distill" and not os.path.exists(init_file):
-      # The PyTorch twins start from these.
+    if mode == "distill" and not opts["tree"] and not os.path.exists(
+        init_file):  # The PyTorch twins start from these.
       host = jax.device_get({
           "student": {"params": self.state.params["student"],
                       "batch_stats": self.state.batch_stats["student"]},
@@ -731,7 +595,7 @@ class TorchWorker:
   """The PyTorch twins, eager, `threads` intra-op threads (0: default), on
   the GPU when there is one; bf16 autocast with --compute_dtype=bfloat16."""
 
-  def __init__(self, args, threads, retain=False):
+  def __init__(self, args, threads):
     import numpy as np  # pylint: disable=import-outside-toplevel
     import torch  # pylint: disable=import-outside-toplevel
 
@@ -744,10 +608,6 @@ class TorchWorker:
     if threads:
       torch.set_num_threads(threads)
     info["threads"] = torch.get_num_threads()
-    info["retain"] = retain
-    if retain:  # kd_jax's allocator setting, given to PyTorch too.
-      from kd_jax import runtime  # pylint: disable=import-outside-toplevel
-      assert runtime.retain_freed_memory()
     self.torch, self.tm = torch, tm
     config, t_cfg, s_cfg = pair_config(args.pair, args.size)
 
@@ -918,11 +778,11 @@ def serve(args):
     out.write(REPLY + json.dumps(obj) + "\n")
     out.flush()
 
-  kind, n, *retain = args.worker.split(":")
+  kind, n = args.worker.split(":")
   if kind == "jax":
     worker = JaxWorker(args, int(n), args.worker_flags)
   else:
-    worker = TorchWorker(args, int(n), retain == ["retain"])
+    worker = TorchWorker(args, int(n))
   send(worker.info)
   for line in sys.stdin:
     cmd = line.strip()
@@ -946,11 +806,11 @@ def serve(args):
 class Proc:
   """A worker process and its pipe."""
 
-  def __init__(self, name, argv, env):
+  def __init__(self, name, argv, env, cwd=None):
     self.name = name
     self.is_torch = any(a.startswith("--worker=torch") for a in argv)
     self.p = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__)] + argv, env=env,
+        [sys.executable, os.path.abspath(__file__)] + argv, env=env, cwd=cwd,
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
   def read(self):
@@ -967,12 +827,14 @@ class Proc:
 
 
 def _jax_configs(args):
-  """(label, devices, extra XLA flags) of each kd_jax worker."""
-  out = [(n, "") for n in (int(x) for x in args.devices.split(",") if x)]
+  """(label, devices, options) of each kd_jax worker."""
+  out = [(n, f"layers={layers}" if layers else "")
+         for n in (int(x) for x in args.devices.split(",") if x)
+         for layers in args.layers.split(",")]
   if args.teacher_cache and out:
-    out.append((out[0][0], "mode=cached"))
+    out.append((out[0][0], f"{out[0][1]} mode=cached".strip()))
     if PAIRS[args.pair].get("student_only", True):
-      out.append((out[0][0], "mode=student"))
+      out.append((out[0][0], f"{out[0][1]} mode=student".strip()))
   for v in args.variant:
     n, _, flags = v.partition(":")
     out.append((int(n), flags.strip()))
@@ -994,9 +856,13 @@ def main(argv=None):
   if REPO not in sys.path:
     sys.path.insert(0, REPO)
   jax_configs = _jax_configs(args)
-  for _, n, _ in jax_configs:
+  for label, n, flags in jax_configs:
     if args.batch % n:
       sys.exit(f"--batch={args.batch} is not divisible by {n} devices")
+    try:
+      worker_options(flags)
+    except ValueError as e:
+      sys.exit(f"{label}: {e}")
   if not jax_configs:
     sys.exit("--devices names no kd_jax worker")
   if not PAIRS[args.pair].get("student_only", True):
@@ -1029,13 +895,20 @@ def _compare(args, jax_configs):
             f"--loader_batches={args.loader_batches}", f"--tmp={args.tmp}"]
   workers, infos = [], {}
 
-  def start(name, extra):
+  def start(name, extra, flags=""):
     t = time.perf_counter()
-    w = Proc(name, common + extra, env)
+    opts = worker_options(flags)
+    # A worker from another checkout imports its kd_jax and configs.
+    tree_env = dict(env, **opts["env"])
+    if opts["tree"]:
+      tree_env["PYTHONPATH"] = opts["tree"] + os.pathsep + os.environ.get(
+          "PYTHONPATH", "")
+    w = Proc(name, common + extra, tree_env, cwd=opts["tree"] or None)
     info = w.read()
     if "threads" in info:
-      w.name = (f"PyTorch {info['version']} eager, {info['threads']} threads"
-                + ", freed memory kept (as kd_jax)" * info["retain"])
+      n = info["threads"]
+      w.name = (f"PyTorch {info['version']} eager, {n} thread"
+                + "s" * (n > 1))
     print(f"  started {w.name} in {time.perf_counter() - t:.0f} s",
           file=sys.stderr, flush=True)
     workers.append(w)
@@ -1045,12 +918,10 @@ def _compare(args, jax_configs):
   # kd_jax worker writes the batch and the initial weights every worker
   # uses.
   for name, n, flags in jax_configs:
-    start(name, [f"--worker=jax:{n}", f"--worker_flags={flags}"])
+    start(name, [f"--worker=jax:{n}", f"--worker_flags={flags}"], flags)
   if not args.no_torch:
     for n in (int(x) for x in args.torch_threads.split(",") if x):
       start("PyTorch", [f"--worker=torch:{n}"])
-      if args.torch_retain_freed_memory:
-        start("PyTorch", [f"--worker=torch:{n}:retain"])
 
   load = os.getloadavg()[0]
   print(f"pair {args.pair}: batch {args.batch}, {args.size}x{args.size}, "
@@ -1063,7 +934,9 @@ def _compare(args, jax_configs):
     print(f"  {w.name}: params teacher {i['params_teacher']:,}, student "
           f"{i['params_student']:,}" + (f", connectors {conn:,}" if conn
                                         else "") +
-          f"; first-step loss {i['first_loss']:.5f}")
+          f"; first-step loss {i['first_loss']:.5f}" + (
+              f"; kd_jax from {i['kd_jax']}, layers {i['layers']}"
+              if "kd_jax" in i else ""))
     # Same architectures: the parameter counts must be equal (the
     # student-only step has no teacher and no connectors).
     assert i["params_student"] == ref["params_student"] and (
