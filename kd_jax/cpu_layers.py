@@ -104,9 +104,11 @@ normalize_train.defvjp(_normalize_fwd, _normalize_bwd, symbolic_zeros=True)
 class BatchNorm(nn.Module):
   """`nn.BatchNorm` over the last axis, trained with `normalize_train`.
 
-  The same variables and auto-name as flax's; `axis_name` (cross-device
-  statistics) and other axes are not offered: `apply` uses this form only on
-  a single-process CPU run, where the batch is one array.
+  The same variables and auto-name as flax's. `axis_name` is not offered:
+  kd_jax jits the step over a mesh, where the batch is one global array and
+  the statistics cover every device already; a model given
+  `norm=partial(nn.BatchNorm, axis_name=...)` keeps it (`apply` replaces only
+  flax's default).
   """
   use_running_average: Optional[bool] = None
   momentum: float = 0.99

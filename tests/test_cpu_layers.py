@@ -61,10 +61,9 @@ def test_batchnorm_train_matches_flax(shape, scale_bias):
   _, s1 = ours.apply(v, x, mutable=["batch_stats"])
   _, s2 = theirs.apply(v, x, mutable=["batch_stats"])
   _close(s1, s2)
-  _close(ours.apply(s1 | {"params": v["params"]}, x,
-                    use_running_average=True),
-         theirs.apply(s2 | {"params": v["params"]}, x,
-                      use_running_average=True))
+  kw["use_running_average"] = True
+  _close(cpu_layers.BatchNorm(**kw).apply(s1 | {"params": v["params"]}, x),
+         nn.BatchNorm(**kw).apply(s2 | {"params": v["params"]}, x))
 
 
 def test_batchnorm_numpy_formula():
@@ -265,3 +264,14 @@ def test_importing_kd_jax_changes_no_process_state():
                        check=False)
   assert out.returncode == 0, out.stderr[-2000:]
   assert "untouched True" in out.stdout  # jax's default threefry, kept
+
+
+def test_config_layers_choose_the_forms():
+  from kd_jax import train  # pylint: disable=import-outside-toplevel
+  cfg = dict(name="unet", width=4, depth=2)
+  flax_model = train._build_model(cfg, 3, jnp.float32, "flax")  # pylint: disable=protected-access
+  cpu_model = train._build_model(cfg, 3, jnp.float32, "cpu")  # pylint: disable=protected-access
+  assert flax_model.norm is nn.BatchNorm and flax_model.conv is nn.Conv
+  assert cpu_model.norm is cpu_layers.BatchNorm
+  assert cpu_model.conv_transpose is cpu_layers.ConvTranspose
+  assert train.LAYERS == ("flax", "cpu")

@@ -56,14 +56,13 @@ def test_mfu_and_peaks():
 
 def test_worker_labels_and_modes():
   args = distill_step.parse_args(["--devices=1,8", "--teacher_cache",
-                                  "--variant=2:patch=flax_conv_transpose"])
+                                  "--variant=2:layers=flax"])
   assert distill_step._jax_configs(args) == [
       ("kd_jax jit, 1 device", 1, ""),
       ("kd_jax jit, 8 devices", 8, ""),
       ("kd_jax jit, 1 device, teacher cache", 1, "mode=cached"),
       ("kd_jax jit, 1 device, student only (CE + Dice)", 1, "mode=student"),
-      ("kd_jax jit, 2 devices, patch=flax_conv_transpose", 2,
-       "patch=flax_conv_transpose")]
+      ("kd_jax jit, 2 devices, layers=flax", 2, "layers=flax")]
 
 
 @pytest.fixture(scope="module")
