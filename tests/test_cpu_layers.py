@@ -38,6 +38,20 @@ def _close(a, b, rtol=2e-5, atol=2e-5):
                                atol=atol)
 
 
+def _assert_layer_matches_flax(ours, theirs, x):
+  """Same variable shapes; output and gradients equal to float32 rounding.
+  Returns flax's variables."""
+  v = theirs.init(jax.random.key(1), x)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == \
+      jax.tree.map(jnp.shape, v)
+  y1, g1 = _grads(ours, v, x, 1.0)
+  y2, g2 = _grads(theirs, v, x, 1.0)
+  assert y1.shape == y2.shape
+  _close(y1, y2, rtol=1e-5, atol=1e-5)
+  _close(g1, g2, rtol=1e-4, atol=1e-4)
+  return v
+
+
 # --- BatchNorm ----------------------------------------------------------------
 
 @pytest.mark.parametrize("shape", [(4, 6, 5, 3), (2, 16, 16, 8), (3, 7)])
@@ -120,14 +134,8 @@ def test_conv_matches_flax(cin, cout, kernel, padding, use_bias):
   x = _normal((2, 9, 7, cin), 0)
   kw = dict(features=cout, kernel_size=kernel, padding=padding,
             use_bias=use_bias)
-  ours, theirs = cpu_layers.Conv(**kw), nn.Conv(**kw)
-  v = theirs.init(jax.random.key(1), x)
-  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == \
-      jax.tree.map(jnp.shape, v)
-  y1, g1 = _grads(ours, v, x, 1.0)
-  y2, g2 = _grads(theirs, v, x, 1.0)
-  _close(y1, y2, rtol=1e-5, atol=1e-5)
-  _close(g1, g2, rtol=1e-4, atol=1e-4)
+  ours = cpu_layers.Conv(**kw)
+  v = _assert_layer_matches_flax(ours, nn.Conv(**kw), x)
   rewritten = kernel == (1, 1)
   prims = _primitives(lambda x: ours.apply(v, x), x)
   assert ("conv_general_dilated" in prims) != rewritten, prims
@@ -158,15 +166,8 @@ def test_conv_transpose_matches_flax(kernel, strides, padding, use_bias):
   x = _normal((2, 5, 6, 3), 0)
   kw = dict(features=4, kernel_size=kernel, strides=strides, padding=padding,
             use_bias=use_bias)
-  ours, theirs = cpu_layers.ConvTranspose(**kw), nn.ConvTranspose(**kw)
-  v = theirs.init(jax.random.key(1), x)
-  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == \
-      jax.tree.map(jnp.shape, v)
-  y1, g1 = _grads(ours, v, x, 1.0)
-  y2, g2 = _grads(theirs, v, x, 1.0)
-  assert y1.shape == y2.shape
-  _close(y1, y2, rtol=1e-5, atol=1e-5)
-  _close(g1, g2, rtol=1e-4, atol=1e-4)
+  _assert_layer_matches_flax(cpu_layers.ConvTranspose(**kw),
+                             nn.ConvTranspose(**kw), x)
 
 
 def test_conv_transpose_has_no_dilated_convolution():
