@@ -1,4 +1,5 @@
-"""Tests for kd_jax.data.build: the acdc and synapse data sets."""
+"""Tests for kd_jax.data.build: the acdc and synapse data sets (the other
+names: test_data_registry.py)."""
 import os
 
 import ml_collections
@@ -42,6 +43,18 @@ def test_synapse_splits_hold_out_the_last_training_cases(synapse_root):
       3, 40, 40)
   assert set(np.unique(vol["label"])) <= {0, 1, 3, 6}
   assert ds.train_transforms  # TransUNet's rotation / flip
+
+
+def test_synapse_less_data_keeps_the_val_cases(synapse_root):
+  cfg = dict(name="synapse", root=str(synapse_root), list_dir="",
+             image_size=16, augment=False, num_val_cases=1, num_classes=9)
+  full = data.build(_cfg(**cfg))
+  third = data.build(_cfg(**cfg, train_fraction=1 / 3))
+  assert third.train.source.paths == full.train.source.paths
+  assert len(third.train) == 3
+  assert set(third.train.indices) < set(full.train.indices)
+  np.testing.assert_array_equal(third.val.indices, full.val.indices)
+  assert third.targets["label"].num_classes == 9
 
 
 def test_synapse_without_list_files_reads_every_file(synapse_root, tmp_path):

@@ -97,6 +97,9 @@ def test_split_subset_and_grain_pipeline():
   assert batch["label"].shape == (3, 8, 8) and batch["label"].dtype == np.int32
   with pytest.raises(ValueError, match="unknown data source"):
     S.get_source("nope")
+  mapped = S.MapSource(train, lambda e: {**e, "image": e["image"] + 1})
+  assert len(mapped) == 8 and mapped.num_classes == 2
+  np.testing.assert_array_equal(mapped[0]["image"], train[0]["image"] + 1)
 
 
 # --------------------------------------------------------------------------
@@ -324,6 +327,15 @@ def test_real_fundus_sets():
                         image_size=(128, 128))
   np.testing.assert_allclose(dme[0]["fovea_xy"],
                              (e["fovea_xy"] + 0.5) / 2 - 0.5, rtol=1e-6)
+  # Landmarks in image units do not change with the size.
+  np.testing.assert_array_equal(dme[0]["fovea"], e["fovea"])
+  assert e["orig_hw"].shape == e["orig_offset"].shape == (2,)
+  multi = S.idrid_grading(DATA, target=None, pixel_landmarks=False,
+                          max_examples=2)
+  assert set(multi[1]) == {"image", "dr_grade", "dme_risk", "fovea",
+                           "optic_disc", "orig_hw", "orig_offset"}
+  with pytest.raises(ValueError, match="or None"):
+    S.idrid_grading(DATA, target="grade")
   lesions = S.idrid_lesions(DATA, lesions=("EX",), max_examples=1,
                             image_size=(64, 64))
   e = lesions[0]

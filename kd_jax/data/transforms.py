@@ -14,7 +14,12 @@ Spatial transforms move three kinds of keys together:
   classification `"label"` of shape `()` is left alone;
 * landmarks (`point_keys`, default `"fovea_xy"`, `"disc_xy"`): `(x, y)` pixel
   coordinates (x = column, y = row, pixel centres at integers), mapped by the
-  same geometry as the image.
+  same geometry as the image;
+* landmarks in image units (`unit_keys`, default `"fovea"`, `"optic_disc"`):
+  `(u, v)` = `((x + 0.5) / W, (y + 0.5) / H)`, the same pixel-centre convention
+  as fractions of the image, so [0, 1] spans the image whatever its size.
+  A resize leaves them unchanged (exactly); flips, rotations and crops move
+  them (see `to_unit` / `from_unit`).
 
 Intensity helpers: `ct_window` (Hounsfield units → [0, 1]) and
 `normalize_slice` (per-slice z-score, for MRI).
@@ -32,6 +37,7 @@ Example = dict[str, Any]
 
 SPATIAL_KEYS = ("label", "mask", "fov", "lesion_mask")
 POINT_KEYS = ("fovea_xy", "disc_xy")
+UNIT_KEYS = ("fovea", "optic_disc")
 
 
 # --------------------------------------------------------------------------
@@ -89,6 +95,36 @@ def resize_image(image: np.ndarray, size: Sequence[int],
   return out.astype(image.dtype, copy=False)
 
 
+def to_unit(xy: np.ndarray, hw: Sequence[float] | np.ndarray) -> np.ndarray:
+  """Pixel `(x, y)` (pixel centres at integers) → image units
+  `((x + 0.5) / W, (y + 0.5) / H)` for an image of height, width `hw`
+  (`hw` (2,) or one (H, W) per point, (..., 2))."""
+  wh = np.asarray(hw, np.float64)[..., ::-1]
+  return (np.asarray(xy, np.float64) + 0.5) / wh
+
+
+def from_unit(uv: np.ndarray, hw: Sequence[float] | np.ndarray) -> np.ndarray:
+  """Inverse of `to_unit`: image units → pixel `(x, y)` of an (H, W) image."""
+  wh = np.asarray(hw, np.float64)[..., ::-1]
+  return np.asarray(uv, np.float64) * wh - 0.5
+
+
+def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
+  """HWC image with `channels` channels: grey → RGB repeats the channel,
+  RGB → grey is the luminance 0.299 R + 0.587 G + 0.114 B; 0 keeps it."""
+  have = image.shape[-1]
+  if channels in (0, have):
+    return image
+  if channels == 3 and have == 1:
+    return np.repeat(image, 3, axis=-1)
+  if channels == 1 and have == 3:
+    grey = image.astype(np.float32) @ np.array([0.299, 0.587, 0.114],
+                                               np.float32)
+    return grey[..., None].astype(image.dtype, copy=False)
+  raise ValueError(f"cannot turn a {have}-channel image into {channels} "
+                   "channels (1 grey or 3 RGB)")
+
+
 def _is_map(example: Example, key: str) -> bool:
   value = example.get(key)
   image = example["image"]
@@ -97,8 +133,11 @@ def _is_map(example: Example, key: str) -> bool:
 
 
 def _apply_geometry(example: Example, image_fn, map_fn, point_fn,
-                    spatial_keys, point_keys) -> Example:
-  """Applies one geometric op to the image, the maps and the points."""
+                    spatial_keys, point_keys,
+                    unit_keys: Sequence[str] = UNIT_KEYS) -> Example:
+  """Applies one geometric op to the image, the maps and the points (unit
+  points go to pixels of the input, through `point_fn`, and back to units
+  of the output image)."""
   out = dict(example)
   out["image"] = image_fn(example["image"]).astype(
       example["image"].dtype, copy=False)
@@ -109,6 +148,12 @@ def _apply_geometry(example: Example, image_fn, map_fn, point_fn,
     if key in example:
       xy = np.asarray(example[key])
       out[key] = np.asarray(point_fn(xy.astype(np.float64)), xy.dtype)
+  hw_in, hw_out = example["image"].shape[:2], out["image"].shape[:2]
+  for key in unit_keys:
+    if key in example:
+      uv = np.asarray(example[key])
+      xy = point_fn(from_unit(uv, hw_in))
+      out[key] = np.asarray(to_unit(xy, hw_out), uv.dtype)
   return out
 
 
@@ -187,7 +232,8 @@ def flip(example: Example, axis: int,
 def resize(example: Example, size: Sequence[int],
            spatial_keys: Sequence[str] = SPATIAL_KEYS,
            point_keys: Sequence[str] = POINT_KEYS) -> Example:
-  """Resizes image (bilinear), maps (nearest) and scales points to `size`."""
+  """Resizes image (bilinear), maps (nearest) and scales points to `size`;
+  unit points (`UNIT_KEYS`) are unchanged by definition."""
   h, w = example["image"].shape[:2]
   sy, sx = size[0] / h, size[1] / w
   # Pixel centres: continuous coordinate x + 0.5 scales by sx.
@@ -195,7 +241,8 @@ def resize(example: Example, size: Sequence[int],
                                   (xy[1] + 0.5) * sy - 0.5])
   return _apply_geometry(
       example, lambda a: resize_image(a, size, 1),
-      lambda a: resize_image(a, size, 0), point_fn, spatial_keys, point_keys)
+      lambda a: resize_image(a, size, 0), point_fn, spatial_keys, point_keys,
+      unit_keys=())
 
 
 # --------------------------------------------------------------------------

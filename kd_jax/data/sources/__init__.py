@@ -5,7 +5,8 @@ volume sources yield whole (D, H, W) volumes for volume-wise evaluation.
 Every source validates its data when built and raises one `ValueError` that
 names the file or key and the fix.
 
-    base        ArraySource, Subset, split, load_npz, to_float_image
+    base        ArraySource, Subset, MapSource, split, seeded_order,
+                load_npz, to_float_image
     volumes     VolumeSource, SliceSource
     medical     the shared real data sets (ACDC, IDRiD, DRIVE, PALM,
                 PneumoniaMNIST, TotalSegmentator CT)
@@ -16,11 +17,13 @@ names the file or key and the fix.
 `get_source(name, **kwargs)` builds one by name (for configs).
 """
 
-from kd_jax.data.sources.base import (ArraySource, Subset, load_npz, split,
+from kd_jax.data.sources.base import (ArraySource, MapSource, Subset,
+                                      load_npz, seeded_order, split,
                                       to_float_image)
 from kd_jax.data.sources.folder import FolderCsvSource
-from kd_jax.data.sources.medical import (ACDC_CLASSES, DATA_ENV,
-                                         IDRID_LESIONS, PALM_CLASSES,
+from kd_jax.data.sources.medical import (ACDC_CLASSES, DATA_ENV, DME_RISKS,
+                                         DR_GRADES, IDRID_LESIONS,
+                                         IDRID_PHOTO_HW, PALM_CLASSES,
                                          SYNAPSE_CLASSES, acdc_slices,
                                          acdc_volumes, drive_vessels,
                                          idrid_grading, idrid_lesions, palm,

@@ -261,3 +261,53 @@ def split(source, fractions: Sequence[float], seed: int = 0) -> list[Subset]:
   bounds = np.round(np.cumsum([0.0, *fractions]) * len(source)).astype(int)
   return [Subset(source, np.sort(order[a:b]))
           for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+class MapSource:
+  """`fn(source[i])` for every example: renames, drops or converts keys
+  (e.g. `transforms.to_channels`) without touching the source. Keeps the
+  source's `num_classes`, `class_names` and `task` unless given in `attrs`."""
+
+  def __init__(self, source, fn: Callable[[Example], Example], **attrs):
+    self.source = source
+    self.fn = fn
+    for attr in ("num_classes", "class_names", "task"):
+      if hasattr(source, attr):
+        setattr(self, attr, getattr(source, attr))
+    for attr, value in attrs.items():
+      setattr(self, attr, value)
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> Example:
+    return self.fn(self.source[index])
+
+  def __repr__(self) -> str:
+    return f"MapSource({self.source!r})"
+
+
+def seeded_order(n: int, seed: int,
+                 strata: Sequence[int] | np.ndarray | None = None
+                 ) -> np.ndarray:
+  """A fixed order of `range(n)` drawn from `seed`.
+
+  Without `strata` a random permutation. With `strata` (one class id per
+  example) every prefix of the order is stratified: class c's j-th
+  (shuffled) member gets the key (j + u_c) / n_c (u_c uniform in [0, 1)),
+  and the order sorts the keys, so the first k examples hold each class in
+  proportion to its size, within one example. Taking prefixes of one order
+  gives nested subsets: the first 25 % lie inside the first 50 %.
+  """
+  rng = np.random.default_rng(seed)
+  if strata is None:
+    return rng.permutation(n)
+  strata = np.asarray(strata).reshape(-1)
+  if len(strata) != n:
+    raise ValueError(f"{len(strata)} strata for {n} examples")
+  keys = np.empty(n, np.float64)
+  for c in np.unique(strata):
+    members = rng.permutation(np.flatnonzero(strata == c))
+    keys[members] = (np.arange(len(members)) + rng.random()) / len(members)
+  tie = rng.permutation(n)
+  return np.lexsort((tie, keys))

@@ -101,30 +101,73 @@ def acdc_volumes(data_dir: PathLike | None = None, *,
 # Fundus photographs.
 
 
+# IDRiD photographs are 4288 × 2848 (W × H); the shared copies are square
+# crops of them (`train_crop_box_xys`: x0, y0, side in original pixels; the
+# box is centred vertically, so y0 < 0 where it pads above the photograph).
+IDRID_PHOTO_HW = (2848, 4288)
+DR_GRADES = ("no_dr", "mild", "moderate", "severe", "proliferative")
+DME_RISKS = ("no_exudates", "exudates_far_from_macula",
+             "exudates_near_macula")
+
+
 def idrid_grading(data_dir: PathLike | None = None, *,
-                  target: str = "dr_grade",
+                  target: str | None = "dr_grade",
+                  pixel_landmarks: bool = True,
                   image_size: Sequence[int] | None = None,
                   max_examples: int | None = None) -> ArraySource:
   """IDRiD parts B+C: 256×256 fundus images with DR grade (0-4), DME risk
   (0-2), fovea and optic-disc centres.
 
-  `label` is the `target` ("dr_grade", 5 classes, or "dme_risk", 3); every
-  example also carries "dr_grade", "dme_risk" (int32) and "fovea_xy",
-  "disc_xy" (float32 (x, y) in 256-px coordinates) for multi-task heads.
+  `label` is the `target` ("dr_grade", 5 classes, or "dme_risk", 3; None:
+  no "label" key). Every example also carries "dr_grade", "dme_risk"
+  (int32); "fovea" and "optic_disc", float32 (u, v) in image units
+  (`transforms.to_unit`: (x + 0.5) / W, (y + 0.5) / H of the image, so a
+  resize leaves them unchanged), computed from the original-pixel columns
+  `train_*_xy_orig` and the crop box; "orig_hw" (side, side) and
+  "orig_offset" (x0, y0), float32, the original-pixel size and top-left
+  corner of the square the image shows, so that the original pixel is
+  `from_unit(uv, orig_hw) + orig_offset` (`kd_jax.data.targets`). With
+  `pixel_landmarks`, also "fovea_xy", "disc_xy" as stored in the file
+  (256-px coordinates (orig - x0) * 256 / side, resized with the image).
   """
   targets = {"dr_grade": 5, "dme_risk": 3}
-  if target not in targets:
-    raise ValueError(f"target must be one of {list(targets)}, got {target!r}")
+  if target is not None and target not in targets:
+    raise ValueError(f"target must be one of {list(targets)} or None, got "
+                     f"{target!r}")
   path = _file(data_dir, "idrid", "grading_256_train.npz")
   d = load_npz(path, ["train_images", "train_dr_grade", "train_dme_risk",
-                      "train_fovea_xy", "train_od_xy"], max_examples)
+                      "train_fovea_xy", "train_od_xy", "train_fovea_xy_orig",
+                      "train_od_xy_orig", "train_crop_box_xys"],
+               max_examples)
+  box = d["train_crop_box_xys"].astype(np.float64)
+  if box.ndim != 2 or box.shape[1] != 3 or (box[:, 2] <= 0).any():
+    raise data_error(f"{path}['train_crop_box_xys']", f"shape {box.shape} "
+                     "or a side <= 0", "store (x0, y0, side) per image")
+  side = box[:, 2:3]
+  offset = box[:, :2]
+  hw = np.concatenate([side, side], axis=1)
   extras = {"dr_grade": d["train_dr_grade"].astype(np.int32),
-            "dme_risk": d["train_dme_risk"].astype(np.int32),
-            "fovea_xy": d["train_fovea_xy"], "disc_xy": d["train_od_xy"]}
+            "dme_risk": d["train_dme_risk"].astype(np.int32)}
+  for key, column in (("fovea", "train_fovea_xy_orig"),
+                      ("optic_disc", "train_od_xy_orig")):
+    xy = d[column].astype(np.float64)
+    if not np.isfinite(xy).all():
+      raise data_error(f"{path}[{column!r}]", "non-finite coordinates",
+                       "store a centre for every image")
+    extras[key] = transforms.to_unit(xy - offset, hw).astype(np.float32)
+  extras["orig_hw"] = hw.astype(np.float32)
+  extras["orig_offset"] = offset.astype(np.float32)
+  if pixel_landmarks:
+    extras["fovea_xy"] = d["train_fovea_xy"]
+    extras["disc_xy"] = d["train_od_xy"]
   check_labels(f"{path}['train_dme_risk']", extras["dme_risk"], 3)
   check_labels(f"{path}['train_dr_grade']", extras["dr_grade"], 5)
-  return ArraySource(d["train_images"], extras[target], targets[target],
-                     name=str(path), extras=extras, image_size=image_size)
+  return ArraySource(d["train_images"],
+                     extras[target] if target else None,
+                     targets[target] if target else None, name=str(path),
+                     extras=extras, image_size=image_size,
+                     class_names=(DR_GRADES if target == "dr_grade" else
+                                  DME_RISKS if target == "dme_risk" else None))
 
 
 def idrid_lesions(data_dir: PathLike | None = None, *,

@@ -1,0 +1,659 @@
+"""Data sets by name: `build(config.data) -> Datasets`.
+
+`BUILDERS` maps `data.name` to a function of the data config; each function
+declares its options and their defaults in `OPTIONS[name]`. `build` refuses
+an unknown name or an unknown key with one line naming the choices, fills
+the defaults, and calls the builder.
+
+    name            targets (example keys)                   default size
+    synthetic       label: segmentation (9 organs)           64
+    acdc            label: segmentation (4)                  224
+    synapse         label: segmentation (9)                  224
+    idrid_grading   dr_grade (5, ordinal), dme_risk (3),     256
+                    fovea, optic_disc (landmarks)
+    idrid_lesions   label: segmentation (background/lesion), 512
+                    lesion_mask: multilabel (MA HE EX SE OD)
+    drive           label: segmentation (background/vessel)  512
+    palm            label: classification (3, or 2 with       224
+                    num_classes=2: pathologic myopia or not)
+    pneumoniamnist  label: classification (2)                28
+    totalseg        label: segmentation (118, or 9 with       128
+                    classes="synapse")
+    folder          label: classification or segmentation    224
+    tfds            label: classification or segmentation    native
+
+Splits. Only training data is in the shared folder (its README): the
+official test splits are kept apart. The builders of the shared sets split
+the training file into train / val themselves, seeded by `data.seed` and
+fixed: `val_fraction` of the examples (stratified by class for IDRiD
+grading, PALM and folder classification sets) are the val split, and `test` is the val split too
+(say so when reporting; `Datasets.test_is_val`). ACDC keeps its 20
+validation volumes and PneumoniaMNIST its official val split; `folder` and
+`tfds` take a real test split when given one (`test_csv`, `test_split`) and
+never draw val from it.
+
+Less data. `train_fraction` (0 < f <= 1) and `max_train` (0 = all) keep a
+fixed, seeded subset of the train split: a prefix of one seeded (and, for
+class sets, stratified) order, so a subset at 0.25 lies inside the one at
+0.5 and val never changes. (ACDC's `max_train` keeps its meaning: the first
+N slices of the file.)
+
+Images. `image_size` (an int for a square, or (H, W); 0 = the file's size)
+resizes with `transforms.resize`: bilinear images, nearest maps, landmarks
+in image units unchanged. `channels` (0 = as stored, 1 grey, 3 RGB) converts
+with `transforms.to_channels`. `augment` adds the training transforms
+(flips and a small rotation, with colour jitter for RGB images).
+synthetic, acdc and synapse keep their options and behaviour (a square int
+`image_size`, no `channels`, TransUNet's augmentation).
+
+Keys are checked per data set: a config that switches `data.name` must
+carry only the new set's options (ml_collections cannot drop a key from the
+command line, so write the data dict in the config file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Mapping, Sequence
+
+import ml_collections
+import numpy as np
+
+from kd_jax.data import synthetic
+from kd_jax.data import targets as T
+from kd_jax.data import transforms
+
+Target = T.Target
+
+
+@dataclasses.dataclass
+class Datasets:
+  """The splits of one data set and what its examples carry.
+
+  `targets` maps each label key of the examples to its `Target` (kind,
+  classes). `num_classes` / `class_names` describe the "label" target when
+  there is one, else the first class target (IDRiD grading: "dr_grade").
+  """
+  train: Any
+  val: Any
+  test: Any
+  num_classes: int
+  class_names: Sequence[str]
+  train_transforms: Sequence[Any] = ()
+  # Whole volumes (a sources.VolumeSource) for volume-wise evaluation, and
+  # the split they come from ("val" or "test"); None for 2D-only data.
+  volumes: Any = None
+  volumes_split: str = ""
+  targets: Mapping[str, Target] = dataclasses.field(default_factory=dict)
+  # One line on where the splits come from, for reports.
+  description: str = ""
+
+  @property
+  def test_is_val(self) -> bool:
+    """True when no separate test split exists (test is the val split)."""
+    return self.test is self.val
+
+  def require(self, keys: Sequence[str], where: str = "a head") -> None:
+    """Raises one line when `keys` name a label the examples lack."""
+    missing = [k for k in keys if k not in self.targets]
+    if missing:
+      raise ValueError(f"{where} reads label key {missing[0]!r}, which this "
+                       f"data set does not carry; its targets are "
+                       f"{sorted(self.targets)}")
+
+
+BUILDERS: dict[str, Callable[[Any], Datasets]] = {}
+OPTIONS: dict[str, dict[str, Any]] = {}
+
+
+def _register(name: str, **options):
+  def wrap(fn):
+    BUILDERS[name] = fn
+    OPTIONS[name] = options
+    return fn
+  return wrap
+
+
+def options(name: str) -> dict[str, Any]:
+  """The options of data set `name` and their defaults."""
+  _check_name(name)
+  return dict(OPTIONS[name])
+
+
+def _check_name(name) -> None:
+  if name not in BUILDERS:
+    raise ValueError(f"data.name {name!r} is unknown; choose one of "
+                     f"{sorted(BUILDERS)}")
+
+
+def build(cfg) -> Datasets:
+  """The splits of the data set `cfg.name`, with `cfg`'s other keys as its
+  options (defaults from `OPTIONS`)."""
+  given = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+  name = given.pop("name", None)
+  _check_name(name)
+  unknown = sorted(set(given) - set(OPTIONS[name]))
+  if unknown:
+    raise ValueError(f"data.{unknown[0]} is not an option of data set "
+                     f"{name!r}; its options are {sorted(OPTIONS[name])}")
+  merged = ml_collections.ConfigDict({**OPTIONS[name], **given,
+                                      "name": name})
+  return BUILDERS[name](merged)
+
+
+# --------------------------------------------------------------------------
+# Option checks and shared helpers.
+
+
+def _bad(cfg, key: str, expected: str) -> ValueError:
+  return ValueError(f"data.{key}={cfg[key]!r} for {cfg.name}: expected "
+                    f"{expected}")
+
+
+def _size(cfg):
+  """Square (image_size, image_size): the segmentation sets' convention."""
+  return (int(cfg.image_size),) * 2
+
+
+def _image_size(cfg) -> tuple[int, int] | None:
+  """`image_size` as (H, W); None (the file's size) for 0."""
+  size = cfg.image_size
+  if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+    if size == 0:
+      return None
+    if size > 0:
+      return (int(size),) * 2
+  elif (isinstance(size, Sequence) and len(size) == 2
+        and all(isinstance(s, (int, np.integer)) and s > 0 for s in size)):
+    return (int(size[0]), int(size[1]))
+  raise _bad(cfg, "image_size", "a positive int, (H, W), or 0 for the "
+             "stored size")
+
+
+def _set_channels(example, channels):
+  return {**example, "image": transforms.to_channels(example["image"],
+                                                     channels)}
+
+
+def _channels(source, cfg, stored: int):
+  from kd_jax.data import sources
+  if cfg.channels not in (0, 1, 3):
+    raise _bad(cfg, "channels", "0 (as stored), 1 (grey) or 3 (RGB)")
+  if cfg.channels in (0, stored):
+    return source
+  return sources.MapSource(source, functools.partial(
+      _set_channels, channels=int(cfg.channels)))
+
+
+def _less_data(order: np.ndarray, cfg) -> np.ndarray:
+  """The first `train_fraction` (at most `max_train`) of `order`."""
+  f = cfg.train_fraction
+  if not isinstance(f, (int, float)) or not 0 < f <= 1:
+    raise _bad(cfg, "train_fraction", "a fraction in (0, 1]")
+  m = cfg.max_train
+  if not isinstance(m, (int, np.integer)) or m < 0:
+    raise _bad(cfg, "max_train", "an int >= 0 (0 = all)")
+  k = max(1, int(round(f * len(order)))) if f < 1 else len(order)
+  if m:
+    k = min(k, int(m))
+  return order[:k]
+
+
+def _train_subset(train, cfg, strata=None):
+  """`train` itself, or its fixed seeded less-data subset."""
+  from kd_jax.data import sources
+  if cfg.train_fraction == 1 and not cfg.max_train:
+    _less_data(np.arange(1), cfg)  # Checks the values.
+    return train
+  order = sources.seeded_order(len(train), int(cfg.seed), strata)
+  return sources.Subset(train, np.sort(_less_data(order, cfg)))
+
+
+def _split(full, cfg, strata=None):
+  """Seeded train / val split of `full` (stratified by `strata`), then the
+  less-data subset of train. Returns (train, val, description)."""
+  from kd_jax.data import sources
+  n = len(full)
+  f = cfg.val_fraction
+  if not isinstance(f, (int, float)) or not 0 < f < 1:
+    raise _bad(cfg, "val_fraction", "a fraction in (0, 1)")
+  n_val = int(round(f * n))
+  if not 1 <= n_val <= n - 1:
+    raise _bad(cfg, "val_fraction", f"a fraction leaving at least one of the "
+               f"{n} examples in train and in val")
+  order = sources.seeded_order(n, int(cfg.seed), strata)
+  val_idx = np.sort(order[:n_val])
+  train_idx = np.sort(_less_data(order[n_val:], cfg))
+  how = "stratified, " if strata is not None else ""
+  text = (f"{n} examples → {n - n_val} train / {n_val} val ({how}seed "
+          f"{cfg.seed}, val_fraction {f})"
+          + (f"; training on {len(train_idx)}" if len(train_idx) < n - n_val
+             else ""))
+  return (sources.Subset(full, train_idx), sources.Subset(full, val_idx),
+          text)
+
+
+_NO_TEST = ("; test = val (the official test split is not in the shared "
+            "folder)")
+
+
+def _augment(cfg, rgb: bool = False):
+  if not isinstance(cfg.augment, bool):
+    raise _bad(cfg, "augment", "True or False")
+  if not cfg.augment:
+    return []
+  out = [transforms.SegmentationAugment(flip=True, rot90=False,
+                                        max_rotation_deg=15.0)]
+  return out + ([transforms.ColorJitter()] if rgb else [])
+
+
+def _transunet_augment(cfg):
+  # TransUNet's RandomGenerator: rot90 + flip, or a rotation up to 20°.
+  return [transforms.SegmentationAugment(
+      flip=True, rot90=True, max_rotation_deg=20.0)] if cfg.augment else []
+
+
+_SPLIT = dict(seed=0, val_fraction=0.2, train_fraction=1.0, max_train=0)
+_IMAGE = dict(root="", channels=0, augment=False)
+
+
+# --------------------------------------------------------------------------
+# The segmentation sets of the first recipes (behaviour unchanged).
+
+
+@_register("synthetic", image_size=64, num_train=512, num_val=64,
+           num_test=256, seed=0, augment=True)
+def _synthetic(cfg) -> Datasets:
+  """Generated CT phantoms (kd_jax.data.synthetic); disjoint seeded draws."""
+  # Different seeds give disjoint draws: the splits never share a slice.
+  def split(n, offset):
+    return synthetic.SyntheticCT(n, size=cfg.image_size,
+                                 seed=cfg.seed * 1000 + offset)
+
+  augment = [transforms.SegmentationAugment(
+      flip=True, rot90=False, max_rotation_deg=15.0)] if cfg.augment else []
+  return Datasets(train=split(cfg.num_train, 0), val=split(cfg.num_val, 1),
+                  test=split(cfg.num_test, 2),
+                  num_classes=synthetic.NUM_CLASSES,
+                  class_names=synthetic.ORGANS, train_transforms=augment,
+                  targets={"label": T.segmentation(synthetic.NUM_CLASSES,
+                                                   synthetic.ORGANS)},
+                  description=f"synthetic CT phantoms: {cfg.num_train} "
+                  f"train / {cfg.num_val} val / {cfg.num_test} test, seed "
+                  f"{cfg.seed}")
+
+
+@_register("acdc", root="", image_size=224, augment=True, max_train=0,
+           max_volumes=0, train_fraction=1.0, seed=0)
+def _acdc(cfg) -> Datasets:
+  """ACDC: train slices for training; the 20 validation volumes (10
+  patients, none in train) give the val split (their slices, resized) and
+  the volumes. The official test split is not in the shared folder, so
+  `test` is the val split too: tune and report on it, and say so.
+
+  cfg: root (folder holding acdc/; "" = $KD_JAX_DATA or ../shared/data),
+  image_size, augment, max_train / max_volumes (0 = all; the first N
+  slices / volumes of the files, for quick runs), train_fraction (a seeded
+  subset of the training slices) and seed.
+  """
+  from kd_jax.data import sources
+  root = cfg.get("root") or None
+  train = sources.acdc_slices(root, image_size=_size(cfg),
+                              max_examples=cfg.get("max_train") or None)
+  if cfg.train_fraction != 1:
+    train = _train_subset(train, ml_collections.ConfigDict(
+        dict(name="acdc", train_fraction=cfg.train_fraction, max_train=0,
+             seed=cfg.seed)))
+  volumes = sources.acdc_volumes(root,
+                                 max_volumes=cfg.get("max_volumes") or None)
+  val = sources.SliceSource(volumes, _size(cfg))
+  return Datasets(train=train, val=val, test=val, num_classes=4,
+                  class_names=sources.ACDC_CLASSES,
+                  train_transforms=_transunet_augment(cfg), volumes=volumes,
+                  volumes_split="val",
+                  targets={"label": T.segmentation(4, sources.ACDC_CLASSES)},
+                  description=f"ACDC: {len(train)} training slices; val = "
+                  f"the slices of {len(volumes)} validation volumes" +
+                  _NO_TEST)
+
+
+@_register("synapse", root="", list_dir="", image_size=224, augment=True,
+           num_val_cases=2, num_classes=9, train_fraction=1.0, max_train=0,
+           seed=0)
+def _synapse(cfg) -> Datasets:
+  """Synapse in the TransUNet layout (see sources.synapse): train_npz slices
+  for training, minus the last `num_val_cases` cases held out as the val
+  split; the test_vol_h5 volumes are the test split (slices, resized) and
+  the volumes (TransUNet's protocol: Dice and HD95 per test volume).
+
+  cfg: root, list_dir ("" = <root>/lists_Synapse when it exists, else every
+  file; it holds train.txt and test_vol.txt), image_size, augment,
+  num_val_cases, num_classes (9), train_fraction / max_train / seed (a
+  seeded subset of the training slices).
+  """
+  import os
+  from kd_jax.data import sources
+  root = cfg.root
+  if not root:
+    raise ValueError("data.root is empty: set --config.data.root to the "
+                     "Synapse folder holding train_npz/ and test_vol_h5/")
+  list_dir = cfg.get("list_dir") or os.path.join(root, "lists_Synapse")
+  lists = {k: os.path.join(list_dir, f"{k}.txt")
+           for k in ("train", "test_vol")}
+  lists = {k: v if os.path.isfile(v) else None for k, v in lists.items()}
+  n = int(cfg.get("num_classes", 9))
+  slices = sources.synapse_slices(root, list_file=lists["train"],
+                                  num_classes=n, image_size=_size(cfg))
+  case = [os.path.basename(p).split("_slice")[0] for p in slices.paths]
+  held_out = sorted(set(case))[-int(cfg.num_val_cases):] \
+      if cfg.num_val_cases else []
+  train_idx = [i for i, c in enumerate(case) if c not in held_out]
+  val_idx = [i for i, c in enumerate(case) if c in held_out]
+  if not train_idx or not val_idx:
+    raise ValueError(
+        f"data.num_val_cases={cfg.num_val_cases} leaves no train or no val "
+        f"slices among the {len(set(case))} training cases; choose 1 to "
+        f"{len(set(case)) - 1}")
+  volumes = sources.synapse_volumes(root, list_file=lists["test_vol"],
+                                    num_classes=n)
+  train = sources.Subset(slices, train_idx)
+  if cfg.train_fraction != 1 or cfg.max_train:
+    train = sources.Subset(slices, np.asarray(train_idx)[
+        _train_subset(train, cfg).indices])
+  names = sources.SYNAPSE_CLASSES[:n]
+  return Datasets(
+      train=train, val=sources.Subset(slices, val_idx),
+      test=sources.SliceSource(volumes, _size(cfg)), num_classes=n,
+      class_names=names,
+      train_transforms=_transunet_augment(cfg), volumes=volumes,
+      volumes_split="test", targets={"label": T.segmentation(n, names)},
+      description=f"Synapse: {len(train)} training slices; val = the "
+      f"{len(val_idx)} slices of the last {cfg.num_val_cases} training "
+      f"cases; test = {len(volumes)} test volumes")
+
+
+# --------------------------------------------------------------------------
+# The other shared sets.
+
+
+@_register("idrid_grading", image_size=256, **_IMAGE, **_SPLIT)
+def _idrid_grading(cfg) -> Datasets:
+  """IDRiD parts B+C (grading_256_train.npz, 413 images): DR grade 0-4, DME
+  risk 0-2, fovea and optic-disc centres. The coordinates come from the
+  file's original-pixel columns (`train_fovea_xy_orig`, `train_od_xy_orig`,
+  in the 4288×2848 photographs) and crop boxes; see sources.idrid_grading.
+  Val is stratified by DR grade.
+  """
+  from kd_jax.data import sources
+  full = sources.idrid_grading(cfg.root or None, target=None,
+                               pixel_landmarks=False,
+                               image_size=_image_size(cfg))
+  train, val, text = _split(full, cfg, strata=full.extras["dr_grade"])
+  dr = T.classification(5, sources.DR_GRADES, ordinal=True)
+  train, val = _channels(train, cfg, 3), _channels(val, cfg, 3)
+  return Datasets(
+      train=train, val=val, test=val,
+      num_classes=5, class_names=sources.DR_GRADES,
+      train_transforms=_augment(cfg, rgb=cfg.channels != 1),
+      targets={"dr_grade": dr,
+               "dme_risk": T.classification(3, sources.DME_RISKS,
+                                            ordinal=True),
+               "fovea": Target("landmark"), "optic_disc": Target("landmark")},
+      description=f"IDRiD grading: {text}" + _NO_TEST)
+
+
+@_register("idrid_lesions", image_size=512,
+           lesions=("MA", "HE", "EX", "SE"), **_IMAGE, **_SPLIT)
+def _idrid_lesions(cfg) -> Datasets:
+  """IDRiD part A (segmentation_512_train.npz, 54 images): "label" is 1
+  where any of `lesions` is (binary segmentation), "lesion_mask" all five
+  channels MA, HE, EX, SE, OD."""
+  from kd_jax.data import sources
+  lesions = cfg.lesions
+  if isinstance(lesions, str):
+    lesions = [l.strip() for l in lesions.split(",") if l.strip()]
+  lesions = tuple(lesions)
+  if not lesions or any(l not in sources.IDRID_LESIONS for l in lesions):
+    raise _bad(cfg, "lesions", f"a non-empty subset of "
+               f"{list(sources.IDRID_LESIONS)}")
+  full = sources.idrid_lesions(cfg.root or None, lesions=lesions,
+                               image_size=_image_size(cfg))
+  train, val, text = _split(full, cfg)
+  names = ("background", "lesion")
+  train, val = _channels(train, cfg, 3), _channels(val, cfg, 3)
+  return Datasets(
+      train=train, val=val, test=val,
+      num_classes=2, class_names=names,
+      train_transforms=_augment(cfg, rgb=cfg.channels != 1),
+      targets={"label": T.segmentation(2, names),
+               "lesion_mask": Target("multilabel", 5, sources.IDRID_LESIONS)},
+      description=f"IDRiD lesions ({'+'.join(lesions)}): {text}" + _NO_TEST
+  )
+
+
+@_register("drive", image_size=512, **_IMAGE, **_SPLIT)
+def _drive(cfg) -> Datasets:
+  """DRIVE (train.npz, 20 images 584×565): vessel segmentation; examples
+  also carry "fov", the field-of-view mask (score inside it)."""
+  from kd_jax.data import sources
+  full = sources.drive_vessels(cfg.root or None, image_size=_image_size(cfg))
+  train, val, text = _split(full, cfg)
+  names = ("background", "vessel")
+  train, val = _channels(train, cfg, 3), _channels(val, cfg, 3)
+  return Datasets(
+      train=train, val=val, test=val,
+      num_classes=2, class_names=names,
+      train_transforms=_augment(cfg, rgb=cfg.channels != 1),
+      targets={"label": T.segmentation(2, names)},
+      description=f"DRIVE: {text}" + _NO_TEST)
+
+
+@_register("palm", image_size=224, num_classes=3, **_IMAGE, **_SPLIT)
+def _palm(cfg) -> Datasets:
+  """PALM (train_224.npz, 400 images): num_classes=3 (high myopia, normal,
+  pathologic myopia) or 2 (pathologic myopia or not). Val is stratified by
+  the 3 classes, so both options give the same split."""
+  from kd_jax.data import sources
+  if cfg.num_classes not in (2, 3):
+    raise _bad(cfg, "num_classes", "3 (high myopia / normal / pathologic "
+               "myopia) or 2 (pathologic myopia or not)")
+  full = sources.palm(cfg.root or None,
+                      target="label3" if cfg.num_classes == 3 else "pm",
+                      image_size=_image_size(cfg))
+  # Stratified by the 3 classes either way: both options share one split.
+  label3 = full.labels if cfg.num_classes == 3 else sources.load_npz(
+      sources.resolve_data_dir(cfg.root or None) / "palm" / "train_224.npz",
+      ["train_label3"])["train_label3"]
+  train, val, text = _split(full, cfg, strata=label3)
+  names = tuple(full.class_names)
+  train, val = _channels(train, cfg, 3), _channels(val, cfg, 3)
+  return Datasets(
+      train=train, val=val, test=val,
+      num_classes=cfg.num_classes, class_names=names,
+      train_transforms=_augment(cfg, rgb=cfg.channels != 1),
+      targets={"label": T.classification(cfg.num_classes, names)},
+      description=f"PALM ({cfg.num_classes} classes): {text}" + _NO_TEST
+  )
+
+
+@_register("pneumoniamnist", image_size=28, root="", channels=0,
+           augment=False, seed=0, train_fraction=1.0, max_train=0)
+def _pneumoniamnist(cfg) -> Datasets:
+  """PneumoniaMNIST (train_val_28.npz): its official train (2428) and val
+  (270) splits; the less-data subset is stratified by class."""
+  from kd_jax.data import sources
+  size = _image_size(cfg)
+  train = sources.pneumonia_mnist(cfg.root or None, split="train",
+                                  image_size=size)
+  val = sources.pneumonia_mnist(cfg.root or None, split="val",
+                                image_size=size)
+  n = len(train)
+  train = _train_subset(train, cfg, strata=train.labels)
+  names = ("normal", "pneumonia")
+  train, val = _channels(train, cfg, 1), _channels(val, cfg, 1)
+  return Datasets(
+      train=train, val=val, test=val,
+      num_classes=2, class_names=names, train_transforms=_augment(cfg),
+      targets={"label": T.classification(2, names)},
+      description=f"PneumoniaMNIST: official train ({n}"
+      + (f", training on {len(train)}" if len(train) < n else "")
+      + f") / val ({len(val)}); test = val (the official test split is not "
+      "in the shared folder)")
+
+
+@_register("totalseg", image_size=128, classes="all",
+           window=(-125.0, 275.0), **_IMAGE, **_SPLIT)
+def _totalseg(cfg) -> Datasets:
+  """The TotalSegmentator example CT (30 labelled axial slices; labels are
+  the model's output, not manual truth) as 2D slices. `classes`: "all"
+  (117 + background), "synapse" (the 8 Synapse organs, renumbered 1-8) or
+  a list of class names. Val is one contiguous block of
+  round(val_fraction · 30) slices at a seeded position (neighbouring slices
+  of one volume are near copies; a block leaks less than a random pick)."""
+  from kd_jax.data import sources
+  classes = cfg.classes
+  if classes == "all":
+    classes = None
+  elif classes == "synapse":
+    classes = sources.SYNAPSE_CLASSES[1:]
+  elif isinstance(classes, str) or not isinstance(classes, Sequence):
+    raise _bad(cfg, "classes", '"all", "synapse" or a list of class names')
+  window = tuple(float(w) for w in cfg.window)
+  volumes = sources.totalseg_ct(cfg.root or None, window=window,
+                                classes=classes)
+  full = sources.SliceSource(volumes, _image_size(cfg))
+  n = len(full)
+  f = cfg.val_fraction
+  if not isinstance(f, (int, float)) or not 0 < f < 1:
+    raise _bad(cfg, "val_fraction", "a fraction in (0, 1)")
+  n_val = int(round(f * n))
+  if not 1 <= n_val <= n - 1:
+    raise _bad(cfg, "val_fraction", f"a fraction leaving at least one of the "
+               f"{n} slices in train and in val")
+  start = int(np.random.default_rng(int(cfg.seed)).integers(n - n_val + 1))
+  val_idx = np.arange(start, start + n_val)
+  rest = np.setdiff1d(np.arange(n), val_idx)
+  train = sources.Subset(full, rest)
+  train = _train_subset(train, cfg)
+  if isinstance(train, sources.Subset) and train.source is not full:
+    train = sources.Subset(full, rest[train.indices])
+  names = tuple(volumes.class_names)
+  train = _channels(train, cfg, 1)
+  val = _channels(sources.Subset(full, val_idx), cfg, 1)
+  return Datasets(
+      train=train, val=val, test=val,
+      num_classes=volumes.num_classes, class_names=names,
+      train_transforms=_augment(cfg),
+      targets={"label": T.segmentation(volumes.num_classes, names)},
+      description=f"TotalSegmentator example CT: {n} slices → "
+      f"{len(train)} train / slices {start}-{start + n_val - 1} val (seed "
+      f"{cfg.seed}); test = val; labels are model output")
+
+
+# --------------------------------------------------------------------------
+# User data: a folder with a CSV, and TFDS.
+
+
+def _targets_of(source, num_classes, class_names) -> dict[str, Target]:
+  if source.task == "segmentation":
+    return {"label": T.segmentation(num_classes, class_names)}
+  if source.task == "classification":
+    return {"label": T.classification(num_classes, class_names)}
+  return {}
+
+
+@_register("folder", csv="", image_dir="", image_column="image",
+           label_column="label", mask_column="", class_names=(),
+           num_classes=0, channels=3, image_size=224, val_csv="",
+           test_csv="", augment=False, **_SPLIT)
+def _folder(cfg) -> Datasets:
+  """Images in a folder listed in a CSV (sources.FolderCsvSource): a class
+  per row (`label_column`) or a mask path (`mask_column`, then
+  `num_classes` is required). Val is `val_csv` when given, else a seeded
+  `val_fraction` of `csv` (stratified by class); test is `test_csv` when
+  given (whole, never used for val), else the val split."""
+  from kd_jax.data import sources
+  if not cfg.csv:
+    raise ValueError("data.csv is empty: set --config.data.csv to the CSV "
+                     "that lists the images (folder data set)")
+  if cfg.channels not in (1, 3):
+    raise _bad(cfg, "channels", "1 (grey) or 3 (RGB)")
+
+  def read(path):
+    return sources.FolderCsvSource(
+        path, image_dir=cfg.image_dir or None,
+        image_column=cfg.image_column,
+        label_column=None if cfg.mask_column else cfg.label_column,
+        mask_column=cfg.mask_column or None,
+        class_names=list(cfg.class_names) or None,
+        num_classes=cfg.num_classes or None, channels=int(cfg.channels),
+        image_size=_image_size(cfg))
+
+  full = read(cfg.csv)
+  strata = full.labels if full.task == "classification" else None
+  if cfg.val_csv:
+    train, val = _train_subset(full, cfg, strata), read(cfg.val_csv)
+    text = (f"{len(full)} train rows (training on {len(train)}) / "
+            f"{len(val)} val rows of {cfg.val_csv}")
+  else:
+    train, val, text = _split(full, cfg, strata)
+  test = read(cfg.test_csv) if cfg.test_csv else val
+  names = tuple(full.class_names) if full.class_names else None
+  return Datasets(
+      train=train, val=val, test=test, num_classes=full.num_classes,
+      class_names=names or tuple(f"class_{i}"
+                                 for i in range(full.num_classes)),
+      train_transforms=_augment(cfg, rgb=cfg.channels == 3),
+      targets=_targets_of(full, full.num_classes, names),
+      description=f"folder {cfg.csv}: {text}; "
+      + (f"test = {len(test)} rows of {cfg.test_csv}" if cfg.test_csv
+         else "test = val"))
+
+
+@_register("tfds", dataset="", data_dir="", split="train", val_split="",
+           test_split="", image_key="image", label_key="label",
+           num_classes=0, image_size=0, channels=0, download=False,
+           augment=False, **_SPLIT)
+def _tfds(cfg) -> Datasets:
+  """A prepared TFDS data set in array_record format (sources.TfdsSource):
+  `dataset` (a registered name, e.g. "my_set:1.0.0"), `split` for training;
+  val is `val_split` when given, else a seeded `val_fraction` of `split`;
+  test is `test_split` when given (whole, never used for val), else val.
+  `label_key` "" reads no label (unlabelled images)."""
+  from kd_jax.data import sources
+  if not cfg.dataset:
+    raise ValueError("data.dataset is empty: set --config.data.dataset to "
+                     "the TFDS name (tfds data set)")
+
+  def read(split):
+    return sources.TfdsSource(
+        cfg.dataset, split=split, data_dir=cfg.data_dir or None,
+        image_key=cfg.image_key, label_key=cfg.label_key or None,
+        num_classes=cfg.num_classes or None, image_size=_image_size(cfg),
+        download=bool(cfg.download))
+
+  full = read(cfg.split)
+  if cfg.val_split:
+    train, val = _train_subset(full, cfg), read(cfg.val_split)
+    text = (f"{cfg.split} ({len(full)}, training on {len(train)}) / "
+            f"{cfg.val_split} ({len(val)})")
+  else:
+    train, val, text = _split(full, cfg)
+    text = f"{cfg.split}: {text}"
+  test = read(cfg.test_split) if cfg.test_split else val
+  stored = np.shape(full.data[0][cfg.image_key])
+  stored = stored[-1] if len(stored) == 3 else 1
+  names = tuple(getattr(full, "class_names", ()) or ()) or None
+  n = full.num_classes or 0
+  train, val = _channels(train, cfg, stored), _channels(val, cfg, stored)
+  return Datasets(
+      train=train, val=val,
+      test=_channels(test, cfg, stored) if cfg.test_split else val,
+      num_classes=n,
+      class_names=names or tuple(f"class_{i}" for i in range(n)),
+      train_transforms=_augment(cfg),
+      targets=_targets_of(full, n, names),
+      description=f"tfds {cfg.dataset}: {text}; "
+      + (f"test = {cfg.test_split} ({len(test)})" if cfg.test_split
+         else "test = val"))
