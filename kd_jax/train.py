@@ -12,6 +12,7 @@ the batch is split on the `data` axis, the state and the frozen teacher are
 replicated, and the state is donated.
 """
 import functools
+import inspect
 import json
 import os
 import signal
@@ -233,16 +234,23 @@ def loss_terms(spec) -> list[dict]:
   return [dict(t) for t in spec]
 
 
+def _plain(value):
+  return value.to_dict() if hasattr(value, "to_dict") else value
+
+
 def stage_config(config, name):
-  """The stage's settings with the run-wide defaults filled in."""
+  """The stage's settings with the run-wide defaults filled in, as plain
+  Python values: `method`, `model`, `losses` (a list of term dicts), `steps`,
+  `optimizer`, and whatever keys the stage's method reads (`teacher`,
+  `peer`, ...; see `kd_jax.methods`)."""
   stage = config.stages[name]
   opt = config.optimizer.copy_and_resolve_references()
   opt.update(stage.get("optimizer", {}))
-  return dict(
-      method=stage.method, model=stage.model.to_dict(),
-      teacher=stage.get("teacher"), peer=stage.get("peer"),
-      losses=loss_terms(stage.losses),
-      steps=int(stage.get("steps", config.steps)), optimizer=opt)
+  out = {k: _plain(v) for k, v in stage.items()}
+  out.update(method=stage.get("method"), model=_plain(stage.get("model")),
+             losses=loss_terms(stage.get("losses", {})),
+             steps=int(stage.get("steps", config.steps)), optimizer=opt)
+  return out
 
 
 # `config.layers`: "flax" (flax's own layers) or "cpu" (kd_jax.cpu_layers'
@@ -250,10 +258,33 @@ def stage_config(config, name):
 LAYERS = ("flax", "cpu")
 
 
+def _takes(model_name, arg) -> bool:
+  """Whether the constructor of registered model `model_name` accepts the
+  keyword `arg` (a dataclass field, a parameter, or **kwargs)."""
+  ctor = models.registry._MODELS.get(model_name)  # pylint: disable=protected-access
+  if ctor is None:
+    return True  # models.build names the choices.
+  if arg in getattr(ctor, "__dataclass_fields__", {}):
+    return True
+  try:
+    params = inspect.signature(ctor).parameters
+  except (TypeError, ValueError):
+    return True
+  return arg in params or any(p.kind is p.VAR_KEYWORD
+                              for p in params.values())
+
+
 def _build_model(model_cfg, num_classes, dtype, layers="flax"):
+  """The flax module of `model_cfg` (`dict(name=..., **fields)`) in `dtype`,
+  with the data's `num_classes` when its constructor takes one and the config
+  does not set it, and kd_jax.cpu_layers' forms when `layers == "cpu"`."""
+  if not hasattr(model_cfg, "keys") or not model_cfg.get("name"):
+    raise ValueError(f"a model is dict(name=<model>, ...); got "
+                     f"{model_cfg!r}; models: {', '.join(models.names())}")
   cfg = dict(model_cfg)
   name = cfg.pop("name")
-  cfg.setdefault("num_classes", num_classes)
+  if _takes(name, "num_classes"):
+    cfg.setdefault("num_classes", num_classes)
   model = models.build(name, dtype=dtype, **cfg)
   return cpu_layers.apply(model) if layers == "cpu" else model
 
@@ -262,58 +293,32 @@ class ConfigError(ValueError):
   """A config that cannot run; raised before anything trains."""
 
 
-STAGE_KEYS = {"method", "model", "teacher", "peer", "losses", "steps",
-              "optimizer"}
-
-
-def _build_peer(s, name, num_classes, dtype, layers):
-  """The second model of a mutual-learning stage, from `peer=dict(name=...)`."""
-  peer = s["peer"]
-  peer = peer.to_dict() if hasattr(peer, "to_dict") else peer
-  if s["method"] != "mutual":
-    if peer:
-      raise ValueError(f"'peer' is read by method 'mutual' only, not "
-                       f"{s['method']!r}; remove it from stage {name!r}")
-    return None
-  if not isinstance(peer, dict) or not peer.get("name"):
-    raise ValueError(f"a mutual stage needs peer=dict(name=<model>, ...), "
-                     f"e.g. peer=dict(name='transunet_tiny'); got "
-                     f"peer={peer!r}; models: {', '.join(models.names())}")
-  try:
-    return _build_model(peer, num_classes, dtype, layers)
-  except (ValueError, TypeError) as e:
-    raise ValueError(f"peer {peer}: {e}") from None
+def build_context(config, name, workdir, num_classes, load_frozen=True):
+  """The `methods.Context` of stage `name`: what its method needs from the
+  run to build itself."""
+  order = list(config.stage_order)
+  return methods.Context(
+      build_model=functools.partial(
+          _build_model, num_classes=num_classes,
+          dtype=jnp.dtype(config.compute_dtype),
+          layers=config.get("layers", "flax")),
+      stage=name, workdir=workdir,
+      earlier_stages=tuple(order[:order.index(name)] if name in order
+                           else order),
+      load_frozen=load_frozen)
 
 
 def build_method(config, name, workdir, num_classes, load_teacher=True):
-  """(method, frozen variables) for stage `name`.
+  """(method, frozen variables) for stage `name`, built by its method's
+  class (`methods.from_config`).
 
-  With `load_teacher=False` the teacher is built but not loaded (frozen is
+  With `load_teacher=False` frozen models are built but not loaded (frozen is
   None): enough to check the stage's wiring before anything trains.
   """
   s = stage_config(config, name)
-  dtype = jnp.dtype(config.compute_dtype)
-  layers = config.get("layers", "flax")
-  model = _build_model(s["model"], num_classes, dtype, layers)
-  peer = _build_peer(s, name, num_classes, dtype, layers)
-  if peer is not None:
-    return methods.build("mutual", model=model, peer=peer,
-                         loss_terms=s["losses"]), {}
-  if s["method"] != "distill":
-    return methods.build(s["method"], model=model,
-                         loss_terms=s["losses"]), {}
-  t = s["teacher"]
-  if not t or not t.get("model"):
-    raise ValueError(f"stage {name!r}: a distill stage needs teacher="
-                     "dict(model=dict(name=...), stage=... or checkpoint=...)")
-  teacher = _build_model(t["model"], num_classes, dtype, layers)
-  method = methods.build("distill", model=model, teacher=teacher,
-                         loss_terms=s["losses"])
-  if not load_teacher:
-    return method, None
-  ckpt = (os.path.join(workdir, t["stage"]) if t.get("stage")
-          else t.get("checkpoint"))
-  return method, checkpoint.load_model_variables(ckpt)
+  methods.check_stage_keys(s)
+  return methods.from_config(s, build_context(config, name, workdir,
+                                              num_classes, load_teacher))
 
 
 # Run-wide keys. `epochs` is a config's own FieldReference that its `steps`
@@ -341,27 +346,15 @@ def validate(config, workdir, datasets) -> None:
     raise ConfigError(f"stage_order {order} names stages not in "
                      f"config.stages {sorted(config.stages)}")
   example = jnp.zeros((1,) + datasets.train[0]["image"].shape, jnp.float32)
-  for i, name in enumerate(order):
-    bad = set(config.stages[name]) - STAGE_KEYS
-    if bad:
-      raise ConfigError(f"stage {name!r}: unknown keys {sorted(bad)}; "
-                       f"allowed: {sorted(STAGE_KEYS)}")
-    teacher = config.stages[name].get("teacher") or {}
-    if config.stages[name].method == "distill":
-      if teacher.get("stage"):
-        if teacher.stage not in order[:i]:
-          raise ConfigError(
-              f"stage {name!r}: teacher stage {teacher.stage!r} must be an "
-              f"earlier stage in stage_order {order}")
-      elif not os.path.isdir(teacher.get("checkpoint") or ""):
-        raise ConfigError(
-            f"stage {name!r}: teacher.checkpoint "
-            f"{teacher.get('checkpoint')!r} is not a folder; give a trained "
-            "stage's workdir, or teacher.stage=<earlier stage>")
+  for name in order:
     try:
+      s = stage_config(config, name)
+      # Its keys, then what the method checks without a model (an earlier
+      # teacher stage, a checkpoint folder, ...).
+      methods.check(s, build_context(config, name, workdir,
+                                     datasets.num_classes, False))
       method, _ = build_method(config, name, workdir, datasets.num_classes,
                                load_teacher=False)
-      s = stage_config(config, name)
       tx = make_optimizer(s["optimizer"], s["steps"])
       jax.eval_shape(functools.partial(init_state, method, tx,
                                        jax.random.key(0)), example)

@@ -260,3 +260,23 @@ def test_mutual_stage_builds_from_config(tmp_path):
   method, frozen = train.build_method(c, "dml", str(tmp_path), 9)
   assert isinstance(method, methods.Mutual) and frozen == {}
   assert method.peer.width == 4 and method.model.width == 2
+
+
+def test_from_config_builds_both_peers_through_the_context():
+  built = []
+
+  def build_model(cfg):
+    built.append(dict(cfg))
+    cfg = dict(cfg)
+    return models.build(cfg.pop("name"), num_classes=NUM_CLASSES, **cfg)
+
+  stage = dict(method="mutual", model=dict(name="unet", width=2, depth=2),
+               peer=dict(name="unet", width=4, depth=2), losses=TERMS)
+  method, frozen = methods.from_config(
+      stage, methods.Context(build_model=build_model, stage="dml"))
+  assert isinstance(method, methods.Mutual) and frozen == {}
+  assert built == [stage["model"], stage["peer"]]
+  assert (method.model.width, method.peer.width) == (2, 4)
+  assert methods.stage_keys("mutual") - methods.COMMON_STAGE_KEYS == {"peer"}
+  with pytest.raises(ValueError, match="needs peer=dict"):
+    methods.check(dict(stage, peer=None), methods.Context(build_model))

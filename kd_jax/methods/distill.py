@@ -20,6 +20,7 @@ terms read). A batch may carry them precomputed under the key "teacher"
 then reads them instead of running the teacher: one code path either way.
 """
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +36,52 @@ def _describe(features):
 
 class Distill:
   model_key = "student"
+  # teacher=dict(model=dict(name=...), stage=<earlier stage>) or
+  # teacher=dict(model=..., checkpoint=<a trained stage's folder>).
+  stage_keys = frozenset({"teacher"})
+
+  @staticmethod
+  def _teacher_config(stage) -> dict:
+    t = stage.get("teacher")
+    if not isinstance(t, dict) or not t.get("model"):
+      raise ValueError("a distill stage needs teacher=dict(model=dict("
+                       "name=...), stage=<earlier stage> or checkpoint="
+                       f"<folder>); got teacher={t!r}")
+    return t
+
+  @classmethod
+  def check(cls, stage, ctx):
+    """The teacher comes from an earlier stage or an existing folder."""
+    t = cls._teacher_config(stage)
+    if t.get("stage"):
+      if t["stage"] not in ctx.earlier_stages:
+        raise ValueError(
+            f"teacher stage {t['stage']!r} must be an earlier stage in "
+            f"stage_order; the stages before {ctx.stage!r}: "
+            f"{list(ctx.earlier_stages)}")
+    elif not os.path.isdir(t.get("checkpoint") or ""):
+      raise ValueError(
+          f"teacher.checkpoint {t.get('checkpoint')!r} is not a folder; give "
+          "a trained stage's workdir, or teacher.stage=<earlier stage>")
+
+  @classmethod
+  def from_config(cls, stage, ctx):
+    """(method, teacher variables) from `dict(method="distill", model=...,
+    teacher=..., losses=...)`; the variables are None without
+    `ctx.load_frozen`."""
+    t = cls._teacher_config(stage)
+    model = ctx.build_model(stage["model"])
+    try:
+      teacher = ctx.build_model(t["model"])
+    except (ValueError, TypeError) as e:
+      raise ValueError(f"teacher.model: {e}") from None
+    method = cls(model=model, teacher=teacher, loss_terms=stage["losses"])
+    if not ctx.load_frozen:
+      return method, None
+    from kd_jax import checkpoint  # Orbax, only to load a teacher.
+    ckpt = (os.path.join(ctx.workdir, t["stage"]) if t.get("stage")
+            else t.get("checkpoint"))
+    return method, checkpoint.load_model_variables(ckpt)
 
   def __init__(self, model, teacher, loss_terms):
     self.model = model

@@ -29,12 +29,40 @@ read back from the checkpoint.
 import jax
 import jax.numpy as jnp
 
-from kd_jax import losses
+from kd_jax import losses, models
 from kd_jax.methods import common
 
 
 class Mutual:
   model_key = "student"
+  # peer=dict(name=<model>, **fields): the second model, built like `model`.
+  stage_keys = frozenset({"peer"})
+
+  @staticmethod
+  def _peer_config(stage) -> dict:
+    peer = stage.get("peer")
+    if not isinstance(peer, dict) or not peer.get("name"):
+      raise ValueError(f"a mutual stage needs peer=dict(name=<model>, ...), "
+                       f"e.g. peer=dict(name='transunet_tiny'); got "
+                       f"peer={peer!r}; models: {', '.join(models.names())}")
+    return peer
+
+  @classmethod
+  def check(cls, stage, ctx):
+    del ctx
+    cls._peer_config(stage)
+
+  @classmethod
+  def from_config(cls, stage, ctx):
+    """(method, {}) from `dict(method="mutual", model=..., peer=...,
+    losses=...)`: nothing is frozen, both peers train."""
+    peer = cls._peer_config(stage)
+    model = ctx.build_model(stage["model"])
+    try:
+      peer_model = ctx.build_model(peer)
+    except (ValueError, TypeError) as e:
+      raise ValueError(f"peer {peer}: {e}") from None
+    return cls(model=model, peer=peer_model, loss_terms=stage["losses"]), {}
 
   def __init__(self, model, peer, loss_terms):
     self.model = model

@@ -7,6 +7,13 @@ from kd_jax.methods import common
 
 class Supervised:
   model_key = "model"
+  stage_keys = frozenset()  # Only the common ones (kd_jax.methods.base).
+
+  @classmethod
+  def from_config(cls, stage, ctx):
+    """(method, {}) from `dict(method="supervised", model=..., losses=...)`."""
+    return cls(model=ctx.build_model(stage["model"]),
+               loss_terms=stage["losses"]), {}
 
   def __init__(self, model, loss_terms, frozen_shapes=None):
     del frozen_shapes  # Nothing is frozen.

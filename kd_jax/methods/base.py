@@ -1,0 +1,85 @@
+"""The protocol every method follows, and what the trainer hands it.
+
+A method is a class registered by name in `kd_jax.methods.METHODS`. It builds
+itself from its stage config, so adding a method touches `kd_jax/methods/`
+only; the trainer looks it up by the stage's `method` and never compares a
+name:
+
+    class MyMethod:
+      model_key = "student"          # the deployable model's key in params
+      stage_keys = frozenset({"teacher"})   # stage keys it reads beyond
+                                            # COMMON_STAGE_KEYS
+
+      @classmethod
+      def check(cls, stage, ctx): ...        # optional: config errors that
+                                             # need no model (a folder, an
+                                             # earlier stage), one line each
+      @classmethod
+      def from_config(cls, stage, ctx):      # -> (method, frozen variables)
+        ...
+
+      def init(self, rng, images): ...                 # see kd_jax.methods
+      def loss_fn(self, params, batch_stats, frozen, batch, rng): ...
+      def predict(self, params, batch_stats, images): ...
+
+`stage` is the stage's settings as plain Python values (`train.stage_config`:
+`method`, `model`, `losses` as a list of term dicts, `steps`, `optimizer`, and
+the method's own keys). `ctx` is a `Context`: what only the trainer knows.
+Errors are `ValueError`s of one line naming the key and the fix; the trainer
+prefixes the stage's name.
+"""
+import dataclasses
+from typing import Any, Callable, ClassVar, Protocol
+
+# Stage keys the trainer reads (or hands every method): any other key of a
+# stage must be in its method's `stage_keys`.
+COMMON_STAGE_KEYS = frozenset({"method", "model", "losses", "steps",
+                               "optimizer"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """What a method needs from the trainer to build itself.
+
+  build_model: model config dict (`dict(name=..., **fields)`) -> flax module,
+      with the run's compute dtype, the data's `num_classes` (for models that
+      take one, unless the config sets it) and `config.layers` applied; its
+      errors are ValueErrors naming the model's choices.
+  stage: the stage's name, for messages.
+  workdir: the run's folder; stage `s` trains in `<workdir>/<s>`.
+  earlier_stages: the stages before this one in `stage_order` (a frozen
+      model may come from one of them, never from a later one).
+  load_frozen: False to build without loading frozen variables (checkpoints
+      need not exist yet); `from_config` then returns None for them.
+  """
+  build_model: Callable[[dict], Any]
+  stage: str = ""
+  workdir: str = ""
+  earlier_stages: tuple = ()
+  load_frozen: bool = True
+
+
+class Method(Protocol):
+  """The structural type of a method (see the module docstring)."""
+  model_key: ClassVar[str]
+  stage_keys: ClassVar[frozenset]
+  model: Any
+
+  @classmethod
+  def from_config(cls, stage: dict, ctx: Context) -> tuple["Method", Any]:
+    ...
+
+  def init(self, rng, images) -> dict:
+    ...
+
+  def loss_fn(self, params, batch_stats, frozen, batch, rng):
+    ...
+
+  def predict(self, params, batch_stats, images):
+    ...
+
+
+def is_set(value) -> bool:
+  """A stage key set to None or an empty value counts as absent."""
+  return value is not None and not (hasattr(value, "__len__")
+                                    and len(value) == 0)
