@@ -12,7 +12,6 @@ the batch is split on the `data` axis, the state and the frozen teacher are
 replicated, and the state is donated.
 """
 import functools
-import inspect
 import json
 import os
 import signal
@@ -258,22 +257,6 @@ def stage_config(config, name):
 LAYERS = ("flax", "cpu")
 
 
-def _takes(model_name, arg) -> bool:
-  """Whether the constructor of registered model `model_name` accepts the
-  keyword `arg` (a dataclass field, a parameter, or **kwargs)."""
-  ctor = models.registry._MODELS.get(model_name)  # pylint: disable=protected-access
-  if ctor is None:
-    return True  # models.build names the choices.
-  if arg in getattr(ctor, "__dataclass_fields__", {}):
-    return True
-  try:
-    params = inspect.signature(ctor).parameters
-  except (TypeError, ValueError):
-    return True
-  return arg in params or any(p.kind is p.VAR_KEYWORD
-                              for p in params.values())
-
-
 def _build_model(model_cfg, num_classes, dtype, layers="flax"):
   """The flax module of `model_cfg` (`dict(name=..., **fields)`) in `dtype`,
   with the data's `num_classes` when its constructor takes one and the config
@@ -283,7 +266,7 @@ def _build_model(model_cfg, num_classes, dtype, layers="flax"):
                      f"{model_cfg!r}; models: {', '.join(models.names())}")
   cfg = dict(model_cfg)
   name = cfg.pop("name")
-  if _takes(name, "num_classes"):
+  if models.accepts(name, "num_classes"):
     cfg.setdefault("num_classes", num_classes)
   model = models.build(name, dtype=dtype, **cfg)
   return cpu_layers.apply(model) if layers == "cpu" else model

@@ -3,7 +3,7 @@
 (NHWC maps, NLD tokens, `"embedding"` for a pooled vector). See each module's
 docstring for its feature names.
 """
-from kd_jax.models.registry import build, names, register
+from kd_jax.models.registry import accepts, build, names, register
 from kd_jax.models.summary import default_input, summary  # noqa: E402
 
 # Importing a module registers its models.

@@ -1,4 +1,5 @@
 """Name → model constructor registry, so configs can say `dict(name="unet", ...)`."""
+import inspect
 from typing import Any, Callable
 
 _MODELS: dict[str, Callable[..., Any]] = {}
@@ -18,6 +19,21 @@ def register(name: str):
 
 def names() -> list[str]:
   return sorted(_MODELS)
+
+
+def accepts(name: str, arg: str) -> bool:
+  """Whether registered model `name`'s constructor takes the keyword `arg`
+  (a dataclass field, a parameter, or **kwargs); True for an unknown name,
+  which `build` reports with the choices."""
+  ctor = _MODELS.get(name)
+  if ctor is None or arg in getattr(ctor, "__dataclass_fields__", {}):
+    return True
+  try:
+    params = inspect.signature(ctor).parameters
+  except (TypeError, ValueError):
+    return True
+  return arg in params or any(p.kind is p.VAR_KEYWORD
+                              for p in params.values())
 
 
 def build(name: str, **kwargs):
