@@ -210,18 +210,24 @@ def _train_subset(train, cfg, strata=None):
   return sources.Subset(train, np.sort(_less_data(order, cfg)))
 
 
-def _split(full, cfg, strata=None):
-  """Seeded train / val split of `full` (stratified by `strata`), then the
-  less-data subset of train. Returns (train, val, description)."""
-  from kd_jax.data import sources
-  n = len(full)
+def _val_count(n, cfg, what):
+  """round(val_fraction · n), checked to leave both splits non-empty."""
   f = cfg.val_fraction
   if not isinstance(f, (int, float)) or not 0 < f < 1:
     raise _bad(cfg, "val_fraction", "a fraction in (0, 1)")
   n_val = int(round(f * n))
   if not 1 <= n_val <= n - 1:
     raise _bad(cfg, "val_fraction", f"a fraction leaving at least one of the "
-               f"{n} examples in train and in val")
+               f"{n} {what} in train and in val")
+  return n_val
+
+
+def _split(full, cfg, strata=None):
+  """Seeded train / val split of `full` (stratified by `strata`), then the
+  less-data subset of train. Returns (train, val, description)."""
+  from kd_jax.data import sources
+  n, f = len(full), cfg.val_fraction
+  n_val = _val_count(n, cfg, "examples")
   order = sources.seeded_order(n, int(cfg.seed), strata)
   val_idx = np.sort(order[:n_val])
   train_idx = np.sort(_less_data(order[n_val:], cfg))
@@ -524,13 +530,7 @@ def _totalseg(cfg) -> Datasets:
                                 classes=classes)
   full = sources.SliceSource(volumes, _image_size(cfg))
   n = len(full)
-  f = cfg.val_fraction
-  if not isinstance(f, (int, float)) or not 0 < f < 1:
-    raise _bad(cfg, "val_fraction", "a fraction in (0, 1)")
-  n_val = int(round(f * n))
-  if not 1 <= n_val <= n - 1:
-    raise _bad(cfg, "val_fraction", f"a fraction leaving at least one of the "
-               f"{n} slices in train and in val")
+  n_val = _val_count(n, cfg, "slices")
   start = int(np.random.default_rng(int(cfg.seed)).integers(n - n_val + 1))
   val_idx = np.arange(start, start + n_val)
   rest = np.setdiff1d(np.arange(n), val_idx)
