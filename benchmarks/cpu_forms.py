@@ -22,6 +22,7 @@ faster) and in how many rounds it beat `cpu` (else the last set) (a form whose r
 the step slower in most rounds changes nothing measurable).
 """
 import argparse
+import dataclasses
 import functools
 import importlib.util
 import statistics
@@ -31,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kd_jax import cpu_layers, train
+from kd_jax import cpu_layers, methods, train
 
 
 def _load_config(spec):
@@ -45,16 +46,17 @@ def _load_config(spec):
 def _build(config, stage, forms):
   """(jitted step, state, batch, frozen) for `stage` with these CPU forms."""
   num_classes = 9 if config.data.name == "synthetic" else 4
-  original = cpu_layers.apply
   cfg = config.copy_and_resolve_references()
-  cfg.layers = "cpu" if forms else "flax"
-  # Only the forms named: train._build_model calls cpu_layers.apply(model).
-  cpu_layers.apply = functools.partial(original, forms=forms)
-  try:
-    method, _ = train.build_method(cfg, stage, "/nonexistent", num_classes,
-                                   load_teacher=False)
-  finally:
-    cpu_layers.apply = original
+  dtype = jnp.dtype(cfg.compute_dtype)
+
+  def build_model(model_cfg):  # flax's layers, then only the forms named
+    model = train._build_model(model_cfg, num_classes, dtype)  # pylint: disable=protected-access
+    return cpu_layers.apply(model, forms=forms) if forms else model
+
+  ctx = dataclasses.replace(
+      train.build_context(cfg, stage, "/nonexistent", num_classes,
+                          load_frozen=False), build_model=build_model)
+  method, _ = methods.from_config(train.stage_config(cfg, stage), ctx)
   s = train.stage_config(cfg, stage)
   tx = train.make_optimizer(s["optimizer"], s["steps"])
   side = int(cfg.data.get("image_size", 64))
