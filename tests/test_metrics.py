@@ -234,6 +234,179 @@ def test_classification_scores_fidelity_and_landmarks():
 
 
 # --------------------------------------------------------------------------
+# classification_scores against independent references (and scikit-learn
+# where it is installed), landmark_scores against hand-made points.
+
+
+def _ref_confusion(pred, label, k):
+  cm = np.zeros((k, k), int)
+  for p, t in zip(pred, label):
+    cm[t, p] += 1
+  return cm
+
+
+def _ref_quadratic_kappa(pred, label, k):
+  """Textbook quadratic weighted kappa: 1 - sum W O / sum W E, with O the
+  observed count matrix, E the outer product of the two histograms / N and
+  W_ij = (i - j)^2 / (k - 1)^2."""
+  observed = np.zeros((k, k))
+  for p, t in zip(pred, label):
+    observed[t, p] += 1
+  hist_true = np.array([np.sum(label == i) for i in range(k)], float)
+  hist_pred = np.array([np.sum(pred == i) for i in range(k)], float)
+  expected = np.outer(hist_true, hist_pred) / len(label)
+  weights = np.array([[(i - j) ** 2 / (k - 1) ** 2 for j in range(k)]
+                      for i in range(k)])
+  return 1.0 - (weights * observed).sum() / (weights * expected).sum()
+
+
+def _ref_auc_pairs(score, positive):
+  """AUC by counting all (positive, negative) pairs; ties count 1/2."""
+  pos, neg = score[positive], score[~positive]
+  wins = sum((a > b) + 0.5 * (a == b) for a in pos for b in neg)
+  return wins / (len(pos) * len(neg))
+
+
+def _ref_macro_f1(pred, label, k):
+  f1 = []
+  for c in range(k):
+    tp = np.sum((pred == c) & (label == c))
+    fp = np.sum((pred == c) & (label != c))
+    fn = np.sum((pred != c) & (label == c))
+    if tp + fp + fn:
+      f1.append(2 * tp / (2 * tp + fp + fn))
+  return np.mean(f1)
+
+
+def _softmax(logits):
+  e = np.exp(logits - logits.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def _random_head(seed, n, k):
+  rng = np.random.default_rng(seed)
+  # Multiples of 1/4, exact in float: rows equal up to a shift tie exactly
+  # in softmax, whichever code computes it. Every class occurs in label.
+  logits = rng.integers(-6, 7, (n, k)) / 4.0
+  label = rng.integers(0, k, n)
+  label[:k] = np.arange(k)
+  return logits, label
+
+
+@pytest.mark.parametrize("seed,n,k", [(0, 40, 2), (1, 50, 3), (2, 60, 5)])
+def test_classification_scores_match_independent_references(seed, n, k):
+  logits, label = _random_head(seed, n, k)
+  pred = logits.argmax(-1)
+  probs = _softmax(logits)
+  s = metrics.classification_scores(logits, label)
+  assert set(s) == {"accuracy", "macro_f1", "auc", "kappa", "confusion"}
+  assert s["accuracy"] == pytest.approx(np.mean(pred == label))
+  assert s["macro_f1"] == pytest.approx(_ref_macro_f1(pred, label, k))
+  assert s["kappa"] == pytest.approx(_ref_quadratic_kappa(pred, label, k))
+  if k == 2:
+    auc = _ref_auc_pairs(probs[:, 1], label == 1)
+  else:
+    auc = np.mean([_ref_auc_pairs(probs[:, c], label == c)
+                   for c in range(k)])
+  assert s["auc"] == pytest.approx(auc)
+  confusion = s["confusion"]
+  assert isinstance(confusion, list)
+  np.testing.assert_array_equal(confusion, _ref_confusion(pred, label, k))
+  assert np.sum(confusion) == n
+  s_ord = metrics.classification_scores(logits, label, ordinal=True)
+  assert s_ord["mae"] == pytest.approx(np.mean(np.abs(pred - label)))
+  assert {key: s_ord[key] for key in s} == s
+
+
+def test_classification_scores_confusion_hand_computed_and_json():
+  import json  # pylint: disable=import-outside-toplevel
+  # argmax predictions 0, 2, 2, 1 against labels 0, 1, 2, 2 (K = 4: class 3
+  # never occurs, its row and column stay 0).
+  logits = np.eye(4)[[0, 2, 2, 1]] * 3.0
+  s = metrics.classification_scores(logits, [0, 1, 2, 2])
+  assert s["confusion"] == [[1, 0, 0, 0], [0, 0, 1, 0], [0, 1, 1, 0],
+                            [0, 0, 0, 0]]
+  assert s["accuracy"] == 0.5
+  json.dumps(s)
+  assert metrics.classification_scores(logits, [0, 1, 2, 2],
+                                       num_classes=5)["confusion"][4] == [0] * 5
+
+
+@pytest.mark.parametrize("seed,n,k", [(3, 40, 2), (4, 50, 3), (5, 80, 5)])
+def test_classification_scores_match_sklearn(seed, n, k):
+  skm = pytest.importorskip("sklearn.metrics")
+  logits, label = _random_head(seed, n, k)
+  pred = logits.argmax(-1)
+  probs = _softmax(logits)
+  s = metrics.classification_scores(logits, label, ordinal=True)
+  assert s["kappa"] == pytest.approx(
+      skm.cohen_kappa_score(label, pred, weights="quadratic"))
+  assert s["macro_f1"] == pytest.approx(
+      skm.f1_score(label, pred, average="macro"))
+  if k == 2:
+    auc = skm.roc_auc_score(label, probs[:, 1])
+  else:
+    auc = skm.roc_auc_score(label, probs, multi_class="ovr", average="macro")
+  assert s["auc"] == pytest.approx(auc)
+  np.testing.assert_array_equal(
+      s["confusion"], skm.confusion_matrix(label, pred, labels=range(k)))
+  assert s["mae"] == pytest.approx(skm.mean_absolute_error(label, pred))
+
+
+def _uv(xy, hw):
+  """Pixel (x, y) of an image of (H, W) to image units (u, v)."""
+  xy, hw = np.asarray(xy, np.float64), np.asarray(hw, np.float64)
+  return (xy + 0.5) / hw[..., ::-1]
+
+
+def test_landmark_scores_hand_made_points():
+  # Original sizes: IDRiD-like 4288 x 2848 and a smaller 2000 x 1000 image.
+  hw = np.array([[2848, 4288], [2848, 4288], [1000, 2000], [1000, 2000],
+                 [2848, 4288]], np.float64)
+  true_xy = np.array([[1000, 1500], [3000, 200], [10, 20], [1500, 900],
+                      [2000, 1400]], np.float64)
+  # Offsets are 3-4-5 triangles scaled: errors 5, 45, 150, 250, 500 px.
+  offsets = np.array([[3, 4], [-27, 36], [90, 120], [-150, -200],
+                      [300, -400]], np.float64)
+  errors = np.array([5.0, 45.0, 150.0, 250.0, 500.0])
+  pred_uv, true_uv = _uv(true_xy + offsets, hw), _uv(true_xy, hw)
+  s = metrics.landmark_scores(pred_uv, true_uv, hw)
+  assert set(s) == {"mean_error_px", "median_error_px", "within_50px",
+                    "within_100px", "within_200px"}
+  assert s["mean_error_px"] == pytest.approx(errors.mean())
+  assert s["median_error_px"] == pytest.approx(150.0)
+  assert s["within_50px"] == pytest.approx(2 / 5)
+  assert s["within_100px"] == pytest.approx(2 / 5)
+  assert s["within_200px"] == pytest.approx(3 / 5)
+  one = metrics.landmark_scores(pred_uv[:1], true_uv[:1], hw[0],
+                                radii=(4.5, 5.5, 12.5))
+  assert one["mean_error_px"] == pytest.approx(5.0)
+  assert (one["within_4.5px"], one["within_5.5px"],
+          one["within_12.5px"]) == (0.0, 1.0, 1.0)
+
+
+def test_landmark_scores_random_against_numpy_and_errors():
+  rng = np.random.default_rng(7)
+  hw = rng.uniform(500, 4000, (30, 2))
+  pred_uv, true_uv = rng.random((30, 2)), rng.random((30, 2))
+  err = np.hypot((pred_uv[:, 0] - true_uv[:, 0]) * hw[:, 1],
+                 (pred_uv[:, 1] - true_uv[:, 1]) * hw[:, 0])
+  radii = (300.0, 1000.0)
+  s = metrics.landmark_scores(pred_uv, true_uv, hw, radii=radii)
+  assert s["mean_error_px"] == pytest.approx(err.mean())
+  assert s["median_error_px"] == pytest.approx(np.median(err))
+  for r in radii:
+    assert s[f"within_{r:g}px"] == pytest.approx(np.mean(err <= r))
+  empty = metrics.landmark_scores(np.zeros((0, 2)), np.zeros((0, 2)),
+                                  np.zeros((0, 2)))
+  assert all(np.isnan(v) for v in empty.values())
+  with pytest.raises(ValueError, match="matching"):
+    metrics.landmark_scores(pred_uv, true_uv[:3], hw)
+  with pytest.raises(ValueError, match="orig_hw"):
+    metrics.landmark_scores(pred_uv, true_uv, hw[:3])
+
+
+# --------------------------------------------------------------------------
 # A real ACDC validation volume (skipped where ../shared/data is absent).
 
 _DATA = os.path.join(os.environ.get(

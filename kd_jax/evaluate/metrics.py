@@ -22,7 +22,10 @@ slice by slice over a volume) and `summarize_volumes`.
 Classification (numpy): `accuracy`, `f1_scores` / `macro_f1`, `roc_auc`
 (binary and one-vs-rest macro), `quadratic_weighted_kappa`, `fidelity`
 (student-vs-teacher agreement, MED-TEX), `classification_scores`.
-Landmarks: `landmark_error` (mean Euclidean distance in pixels).
+`classification_scores` also returns the confusion matrix.
+Landmarks: `landmark_error` (mean Euclidean distance in pixels),
+`landmark_scores` ((u, v) predictions scored in original-image pixels: mean,
+median and the fraction within a few radii).
 """
 
 from __future__ import annotations
@@ -412,17 +415,35 @@ def fidelity(student_pred: Array, teacher_pred: Array,
 
 
 def classification_scores(logits: Array, label: Array,
-                          num_classes: int | None = None) -> dict[str, float]:
-  """accuracy, macro_f1, auc, kappa (quadratic) from (N, K) logits or scores."""
+                          num_classes: int | None = None,
+                          ordinal: bool = False) -> dict[str, Any]:
+  """Scores of a classification head from (N, K) logits or scores.
+
+  Returns {"accuracy", "macro_f1", "auc" (one-vs-rest macro on the softmax;
+  binary: the AUC of class 1), "kappa" (quadratic weighted), "confusion"}:
+  the floats as Python floats and "confusion" the (K, K) int confusion
+  matrix as nested lists (rows = true class, columns = argmax prediction;
+  labels outside [0, K) are not counted), so the dict serialises to JSON.
+  "kappa" is always there (older callers read it) but only means something
+  for ordered grades; `ordinal=True` (pass the target's `Target.ordinal`)
+  adds "mae", the mean absolute grade error |argmax - label|.
+  """
   logits = np.asarray(logits, np.float64)
+  label = np.asarray(label).reshape(-1)
   k = num_classes or logits.shape[-1]
-  pred = logits.argmax(-1)
+  pred = logits.argmax(-1).reshape(-1)
   shifted = logits - logits.max(-1, keepdims=True)
   probs = np.exp(shifted) / np.exp(shifted).sum(-1, keepdims=True)
-  return {"accuracy": accuracy(pred, label),
-          "macro_f1": macro_f1(pred, label, k),
-          "auc": roc_auc(probs, label),
-          "kappa": quadratic_weighted_kappa(pred, label, k)}
+  cm = np.asarray(confusion_matrix(pred, label, k))
+  scores = {"accuracy": accuracy(pred, label),
+            "macro_f1": macro_f1(pred, label, k),
+            "auc": roc_auc(probs, label),
+            "kappa": quadratic_weighted_kappa(pred, label, k),
+            "confusion": cm.astype(int).tolist()}
+  if ordinal:
+    scores["mae"] = (float(np.abs(pred - label).mean()) if label.size
+                     else float("nan"))
+  return scores
 
 
 # --------------------------------------------------------------------------
@@ -438,3 +459,51 @@ def landmark_error(pred_xy: Array, true_xy: Array, scale: float = 1.0) -> float:
     raise ValueError(f"landmark_error needs matching (..., 2) arrays, got "
                      f"{pred_xy.shape} and {true_xy.shape}")
   return float(np.linalg.norm(pred_xy - true_xy, axis=-1).mean() * scale)
+
+
+# Default success radii, in original pixels. IDRiD's fundus photographs are
+# 4288 x 2848 px with an optic disc roughly 400 px across, so 200 px is
+# about one disc radius (the usual "found it" criterion for the OD and the
+# fovea), and 50 / 100 px separate good localisers, whose mean errors are
+# tens of pixels at that resolution.
+LANDMARK_RADII_PX = (50.0, 100.0, 200.0)
+
+
+def landmark_scores(pred_uv: Array, true_uv: Array, orig_hw: Array,
+                    radii: Sequence[float] = LANDMARK_RADII_PX
+                    ) -> dict[str, float]:
+  """Landmark errors in original-image pixels.
+
+  Args:
+    pred_uv: (N, 2) predicted (u, v) in image units, u = (x + 0.5) / W (see
+      kd_jax.data.targets).
+    true_uv: (N, 2) true (u, v), same units.
+    orig_hw: (N, 2) per-example (H, W) of the original image, or one (2,)
+      pair for all.
+    radii: success radii in original pixels.
+
+  Returns:
+    {"mean_error_px", "median_error_px", "within_<r>px" for each r (the
+    fraction of examples with error <= r; r printed with %g, e.g.
+    "within_50px")}; all NaN when N = 0.
+  """
+  from kd_jax.data.targets import landmark_error_px  # pylint: disable=import-outside-toplevel
+  pred_uv = np.asarray(pred_uv, np.float64)
+  true_uv = np.asarray(true_uv, np.float64)
+  orig_hw = np.asarray(orig_hw, np.float64)
+  if (pred_uv.shape != true_uv.shape or pred_uv.ndim != 2
+      or pred_uv.shape[-1] != 2):
+    raise ValueError(f"landmark_scores needs matching (N, 2) (u, v) arrays, "
+                     f"got {pred_uv.shape} and {true_uv.shape}")
+  if orig_hw.shape not in ((2,), pred_uv.shape):
+    raise ValueError(f"orig_hw must be (N, 2) = {pred_uv.shape} or (2,) "
+                     f"(H, W), got {orig_hw.shape}")
+  err = landmark_error_px(pred_uv, true_uv, orig_hw)
+  empty = err.size == 0
+  nan = float("nan")
+  scores = {"mean_error_px": nan if empty else float(err.mean()),
+            "median_error_px": nan if empty else float(np.median(err))}
+  for r in radii:
+    scores[f"within_{float(r):g}px"] = (nan if empty
+                                        else float((err <= r).mean()))
+  return scores

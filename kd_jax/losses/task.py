@@ -1,4 +1,6 @@
-"""Task (supervised) losses: cross-entropy, soft Dice, focal.
+"""Task (supervised) losses: cross-entropy, soft Dice, focal; and for
+regression heads (e.g. fovea / optic-disc (u, v) coordinates) mse, l1 and
+smooth_l1.
 
 Layout: `logits` is (..., C) with classes last — (B, C) for classification,
 (B, H, W, C) for segmentation — and `labels` is integer (...,) =
@@ -6,6 +8,12 @@ logits.shape[:-1]. A "position" is one example (classification) or one pixel
 (segmentation). `mask` (nonzero = valid) may have any prefix of the positions
 shape: (B,) drops whole examples, (B, H, W) drops pixels. Positions whose
 label equals `ignore_index` are dropped too.
+
+The regression losses take float `predictions` and `targets` of one shape
+(B, ...) instead, average over every element of the valid examples, and take
+a `mask` whose shape is a prefix of predictions.shape (typically (B,), a
+per-example "labelled" flag). A masked example contributes exactly zero to
+the value and to the gradient, whatever its target holds.
 
 A mask (or ignore_index) that leaves no valid position gives 0 with zero
 gradient: a batch with nothing to learn from contributes nothing. Values are
@@ -233,3 +241,116 @@ def focal_loss(logits, labels, *, gamma: float = 2.0,
   if class_weights is not None:
     fl = fl * _class_weights(class_weights, z.shape[-1])[safe].astype(z.dtype)
   return _checks.masked_mean(fl, valid)
+
+
+# --------------------------------------------------------------------------
+# Regression (coordinate heads).
+
+
+def _regression_residual(predictions, targets, mask,
+                         fn_name: str) -> tuple[jax.Array, jax.Array]:
+  """(residual, valid): predictions - targets as float32 (or wider), set to
+  0 at masked elements before any nonlinearity so that a masked target,
+  however large, reaches neither the value nor the gradient."""
+  if jnp.shape(predictions) != jnp.shape(targets):
+    raise ValueError(
+        f"{fn_name}: predictions has shape {jnp.shape(predictions)} but "
+        f"targets has shape {jnp.shape(targets)}; they must be equal (one "
+        f"target per predicted value).")
+  _checks.min_ndim("predictions", predictions, 1, "(B, ...)")
+  p = _checks.as_float(predictions, "predictions")
+  t = _checks.as_float(targets, "targets")
+  valid = _checks.valid_positions(p.shape, mask=mask, fn_name=fn_name)
+  return jnp.where(valid, p - t, 0.0), valid
+
+
+def mse(predictions, targets, *, mask=None) -> jax.Array:
+  """Mean squared error.
+
+  Formula, per element e of the valid examples, with d_e = pred_e - target_e:
+      loss = sum_e v_e d_e^2 / sum_e v_e
+
+  Reduction: mean over all elements of the valid examples (a (B, 2) head
+  with k valid examples averages 2k squared errors); 0 with zero gradient
+  when no example is valid. No temperature.
+
+  Reference: the standard L2 regression loss; equal to PyTorch's
+  nn.MSELoss (reduction="mean") on the valid examples.
+
+  Args:
+    predictions: (B, ...) float predictions, e.g. (B, 2) (u, v).
+    targets: float targets of the same shape; values at masked examples are
+      never used.
+    mask: optional validity mask (nonzero = valid), shape a prefix of
+      predictions.shape, e.g. (B,).
+
+  Returns:
+    float32 scalar >= 0 (float64 for float64 inputs).
+  """
+  d, valid = _regression_residual(predictions, targets, mask, "mse")
+  return _checks.masked_mean(d * d, valid)
+
+
+def l1(predictions, targets, *, mask=None) -> jax.Array:
+  """Mean absolute error.
+
+  Formula, per element e of the valid examples, with d_e = pred_e - target_e:
+      loss = sum_e v_e |d_e| / sum_e v_e
+
+  Reduction: mean over all elements of the valid examples; 0 with zero
+  gradient when no example is valid. No temperature. At d = 0 exactly the
+  gradient is jnp.abs's subgradient 1 (PyTorch's is 0); masked elements
+  always get 0.
+
+  Reference: the standard L1 regression loss; equal to PyTorch's
+  nn.L1Loss (reduction="mean") on the valid examples.
+
+  Args:
+    predictions: (B, ...) float predictions, e.g. (B, 2) (u, v).
+    targets: float targets of the same shape; values at masked examples are
+      never used.
+    mask: optional validity mask (nonzero = valid), shape a prefix of
+      predictions.shape, e.g. (B,).
+
+  Returns:
+    float32 scalar >= 0 (float64 for float64 inputs).
+  """
+  d, valid = _regression_residual(predictions, targets, mask, "l1")
+  return _checks.masked_mean(jnp.abs(d), valid)
+
+
+def smooth_l1(predictions, targets, *, delta: float = 1.0,
+              mask=None) -> jax.Array:
+  """Smooth L1 loss: quadratic near zero, linear beyond `delta`.
+
+  Formula, per element e of the valid examples, with d_e = pred_e - target_e:
+      s_e = 0.5 d_e^2 / delta     if |d_e| < delta
+            |d_e| - 0.5 delta     otherwise
+      loss = sum_e v_e s_e / sum_e v_e
+  Both pieces and their slopes meet at |d| = delta. This is PyTorch's
+  nn.SmoothL1Loss with beta = delta; it is the Huber loss (optax.huber_loss)
+  divided by delta, so its slope saturates at 1 whatever delta is. For
+  (u, v) in [0, 1], a delta well below 1 (e.g. 0.01-0.05 of the image) makes
+  the loss quadratic only for near-hits.
+
+  Reduction: mean over all elements of the valid examples; 0 with zero
+  gradient when no example is valid. No temperature.
+
+  Reference: Girshick, "Fast R-CNN", ICCV 2015 (smooth L1, delta = 1);
+  PyTorch's nn.SmoothL1Loss (beta) for general delta.
+
+  Args:
+    predictions: (B, ...) float predictions, e.g. (B, 2) (u, v).
+    targets: float targets of the same shape; values at masked examples are
+      never used.
+    delta: transition point, > 0 (checked by `objective`, not here).
+    mask: optional validity mask (nonzero = valid), shape a prefix of
+      predictions.shape, e.g. (B,).
+
+  Returns:
+    float32 scalar >= 0 (float64 for float64 inputs).
+  """
+  d, valid = _regression_residual(predictions, targets, mask, "smooth_l1")
+  a = jnp.abs(d)
+  s = jnp.where(a < delta, 0.5 * d * d / delta, a - 0.5 * delta)
+  return _checks.masked_mean(s, valid)
