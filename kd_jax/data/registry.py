@@ -49,12 +49,26 @@ synthetic, acdc and synapse keep their options and behaviour (a square int
 Keys are checked per data set: a config that switches `data.name` must
 carry only the new set's options (ml_collections cannot drop a key from the
 command line, so write the data dict in the config file).
+
+Unlabelled pool. Every data set takes `unlabelled` (default None: no pool),
+`dict(sources=(...), per_batch=k)`: images the student sees with the
+teacher's soft targets only (semi-supervised distillation). Each source is a
+data-set name ("palm") or a dict of its options (`dict(name="folder",
+csv=...)`); the pool is the images of its train and val splits (never its
+test split), built at the labelled images' size and channels (and from the
+same `root` for the shared sets), so pool and labelled images share one
+shape. `Datasets.unlabelled` is that pool (examples `{"image"}`) and
+`Datasets.unlabelled_per_batch` = k, the pool examples of each global batch
+(`pipeline.train_batches(unlabelled=..., unlabelled_per_batch=...)`;
+`check_unlabelled` checks k against the batch size). A pool source that is
+the labelled set itself is refused: its images would leak into evaluation.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
@@ -88,6 +102,11 @@ class Datasets:
   targets: Mapping[str, Target] = dataclasses.field(default_factory=dict)
   # One line on where the splits come from, for reports.
   description: str = ""
+  # The unlabelled pool (`data.unlabelled`): a random-access source of
+  # `{"image"}` examples of the labelled images' shape, or None; and how many
+  # examples of each global training batch come from it.
+  unlabelled: Any = None
+  unlabelled_per_batch: int = 0
 
   @property
   def test_is_val(self) -> bool:
@@ -108,9 +127,11 @@ OPTIONS: dict[str, dict[str, Any]] = {}
 
 
 def _register(name: str, **options):
+  # Every set takes `unlabelled` (the pool, built in `build`, not by the
+  # builder), so a pool can join any labelled set.
   def wrap(fn):
     BUILDERS[name] = fn
-    OPTIONS[name] = options
+    OPTIONS[name] = {**options, "unlabelled": None}
     return fn
   return wrap
 
@@ -137,9 +158,13 @@ def build(cfg) -> Datasets:
   if unknown:
     raise ValueError(f"data.{unknown[0]} is not an option of data set "
                      f"{name!r}; its options are {sorted(OPTIONS[name])}")
+  pool = _pool_config(given.get("unlabelled"), name)
   merged = ml_collections.ConfigDict({**OPTIONS[name], **given,
                                       "name": name})
-  return BUILDERS[name](merged)
+  out = BUILDERS[name](merged)
+  if pool is not None:
+    _attach_pool(out, merged, *pool)
+  return out
 
 
 # --------------------------------------------------------------------------
@@ -657,3 +682,232 @@ def _tfds(cfg) -> Datasets:
       description=f"tfds {cfg.dataset}: {text}; "
       + (f"test = {cfg.test_split} ({len(test)})" if cfg.test_split
          else "test = val"))
+
+
+# --------------------------------------------------------------------------
+# The unlabelled pool (`data.unlabelled`).
+
+_POOL_KEYS = ("per_batch", "sources")
+# Sets whose `image_size` is a square int only (no (H, W)).
+_SQUARE_ONLY = ("synthetic", "acdc", "synapse")
+# Sets whose `root` is the shared folder: a pool of them reads the labelled
+# set's folder unless its dict says otherwise.
+_SHARED_ROOT = ("acdc", "idrid_grading", "idrid_lesions", "drive", "palm",
+                "pneumoniamnist", "totalseg")
+
+
+class ImagePool:
+  """The images of several splits one after another, as `{"image"}`
+  examples. Labels and every other key are dropped here, so nothing of a
+  pool example can be read as a label downstream."""
+
+  def __init__(self, parts: Sequence[tuple[str, Any]]):
+    self.names = [name for name, _ in parts]
+    self.parts = [part for _, part in parts]
+    self.sizes = [len(part) for part in self.parts]
+    self._ends = np.cumsum(self.sizes, dtype=np.int64)
+
+  def __len__(self) -> int:
+    return int(self._ends[-1]) if len(self._ends) else 0
+
+  def __getitem__(self, index: int):
+    index, n = int(index), len(self)
+    if not -n <= index < n:
+      raise IndexError(f"pool index {index} out of range [0, {n})")
+    index %= n
+    k = int(np.searchsorted(self._ends, index, side="right"))
+    start = int(self._ends[k]) - self.sizes[k]
+    return {"image": self.parts[k][index - start]["image"]}
+
+  def __repr__(self) -> str:
+    parts = ", ".join(f"{a} {b}" for a, b in zip(self.names, self.sizes))
+    return f"ImagePool(n={len(self)}: {parts})"
+
+
+def _pool_config(value, labelled: str):
+  """Checks `data.unlabelled` before anything is read: None (or no sources)
+  for no pool, else ([(i, source dict)], per_batch)."""
+  if value is None:
+    return None
+  if hasattr(value, "to_dict"):
+    value = value.to_dict()
+  if not isinstance(value, Mapping):
+    raise ValueError(f"data.unlabelled={value!r}: expected None (no pool) or "
+                     f"dict(sources=(...), per_batch=k)")
+  unknown = sorted(set(value) - set(_POOL_KEYS))
+  if unknown:
+    raise ValueError(f"data.unlabelled.{unknown[0]} is not an option of the "
+                     f"unlabelled pool; its options are {list(_POOL_KEYS)}")
+  given = value.get("sources") or ()
+  per_batch = value.get("per_batch", 0)
+  if isinstance(given, (str, Mapping)) or hasattr(given, "to_dict"):
+    given = (given,)  # One source need not be wrapped in a tuple.
+  if not given:
+    if per_batch:
+      raise ValueError(f"data.unlabelled.per_batch={per_batch!r} but "
+                       f"data.unlabelled.sources is empty: name the pool's "
+                       f"data sets, or set per_batch=0 for no pool")
+    return None
+  if (not isinstance(per_batch, (int, np.integer))
+      or isinstance(per_batch, bool) or per_batch < 1):
+    raise ValueError(f"data.unlabelled.per_batch={per_batch!r}: expected an "
+                     f"int >= 1 (pool examples in each global batch)")
+  entries = []
+  for i, entry in enumerate(given):
+    if hasattr(entry, "to_dict"):
+      entry = entry.to_dict()
+    if isinstance(entry, str):
+      entry = {"name": entry}
+    if not isinstance(entry, Mapping) or "name" not in entry:
+      raise ValueError(f"data.unlabelled.sources[{i}]={entry!r}: expected a "
+                       f"data set name or dict(name=..., <its options>)")
+    entry = dict(entry)
+    if entry["name"] not in BUILDERS:
+      raise ValueError(f"data.unlabelled.sources[{i}] names "
+                       f"{entry['name']!r}, an unknown data set; choose one "
+                       f"of {sorted(BUILDERS)}")
+    if entry.get("unlabelled"):
+      raise ValueError(f"data.unlabelled.sources[{i}] ({entry['name']}) sets "
+                       f"unlabelled: a pool source has no pool of its own")
+    # folder and tfds name many data sets each: `_check_leak` compares what
+    # they read instead.
+    if entry["name"] == labelled and labelled not in ("folder", "tfds"):
+      raise ValueError(f"data.unlabelled.sources[{i}] is {labelled!r}, the "
+                       f"labelled data set itself: its images would leak "
+                       f"into evaluation; choose another data set")
+    entries.append((i, entry))
+  return entries, int(per_batch)
+
+
+def _split_paths(split) -> set:
+  """The image files behind a folder split (through subsets and channel
+  maps); empty for other sources."""
+  from kd_jax.data import sources
+  idx = None
+  while isinstance(split, (sources.Subset, sources.MapSource)):
+    if isinstance(split, sources.Subset):
+      idx = split.indices if idx is None else split.indices[idx]
+    split = split.source
+  paths = getattr(split, "image_paths", None)
+  if paths is None:
+    return set()
+  chosen = paths if idx is None else [paths[int(i)] for i in idx]
+  return {os.path.realpath(p) for p in chosen}
+
+
+def _check_leak(labelled: Datasets, cfg, entry, pool: Datasets,
+                where: str) -> None:
+  """A folder or tfds pool source may be another data set of that kind;
+  refuse it when it reads what the labelled set evaluates on."""
+  if entry["name"] != cfg.name:
+    return
+  if cfg.name == "tfds":
+    p = {**OPTIONS["tfds"], **entry}
+    same = (p["dataset"], p["data_dir"]) == (cfg.dataset, cfg.data_dir)
+    evaluated = {cfg.val_split or cfg.split} | (
+        {cfg.test_split} if cfg.test_split else set())
+    read = {p["split"]} | ({p["val_split"]} if p["val_split"] else set())
+    leak = same and bool(evaluated & read)
+  else:
+    evaluated = _split_paths(labelled.val) | _split_paths(labelled.test)
+    leak = bool(evaluated & (_split_paths(pool.train)
+                             | _split_paths(pool.val)))
+  if leak:
+    raise ValueError(f"{where} reads images of the labelled {cfg.name} set's "
+                     f"val/test split: they would leak into evaluation; "
+                     f"point it at other images")
+
+
+def _shape_fix(name: str, got, want, labelled: str) -> str:
+  """Which option makes a pool source's images the labelled shape."""
+  fixes = []
+  if tuple(got[:2]) != tuple(want[:2]):
+    hw = tuple(int(s) for s in want[:2])
+    if name in _SQUARE_ONLY and hw[0] != hw[1]:
+      fixes.append(f"a square data.image_size ({name} takes only squares)")
+    else:
+      fixes.append(f"image_size={hw[0] if hw[0] == hw[1] else hw} in its "
+                   f"dict")
+  if len(got) != len(want) or got[-1:] != want[-1:]:
+    c = int(want[-1])
+    if "channels" in OPTIONS[name]:
+      fixes.append(f"channels={c} in its dict")
+    elif "channels" in OPTIONS[labelled]:
+      fixes.append(f"data.channels={int(got[-1])} ({name} has no channels "
+                   f"option)")
+    else:
+      fixes.append(f"a source with {c} channels")
+  return " and ".join(fixes)
+
+
+def _attach_pool(out: Datasets, cfg, entries, per_batch: int) -> None:
+  """Builds each pool source at the labelled images' size and channels, and
+  sets `out.unlabelled` to the images of their train and val splits."""
+  shape = tuple(np.shape(out.train[0]["image"]))
+  hw, c = shape[:2], shape[-1] if len(shape) == 3 else None
+  parts, counts = [], []
+  for i, entry in entries:
+    name = entry["name"]
+    where = f"data.unlabelled.sources[{i}] ({name})"
+    opts = OPTIONS[name]
+    if "image_size" in opts and "image_size" not in entry:
+      if hw[0] == hw[1]:
+        entry["image_size"] = int(hw[0])
+      elif name not in _SQUARE_ONLY:
+        entry["image_size"] = tuple(int(s) for s in hw)
+    if "channels" in opts and "channels" not in entry and c in (1, 3):
+      entry["channels"] = int(c)
+    if (name in _SHARED_ROOT and cfg.name in _SHARED_ROOT
+        and "root" not in entry):
+      entry["root"] = cfg.root
+    try:
+      pool = build(entry)
+    except ValueError as e:
+      raise ValueError(f"{where}: {e}") from None
+    splits = [("train", pool.train)]
+    if pool.val is not pool.train:
+      splits.append(("val", pool.val))
+    n = sum(len(s) for _, s in splits)
+    if n == 0:
+      raise ValueError(f"{where} has no images in its train and val splits: "
+                       f"point it at a non-empty data set or drop it from "
+                       f"data.unlabelled.sources")
+    _check_leak(out, cfg, entry, pool, where)
+    for split_name, split in splits:
+      if not len(split):
+        continue
+      got = tuple(np.shape(split[0]["image"]))
+      if got != shape:
+        raise ValueError(
+            f"{where}: pool images are {got} but the labelled {cfg.name} "
+            f"images are {shape}; set {_shape_fix(name, got, shape, cfg.name)}")
+      parts.append((f"{name}/{split_name}", split))
+    counts.append(f"{name} {n}")
+  out.unlabelled = ImagePool(parts)
+  out.unlabelled_per_batch = per_batch
+  out.description += (f"; unlabelled pool: {len(out.unlabelled)} images "
+                      f"({', '.join(counts)}), {per_batch} per batch")
+
+
+def check_unlabelled(datasets: Datasets, batch_size: int,
+                     process_count: int | None = None) -> None:
+  """Checks `data.unlabelled.per_batch` against the global batch: at least
+  one labelled example per batch, and a pool share that splits evenly over
+  the processes (as the labelled share does). No pool: nothing to check."""
+  k = datasets.unlabelled_per_batch
+  if datasets.unlabelled is None:
+    if k:
+      raise ValueError(f"data.unlabelled.per_batch={k} with no pool: set "
+                       f"data.unlabelled.sources")
+    return
+  if not 1 <= k <= batch_size - 1:
+    raise ValueError(f"data.unlabelled.per_batch={k} for batch_size "
+                     f"{batch_size}: expected an int in [1, {batch_size - 1}]"
+                     f" (each batch needs a labelled example)")
+  if process_count is None:
+    import jax
+    process_count = jax.process_count()
+  if k % process_count:
+    raise ValueError(f"data.unlabelled.per_batch={k} is not divisible by the "
+                     f"{process_count} processes: choose a multiple of "
+                     f"{process_count} in [1, {batch_size - 1}]")
