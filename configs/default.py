@@ -56,7 +56,10 @@ def get_config():
               dice=dict(fn="dice", weight=1.0))
   config.stage_order = ("teacher", "baseline", "distilled")
   config.stages = dict(
-      teacher=dict(method="supervised", model=teacher, losses=task),
+      # The teacher gets twice the updates: at 800 it missed the gallbladder
+      # (the smallest organ) on one seed of three (docs/default.md).
+      teacher=dict(method="supervised", model=teacher, losses=task,
+                   steps=1600),
       baseline=dict(method="supervised", model=student, losses=task),
       distilled=dict(
           method="distill", model=student,
