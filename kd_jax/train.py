@@ -26,8 +26,7 @@ import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from kd_jax import checkpoint, cpu_layers, data, methods, models
-from kd_jax.evaluate import metrics as metrics_lib
+from kd_jax import checkpoint, cpu_layers, data, methods, models, tasks
 
 
 @flax.struct.dataclass
@@ -103,19 +102,10 @@ def jit_train_step(train_step, mesh: Mesh):
                  out_shardings=(rep, rep), donate_argnums=(0,))
 
 
-def make_eval_step(method, num_classes: int, mesh: Mesh):
-  """Jitted (params, batch_stats, batch) -> (C, C) confusion matrix."""
-
-  def eval_step(params, batch_stats, batch):
-    logits = method.predict(params, batch_stats, batch["image"])
-    valid = batch["valid"].reshape((-1,) + (1,) * (batch["label"].ndim - 1))
-    return metrics_lib.confusion_matrix(
-        jnp.argmax(logits, -1), batch["label"], num_classes, mask=valid)
-
-  rep = NamedSharding(mesh, P())
-  return jax.jit(eval_step, in_shardings=(rep, rep,
-                                          NamedSharding(mesh, P("data"))),
-                 out_shardings=rep)
+def make_eval_step(method, heads, mesh: Mesh):
+  """Jitted (params, batch_stats, batch) -> per-head pieces of the scores
+  (`kd_jax.tasks.make_eval_step`)."""
+  return tasks.make_eval_step(method.predict, heads, mesh)
 
 
 def to_global(batch, mesh: Mesh):
@@ -125,13 +115,11 @@ def to_global(batch, mesh: Mesh):
       lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
 
-def evaluate(eval_step, state, source, batch_size, mesh) -> dict:
-  """Dice/IoU/pixel accuracy of the state's model over a whole source."""
-  total = None
-  for batch in data.pipeline.eval_batches(source, batch_size=batch_size):
-    cm = eval_step(state.params, state.batch_stats, to_global(batch, mesh))
-    total = cm if total is None else total + cm
-  return jax.device_get(metrics_lib.segmentation_scores(total))
+def evaluate(eval_step, state, source, batch_size, mesh, heads) -> dict:
+  """Every head's scores (`kd_jax.tasks`) of the state's model over a whole
+  source."""
+  return tasks.evaluate(eval_step, state.params, state.batch_stats, source,
+                        batch_size, mesh, heads, to_global)
 
 
 # ----------------------------------------------------------------------------
@@ -240,7 +228,8 @@ def _plain(value):
 def stage_config(config, name):
   """The stage's settings with the run-wide defaults filled in, as plain
   Python values: `method`, `model`, `losses` (a list of term dicts), `steps`,
-  `optimizer`, and whatever keys the stage's method reads (`teacher`,
+  `optimizer`, `seed`, `data` (the run's data options with the stage's
+  overrides), and whatever keys the stage's method reads (`teacher`,
   `peer`, ...; see `kd_jax.methods`)."""
   stage = config.stages[name]
   opt = config.optimizer.copy_and_resolve_references()
@@ -248,8 +237,30 @@ def stage_config(config, name):
   out = {k: _plain(v) for k, v in stage.items()}
   out.update(method=stage.get("method"), model=_plain(stage.get("model")),
              losses=loss_terms(stage.get("losses", {})),
-             steps=int(stage.get("steps", config.steps)), optimizer=opt)
+             steps=int(stage.get("steps", config.steps)), optimizer=opt,
+             seed=int(stage.get("seed", config.seed)),
+             data=stage_data(config, name))
   return out
+
+
+# The data options a stage may change: what it trains on, never what every
+# stage is evaluated on (the split, the image size), so the report's rows
+# stay comparable.
+STAGE_DATA_KEYS = ("unlabelled", "train_fraction", "max_train", "augment")
+
+
+def stage_data(config, name) -> dict:
+  """The run's `config.data` with stage `name`'s `data` overrides."""
+  merged = _plain(config.data)
+  merged = dict(merged) if merged else {}
+  override = _plain(config.stages[name].get("data")) or {}
+  bad = sorted(set(override) - set(STAGE_DATA_KEYS))
+  if bad:
+    raise ConfigError(f"stage {name!r}: data.{bad[0]} cannot differ between "
+                      f"stages (every stage is evaluated on the same "
+                      f"splits); a stage may set {list(STAGE_DATA_KEYS)}")
+  merged.update(override)
+  return merged
 
 
 # `config.layers`: "flax" (flax's own layers) or "cpu" (kd_jax.cpu_layers'
@@ -276,10 +287,14 @@ class ConfigError(ValueError):
   """A config that cannot run; raised before anything trains."""
 
 
-def build_context(config, name, workdir, num_classes, load_frozen=True):
+def build_context(config, name, workdir, num_classes, load_frozen=True,
+                  heads=None):
   """The `methods.Context` of stage `name`: what its method needs from the
-  run to build itself."""
+  run to build itself. `heads` (`kd_jax.tasks.from_config`) defaults to one
+  segmentation output of `num_classes` reading "label"."""
   order = list(config.stage_order)
+  if heads is None:
+    heads = {None: tasks.Head(None, "label", "segmentation", num_classes)}
   return methods.Context(
       build_model=functools.partial(
           _build_model, num_classes=num_classes,
@@ -288,10 +303,11 @@ def build_context(config, name, workdir, num_classes, load_frozen=True):
       stage=name, workdir=workdir,
       earlier_stages=tuple(order[:order.index(name)] if name in order
                            else order),
-      load_frozen=load_frozen)
+      load_frozen=load_frozen, heads=heads)
 
 
-def build_method(config, name, workdir, num_classes, load_teacher=True):
+def build_method(config, name, workdir, num_classes, load_teacher=True,
+                 heads=None):
   """(method, frozen variables) for stage `name`, built by its method's
   class (`methods.from_config`).
 
@@ -301,15 +317,24 @@ def build_method(config, name, workdir, num_classes, load_teacher=True):
   s = stage_config(config, name)
   methods.check_stage_keys(s)
   return methods.from_config(s, build_context(config, name, workdir,
-                                              num_classes, load_teacher))
+                                              num_classes, load_teacher,
+                                              heads))
+
+
+def run_heads(config, datasets) -> dict:
+  """The run's heads (`config.heads`, or the one "label" output)."""
+  try:
+    return tasks.from_config(config.get("heads"), datasets.targets)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 # Run-wide keys. `epochs` is a config's own FieldReference that its `steps`
 # are computed from; `study` holds a study's settings (kd_jax.study).
 CONFIG_KEYS = {"seed", "compute_dtype", "layers", "batch_size", "steps",
-               "epochs",
-               "log_every", "eval_every", "checkpoint_every", "optimizer",
-               "data", "stage_order", "stages", "teacher_cache", "study"}
+               "epochs", "log_every", "eval_every", "checkpoint_every",
+               "optimizer", "data", "heads", "stage_order", "stages",
+               "teacher_cache", "study"}
 
 
 def validate(config, workdir, datasets) -> None:
@@ -328,23 +353,53 @@ def validate(config, workdir, datasets) -> None:
   if unknown or not order:
     raise ConfigError(f"stage_order {order} names stages not in "
                      f"config.stages {sorted(config.stages)}")
-  example = jnp.zeros((1,) + datasets.train[0]["image"].shape, jnp.float32)
+  cache = {}
   for name in order:
     try:
+      ds = stage_datasets(config, name, datasets, cache)
+      heads = run_heads(config, ds)
+      example = jnp.zeros((1,) + ds.train[0]["image"].shape, jnp.float32)
       s = stage_config(config, name)
+      ctx = build_context(config, name, workdir, ds.num_classes, False,
+                          heads)
       # Its keys, then what the method checks without a model (an earlier
       # teacher stage, a checkpoint folder, ...).
-      methods.check(s, build_context(config, name, workdir,
-                                     datasets.num_classes, False))
-      method, _ = build_method(config, name, workdir, datasets.num_classes,
-                               load_teacher=False)
+      methods.check(s, ctx)
+      method, _ = methods.from_config(s, ctx)
+      out = jax.eval_shape(functools.partial(method.model.init_with_output,
+                                             train=False),
+                           jax.random.key(0), example)[0][0]
+      tasks.check_outputs(heads, out, f"model {s['model']['name']!r}")
+      tasks.check_terms(heads, s["losses"])
       tx = make_optimizer(s["optimizer"], s["steps"])
       jax.eval_shape(functools.partial(init_state, method, tx,
                                        jax.random.key(0)), example)
-    except (ValueError, KeyError, TypeError) as e:
+      if getattr(ds, "unlabelled", None) is not None:
+        data.check_unlabelled(ds, config.batch_size)
+    except ConfigError:
+      raise
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
       raise ConfigError(f"stage {name!r}: {e}") from None
     if config.get("teacher_cache") and hasattr(method, "teacher_outputs"):
-      check_teacher_cache(datasets, teacher_output_bytes(method, example))
+      if getattr(method, "ensemble", False):
+        raise ConfigError(f"stage {name!r}: teacher_cache caches one "
+                          "teacher's outputs, not an ensemble's; set "
+                          "--config.teacher_cache=False")
+      check_teacher_cache(ds, teacher_output_bytes(method, example))
+
+
+def stage_datasets(config, name, datasets, cache=None):
+  """The data stage `name` trains on: the run's `datasets`, or, when the
+  stage overrides `data` (`STAGE_DATA_KEYS`), those options' data sets
+  (built once per distinct options in `cache`)."""
+  if not config.stages[name].get("data"):
+    return datasets
+  options = stage_data(config, name)
+  key = json.dumps(options, sort_keys=True, default=str)
+  cache = {} if cache is None else cache
+  if key not in cache:
+    cache[key] = data.build(options)
+  return cache[key]
 
 
 def _append_history(stage_dir, step, scalars):
@@ -394,28 +449,33 @@ class _Preemption:
 
 
 def train_stage(config, name: str, workdir: str, datasets, mesh=None):
-  """Trains (or resumes, or finds finished) stage `name`; returns
-  (method, final state)."""
+  """Trains (or resumes, or finds finished) stage `name` on `datasets` (the
+  stage's own: `stage_datasets`); returns (method, final state)."""
   mesh = make_mesh() if mesh is None else mesh
   stage_dir = os.path.join(workdir, name)
   s = stage_config(config, name)
   steps = s["steps"]
-  method, frozen = build_method(config, name, workdir, datasets.num_classes)
+  heads = run_heads(config, datasets)
+  method, frozen = build_method(config, name, workdir, datasets.num_classes,
+                                heads=heads)
   tx = make_optimizer(s["optimizer"], steps)
   rep = NamedSharding(mesh, P())
   frozen = jax.device_put(frozen, rep)
 
   make_batches = functools.partial(
       data.pipeline.train_batches, datasets.train,
-      batch_size=config.batch_size, seed=config.seed,
-      transforms=datasets.train_transforms)
+      batch_size=config.batch_size, seed=s["seed"],
+      transforms=datasets.train_transforms,
+      **({"unlabelled": datasets.unlabelled,
+          "unlabelled_per_batch": datasets.unlabelled_per_batch}
+         if getattr(datasets, "unlabelled", None) is not None else {}))
   train_ds = make_batches()
   example = jnp.asarray(train_ds[0]["image"][:1])
   use_cache = config.get("teacher_cache") and hasattr(method,
                                                       "teacher_outputs")
   if use_cache:
     check_teacher_cache(datasets, teacher_output_bytes(method, example))
-  rng = jax.random.key(config.seed)
+  rng = jax.random.key(s["seed"])
   init = functools.partial(init_state, method, tx, rng)
   abstract = jax.eval_shape(init, example)  # Also checks the stage's wiring.
   abstract = jax.tree.map(
@@ -445,7 +505,7 @@ def train_stage(config, name: str, workdir: str, datasets, mesh=None):
   from clu import metric_writers, periodic_actions
 
   step_fn = jit_train_step(make_train_step(method, tx), mesh)
-  eval_step = make_eval_step(method, datasets.num_classes, mesh)
+  eval_step = make_eval_step(method, heads, mesh)
   writer = metric_writers.create_default_writer(
       stage_dir, just_logging=jax.process_index() > 0)
   if start == 0:
@@ -469,9 +529,9 @@ def train_stage(config, name: str, workdir: str, datasets, mesh=None):
         history = []
       if step % config.eval_every == 0 or step == steps:
         scores = evaluate(eval_step, state, datasets.val, config.batch_size,
-                          mesh)
-        scalars = {f"val/{k}": float(scores[k])
-                   for k in ("mean_dice", "mean_iou", "pixel_accuracy")}
+                          mesh, heads)
+        scalars = {f"val/{k}": v
+                   for k, v in tasks.headline(heads, scores).items()}
         writer.write_scalars(step, scalars)
         _append_history(stage_dir, step, scalars)
       if preempt.requested:
@@ -516,27 +576,37 @@ def train_and_evaluate(config, workdir: str) -> dict:
   mesh = make_mesh()
   rep = NamedSharding(mesh, P())
   os.makedirs(workdir, exist_ok=True)
-  results = {}
+  heads = run_heads(config, datasets)
+  segmentation = (tasks.is_single(heads)
+                  and heads[None].kind == "segmentation")
+  results, cache = {}, {}
   for name in config.stage_order:
-    method, state = train_stage(config, name, workdir, datasets, mesh)
-    eval_step = make_eval_step(method, datasets.num_classes, mesh)
-    scores = evaluate(eval_step, state, datasets.test, config.batch_size, mesh)
+    method, state = train_stage(config, name, workdir,
+                                stage_datasets(config, name, datasets, cache),
+                                mesh)
+    # Every stage is scored on the run's test split (stages change only
+    # what they train on).
+    eval_step = make_eval_step(method, heads, mesh)
+    scores = evaluate(eval_step, state, datasets.test, config.batch_size,
+                      mesh, heads)
     images = jax.device_put(
-        np.stack([datasets.test[i]["image"]
+        np.stack([datasets.test[i % len(datasets.test)]["image"]
                   for i in range(config.batch_size)]), rep)
     predict = jax.jit(method.predict)
-    key = method.model_key
-    feature = explain.model_cam_feature(method.model, images.shape)
-    variables = {"params": state.params[key],
-                 "batch_stats": state.batch_stats[key]}
     results[name] = dict(
         scores=scores,
         summary=models.summary(method.model, (1,) + images.shape[1:]),
-        images_per_s=measure_throughput(predict, state, images),
-        predict=lambda x, p=predict, s=state: np.asarray(
-            jnp.argmax(p(s.params, s.batch_stats, x), -1)),
-        cam_feature=feature,
-        explain=lambda x, c, m=method.model, v=variables, f=feature: tuple(
-            np.asarray(a) for a in explain.explainer(m, f, c)(v, x)))
-  report.write(workdir, config, datasets, results)
+        images_per_s=measure_throughput(predict, state, images))
+    if segmentation:
+      key = method.model_key
+      feature = explain.model_cam_feature(method.model, images.shape)
+      variables = {"params": state.params[key],
+                   "batch_stats": state.batch_stats[key]}
+      results[name].update(
+          predict=lambda x, p=predict, s=state: np.asarray(
+              jnp.argmax(p(s.params, s.batch_stats, x), -1)),
+          cam_feature=feature,
+          explain=lambda x, c, m=method.model, v=variables, f=feature: tuple(
+              np.asarray(a) for a in explain.explainer(m, f, c)(v, x)))
+  report.write(workdir, config, datasets, results, heads=heads)
   return results

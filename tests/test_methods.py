@@ -271,13 +271,13 @@ def test_a_method_registered_in_methods_alone_runs(tmp_path, monkeypatch):
      "'peer' is read by method 'mutual' only, not 'distill'"),
     ("supervised", dict(teachr=dict(stage="x")),
      r"unknown keys \['teachr'\] for method 'supervised'; allowed: "
-     r"\['losses', 'method', 'model', 'optimizer', 'steps'\]$"),
+     r"\['data', 'losses', 'method', 'model', 'optimizer', 'seed', 'steps'\]$"),
     ("distill", dict(teacher=dict(stage="x", model=dict(name="unet")),
                      peers=2),
      r"unknown keys \['peers'\] for method 'distill'; allowed: .*'teacher'"),
     ("distill", {}, "a distill stage needs teacher=dict"),
     ("distill", dict(teacher=dict(model=dict(name="unet"), stage="later")),
-     r"teacher stage 'later' must be an earlier stage in stage_order; the "
+     r"teacher.stage 'later' must be an earlier stage in stage_order; the "
      r"stages before 's': \[\]$"),
     ("distill", dict(teacher=dict(model=dict(name="unet"),
                                   checkpoint="/no/such/dir")),
@@ -305,11 +305,17 @@ def test_empty_keys_of_another_method_are_ignored(tmp_path):
 
 def test_models_without_num_classes_build_from_a_stage_config(tmp_path):
   c = _one_stage("supervised")
+  c.data = dict(name="synthetic_fundus", image_size=32, num_train=4,
+                num_val=4, num_test=4)
+  c.heads = dict(dr_grade={}, fovea={})
   c.stages.s.model = dict(name="multitask_resnet18", width=0.25)
+  c.stages.s.losses = dict(ce=dict(fn="cross_entropy", head="dr_grade"),
+                           xy=dict(fn="mse", head="fovea"))
   c.layers = "flax"
   ds = data.build(c.data)
   train.validate(c, str(tmp_path), ds)
-  method, _ = train.build_method(c, "s", str(tmp_path), ds.num_classes)
+  method, _ = train.build_method(c, "s", str(tmp_path), ds.num_classes,
+                                 heads=train.run_heads(c, ds))
   assert type(method.model) is models.multitask.MultiTaskResNet18
   variables = jax.eval_shape(functools.partial(method.init, jax.random.key(0)),
                              jax.ShapeDtypeStruct((1, 32, 32, 3),

@@ -205,7 +205,7 @@ _MB_SEG = {"stem": (2, 32, 32, 8), "stage1": (2, 32, 32, 8),
 _ESP = {"level1": (2, 32, 32, 19), "level2": (2, 16, 16, 131),
         "level3": (2, 8, 8, 256), "head": (2, 8, 8, 256)}
 _MT_LOGITS = {"dr_grade": (2, 5), "dme_risk": (2, 3), "fovea": (2, 2),
-              "disc": (2, 2)}
+              "optic_disc": (2, 2)}
 _SEG = (2, 64, 64, 5)
 
 PRESETS = [

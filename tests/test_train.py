@@ -20,6 +20,7 @@ def tiny_config(steps=6):
   c = default.get_config()
   c.batch_size = 4
   c.steps = steps
+  c.stages.teacher.steps = steps
   c.log_every = 2
   c.eval_every = 3
   c.checkpoint_every = 2

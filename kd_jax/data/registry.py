@@ -315,6 +315,28 @@ def _synthetic(cfg) -> Datasets:
                   f"{cfg.seed}")
 
 
+@_register("synthetic_fundus", image_size=64, num_train=512, num_val=64,
+           num_test=256, seed=0, augment=True)
+def _synthetic_fundus(cfg) -> Datasets:
+  """Generated fundus images with IDRiD grading's four targets
+  (kd_jax.data.synthetic.render_fundus); disjoint seeded draws."""
+  def split(n, offset):
+    return synthetic.SyntheticFundus(n, size=cfg.image_size,
+                                     seed=cfg.seed * 1000 + offset)
+
+  return Datasets(
+      train=split(cfg.num_train, 0), val=split(cfg.num_val, 1),
+      test=split(cfg.num_test, 2), num_classes=5,
+      class_names=synthetic.DR_GRADES, train_transforms=_augment(cfg, True),
+      targets={"dr_grade": T.classification(5, synthetic.DR_GRADES,
+                                            ordinal=True),
+               "dme_risk": T.classification(3, synthetic.DME_RISKS,
+                                            ordinal=True),
+               "fovea": Target("landmark"), "optic_disc": Target("landmark")},
+      description=f"synthetic fundus images: {cfg.num_train} train / "
+      f"{cfg.num_val} val / {cfg.num_test} test, seed {cfg.seed}")
+
+
 @_register("acdc", root="", image_size=224, augment=True, max_train=0,
            max_volumes=0, train_fraction=1.0, seed=0)
 def _acdc(cfg) -> Datasets:

@@ -6,6 +6,7 @@ import os
 import jax
 import numpy as np
 
+from kd_jax import tasks
 from kd_jax.evaluate import explain, figures
 
 
@@ -13,14 +14,21 @@ def _fmt(x, digits=3):
   return "–" if x is None or np.isnan(x) else f"{x:.{digits}f}"
 
 
-def write(workdir, config, datasets, results, num_figure_examples=4):
+def write(workdir, config, datasets, results, num_figure_examples=4,
+          heads=None):
   """Writes `<workdir>/report.md` comparing every stage on the test split.
 
-  `results[stage]` holds "scores" (segmentation_scores of the test split),
-  "summary" (params, flops), "images_per_s", "predict" (numpy images →
-  numpy label maps), "explain" ((numpy images, class) → numpy (saliency,
-  Grad-CAM) maps) and "cam_feature" (the feature map Grad-CAM weighs).
+  `results[stage]` holds "scores" (`kd_jax.tasks` scores of the test
+  split), "summary" (params, flops) and "images_per_s"; for a segmentation
+  run also "predict" (numpy images → numpy label maps), "explain" ((numpy
+  images, class) → numpy (saliency, Grad-CAM) maps) and "cam_feature" (the
+  feature map Grad-CAM weighs). `heads` (`kd_jax.tasks.from_config`; None:
+  one segmentation output) decides what the report shows: the segmentation
+  report below, or a table of every head's scores (`write_heads`).
   """
+  if heads is not None and not (tasks.is_single(heads) and
+                                heads[None].kind == "segmentation"):
+    return write_heads(workdir, config, datasets, results, heads)
   names = list(results)
   stages = config.stages
   rows = {}
@@ -66,19 +74,7 @@ def write(workdir, config, datasets, results, num_figure_examples=4):
   if curves:
     figures.training_curves(os.path.join(workdir, "curves.png"), curves)
 
-  device = jax.devices()[0]
-  lines = [
-      "# kd_jax run report", "",
-      f"- date: {datetime.date.today().isoformat()}",
-      f"- devices: {jax.device_count()} × {device.platform} "
-      f"({device.device_kind})",
-      f"- data: {config.data.name}, {len(datasets.train)} train / "
-      f"{len(datasets.val)} val / {len(datasets.test)} test examples, "
-      # Only generated data has a data seed; real data sets are fixed files.
-      + (f"data seed {config.data.seed}; " if "seed" in config.data else "")
-      + f"run seed {config.seed}",
-      f"- batch {config.batch_size}, compute dtype {config.compute_dtype}",
-      "",
+  lines = _header(config, datasets) + [
       "Scores on the test split (Dice and IoU averaged over the foreground "
       "classes present; images/s of the jitted eval forward at batch "
       f"{config.batch_size}, compile excluded).", "",
@@ -117,8 +113,81 @@ def write(workdir, config, datasets, results, num_figure_examples=4):
   if curves:
     lines += ["Training loss and validation mean Dice per stage.", "",
               "![curves](curves.png)", ""]
+  _save(workdir, lines, rows)
+  return rows
+
+
+def _header(config, datasets) -> list[str]:
+  device = jax.devices()[0]
+  return [
+      "# kd_jax run report", "",
+      f"- date: {datetime.date.today().isoformat()}",
+      f"- devices: {jax.device_count()} × {device.platform} "
+      f"({device.device_kind})",
+      f"- data: {config.data.name}, {len(datasets.train)} train / "
+      f"{len(datasets.val)} val / {len(datasets.test)} test examples"
+      + (" (no separate test split: test is val)" if datasets.test_is_val
+         else "") + ", "
+      # Only generated data has a data seed; real data sets are fixed files.
+      + (f"data seed {config.data.seed}; " if "seed" in config.data else "")
+      + f"run seed {config.seed}",
+      f"- batch {config.batch_size}, compute dtype {config.compute_dtype}",
+      ""]
+
+
+def _save(workdir, lines, rows):
   with open(os.path.join(workdir, "report.md"), "w") as f:
     f.write("\n".join(lines))
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(rows, f, indent=1)
+
+
+def _jsonable(v):
+  return np.asarray(v).tolist() if np.ndim(v) else float(v)
+
+
+def write_heads(workdir, config, datasets, results, heads):
+  """The report of a run whose heads are not one segmentation map: each
+  head's headline scores per stage (`kd_jax.tasks.HEADLINE`), and in
+  results.json every score (confusion matrices included)."""
+  names = list(results)
+  rows = {}
+  for name in names:
+    r = results[name]
+    rows[name] = dict(
+        method=config.stages[name].method,
+        model=config.stages[name].model.to_dict(),
+        params=int(r["summary"]["params"]),
+        gflops=float(r["summary"]["flops"]) / 1e9,
+        images_per_s=float(r["images_per_s"]),
+        scores={k: _jsonable(v) for k, v in r["scores"].items()})
+  columns = [h.key(k) for h in heads.values() for k in tasks.HEADLINE[h.kind]]
+  lines = _header(config, datasets) + [
+      "Scores on the test split per head (classification: accuracy, macro "
+      "F1, one-vs-rest AUC, quadratic-weighted kappa; landmarks: error in "
+      "pixels of the original image); images/s of the jitted eval forward at "
+      f"batch {config.batch_size}, compile excluded.", "",
+      "| stage | method | model | params | GFLOPs/image | "
+      + " | ".join(columns) + " | images/s |",
+      "|---|---|---|---:|---:|" + "---:|" * len(columns) + "---:|"]
+  for name, r in rows.items():
+    model = ", ".join(f"{k}={v}" for k, v in r["model"].items())
+    cells = [_fmt(r["scores"].get(c), 1 if c.endswith("_px") else 3)
+             for c in columns]
+    lines.append(f"| {name} | {r['method']} | {model} | {r['params']:,} | "
+                 f"{r['gflops']:.3f} | " + " | ".join(cells)
+                 + f" | {r['images_per_s']:.0f} |")
+  from kd_jax import train  # the report is written by train; no cycle at import
+  first = f"val/{columns[0]}"
+  curves = {}
+  for name in names:
+    hist = train.read_history(os.path.join(workdir, name))
+    for key in ("train/loss", first):
+      if key in hist:
+        curves[f"{name}/{key}"] = hist[key]
+  if curves:
+    figures.training_curves(os.path.join(workdir, "curves.png"), curves)
+    lines += ["", f"Training loss and validation {columns[0]} per stage.",
+              "", "![curves](curves.png)", ""]
+  _save(workdir, lines, rows)
   return rows

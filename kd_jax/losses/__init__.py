@@ -46,3 +46,6 @@ from kd_jax.losses.objective import term_names
 from kd_jax.losses.task import cross_entropy
 from kd_jax.losses.task import dice_loss
 from kd_jax.losses.task import focal_loss
+from kd_jax.losses.task import l1
+from kd_jax.losses.task import mse
+from kd_jax.losses.task import smooth_l1

@@ -31,8 +31,18 @@ ones, flags True or False, other numeric keywords numbers.
                        vid's `alpha`: (mean, teacher, {"alpha": alpha})
     "mask":            optional validity mask (nonzero = valid), passed to
                        every term whose loss accepts `mask`
+    "labelled":        optional (B,) per-example flag (nonzero = the example
+                       has labels): task terms, and terms with
+                       `labelled_only=True`, are masked with it, so an
+                       unlabelled example contributes exactly zero to them
 Only the keys the terms need are read; a missing one raises
 `MissingInputError` (both a KeyError and a ValueError) naming it.
+
+Models with several heads return a dict of outputs; then "logits",
+"teacher_logits" and "labels" are dicts keyed by head name, and each term
+names the head it reads with the term key `head` (`dict(fn="cross_entropy",
+head="dr_grade")`): the term sees that head's entries as if they were the
+whole inputs.
 """
 
 import collections.abc
@@ -71,6 +81,9 @@ REGISTRY: Dict[str, LossSpec] = {
     "cross_entropy": LossSpec(task.cross_entropy, "task"),
     "dice": LossSpec(task.dice_loss, "task"),
     "focal": LossSpec(task.focal_loss, "task"),
+    "mse": LossSpec(task.mse, "task"),
+    "l1": LossSpec(task.l1, "task"),
+    "smooth_l1": LossSpec(task.smooth_l1, "task"),
     # Logit distillation.
     "kd_kl": LossSpec(logits.kd_kl, "logits"),
     "pixelwise_kd": LossSpec(logits.pixelwise_kd, "logits"),
@@ -105,7 +118,10 @@ REGISTRY: Dict[str, LossSpec] = {
 }
 
 # Keys of a term that are not keyword arguments of the loss.
-_TERM_KEYS = ("fn", "weight", "name", "student", "teacher", "connector")
+_TERM_KEYS = ("fn", "weight", "name", "student", "teacher", "connector",
+              "head", "labelled_only")
+# Inputs that hold one entry per head when the model has several.
+_HEAD_INPUTS = ("logits", "teacher_logits", "labels")
 # Parameters filled from `inputs`, never from the config.
 _INPUT_PARAMS = {"labels": "labels", "mask": "mask"}
 # The two leading array arguments of each kind, named by their inputs key.
@@ -174,6 +190,8 @@ class _Term(NamedTuple):
   takes_mask: bool
   takes_labels: bool  # Beyond the leading two arguments (e.g. dkd).
   array_params: Tuple[str, ...]  # Features-kind extra arrays (vid's alpha).
+  head: Any = None  # The head it reads, for models with several.
+  labelled_only: bool = False  # Masked with inputs["labelled"].
 
 
 def _as_dict(term, index: int) -> Dict[str, Any]:
@@ -234,13 +252,27 @@ def _parse(term: Mapping[str, Any], index: int) -> _Term:
     _check_value(f"loss term #{index} ({fn_name})", spec.fn, params[key],
                  value)
   takes_labels = spec.kind != "task" and "labels" in extra_positional
+  head = term.get("head")
+  if head is not None and (not isinstance(head, str) or not head):
+    raise ValueError(f"loss term #{index} ({fn_name}): head must be the name "
+                     f"of a model output, got {head!r}.")
+  reads_labels = spec.kind == "task" or takes_labels
+  labelled_only = term.get("labelled_only", reads_labels)
+  if not isinstance(labelled_only, bool):
+    raise ValueError(f"loss term #{index} ({fn_name}): labelled_only must be "
+                     f"True or False, got {labelled_only!r}.")
+  if reads_labels and not labelled_only:
+    raise ValueError(f"loss term #{index} ({fn_name}): a task loss reads "
+                     "labels, so it always skips unlabelled examples; drop "
+                     "labelled_only=False.")
   array_params = tuple(n for n in extra_positional if n != "labels")
   if array_params and spec.kind != "features":
     raise ValueError(f"{fn_name} has array arguments {array_params} that "
                      f"objective cannot supply for a {spec.kind} loss.")
   return _Term(name=name, fn_name=fn_name, spec=spec, weight=float(weight),
                kwargs=kwargs, takes_mask="mask" in params,
-               takes_labels=takes_labels, array_params=array_params)
+               takes_labels=takes_labels, array_params=array_params,
+               head=head, labelled_only=labelled_only)
 
 
 def _resolve(terms: Sequence[Mapping[str, Any]]) -> List[_Term]:
@@ -313,7 +345,57 @@ def _features(inputs, term: _Term):
   return entry[0], entry[1], extra
 
 
+def _head_view(inputs, term: _Term):
+  """`inputs` as term `term` sees them: its head's entries of the per-head
+  inputs, and the "labelled" flag folded into "mask" where it applies."""
+  if not isinstance(inputs, collections.abc.Mapping):
+    raise ValueError(f"objective inputs must be a dict, got "
+                     f"{type(inputs).__name__}.")
+  view = dict(inputs)
+  heads = inputs.get("logits")
+  if isinstance(heads, collections.abc.Mapping):
+    if term.head is None:
+      raise ValueError(
+          f"loss term {term.name!r} ({term.fn_name}): the model has heads "
+          f"{sorted(heads)}; name the one this term reads with "
+          f"head=<name>.")
+    for key in _HEAD_INPUTS:
+      entry = inputs.get(key)
+      if entry is None:
+        continue
+      if not isinstance(entry, collections.abc.Mapping) or (
+          term.head not in entry):
+        raise MissingInputError(
+            f"loss term {term.name!r} ({term.fn_name}) reads head "
+            f"{term.head!r}, but inputs[{key!r}] has "
+            f"{sorted(entry) if isinstance(entry, collections.abc.Mapping) else 'no heads'}.")
+      view[key] = entry[term.head]
+  elif term.head is not None and heads is not None:
+    raise ValueError(f"loss term {term.name!r} ({term.fn_name}) names head "
+                     f"{term.head!r}, but the model returns one output; "
+                     "drop head=.")
+  labelled = inputs.get("labelled")
+  if term.labelled_only and labelled is not None:
+    if not term.takes_mask:
+      raise ValueError(
+          f"loss term {term.name!r} ({term.fn_name}) must skip unlabelled "
+          "examples, but its loss takes no mask; train it on labelled "
+          "data only (no unlabelled pool in this stage).")
+    view["mask"] = _and_mask(view.get("mask"), labelled)
+  return view
+
+
+def _and_mask(mask, labelled):
+  """(B,) `labelled` and a mask of any shape with leading axis B."""
+  labelled = jnp.asarray(labelled) != 0
+  if mask is None:
+    return labelled
+  mask = jnp.asarray(mask) != 0
+  return mask & labelled.reshape(labelled.shape + (1,) * (mask.ndim - 1))
+
+
 def _call(term: _Term, inputs) -> jax.Array:
+  inputs = _head_view(inputs, term)
   kwargs = dict(term.kwargs)
   if term.takes_mask and inputs.get("mask") is not None:
     kwargs["mask"] = inputs["mask"]

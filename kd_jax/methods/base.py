@@ -34,7 +34,7 @@ from typing import Any, Callable, ClassVar, Protocol
 # Stage keys the trainer reads (or hands every method): any other key of a
 # stage must be in its method's `stage_keys`.
 COMMON_STAGE_KEYS = frozenset({"method", "model", "losses", "steps",
-                               "optimizer"})
+                               "optimizer", "seed", "data"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,12 +51,16 @@ class Context:
       model may come from one of them, never from a later one).
   load_frozen: False to build without loading frozen variables (checkpoints
       need not exist yet); `from_config` then returns None for them.
+  heads: the run's heads (`kd_jax.tasks.from_config`): which outputs the
+      models return and which batch key each one's labels come from; the
+      method builds its loss inputs with `kd_jax.tasks.objective_inputs`.
   """
   build_model: Callable[[dict], Any]
   stage: str = ""
   workdir: str = ""
   earlier_stages: tuple = ()
   load_frozen: bool = True
+  heads: Any = None
 
 
 class Method(Protocol):

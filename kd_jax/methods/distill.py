@@ -25,67 +25,98 @@ import os
 import jax
 import jax.numpy as jnp
 
-from kd_jax import losses
+from kd_jax import losses, tasks
 from kd_jax.methods import common
 from kd_jax.models import connectors
+
+
+def _shapes(tree):
+  return jax.tree.map(lambda x: tuple(x.shape), tree)
 
 
 def _describe(features):
   return ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(features.items()))
 
 
+# Logit losses that read a stack of teachers (E, ...).
+ENSEMBLE_LOSSES = ("ensemble_kd", "ensemble_l2")
+
+
 class Distill:
   model_key = "student"
   # teacher=dict(model=dict(name=...), stage=<earlier stage>) or
-  # teacher=dict(model=..., checkpoint=<a trained stage's folder>).
-  stage_keys = frozenset({"teacher"})
+  # teacher=dict(model=..., checkpoint=<a trained stage's folder>); or an
+  # ensemble, teachers=[<such dicts>, ...] (each its own architecture).
+  stage_keys = frozenset({"teacher", "teachers"})
 
   @staticmethod
-  def _teacher_config(stage) -> dict:
-    t = stage.get("teacher")
-    if not isinstance(t, dict) or not t.get("model"):
-      raise ValueError("a distill stage needs teacher=dict(model=dict("
-                       "name=...), stage=<earlier stage> or checkpoint="
-                       f"<folder>); got teacher={t!r}")
-    return t
+  def _teacher_configs(stage) -> tuple[list, bool]:
+    """([member config, ...], is_ensemble) from `teacher` or `teachers`."""
+    one, many = stage.get("teacher"), stage.get("teachers")
+    if one and many:
+      raise ValueError("a distill stage takes teacher=dict(...) or "
+                       "teachers=[dict(...), ...], not both")
+    members = list(many) if many else [one]
+    for i, t in enumerate(members):
+      where = f"teachers[{i}]" if many else "teacher"
+      if not isinstance(t, dict) or not t.get("model"):
+        raise ValueError(f"a distill stage needs {where}=dict(model=dict("
+                         "name=...), stage=<earlier stage> or checkpoint="
+                         f"<folder>); got {where}={t!r}")
+    return members, bool(many)
 
   @classmethod
   def check(cls, stage, ctx):
-    """The teacher comes from an earlier stage or an existing folder."""
-    t = cls._teacher_config(stage)
-    if t.get("stage"):
-      if t["stage"] not in ctx.earlier_stages:
+    """Each teacher comes from an earlier stage or an existing folder."""
+    members, many = cls._teacher_configs(stage)
+    for i, t in enumerate(members):
+      where = f"teachers[{i}]" if many else "teacher"
+      if t.get("stage"):
+        if t["stage"] not in ctx.earlier_stages:
+          raise ValueError(
+              f"{where}.stage {t['stage']!r} must be an earlier stage in "
+              f"stage_order; the stages before {ctx.stage!r}: "
+              f"{list(ctx.earlier_stages)}")
+      elif not os.path.isdir(t.get("checkpoint") or ""):
         raise ValueError(
-            f"teacher stage {t['stage']!r} must be an earlier stage in "
-            f"stage_order; the stages before {ctx.stage!r}: "
-            f"{list(ctx.earlier_stages)}")
-    elif not os.path.isdir(t.get("checkpoint") or ""):
-      raise ValueError(
-          f"teacher.checkpoint {t.get('checkpoint')!r} is not a folder; give "
-          "a trained stage's workdir, or teacher.stage=<earlier stage>")
+            f"{where}.checkpoint {t.get('checkpoint')!r} is not a folder; "
+            "give a trained stage's workdir, or stage=<earlier stage>")
 
   @classmethod
   def from_config(cls, stage, ctx):
     """(method, teacher variables) from `dict(method="distill", model=...,
-    teacher=..., losses=...)`; the variables are None without
-    `ctx.load_frozen`."""
-    t = cls._teacher_config(stage)
+    teacher=... or teachers=[...], losses=...)`; the variables (a list, one
+    per member, for an ensemble) are None without `ctx.load_frozen`."""
+    members, many = cls._teacher_configs(stage)
     model = ctx.build_model(stage["model"])
-    try:
-      teacher = ctx.build_model(t["model"])
-    except (ValueError, TypeError) as e:
-      raise ValueError(f"teacher.model: {e}") from None
-    method = cls(model=model, teacher=teacher, loss_terms=stage["losses"])
+    teachers = []
+    for i, t in enumerate(members):
+      try:
+        teachers.append(ctx.build_model(t["model"]))
+      except (ValueError, TypeError) as e:
+        where = f"teachers[{i}]" if many else "teacher"
+        raise ValueError(f"{where}.model: {e}") from None
+    method = cls(model=model, teacher=teachers if many else teachers[0],
+                 loss_terms=stage["losses"], heads=ctx.heads)
     if not ctx.load_frozen:
       return method, None
     from kd_jax import checkpoint  # Orbax, only to load a teacher.
-    ckpt = (os.path.join(ctx.workdir, t["stage"]) if t.get("stage")
-            else t.get("checkpoint"))
-    return method, checkpoint.load_model_variables(ckpt)
+    frozen = [checkpoint.load_model_variables(
+        os.path.join(ctx.workdir, t["stage"]) if t.get("stage")
+        else t.get("checkpoint")) for t in members]
+    return method, frozen if many else frozen[0]
 
-  def __init__(self, model, teacher, loss_terms):
+  def __init__(self, model, teacher, loss_terms, heads=None):
+    """`teacher`: one flax module, or a list of them (an ensemble, whose
+    stacked outputs feed ensemble_kd / ensemble_l2)."""
     self.model = model
-    self.teacher = teacher
+    self.heads = heads  # kd_jax.tasks heads; None: one output, "label".
+    self.ensemble = isinstance(teacher, (list, tuple))
+    self.teachers = list(teacher) if self.ensemble else [teacher]
+    if not self.teachers:
+      raise ValueError("teachers=[] is empty; give at least one member")
+    self.teacher = self.teachers[0]
+    self._check_terms_against_teachers(loss_terms)
     self.objective = losses.objective(loss_terms)  # Validates the terms.
     kinds = [losses.REGISTRY[t["fn"]].kind for t in loss_terms]
     self.uses_teacher_logits = "logits" in kinds
@@ -105,18 +136,41 @@ class Distill:
                                  term["fn"] == "vid"))
     self.connectors = None  # Built by init, once the teacher's shapes are known.
 
+  def _check_terms_against_teachers(self, loss_terms):
+    for name, term in zip(losses.term_names(loss_terms), loss_terms):
+      kind = losses.REGISTRY[term["fn"]].kind
+      if self.ensemble and kind == "features":
+        raise ValueError(
+            f"loss term {name!r} ({term['fn']}) matches one teacher's "
+            "features; with teachers=[...] distil the ensemble's outputs "
+            "(ensemble_kd, ensemble_l2)")
+      if self.ensemble and kind == "logits" and (
+          term["fn"] not in ENSEMBLE_LOSSES):
+        raise ValueError(
+            f"loss term {name!r} ({term['fn']}) reads one teacher; with "
+            f"teachers=[...] use {' or '.join(ENSEMBLE_LOSSES)}")
+      if not self.ensemble and term["fn"] in ENSEMBLE_LOSSES:
+        raise ValueError(
+            f"loss term {name!r} ({term['fn']}) averages an ensemble: give "
+            "teachers=[...] (for one teacher use kd_kl, or mse on a "
+            "coordinate head)")
+
   def _check_and_build(self, rng, images):
     (s_logits, s_feats), _ = jax.eval_shape(
         functools.partial(self.model.init_with_output, train=False), rng,
         images)
-    (t_logits, t_feats), _ = jax.eval_shape(
-        functools.partial(self.teacher.init_with_output, train=False), rng,
-        images)
-    if self.uses_teacher_logits and s_logits.shape != t_logits.shape:
-      raise ValueError(
-          f"logit distillation needs student and teacher logits of one shape; "
-          f"student gives {s_logits.shape}, teacher {t_logits.shape}: set the "
-          "same num_classes (and output size) for both models")
+    outputs = [jax.eval_shape(functools.partial(m.init_with_output,
+                                                train=False), rng, images)[0]
+               for m in self.teachers]
+    for i, (t_logits, _) in enumerate(outputs):
+      who = f"teachers[{i}]" if self.ensemble else "teacher"
+      if self.uses_teacher_logits and _shapes(s_logits) != _shapes(t_logits):
+        raise ValueError(
+            f"logit distillation needs student and teacher outputs of one "
+            f"shape (the same heads); student gives {_shapes(s_logits)}, "
+            f"{who} {_shapes(t_logits)}: set the same heads, num_classes and "
+            "output size for both models")
+    t_feats = outputs[0][1]
     self.connectors = {}
     for name, s_name, t_name, conn, learns_variance in self.feature_terms:
       for side, feats, fname in (("student", s_feats, s_name),
@@ -173,11 +227,20 @@ class Distill:
     {"logits": ...} if a term distils logits, {"features": {name: ...}} for
     the feature terms' teacher features. Per example, this is what the
     teacher cache stores."""
+    if self.ensemble:
+      outs = [common.apply_eval(m, f["params"], f["batch_stats"], images)[0]
+              for m, f in zip(self.teachers, frozen)]
+      out = {}
+      if self.uses_teacher_logits:
+        # (E, ...) per head: the members' outputs, stacked.
+        out["logits"] = tasks.as_float32(
+            jax.tree.map(lambda *x: jnp.stack(x), *outs))
+      return jax.lax.stop_gradient(out)
     logits, feats = common.apply_eval(self.teacher, frozen["params"],
                                       frozen["batch_stats"], images)
     out = {}
     if self.uses_teacher_logits:
-      out["logits"] = logits.astype(jnp.float32)
+      out["logits"] = tasks.as_float32(logits)
     names = sorted({t_name for _, _, t_name, _, _ in self.feature_terms})
     if names:
       out["features"] = {n: feats[n].astype(jnp.float32) for n in names}
@@ -210,12 +273,9 @@ class Distill:
       pairs[name] = (out.astype(jnp.float32), t_feats[t_name])
       if vid_ch:
         pairs[name] += ({"alpha": alpha},)
-    loss, metrics = self.objective({
-        "logits": logits.astype(jnp.float32),
-        "labels": batch["label"],
-        "teacher_logits": teacher.get("logits"),
-        "features": pairs,
-    })
+    inputs = tasks.objective_inputs(self.heads, logits, batch)
+    inputs.update(teacher_logits=teacher.get("logits"), features=pairs)
+    loss, metrics = self.objective(inputs)
     return loss, ({"student": new_student, "connectors": new_conn}, metrics)
 
   def predict(self, params, batch_stats, images):

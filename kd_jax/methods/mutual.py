@@ -27,9 +27,8 @@ variables sit beside it under "peer" and are saved with it, so either can be
 read back from the checkpoint.
 """
 import jax
-import jax.numpy as jnp
 
-from kd_jax import losses, models
+from kd_jax import losses, models, tasks
 from kd_jax.methods import common
 
 
@@ -62,10 +61,12 @@ class Mutual:
       peer_model = ctx.build_model(peer)
     except (ValueError, TypeError) as e:
       raise ValueError(f"peer {peer}: {e}") from None
-    return cls(model=model, peer=peer_model, loss_terms=stage["losses"]), {}
+    return cls(model=model, peer=peer_model, loss_terms=stage["losses"],
+               heads=ctx.heads), {}
 
-  def __init__(self, model, peer, loss_terms):
+  def __init__(self, model, peer, loss_terms, heads=None):
     self.model = model
+    self.heads = heads  # kd_jax.tasks heads; None: one output, "label".
     self.peer = peer
     losses.objective(loss_terms)  # Validates every term and its keywords.
     names = losses.term_names(loss_terms)
@@ -107,10 +108,11 @@ class Mutual:
                        s_vars)
     p = jax.eval_shape(lambda v: self.peer.apply(v, images, train=False)[0],
                        p_vars)
-    if s.shape != p.shape:
+    shapes = [jax.tree.map(lambda x: x.shape, t) for t in (s, p)]
+    if shapes[0] != shapes[1]:
       raise ValueError(
           f"method 'mutual' needs peer logits of one shape; the student gives "
-          f"{s.shape}, the peer {p.shape}: give both models the same "
+          f"{shapes[0]}, the peer {shapes[1]}: give both models the same "
           "num_classes and output size")
 
   def peer_logits(self, params, batch_stats, images, rng):
@@ -120,25 +122,29 @@ class Mutual:
         self.model, params["student"], batch_stats["student"], images, s_rng)
     (z_p, _), p_stats = common.apply_train(
         self.peer, params["peer"], batch_stats["peer"], images, p_rng)
-    return ((z_s.astype(jnp.float32), z_p.astype(jnp.float32)),
+    return ((tasks.as_float32(z_s), tasks.as_float32(z_p)),
             {"student": s_stats, "peer": p_stats})
 
   def loss_fn(self, params, batch_stats, frozen, batch, rng):
     del frozen  # Nothing is frozen: both peers train.
     (z_s, z_p), new_stats = self.peer_logits(params, batch_stats,
                                              batch["image"], rng)
-    labels = batch["label"]
+    labels = tasks.labels(self.heads, batch)
+    labelled = batch.get("labelled")
     sg = jax.lax.stop_gradient
     loss_s, m_s = self.per_peer({"logits": z_s, "labels": labels,
-                                 "teacher_logits": sg(z_p)})
+                                 "teacher_logits": sg(z_p),
+                                 "labelled": labelled})
     loss_p, m_p = self.per_peer({"logits": z_p, "labels": labels,
-                                 "teacher_logits": sg(z_s)})
+                                 "teacher_logits": sg(z_s),
+                                 "labelled": labelled})
     metrics = {f"student/{k}": v for k, v in m_s.items()}
     metrics.update({f"peer/{k}": v for k, v in m_p.items()})
     loss = loss_s + loss_p
     if self.pair is not None:
       loss_pair, m_pair = self.pair({"logits": z_s, "labels": labels,
-                                     "teacher_logits": z_p})
+                                     "teacher_logits": z_p,
+                                     "labelled": labelled})
       metrics.update({f"pair/{k}": v for k, v in m_pair.items()})
       loss = loss + loss_pair
     return loss, (new_stats, metrics)

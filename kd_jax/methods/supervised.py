@@ -1,7 +1,5 @@
 """One model trained alone on the task loss: a teacher, or a baseline student."""
-import jax.numpy as jnp
-
-from kd_jax import losses
+from kd_jax import losses, tasks
 from kd_jax.methods import common
 
 
@@ -13,11 +11,11 @@ class Supervised:
   def from_config(cls, stage, ctx):
     """(method, {}) from `dict(method="supervised", model=..., losses=...)`."""
     return cls(model=ctx.build_model(stage["model"]),
-               loss_terms=stage["losses"]), {}
+               loss_terms=stage["losses"], heads=ctx.heads), {}
 
-  def __init__(self, model, loss_terms, frozen_shapes=None):
-    del frozen_shapes  # Nothing is frozen.
+  def __init__(self, model, loss_terms, heads=None):
     self.model = model
+    self.heads = heads  # kd_jax.tasks heads; None: one output, "label".
     self.objective = losses.objective(loss_terms)  # Validates the terms.
     for term in loss_terms:
       if losses.REGISTRY[term["fn"]].kind != "task":
@@ -35,10 +33,8 @@ class Supervised:
     del frozen
     (logits, _), new_stats = common.apply_train(
         self.model, params["model"], batch_stats["model"], batch["image"], rng)
-    loss, metrics = self.objective({
-        "logits": logits.astype(jnp.float32),
-        "labels": batch["label"],
-    })
+    loss, metrics = self.objective(
+        tasks.objective_inputs(self.heads, logits, batch))
     return loss, ({"model": new_stats}, metrics)
 
   def predict(self, params, batch_stats, images):

@@ -9,7 +9,7 @@ logits is a dict (not an array) with fixed keys:
   "dr_grade": (N, 5)  diabetic-retinopathy grade logits (0–4)
   "dme_risk": (N, 3)  diabetic-macular-edema risk logits (0–2)
   "fovea":    (N, 2)  fovea centre (x, y)
-  "disc":     (N, 2)  optic-disc centre (x, y)
+  "optic_disc": (N, 2) optic-disc centre
 The coordinate heads are linear regressions in whatever units the labels
 use; we use x / W and y / H of the input image, i.e. [0, 1].
 
@@ -35,7 +35,7 @@ from kd_jax.models.registry import register
 
 ModuleDef = Any
 
-HEADS = ("dr_grade", "dme_risk", "fovea", "disc")
+HEADS = ("dr_grade", "dme_risk", "fovea", "optic_disc")
 _FUNDUS_INPUT = (512, 512, 3)
 DEFAULT_INPUT = {
     "multitask_resnet50": _FUNDUS_INPUT,
@@ -50,7 +50,7 @@ RECIPES = {
 
 
 class MultiTask(nn.Module):
-  """Shared trunk + dr_grade / dme_risk / fovea / disc heads."""
+  """Shared trunk + dr_grade / dme_risk / fovea / optic_disc heads."""
   trunk: str = "resnet50"  # "resnet18" | "resnet34" | "resnet50" | "resnet101" | "mobilenetv2"
   grade_classes: int = 5
   risk_classes: int = 3
@@ -74,7 +74,7 @@ class MultiTask(nn.Module):
                                    name="trunk", pool=self.pool, **layers)
     _, feats = body(x, train=train)
     sizes = dict(dr_grade=self.grade_classes, dme_risk=self.risk_classes,
-                 fovea=2, disc=2)
+                 fovea=2, optic_disc=2)
     logits = {}
     for head in HEADS:
       y = nn.Dropout(self.dropout, deterministic=not train)(feats["embedding"])
