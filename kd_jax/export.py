@@ -9,8 +9,12 @@
 gets
 
   model.json   how to rebuild the module: {"format": 1, "model": {"name",
-               "kwargs"}, "num_classes", "input_shape": [H, W, C] of one
-               example, "dtype" (compute dtype), "class_names", "stage"}
+               "kwargs"}, "input_shape": [H, W, C] of one example, "dtype"
+               (compute dtype), "stage", "method"} and what it outputs: for
+               a run with one output (no `config.heads`), "num_classes" and
+               "class_names" of that output; for a run with named heads,
+               "heads": {name: {"kind", "label", "num_classes",
+               "class_names"}} (null where a kind has no classes: landmarks)
   variables/   an Orbax checkpoint of {"params", "batch_stats"} of the
                stage's deployable model (the supervised model, or the student
                of a distillation stage): no connectors, no optimizer state,
@@ -20,6 +24,8 @@ and `load` gives it back without the config or the training code:
 
     model, variables = kd_jax.export.load("runs/x/export/distilled")
     logits, features = model.apply(variables, images, train=False)
+
+(`logits` is a dict {head: output} for a model with named heads.)
 
 `restore_stage` (a stage's model and its latest variables, checked against
 the config) is shared with `python -m kd_jax.evaluate`.
@@ -34,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from kd_jax import checkpoint, data, models, train
+from kd_jax import checkpoint, data, models, tasks, train
 
 FORMAT = 1
 
@@ -46,14 +52,16 @@ def _shapes(tree) -> dict:
           tuple(leaf.shape) for path, leaf in flat}
 
 
-def restore_stage(config, workdir: str, stage: str, datasets):
+def restore_stage(config, workdir: str, stage: str, datasets, heads=None):
   """(method, variables) of `stage`'s latest checkpoint under `workdir`.
 
-  `method` is built as training builds it (its `.model` is the deployable
-  module, its `.predict` the eval forward); `variables` are the numpy
-  {"params", "batch_stats"} of that model alone. Raises ValueError for a
-  stage the config does not have or a checkpoint that does not fit the
-  config's model, FileNotFoundError when the stage has no checkpoint.
+  `method` is built as training builds it, with the run's heads (`heads`,
+  default `train.run_heads(config, datasets)`): its `.model` is the
+  deployable module, its `.predict` the eval forward. `variables` are the
+  numpy {"params", "batch_stats"} of that model alone. Raises ValueError for
+  a stage the config does not have, heads the data cannot feed, or a
+  checkpoint that does not fit the config's model; FileNotFoundError when
+  the stage has no checkpoint.
   """
   if stage not in config.stages:
     raise ValueError(f"unknown stage {stage!r}; the config's stages are "
@@ -64,8 +72,10 @@ def restore_stage(config, workdir: str, stage: str, datasets):
         f"stage {stage!r} has no checkpoint: {stage_dir}/checkpoints does not "
         f"exist; train it first (python -m kd_jax.main --config=... "
         f"--workdir={workdir})")
+  if heads is None:
+    heads = train.run_heads(config, datasets)
   method, _ = train.build_method(config, stage, workdir, datasets.num_classes,
-                                 load_teacher=False)
+                                 load_teacher=False, heads=heads)
   try:
     variables = checkpoint.load_model_variables(stage_dir)
   except FileNotFoundError as e:
@@ -93,6 +103,22 @@ def _json_value(x):
   return [_json_value(v) for v in x] if isinstance(x, (list, tuple)) else x
 
 
+def head_name(head) -> str:
+  """A head's name in JSON: its own, or for the one unnamed output of a run
+  without `config.heads`, the label key it reads."""
+  return head.label if head.name is None else head.name
+
+
+def describe_heads(heads) -> dict:
+  """{name: {"kind", "label", "num_classes", "class_names"}} of the heads
+  (`kd_jax.tasks.from_config`), JSON-ready."""
+  return {head_name(h): dict(kind=h.kind, label=h.label,
+                             num_classes=h.num_classes,
+                             class_names=None if h.class_names is None
+                             else list(h.class_names))
+          for h in heads.values()}
+
+
 def export(config, workdir: str, stage: str, out: str) -> str:
   """Writes `stage`'s deployable model to the folder `out` (see module
   docstring); returns the folder's absolute path."""
@@ -101,20 +127,33 @@ def export(config, workdir: str, stage: str, out: str) -> str:
     raise FileExistsError(f"{out} exists and is not empty; choose another "
                           "--out or remove it")
   datasets = data.build(config.data)
-  method, variables = restore_stage(config, workdir, stage, datasets)
+  heads = train.run_heads(config, datasets)
+  _, variables = restore_stage(config, workdir, stage, datasets, heads)
   kwargs = config.stages[stage].model.to_dict()
   name = kwargs.pop("name")
-  # The class count is explicit in the file, as training defaults it.
-  kwargs.setdefault("num_classes", datasets.num_classes)
+  # The class count is explicit in the file, as training defaults it: only
+  # for constructors that take one (multi-head models size their heads by
+  # their own fields, and `load` passes the kwargs on as they are).
+  if models.accepts(name, "num_classes"):
+    kwargs.setdefault("num_classes", datasets.num_classes)
   spec = dict(
       format=FORMAT,
       model=dict(name=name, kwargs={k: _json_value(v)
                                     for k, v in kwargs.items()}),
-      num_classes=int(kwargs["num_classes"]),
       input_shape=list(datasets.test[0]["image"].shape),
       dtype=jnp.dtype(config.compute_dtype).name,
-      class_names=list(datasets.class_names),
       stage=stage, method=config.stages[stage].method)
+  if tasks.is_single(heads):
+    head = heads[None]
+    classes = kwargs.get("num_classes", head.num_classes)
+    # A target without names of its own: the data set's, which describe
+    # the "label" target this one output reads.
+    names = (head.class_names if head.class_names is not None
+             else None if head.kind == "landmark" else datasets.class_names)
+    spec.update(num_classes=None if classes is None else int(classes),
+                class_names=None if names is None else list(names))
+  else:
+    spec["heads"] = describe_heads(heads)
   os.makedirs(out, exist_ok=True)
   # Empty collections (a model without BatchNorm) are left out: `load`
   # restores onto the collections the rebuilt model has.

@@ -2,7 +2,9 @@
 
 A tiny teacher and distilled student are trained once per session (the
 baseline stage is left untrained) in a folder under pytest's base temp, which
-tests/test_export.py shares: a second caller finds both stages finished.
+tests/test_export.py shares: a second caller finds both stages finished. So
+is a tiny four-head run (classification and landmark heads), evaluated
+in-process against its own report.
 """
 import json
 import os
@@ -13,12 +15,13 @@ import jax
 import numpy as np
 import pytest
 
-from kd_jax import data, train
+from kd_jax import data, tasks, train
 from kd_jax.evaluate import __main__ as evaluate_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from tests import test_train  # noqa: E402
+from tests.test_tasks import _fundus_config  # noqa: E402
 
 TRAINED = ("teacher", "distilled")
 _CONFIG_FILE = f"""
@@ -147,3 +150,105 @@ def test_empty_workdir_fails_with_a_hint(tmp_path):
   with pytest.raises(FileNotFoundError, match="no stage of .* has a "
                      "checkpoint.*kd_jax.main"):
     evaluate_cli.evaluate_checkpoints(tiny_config(), str(tmp_path))
+
+
+# ----------------------------------------------------------------------------
+# A run with four named heads (tests/test_tasks.py's fundus config): no
+# segmentation anywhere, the scores of kd_jax.tasks instead.
+
+
+def trained_heads_run(tmp_path_factory):
+  """(config, workdir, its results.json) of a 2-step four-head run on
+  generated fundus images, trained once per session (tests/test_export.py
+  shares it)."""
+  workdir = tmp_path_factory.getbasetemp() / "tiny_heads_run"
+  c = _fundus_config()
+  results = workdir / "results.json"
+  if not results.exists():
+    train.train_and_evaluate(c, str(workdir))
+  return c, str(workdir), json.loads(results.read_text())
+
+
+@pytest.fixture(scope="module")
+def evaluated_heads(tmp_path_factory):
+  c, workdir, results = trained_heads_run(tmp_path_factory)
+  report = evaluate_cli.evaluate_checkpoints(c, workdir)
+  with open(os.path.join(workdir, "eval_test", "metrics.json")) as f:
+    saved = json.load(f)
+  return c, workdir, results, report, saved
+
+
+def test_multi_head_metrics_equal_the_run_report(evaluated_heads):
+  _, _, results, report, saved = evaluated_heads
+  # The returned report is what metrics.json holds.
+  assert json.loads(json.dumps(report)) == saved
+  assert saved["split"] == "test" and saved["num_images"] == 8
+  assert list(saved["stages"]) == ["a"]
+  got, want = saved["stages"]["a"], results["a"]["scores"]
+  assert got["method"] == "supervised"
+  assert got["model"]["name"] == "multitask_resnet18"
+  assert set(got) == set(want) | {"method", "model"}
+  for key, value in want.items():
+    # null (NaN in metrics.json) reads back as NaN; NaN equals NaN here.
+    np.testing.assert_allclose(np.asarray(got[key], float),
+                               np.asarray(value, float), rtol=1e-6,
+                               err_msg=key)
+  assert np.sum(got["dr_grade/confusion"]) == 8
+  assert isinstance(got["dme_risk/confusion"][0][0], int)
+  assert saved["heads"]["dme_risk"] == dict(
+      kind="classification", label="dme_risk", num_classes=3,
+      class_names=list(data.synthetic.DME_RISKS))
+  assert saved["heads"]["fovea"] == dict(kind="landmark", label="fovea",
+                                         num_classes=None, class_names=None)
+  # In the heads' order (config.heads, a ConfigDict: sorted names).
+  assert saved["headline"] == [
+      f"{h}/{k}" for h, kind in (("dme_risk", "classification"),
+                                 ("dr_grade", "classification"),
+                                 ("fovea", "landmark"),
+                                 ("optic_disc", "landmark"))
+      for k in tasks.HEADLINE[kind]]
+
+
+def test_multi_head_evaluation_has_no_segmentation_output(evaluated_heads):
+  _, workdir, _, _, saved = evaluated_heads
+  # The workdir is pytest's path, which is not the command's to name.
+  text = json.dumps({k: v for k, v in saved.items()
+                     if k != "workdir"}).lower()
+  for word in ("dice", "iou", "pixel_accuracy", "segmentation"):
+    assert word not in text, word
+  out_dir = os.path.join(workdir, "eval_test")
+  assert sorted(os.listdir(out_dir)) == ["confusion.png", "metrics.json"]
+  assert saved["figures"] == dict(confusion="confusion.png")
+  with open(os.path.join(out_dir, "confusion.png"), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_multi_head_table_shows_the_headline_scores(evaluated_heads):
+  _, _, _, _, saved = evaluated_heads
+  lines = evaluate_cli.table(saved)
+  a = saved["stages"]["a"]
+  at = lines.index("dr_grade (classification)")
+  assert lines[at + 1].split() == ["stage", "accuracy", "macro_f1", "auc",
+                                   "kappa"]
+  assert lines[at + 2].split()[:2] == ["a",
+                                       format(a["dr_grade/accuracy"], ".4f")]
+  at = lines.index("fovea (landmark)")
+  assert lines[at + 1].split() == ["stage", "mean_error_px",
+                                   "median_error_px"]
+  assert lines[at + 2].split() == [
+      "a", format(a["fovea/mean_error_px"], ".4f"),
+      format(a["fovea/median_error_px"], ".4f")]
+  assert not any("Dice" in line for line in lines)
+
+
+@pytest.mark.parametrize("kwargs", [dict(cam_class="1"),
+                                    dict(cam_feature="layer4")])
+def test_explanation_flags_need_a_segmentation_head(evaluated_heads, kwargs):
+  c, workdir, _, _, _ = evaluated_heads
+  with pytest.raises(ValueError, match=r"--cam_class and --cam_feature "
+                     r"explain a segmentation map, but this run's heads are "
+                     r"dme_risk \(classification\), dr_grade "
+                     r"\(classification\), fovea \(landmark\), optic_disc "
+                     r"\(landmark\); drop them$") as e:
+    evaluate_cli.evaluate_checkpoints(c, workdir, **kwargs)
+  assert "\n" not in str(e.value)

@@ -12,12 +12,14 @@ import jax
 import numpy as np
 import pytest
 
-from kd_jax import export
+from kd_jax import data, export, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-# The tiny run is shared with the evaluate tests (trained once per session).
-from tests.test_evaluate_cli import trained_run  # noqa: E402
+# The tiny runs are shared with the evaluate tests (trained once per
+# session).
+from tests.test_evaluate_cli import (  # noqa: E402
+    trained_heads_run, trained_run)
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +82,52 @@ def test_export_errors(exported, tmp_path):
                      "kd_jax.export"):
     export.load(workdir)
 
+
+
+# ----------------------------------------------------------------------------
+# A model with four named heads: model.json names them, load returns the
+# dict of heads.
+
+
+@pytest.fixture(scope="module")
+def exported_heads(tmp_path_factory):
+  c, workdir, _ = trained_heads_run(tmp_path_factory)
+  ds = data.build(c.data)
+  # Training's own restore of the finished stage: the trained state.
+  method, state = train.train_stage(c, "a", workdir, ds)
+  out = str(tmp_path_factory.mktemp("export_heads") / "a")
+  assert export.export(c, workdir, "a", out) == out
+  return ds, method, state, out
+
+
+def test_model_json_of_a_multi_head_model_names_its_heads(exported_heads):
+  _, _, _, out = exported_heads
+  with open(os.path.join(out, "model.json")) as f:
+    spec = json.load(f)
+  # multitask_* constructors take no num_classes: none is forced in.
+  assert spec["model"] == dict(name="multitask_resnet18",
+                               kwargs=dict(width=0.125, dropout=0.0))
+  assert "num_classes" not in spec and "class_names" not in spec
+  assert sorted(spec["heads"]) == ["dme_risk", "dr_grade", "fovea",
+                                   "optic_disc"]
+  assert spec["heads"]["dr_grade"] == dict(
+      kind="classification", label="dr_grade", num_classes=5,
+      class_names=list(data.synthetic.DR_GRADES))
+  assert spec["heads"]["optic_disc"] == dict(
+      kind="landmark", label="optic_disc", num_classes=None, class_names=None)
+  assert spec["input_shape"] == [32, 32, 3] and spec["stage"] == "a"
+
+
+def test_a_loaded_multi_head_model_reproduces_the_trained_one(exported_heads):
+  ds, method, state, out = exported_heads
+  model, variables = export.load(out)
+  images = np.stack([ds.test[i]["image"] for i in range(len(ds.test))])
+  want = jax.jit(method.predict)(state.params, state.batch_stats, images)
+  got, features = jax.jit(
+      lambda v, x: model.apply(v, x, train=False))(variables, images)
+  assert set(got) == set(want) == {"dr_grade", "dme_risk", "fovea",
+                                   "optic_disc"}
+  for name in got:
+    np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-6,
+                               err_msg=name)
+  assert "embedding" in features

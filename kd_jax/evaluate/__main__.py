@@ -8,8 +8,9 @@
 `--workdir` name the run. Each chosen stage (default: every stage of
 `config.stage_order` with a checkpoint under `<workdir>/<stage>/checkpoints`)
 is restored from its latest checkpoint — the deployable model only, as
-`kd_jax.export` writes it — and evaluated on the whole split. Outputs, in
-`<workdir>/eval_<split>/`:
+`kd_jax.export` writes it — and evaluated on the whole split with the run's
+heads (`config.heads`; without it, one segmentation output reading
+"label"). Outputs, in `<workdir>/eval_<split>/`, for a segmentation run:
 
   metrics.json      per stage: mean Dice, mean IoU (foreground classes, a
                     class absent from prediction and ground truth left out),
@@ -30,6 +31,22 @@ feature map Grad-CAM weighs; by default each model's own
 (`explain.default_cam_feature`: a segmenter's highest-resolution decoder map,
 "dec1" of "unet" and "squeeze_unet", "decoder.block3" of TransUNet). A name a
 model lacks is an error that lists the names it offers.
+
+For any other heads (classification, landmarks, several named heads):
+
+  metrics.json      per stage: method, model and every score of
+                    `kd_jax.tasks` under its flat key ("dr_grade/kappa",
+                    "fovea/mean_error_px"; a single unnamed head's keys bare),
+                    confusion matrices as nested lists (rows true class,
+                    columns prediction), NaN as null; "heads": {name: {kind,
+                    label, num_classes, class_names}} (the unnamed output
+                    under its label key) and "headline", the keys of the
+                    scores the printed table shows (`kd_jax.tasks.headline`).
+  confusion.png     with a classification head: each stage's confusion
+                    matrix per classification head.
+
+`--cam_class` and `--cam_feature` explain a segmentation map: an error for
+such a run.
 """
 import json
 import os
@@ -41,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from kd_jax import data, export, train
+from kd_jax import data, export, tasks, train
 from kd_jax.evaluate import explain, figures
 
 SPLITS = ("test", "val")
@@ -82,16 +99,40 @@ def _class_index(cam_class, class_names, labels) -> int:
   return index
 
 
-def _scores_json(scores, class_names) -> dict:
-  def num(x):
-    x = float(x)
-    return None if np.isnan(x) else x  # JSON has no NaN
+def _num(x):
+  x = float(x)
+  return None if np.isnan(x) else x  # JSON has no NaN
 
+
+def _scores_json(scores, class_names) -> dict:
   return dict(
-      mean_dice=num(scores["mean_dice"]), mean_iou=num(scores["mean_iou"]),
-      pixel_accuracy=num(scores["pixel_accuracy"]),
-      dice={c: num(v) for c, v in zip(class_names, scores["dice"])},
-      iou={c: num(v) for c, v in zip(class_names, scores["iou"])})
+      mean_dice=_num(scores["mean_dice"]), mean_iou=_num(scores["mean_iou"]),
+      pixel_accuracy=_num(scores["pixel_accuracy"]),
+      dice={c: _num(v) for c, v in zip(class_names, scores["dice"])},
+      iou={c: _num(v) for c, v in zip(class_names, scores["iou"])})
+
+
+def _jsonable(v):
+  """A score as JSON: arrays (confusion matrices) as nested lists, counts as
+  ints, NaN as null."""
+  if np.ndim(v):
+    return [_jsonable(x) for x in v]
+  v = np.asarray(v)
+  if v.dtype == bool or np.issubdtype(v.dtype, np.integer):
+    return int(v)
+  return _num(v)
+
+
+def _is_segmentation(heads) -> bool:
+  return tasks.is_single(heads) and heads[None].kind == "segmentation"
+
+
+def _state(method, variables):
+  """The `state` that `train.evaluate` and `method.predict` read: the
+  model's variables under the method's key."""
+  key = method.model_key  # The methods' predict reads params[model_key].
+  return types.SimpleNamespace(params={key: variables["params"]},
+                               batch_stats={key: variables["batch_stats"]})
 
 
 def evaluate_checkpoints(config, workdir: str, stages=None,
@@ -109,12 +150,21 @@ def evaluate_checkpoints(config, workdir: str, stages=None,
     raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
   names = _stages(config, workdir, stages)
   datasets = data.build(config.data)
+  heads = train.run_heads(config, datasets)
+  if not _is_segmentation(heads):
+    if cam_feature or cam_class not in (None, ""):
+      kinds = ", ".join(f"{n} ({h['kind']})" for n, h in
+                        export.describe_heads(heads).items())
+      raise ValueError(f"--cam_class and --cam_feature explain a "
+                       f"segmentation map, but this run's heads are {kinds}; "
+                       "drop them")
+    return _evaluate_heads(config, workdir, names, split, datasets, heads)
   source = getattr(datasets, split)
   shown = [source[i] for i in range(min(num_examples, len(source)))]
   images = np.stack([e["image"] for e in shown])
   labels = np.stack([e["label"] for e in shown])
   target = _class_index(cam_class, datasets.class_names, labels)
-  restored = {n: export.restore_stage(config, workdir, n, datasets)
+  restored = {n: export.restore_stage(config, workdir, n, datasets, heads)
               for n in names}
   features = {}
   for name, (method, _) in restored.items():
@@ -129,11 +179,10 @@ def evaluate_checkpoints(config, workdir: str, stages=None,
   os.makedirs(out_dir, exist_ok=True)
   results, predictions, maps = {}, {}, {}
   for name, (method, variables) in restored.items():
-    key = method.model_key  # The methods' predict reads params[model_key].
-    state = types.SimpleNamespace(params={key: variables["params"]},
-                                  batch_stats={key: variables["batch_stats"]})
-    eval_step = train.make_eval_step(method, datasets.num_classes, mesh)
-    scores = train.evaluate(eval_step, state, source, config.batch_size, mesh)
+    state = _state(method, variables)
+    eval_step = train.make_eval_step(method, heads, mesh)
+    scores = train.evaluate(eval_step, state, source, config.batch_size, mesh,
+                            heads)
     results[name] = dict(method=config.stages[name].method,
                          model=config.stages[name].model.to_dict(),
                          **_scores_json(scores, datasets.class_names))
@@ -165,6 +214,103 @@ def evaluate_checkpoints(config, workdir: str, stages=None,
   return report
 
 
+def _evaluate_heads(config, workdir, names, split, datasets, heads) -> dict:
+  """`evaluate_checkpoints` for heads other than one segmentation map:
+  every stage's `kd_jax.tasks` scores, no segmentation field or figure."""
+  source = getattr(datasets, split)
+  # Every checkpoint is checked before the first evaluation.
+  restored = {n: export.restore_stage(config, workdir, n, datasets, heads)
+              for n in names}
+  mesh = train.make_mesh()
+  out_dir = os.path.join(workdir, f"eval_{split}")
+  os.makedirs(out_dir, exist_ok=True)
+  results, headline = {}, {}
+  for name, (method, variables) in restored.items():
+    eval_step = train.make_eval_step(method, heads, mesh)
+    scores = train.evaluate(eval_step, _state(method, variables), source,
+                            config.batch_size, mesh, heads)
+    results[name] = dict(method=config.stages[name].method,
+                         model=config.stages[name].model.to_dict(),
+                         **{k: _jsonable(v) for k, v in scores.items()})
+    # Ordered keys, the same for every stage (a dict as an ordered set).
+    headline.update(dict.fromkeys(tasks.headline(heads, scores)))
+    logging.info("%s on %s: %s", name, split, tasks.headline(heads, scores))
+  report = dict(
+      split=split, num_images=len(source), workdir=os.path.abspath(workdir),
+      heads=export.describe_heads(heads), headline=list(headline),
+      stages=results)
+  classifiers = [h for h in heads.values() if h.kind == "classification"]
+  if classifiers:
+    _confusion_figure(os.path.join(out_dir, "confusion.png"), results,
+                      classifiers)
+    report["figures"] = dict(confusion="confusion.png")
+  with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+    json.dump(report, f, indent=1)
+  return report
+
+
+def _confusion_figure(path, results, classifiers) -> None:
+  """One panel per stage (rows) and classification head (columns): the
+  confusion matrix, rows true class, columns prediction, counts written."""
+  # Drawn like kd_jax.evaluate.figures: the Agg canvas, no pyplot.
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(2.8 * len(classifiers), 2.8 * len(results)))
+  FigureCanvasAgg(fig)
+  axes = fig.subplots(len(results), len(classifiers), squeeze=False)
+  for row, (stage, r) in enumerate(results.items()):
+    for col, h in enumerate(classifiers):
+      cm = np.asarray(r[h.key("confusion")])
+      ax = axes[row, col]
+      ax.imshow(cm, cmap="Blues", vmin=0, vmax=max(int(cm.max()), 1))
+      for (i, j), n in np.ndenumerate(cm):
+        ax.text(j, i, str(n), ha="center", va="center", fontsize=7,
+                color="white" if n > cm.max() / 2 else "black")
+      names = h.class_names or [str(k) for k in range(len(cm))]
+      ax.set_xticks(range(len(cm)), names, rotation=90, fontsize=6)
+      ax.set_yticks(range(len(cm)), names, fontsize=6)
+      ax.set_title(f"{stage}: {export.head_name(h)}", fontsize=8)
+      ax.set_xlabel("predicted", fontsize=7)
+      ax.set_ylabel("true", fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+
+
+def _cell(v, width) -> str:
+  return f"{'-' if v is None else format(v, '.4f'):>{width}}"
+
+
+def table(report) -> list:
+  """The lines `python -m kd_jax.evaluate` prints for `report` (the content
+  of metrics.json): mean Dice, IoU and pixel accuracy per stage for a
+  segmentation run, else the headline scores of each head per stage."""
+  if "headline" not in report:
+    lines = [f"{'stage':<16} {'mean Dice':>9} {'mean IoU':>9} "
+             f"{'pixel acc':>9}"]
+    for name, r in report["stages"].items():
+      lines.append(f"{name:<16} " + " ".join(
+          _cell(v, 9)
+          for v in (r["mean_dice"], r["mean_iou"], r["pixel_accuracy"])))
+    return lines
+  # One block per head ("" for a single unnamed head), its keys' metric
+  # names as the columns.
+  groups = {}
+  for key in report["headline"]:
+    head, _, metric = key.rpartition("/")
+    groups.setdefault(head, []).append((key, metric))
+  lines = []
+  for head, columns in groups.items():
+    if head:
+      lines.append(f"{head} ({report['heads'][head]['kind']})")
+    widths = [max(9, len(metric)) for _, metric in columns]
+    lines.append(f"{'stage':<16} " + " ".join(
+        f"{metric:>{w}}" for (_, metric), w in zip(columns, widths)))
+    for name, r in report["stages"].items():
+      lines.append(f"{name:<16} " + " ".join(
+          _cell(r.get(key), w) for (key, _), w in zip(columns, widths)))
+  return lines
+
+
 def main(argv):
   from absl import app, flags  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
@@ -177,13 +323,10 @@ def main(argv):
         num_examples=f.num_examples)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
-  print(f"{'stage':<16} {'mean Dice':>9} {'mean IoU':>9} {'pixel acc':>9}")
-  for name, r in report["stages"].items():
-    print(f"{name:<16} " + " ".join(
-        f"{'-' if v is None else format(v, '.4f'):>9}"
-        for v in (r["mean_dice"], r["mean_iou"], r["pixel_accuracy"])))
+  print("\n".join(table(report)))
+  files = ["metrics.json", *report.get("figures", {}).values()]
   print(f"wrote {os.path.join(f.workdir, 'eval_' + f.split)}/"
-        "{metrics.json,segmentation.png,explanations.png}")
+        + (files[0] if len(files) == 1 else "{" + ",".join(files) + "}"))
 
 
 if __name__ == "__main__":
