@@ -27,7 +27,10 @@ checkpoint in `volume_eval.json`. Outputs in `<workdir>`:
                          `config.study.explain_stages` (seed 0)
 
 `config.study` keys: seeds, cam_class (name or index), cam_feature ("" =
-each model's default map), num_figure_examples, explain_stages.
+each model's default map), num_figure_examples, explain_stages; for runs
+whose heads are not one segmentation map (`run_heads`), `columns`: the
+scores in the table (default: every head's headline scores; study.json
+has them all).
 """
 import copy
 import datetime
@@ -41,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from kd_jax import data, models, train
+from kd_jax import data, models, tasks, train
 from kd_jax.evaluate import metrics
 
 TEACHER, STUDENT = "teacher", "student"
@@ -285,8 +288,14 @@ def write_report(workdir, config, datasets, table, model_info, gaps,
 
 
 def seed_config(config, seed: int):
+  """The config of one seed of the study: the run seed, and every stage
+  seed of its own (ensemble members) moved with it, `stage seed + 1000 ·
+  seed`, so that the members differ from each other and from seed to seed."""
   c = copy.deepcopy(config)
   c.seed = int(seed)
+  for name in c.stages:
+    if c.stages[name].get("seed") is not None:
+      c.stages[name].seed = int(c.stages[name].seed) + 1000 * int(seed)
   return c
 
 
@@ -336,6 +345,9 @@ def run(config, workdir: str) -> dict:
     datasets = data.build(config.data)
   except (ValueError, FileNotFoundError) as e:
     raise train.ConfigError(f"data: {e}") from None
+  heads = train.run_heads(config, datasets)
+  if not (tasks.is_single(heads) and heads[None].kind == "segmentation"):
+    return run_heads(config, workdir, datasets, heads)
   if datasets.volumes is None:
     raise train.ConfigError(f"data {config.data.name!r} has no volumes to "
                             "evaluate; a study needs acdc or synapse")
@@ -428,6 +440,105 @@ def run(config, workdir: str) -> dict:
     figures_written = {"class": class_name}
   return write_report(workdir, config, datasets, table, model_info, gaps,
                       per_seed, timings, figures_written)
+
+
+def run_heads(config, workdir: str, datasets, heads) -> dict:
+  """The study of a run whose heads are not one segmentation map (the
+  multi-task fundus recipe): every stage of every seed trained (or reused),
+  scored on the test split by `kd_jax.tasks` (cached beside the checkpoint
+  in `head_eval.json`), mean ± std over seeds of every scalar score."""
+  seeds = list(config.study.seeds)
+  if not seeds:
+    raise train.ConfigError("study.seeds is empty")
+  mesh = train.make_mesh()
+  example = datasets.train[0]["image"]
+  os.makedirs(workdir, exist_ok=True)
+  per_seed, timings, model_info, cache = {}, {}, {}, {}
+  for i, seed in enumerate(seeds):
+    cfg = seed_config(config, seed)
+    seed_dir = os.path.join(workdir, f"seed{seed}")
+    if i == 0:
+      train.validate(cfg, seed_dir, datasets)
+    per_seed[seed] = {}
+    for stage in cfg.stage_order:
+      stage_dir = os.path.join(seed_dir, stage)
+      done = (_latest_step(stage_dir) or 0) >= int(
+          train.stage_config(cfg, stage)["steps"])
+      t = time.perf_counter()
+      method, state = train.train_stage(
+          cfg, stage, seed_dir,
+          train.stage_datasets(cfg, stage, datasets, cache), mesh)
+      if not done:
+        timings[f"seed{seed}/{stage}"] = time.perf_counter() - t
+      step = train.make_eval_step(method, heads, mesh)
+      result = _cached_eval(
+          os.path.join(stage_dir, "head_eval.json"), int(state.step),
+          lambda m=method, st=state, e=step: _jsonable(train.evaluate(
+              e, st, datasets.test, cfg.batch_size, mesh, heads)))
+      per_seed[seed][stage] = {k: v for k, v in result.items()
+                               if k != "step" and not isinstance(v, list)}
+      logging.info("seed %d %s: %s", seed, stage,
+                   tasks.headline(heads, {k: np.nan if v is None else v
+                                          for k, v in per_seed[seed][
+                                              stage].items()}))
+      if stage not in model_info:
+        summ = models.summary(method.model, (1,) + example.shape)
+        model_info[stage] = dict(
+            model=_describe_model(cfg.stages[stage].model.to_dict()),
+            params=int(summ["params"]), gflops=float(summ["flops"]) / 1e9)
+  table = aggregate(per_seed)
+  return write_heads_report(workdir, config, datasets, heads, table,
+                            model_info, per_seed, timings)
+
+
+def write_heads_report(workdir, config, datasets, heads, table, model_info,
+                       per_seed, timings) -> dict:
+  """study.md / study.json of `run_heads`."""
+  device = jax.devices()[0]
+  seeds = sorted(per_seed)
+  columns = list(config.study.get("columns") or
+                 [h.key(k) for h in heads.values()
+                  for k in tasks.HEADLINE[h.kind]])
+  split = ("val split (the data set has no separate test split here)"
+           if datasets.test_is_val else "test split")
+  lines = [
+      "# Study report", "",
+      f"- date: {datetime.date.today().isoformat()}",
+      f"- devices: {jax.device_count()} × {device.platform} "
+      f"({device.device_kind})",
+      f"- command: `{' '.join(sys.argv) if sys.argv else ''}`",
+      f"- data: {datasets.description}",
+      f"- evaluated on the {len(datasets.test)} images of the {split}",
+      f"- seeds: {seeds}; steps of batch {config.batch_size} per stage: "
+      f"{_steps_text(config, len(datasets.train))}; optimizer "
+      f"{config.optimizer.name}, lr {config.optimizer.lr}", "",
+      "Mean ± sample standard deviation over seeds (ddof 1; no ± with one "
+      "seed). Classification heads: accuracy, macro F1, one-vs-rest AUC, "
+      "quadratic-weighted kappa; landmark heads: mean and median error in "
+      "pixels of the original image. Params and GFLOPs of the deployable "
+      "model at batch 1 (XLA cost analysis, a multiply-add = 2 FLOPs).", "",
+      "| stage | model | params | GFLOPs | " + " | ".join(columns) + " |",
+      "|---|---|---:|---:|" + "---:|" * len(columns)]
+  for stage, scores in table.items():
+    info = model_info.get(stage, {})
+    lines.append(
+        f"| {stage} | {info.get('model', '–')} | {info.get('params', 0):,} | "
+        f"{info.get('gflops', 0):.3f} | " + " | ".join(
+            _pm(scores[c], 1 if c.endswith("_px") else 3)
+            if c in scores else "–" for c in columns) + " |")
+  if timings:
+    lines += ["", "Wall time of the stages trained in this run (s): "
+              + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]
+  with open(os.path.join(workdir, "study.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  result = dict(
+      data=config.data.name, heads={str(n): h.kind for n, h in heads.items()},
+      seeds=seeds, table=table, models=model_info,
+      per_seed={str(k): v for k, v in per_seed.items()}, timings_s=timings,
+      config=json.loads(config.to_json_best_effort()))
+  with open(os.path.join(workdir, "study.json"), "w") as f:
+    json.dump(_jsonable(result), f, indent=1)
+  return result
 
 
 def main(argv):

@@ -47,19 +47,42 @@ def make_mesh(devices=None) -> Mesh:
   return Mesh(np.asarray(devices), ("data",))
 
 
+SCHEDULES = ("cosine", "plateau")
+
+
 def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
-  """AdamW/SGD with linear warm-up then cosine decay to zero."""
+  """AdamW or SGD (`nesterov` optional) with a learning-rate schedule:
+  `cosine` (default), linear warm-up then cosine decay to zero; or
+  `plateau`, the learning rate held (after the warm-up) and multiplied by
+  `plateau.factor` whenever the training loss, averaged over
+  `plateau.epoch_steps` steps, has not improved for `plateau.patience` such
+  averages (optax's reduce_on_plateau; the train step passes it the loss)."""
   warmup = min(int(cfg.warmup_steps), max(total_steps - 1, 0))
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, cfg.lr, warmup_steps=max(warmup, 1),
-      decay_steps=max(total_steps, warmup + 1))
+  schedule_name = cfg.get("schedule", "cosine")
+  if schedule_name == "cosine":
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, cfg.lr, warmup_steps=max(warmup, 1),
+        decay_steps=max(total_steps, warmup + 1))
+  elif schedule_name == "plateau":
+    schedule = optax.linear_schedule(0.0 if warmup else cfg.lr, cfg.lr,
+                                     max(warmup, 1))
+  else:
+    raise ValueError(f"optimizer.schedule {schedule_name!r}: choose one of "
+                     f"{list(SCHEDULES)}")
   if cfg.name == "adamw":
     opt = optax.adamw(schedule, weight_decay=cfg.weight_decay)
   elif cfg.name == "sgd":
     opt = optax.chain(optax.add_decayed_weights(cfg.weight_decay),
-                      optax.sgd(schedule, momentum=cfg.momentum))
+                      optax.sgd(schedule, momentum=cfg.momentum,
+                                nesterov=bool(cfg.get("nesterov", False))))
   else:
     raise ValueError(f"optimizer.name {cfg.name!r}: choose 'adamw' or 'sgd'")
+  if schedule_name == "plateau":
+    p = cfg.get("plateau", {})
+    opt = optax.chain(opt, optax.contrib.reduce_on_plateau(
+        factor=float(p.get("factor", 0.1)),
+        patience=int(p.get("patience", 5)),
+        accumulation_size=int(p.get("epoch_steps", 1))))
   if cfg.grad_clip:
     opt = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), opt)
   return opt
@@ -85,7 +108,11 @@ def make_train_step(method, tx):
 
     (loss, (batch_stats, metrics)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    # The loss, for transformations that read it (reduce_on_plateau).
+    extra = ({"value": loss}
+             if isinstance(tx, optax.GradientTransformationExtraArgs) else {})
+    updates, opt_state = tx.update(grads, state.opt_state, state.params,
+                                   **extra)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
     return state.replace(step=state.step + 1, params=params,
@@ -374,7 +401,7 @@ def validate(config, workdir, datasets) -> None:
       tx = make_optimizer(s["optimizer"], s["steps"])
       jax.eval_shape(functools.partial(init_state, method, tx,
                                        jax.random.key(0)), example)
-      if getattr(ds, "unlabelled", None) is not None:
+      if ds.unlabelled is not None:
         data.check_unlabelled(ds, config.batch_size)
     except ConfigError:
       raise
@@ -468,7 +495,7 @@ def train_stage(config, name: str, workdir: str, datasets, mesh=None):
       transforms=datasets.train_transforms,
       **({"unlabelled": datasets.unlabelled,
           "unlabelled_per_batch": datasets.unlabelled_per_batch}
-         if getattr(datasets, "unlabelled", None) is not None else {}))
+         if datasets.unlabelled is not None else {}))
   train_ds = make_batches()
   example = jnp.asarray(train_ds[0]["image"][:1])
   use_cache = config.get("teacher_cache") and hasattr(method,
