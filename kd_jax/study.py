@@ -337,6 +337,29 @@ def _class_index(cam_class, class_names) -> int:
   return int(cam_class)
 
 
+def _trained_stages(config, workdir, datasets, mesh, timings):
+  """Trains (or reuses) every stage of every seed of the study, in order;
+  yields (seed index, seed, seed config, stage, stage folder, method,
+  state) and records in `timings` the wall time of the stages trained now."""
+  cache = {}
+  for i, seed in enumerate(config.study.seeds):
+    cfg = seed_config(config, seed)
+    seed_dir = os.path.join(workdir, f"seed{seed}")
+    if i == 0:
+      train.validate(cfg, seed_dir, datasets)
+    for stage in cfg.stage_order:
+      stage_dir = os.path.join(seed_dir, stage)
+      done = (_latest_step(stage_dir) or 0) >= int(
+          train.stage_config(cfg, stage)["steps"])
+      t = time.perf_counter()
+      method, state = train.train_stage(
+          cfg, stage, seed_dir,
+          train.stage_datasets(cfg, stage, datasets, cache), mesh)
+      if not done:
+        timings[f"seed{seed}/{stage}"] = time.perf_counter() - t
+      yield i, seed, cfg, stage, stage_dir, method, state
+
+
 def run(config, workdir: str) -> dict:
   """Trains (or reuses) every stage for every seed, evaluates, reports."""
   from kd_jax.evaluate import explain, figures  # matplotlib only here
@@ -361,49 +384,38 @@ def run(config, workdir: str) -> dict:
   input_shape = (1, *size, datasets.train[0]["image"].shape[-1])
   os.makedirs(workdir, exist_ok=True)
   per_seed, timings, model_info, fig_models = {}, {}, {}, {}
-  for i, seed in enumerate(seeds):
-    cfg = seed_config(config, seed)
-    seed_dir = os.path.join(workdir, f"seed{seed}")
-    if i == 0:
-      train.validate(cfg, seed_dir, datasets)
-    per_seed[seed] = {}
-    for stage in cfg.stage_order:
-      stage_dir = os.path.join(seed_dir, stage)
-      done = (_latest_step(stage_dir) or 0) >= int(
-          train.stage_config(cfg, stage)["steps"])
-      t = time.perf_counter()
-      method, state = train.train_stage(cfg, stage, seed_dir, datasets, mesh)
-      if not done:
-        timings[f"seed{seed}/{stage}"] = time.perf_counter() - t
-      predictors = {stage: (method.predict, method.model)}
-      if hasattr(method, "predict_peer"):
-        predictors[f"{stage}_peer"] = (method.predict_peer, method.peer)
-      for name, (predict, model) in predictors.items():
-        fn = jax.jit(predict)
-        predict_fn = lambda x, f=fn, s=state: jnp.argmax(
-            f(s.params, s.batch_stats, x), -1)
-        result = _cached_eval(
-            os.path.join(stage_dir, "volume_eval.json" if name == stage
-                         else f"volume_eval_{name}.json"), int(state.step),
-            lambda p=predict_fn: evaluate_volumes(
-                p, datasets.volumes, datasets.num_classes, size,
-                cfg.batch_size))
-        per_seed[seed][name] = flat_scores(result["summary"],
-                                           datasets.class_names)
-        mean_dice = result["summary"]["mean_dice"]
-        logging.info("seed %d %s: mean Dice %s over %d volumes", seed, name,
-                     "–" if mean_dice is None else f"{mean_dice:.4f}",
-                     len(result["per_volume"]))
-        if name not in model_info:
-          s = models.summary(model, input_shape)
-          model_cfg = (cfg.stages[stage].model if name == stage
-                       else cfg.stages[stage].peer).to_dict()
-          model_info[name] = dict(model=_describe_model(model_cfg),
-                                  params=int(s["params"]),
-                                  gflops=float(s["flops"]) / 1e9)
-        if i == 0:
-          key = method.model_key if name == stage else "peer"
-          fig_models[name] = (model, _variables(state, key), predict_fn)
+  for i, seed, cfg, stage, stage_dir, method, state in _trained_stages(
+      config, workdir, datasets, mesh, timings):
+    per_seed.setdefault(seed, {})
+    predictors = {stage: (method.predict, method.model)}
+    if hasattr(method, "predict_peer"):
+      predictors[f"{stage}_peer"] = (method.predict_peer, method.peer)
+    for name, (predict, model) in predictors.items():
+      fn = jax.jit(predict)
+      predict_fn = lambda x, f=fn, s=state: jnp.argmax(
+          f(s.params, s.batch_stats, x), -1)
+      result = _cached_eval(
+          os.path.join(stage_dir, "volume_eval.json" if name == stage
+                       else f"volume_eval_{name}.json"), int(state.step),
+          lambda p=predict_fn: evaluate_volumes(
+              p, datasets.volumes, datasets.num_classes, size,
+              cfg.batch_size))
+      per_seed[seed][name] = flat_scores(result["summary"],
+                                         datasets.class_names)
+      mean_dice = result["summary"]["mean_dice"]
+      logging.info("seed %d %s: mean Dice %s over %d volumes", seed, name,
+                   "–" if mean_dice is None else f"{mean_dice:.4f}",
+                   len(result["per_volume"]))
+      if name not in model_info:
+        s = models.summary(model, input_shape)
+        model_cfg = (cfg.stages[stage].model if name == stage
+                     else cfg.stages[stage].peer).to_dict()
+        model_info[name] = dict(model=_describe_model(model_cfg),
+                                params=int(s["params"]),
+                                gflops=float(s["flops"]) / 1e9)
+      if i == 0:
+        key = method.model_key if name == stage else "peer"
+        fig_models[name] = (model, _variables(state, key), predict_fn)
 
   table = aggregate(per_seed)
   gaps = {}
@@ -453,39 +465,26 @@ def run_heads(config, workdir: str, datasets, heads) -> dict:
   mesh = train.make_mesh()
   example = datasets.train[0]["image"]
   os.makedirs(workdir, exist_ok=True)
-  per_seed, timings, model_info, cache = {}, {}, {}, {}
-  for i, seed in enumerate(seeds):
-    cfg = seed_config(config, seed)
-    seed_dir = os.path.join(workdir, f"seed{seed}")
-    if i == 0:
-      train.validate(cfg, seed_dir, datasets)
-    per_seed[seed] = {}
-    for stage in cfg.stage_order:
-      stage_dir = os.path.join(seed_dir, stage)
-      done = (_latest_step(stage_dir) or 0) >= int(
-          train.stage_config(cfg, stage)["steps"])
-      t = time.perf_counter()
-      method, state = train.train_stage(
-          cfg, stage, seed_dir,
-          train.stage_datasets(cfg, stage, datasets, cache), mesh)
-      if not done:
-        timings[f"seed{seed}/{stage}"] = time.perf_counter() - t
-      step = train.make_eval_step(method, heads, mesh)
-      result = _cached_eval(
-          os.path.join(stage_dir, "head_eval.json"), int(state.step),
-          lambda m=method, st=state, e=step: _jsonable(train.evaluate(
-              e, st, datasets.test, cfg.batch_size, mesh, heads)))
-      per_seed[seed][stage] = {k: v for k, v in result.items()
-                               if k != "step" and not isinstance(v, list)}
-      logging.info("seed %d %s: %s", seed, stage,
-                   tasks.headline(heads, {k: np.nan if v is None else v
-                                          for k, v in per_seed[seed][
-                                              stage].items()}))
-      if stage not in model_info:
-        summ = models.summary(method.model, (1,) + example.shape)
-        model_info[stage] = dict(
-            model=_describe_model(cfg.stages[stage].model.to_dict()),
-            params=int(summ["params"]), gflops=float(summ["flops"]) / 1e9)
+  per_seed, timings, model_info = {}, {}, {}
+  for _, seed, cfg, stage, stage_dir, method, state in _trained_stages(
+      config, workdir, datasets, mesh, timings):
+    per_seed.setdefault(seed, {})
+    step = train.make_eval_step(method, heads, mesh)
+    result = _cached_eval(
+        os.path.join(stage_dir, "head_eval.json"), int(state.step),
+        lambda st=state, e=step: _jsonable(train.evaluate(
+            e, st, datasets.test, cfg.batch_size, mesh, heads)))
+    per_seed[seed][stage] = {k: v for k, v in result.items()
+                             if k != "step" and not isinstance(v, list)}
+    logging.info("seed %d %s: %s", seed, stage,
+                 tasks.headline(heads, {k: np.nan if v is None else v
+                                        for k, v in per_seed[seed][
+                                            stage].items()}))
+    if stage not in model_info:
+      summ = models.summary(method.model, (1,) + example.shape)
+      model_info[stage] = dict(
+          model=_describe_model(cfg.stages[stage].model.to_dict()),
+          params=int(summ["params"]), gflops=float(summ["flops"]) / 1e9)
   table = aggregate(per_seed)
   return write_heads_report(workdir, config, datasets, heads, table,
                             model_info, per_seed, timings)
