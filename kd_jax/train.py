@@ -11,10 +11,13 @@ The step is jitted once with explicit shardings over a `Mesh` of all devices:
 the batch is split on the `data` axis, the state and the frozen teacher are
 replicated, and the state is donated.
 """
+import contextlib
 import functools
 import json
+import math
 import os
 import signal
+import socket
 import time
 from typing import Any
 
@@ -97,8 +100,13 @@ def init_state(method, tx, rng, images) -> TrainState:
       rng=jax.random.key_data(jax.random.fold_in(rng, 1)))
 
 
-def make_train_step(method, tx):
-  """The pure train step: (state, batch, frozen) -> (state, metrics)."""
+def make_train_step(method, tx, skip_nonfinite=False):
+  """The pure train step: (state, batch, frozen) -> (state, metrics).
+
+  With `skip_nonfinite`, a step whose loss or gradient norm is not finite
+  leaves params, batch_stats and optimizer state as they were (only `step`
+  advances, so the data and the random keys stay where an unskipped run's
+  are) and reports `skipped` = 1 in its metrics."""
 
   def train_step(state, batch, frozen):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -114,7 +122,16 @@ def make_train_step(method, tx):
     updates, opt_state = tx.update(grads, state.opt_state, state.params,
                                    **extra)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+    grad_norm = optax.global_norm(grads)
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm)
+    if skip_nonfinite:
+      # A select inside the jitted step: no host round trip to decide.
+      ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      params, batch_stats, opt_state = jax.tree.map(
+          lambda new, old: jnp.where(ok, new, old),
+          (params, batch_stats, opt_state),
+          (state.params, state.batch_stats, state.opt_state))
+      metrics["skipped"] = jnp.logical_not(ok).astype(jnp.float32)
     return state.replace(step=state.step + 1, params=params,
                          batch_stats=batch_stats, opt_state=opt_state), metrics
 
@@ -314,6 +331,37 @@ class ConfigError(ValueError):
   """A config that cannot run; raised before anything trains."""
 
 
+class WorkdirLocked(ConfigError):
+  """Another live process runs a stage of this workdir."""
+
+
+class TrainingDiverged(RuntimeError):
+  """A stage's loss or gradient went non-finite (`config.on_nonfinite`);
+  raised before that state is logged, evaluated or saved."""
+
+
+# `config.on_nonfinite`: what a step with a non-finite loss or gradient norm
+# does. "stop" stops the stage, naming the step and the terms; "skip" leaves
+# the state unchanged for that step and stops only once more than
+# `config.max_skipped_steps` steps of this run of the stage were skipped.
+ON_NONFINITE = ("stop", "skip")
+DEFAULT_MAX_SKIPPED_STEPS = 10
+
+
+def nonfinite_policy(config) -> tuple[str, int]:
+  """(on_nonfinite, max_skipped_steps) of `config`, checked."""
+  mode = config.get("on_nonfinite", "stop")
+  if mode not in ON_NONFINITE:
+    raise ConfigError(f"config.on_nonfinite={mode!r}: choose one of "
+                      f"{list(ON_NONFINITE)}")
+  n = config.get("max_skipped_steps", DEFAULT_MAX_SKIPPED_STEPS)
+  if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+    raise ConfigError(f"config.max_skipped_steps={n!r}: give a whole number "
+                      ">= 0 (how many non-finite steps on_nonfinite='skip' "
+                      "may skip before the stage stops)")
+  return mode, int(n)
+
+
 def build_context(config, name, workdir, num_classes, load_frozen=True,
                   heads=None):
   """The `methods.Context` of stage `name`: what its method needs from the
@@ -361,7 +409,7 @@ def run_heads(config, datasets) -> dict:
 CONFIG_KEYS = {"seed", "compute_dtype", "layers", "batch_size", "steps",
                "epochs", "log_every", "eval_every", "checkpoint_every",
                "optimizer", "data", "heads", "stage_order", "stages",
-               "teacher_cache", "study"}
+               "teacher_cache", "study", "on_nonfinite", "max_skipped_steps"}
 
 
 def validate(config, workdir, datasets) -> None:
@@ -375,6 +423,7 @@ def validate(config, workdir, datasets) -> None:
   if config.get("layers", "flax") not in LAYERS:
     raise ConfigError(f"config.layers={config.layers!r}; choose one of "
                       f"{list(LAYERS)}")
+  nonfinite_policy(config)
   order = list(config.stage_order)
   unknown = [n for n in order if n not in config.stages]
   if unknown or not order:
@@ -475,11 +524,246 @@ class _Preemption:
     signal.signal(signal.SIGTERM, self._old)
 
 
+# ----------------------------------------------------------------------------
+# Workdir lock: one run per stage folder. Two runs on one workdir would
+# overwrite each other's checkpoints and report without a word.
+
+LOCK_FILE = "lock"
+# Lock files this process holds: path -> how many nested holds (a run locks
+# every stage up front, then `train_stage` locks its own again).
+_held_locks: dict = {}
+
+
+def _process_start(pid: int):
+  """`pid`'s start time (clock ticks after boot, Linux), which tells the
+  process that wrote a lock from a later one given the same pid; None where
+  unknown."""
+  try:
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+      return int(f.read().rsplit(")", 1)[1].split()[19])
+  except (OSError, ValueError, IndexError):
+    return None
+
+
+def _lock_owner_alive(owner: dict) -> bool:
+  """Whether the process that wrote lock contents `owner` may still run.
+  A lock of another host cannot be checked from here: taken as alive."""
+  if owner.get("host") != socket.gethostname():
+    return True
+  pid = owner.get("pid")
+  if not isinstance(pid, int) or pid == os.getpid():
+    # This process does not hold it (see stage_lock), so a lock with its pid
+    # was left by an earlier process given the same pid (a container
+    # restart).
+    return False
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    pass  # Alive, another user's.
+  start = _process_start(pid)
+  return owner.get("start") is None or start is None or start == owner["start"]
+
+
+def _read_lock(path: str):
+  """The lock file's contents, or None while they are not (yet) a whole
+  JSON object (written just now, or cut short by a kill)."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      owner = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return owner if isinstance(owner, dict) else None
+
+
+def _acquire_lock(path: str, workdir: str) -> None:
+  me = {"pid": os.getpid(), "host": socket.gethostname(),
+        "start": _process_start(os.getpid()), "time": time.time()}
+  for attempt in range(20):
+    try:
+      # O_EXCL: of two runs creating it at once, exactly one succeeds.
+      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      owner = _read_lock(path)
+      if owner is None and attempt < 5:
+        time.sleep(0.1)  # Its writer may be between create and write.
+        continue
+      if owner is not None and _lock_owner_alive(owner):
+        raise WorkdirLocked(
+            f"workdir {workdir} is in use by pid {owner.get('pid')} on "
+            f"{owner.get('host')} (lock {path}): wait for that run to end, "
+            "or use another --workdir") from None
+      # Stale: move it aside under a name of our own, so that of two runs
+      # replacing it at once only one succeeds, then check that what moved
+      # is the stale lock and not the other run's fresh one.
+      aside = f"{path}.stale-{os.getpid()}"
+      try:
+        os.rename(path, aside)
+      except FileNotFoundError:
+        continue
+      if _read_lock(aside) != owner:
+        with contextlib.suppress(FileExistsError):
+          os.link(aside, path)  # Put the other run's lock back.
+        os.remove(aside)
+        continue
+      os.remove(aside)
+      logging.warning("removed the stale lock %s of pid %s on %s, which no "
+                      "longer runs", path, (owner or {}).get("pid"),
+                      (owner or {}).get("host"))
+      continue
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      json.dump(me, f)
+    return
+  raise WorkdirLocked(f"workdir {workdir}: could not take the lock {path}")
+
+
+def _release_lock(path: str) -> None:
+  owner = _read_lock(path)
+  if owner and owner.get("pid") == os.getpid() and (
+      owner.get("host") == socket.gethostname()):
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(path)
+
+
+@contextlib.contextmanager
+def stage_lock(stage_dir: str, workdir: str | None = None):
+  """Holds `<stage_dir>/lock` (pid and host) while the block runs, released
+  however the block ends (an error, SIGTERM's SystemExit). A lock of a live
+  process raises WorkdirLocked naming `workdir` and its pid; one whose
+  process is gone from this host is replaced, with one line logged. Nested
+  holds in one process are fine. In a multi-process run only process 0
+  locks."""
+  if jax.process_index() != 0:
+    yield
+    return
+  path = os.path.abspath(os.path.join(stage_dir, LOCK_FILE))
+  created = False
+  if path not in _held_locks:
+    created = not os.path.isdir(stage_dir)
+    os.makedirs(stage_dir, exist_ok=True)
+    try:
+      _acquire_lock(path, workdir or os.path.dirname(
+          os.path.abspath(stage_dir)))
+    except WorkdirLocked:
+      _remove_if_empty(stage_dir, created)
+      raise
+    _held_locks[path] = 0
+  _held_locks[path] += 1
+  try:
+    yield
+  finally:
+    _held_locks[path] -= 1
+    if not _held_locks[path]:
+      del _held_locks[path]
+      _release_lock(path)
+      # A run refused by a later stage's lock leaves no empty stage folder.
+      _remove_if_empty(stage_dir, created)
+
+
+def _remove_if_empty(directory: str, created: bool) -> None:
+  if created:
+    with contextlib.suppress(OSError):
+      os.rmdir(directory)  # Fails, as wanted, once anything is inside.
+
+
+# ----------------------------------------------------------------------------
+# Non-finite losses (`config.on_nonfinite`).
+
+
+class _StepMetrics:
+  """The per-step metrics since the last log step.
+
+  They stay on the device (no host sync per step, so dispatch runs ahead)
+  until `check`, which the loop calls where it waits for the device anyway:
+  a log step, an evaluation, a checkpoint save. `check` moves the unchecked
+  steps' metrics to the host in one transfer and raises TrainingDiverged at
+  the first non-finite step (or, when skipping, at the skip one over the
+  limit), so no non-finite state is logged, evaluated or saved."""
+
+  def __init__(self, stage, mode, max_skipped, last_checkpoint):
+    self.stage, self.mode, self.max_skipped = stage, mode, max_skipped
+    self.last_checkpoint = last_checkpoint  # () -> step or None
+    self.pending = []  # (step, device metrics), not yet checked
+    self.checked = []  # (step, host metrics), checked since the last means
+    self.skipped = 0  # steps skipped in this run of the stage
+
+  def add(self, step, metrics):
+    self.pending.append((step, metrics))
+
+  def _diverged(self, text):
+    last = self.last_checkpoint()
+    kept = (f"the newest checkpoint (step {last}) is from before it"
+            if last is not None else "no checkpoint was saved")
+    return TrainingDiverged(
+        f"stage {self.stage!r} {text}; {kept}. Lower "
+        "--config.optimizer.lr or set optimizer.grad_clip, or set "
+        "on_nonfinite='skip' to skip such steps")
+
+  def check(self):
+    if not self.pending:
+      return
+    steps = [step for step, _ in self.pending]
+    host = jax.device_get(jax.tree.map(lambda *x: jnp.stack(x),
+                                       *[m for _, m in self.pending]))
+    self.pending = []
+    for i, step in enumerate(steps):
+      m = {k: float(v[i]) for k, v in host.items()}
+      self.checked.append((step, m))
+      bad = ", ".join(sorted(k for k, v in m.items() if not math.isfinite(v)))
+      if m.get("skipped"):
+        self.skipped += 1
+        if self.skipped > self.max_skipped:
+          raise self._diverged(
+              f"skipped {self.skipped} steps for a non-finite loss or "
+              f"gradient, more than max_skipped_steps={self.max_skipped} "
+              f"(the last at step {step}: non-finite {bad})")
+      elif not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+        raise self._diverged(f"diverged at step {step}: non-finite {bad}")
+
+  def means(self) -> dict:
+    """The checked steps' mean metrics (over the steps not skipped; with
+    `skipped`, the count of those skipped); starts the next window."""
+    self.check()
+    kept = [m for _, m in self.checked if not m.get("skipped")]
+    out = {k: float(np.mean([m[k] for m in kept])) for k in kept[0]
+           if k != "skipped"} if kept else {}
+    if self.mode == "skip":
+      out["skipped"] = float(len(self.checked) - len(kept))
+    self.checked = []
+    return out
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  if seconds >= 3600:
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+  if seconds >= 60:
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+  return f"{seconds}s"
+
+
+def _terms(values: dict) -> str:
+  """`loss=… ce=… …`: the loss first, then the rest by name."""
+  keys = sorted(values, key=lambda k: (k != "loss", k))
+  return " ".join(f"{k}={values[k]:.4g}" for k in keys)
+
+
 def train_stage(config, name: str, workdir: str, datasets, mesh=None):
   """Trains (or resumes, or finds finished) stage `name` on `datasets` (the
-  stage's own: `stage_datasets`); returns (method, final state)."""
+  stage's own: `stage_datasets`); returns (method, final state). Holds the
+  stage folder's lock (`stage_lock`) throughout."""
+  with stage_lock(os.path.join(workdir, name), workdir):
+    return _train_stage(config, name, workdir, datasets, mesh)
+
+
+def _train_stage(config, name, workdir, datasets, mesh):
   mesh = make_mesh() if mesh is None else mesh
   stage_dir = os.path.join(workdir, name)
+  order = list(config.stage_order)
+  where = (f"stage {order.index(name) + 1}/{len(order)} {name}"
+           if name in order else f"stage {name}")
+  mode, max_skipped = nonfinite_policy(config)
   s = stage_config(config, name)
   steps = s["steps"]
   heads = run_heads(config, datasets)
@@ -510,16 +794,19 @@ def train_stage(config, name: str, workdir: str, datasets, mesh=None):
 
   mngr = checkpoint.manager(os.path.join(stage_dir, "checkpoints"),
                             save_every=config.checkpoint_every)
-  state = checkpoint.restore(mngr, abstract)
+  try:
+    state = checkpoint.restore(mngr, abstract)
+  except checkpoint.IncompatibleCheckpoint as e:
+    mngr.close()
+    raise ConfigError(f"stage {name!r}: {e}") from None
   if state is None:
     state = jax.jit(init, out_shardings=rep)(example)
   start = int(state.step)
   if start >= steps:
-    logging.info("stage %s: finished at step %d", name, start)
+    logging.info("%s: finished at step %d", where, start)
     mngr.close()
     return method, state
-  logging.info("stage %s: %s from step %d of %d", name, s["method"],
-               start, steps)
+  logging.info("%s: %s from step %d of %d", where, s["method"], start, steps)
   if use_cache:
     t = time.perf_counter()
     train_ds = make_batches(teacher_outputs=build_teacher_cache(
@@ -531,7 +818,8 @@ def train_stage(config, name: str, workdir: str, datasets, mesh=None):
   # clu's writers import TensorFlow (~10 s): only when a stage trains.
   from clu import metric_writers, periodic_actions
 
-  step_fn = jit_train_step(make_train_step(method, tx), mesh)
+  step_fn = jit_train_step(make_train_step(
+      method, tx, skip_nonfinite=mode == "skip"), mesh)
   eval_step = make_eval_step(method, heads, mesh)
   writer = metric_writers.create_default_writer(
       stage_dir, just_logging=jax.process_index() > 0)
@@ -540,37 +828,60 @@ def train_stage(config, name: str, workdir: str, datasets, mesh=None):
         config.to_dict(), sep=".").items() if isinstance(v, (int, float, str))})
   progress = periodic_actions.ReportProgress(num_train_steps=steps,
                                              writer=writer)
-  history = []
+  def last_checkpoint():
+    mngr.wait_until_finished()
+    return mngr.latest_step()
+
+  history = _StepMetrics(name, mode, max_skipped, last_checkpoint)
+  clock = (start, time.perf_counter())
   batches = data.pipeline.iterate(train_ds, start)
-  with _Preemption() as preempt:
-    for step in range(start + 1, steps + 1):
-      state, m = step_fn(state, to_global(next(batches), mesh), frozen)
-      history.append(m)
-      progress(step)
-      if step % config.log_every == 0 or step == steps:
-        means = jax.device_get(jax.tree.map(lambda *x: jnp.mean(jnp.stack(x)),
-                                            *history))
-        scalars = {f"train/{k}": float(v) for k, v in means.items()}
-        writer.write_scalars(step, scalars)
-        _append_history(stage_dir, step, scalars)
-        history = []
-      if step % config.eval_every == 0 or step == steps:
-        scores = evaluate(eval_step, state, datasets.val, config.batch_size,
-                          mesh, heads)
-        scalars = {f"val/{k}": v
-                   for k, v in tasks.headline(heads, scores).items()}
-        writer.write_scalars(step, scalars)
-        _append_history(stage_dir, step, scalars)
-      if preempt.requested:
-        checkpoint.save(mngr, step, state, force=True)
-        break
-      checkpoint.save(mngr, step, state, force=step == steps)
-  # Stops its prefetch threads, which would otherwise keep the cores busy
-  # filling their buffer during the evaluation and the next stage.
-  batches.close()
-  mngr.wait_until_finished()
-  mngr.close()
-  writer.flush()
+  try:
+    with _Preemption() as preempt:
+      for step in range(start + 1, steps + 1):
+        state, m = step_fn(state, to_global(next(batches), mesh), frozen)
+        history.add(step, m)
+        progress(step)
+        log = step % config.log_every == 0 or step == steps
+        val = step % config.eval_every == 0 or step == steps
+        line = []
+        if log:
+          means = history.means()  # Raises first if a step diverged.
+          scalars = {f"train/{k}": v for k, v in means.items()}
+          writer.write_scalars(step, scalars)
+          _append_history(stage_dir, step, scalars)
+          line.append(_terms(means))
+        if val:
+          history.check()  # No evaluation of a non-finite state.
+          scores = evaluate(eval_step, state, datasets.val,
+                            config.batch_size, mesh, heads)
+          headline = tasks.headline(heads, scores)
+          scalars = {f"val/{k}": v for k, v in headline.items()}
+          writer.write_scalars(step, scalars)
+          _append_history(stage_dir, step, scalars)
+          line.append("val " + _terms(headline))
+        if log:
+          now = time.perf_counter()
+          rate = (step - clock[0]) / max(now - clock[1], 1e-9)
+          clock = (step, now)
+          line.append(f"{rate:.3g} steps/s ETA "
+                      f"{_duration((steps - step) / rate)}")
+        if line:
+          logging.info("%s step %d/%d %s", where, step, steps,
+                       " | ".join(line))
+        stop = preempt.requested  # Read once: SIGTERM may come any time.
+        if stop or step == steps or mngr.should_save(step):
+          history.check()  # Never save a non-finite state.
+        if stop:
+          checkpoint.save(mngr, step, state, force=True)
+          break
+        checkpoint.save(mngr, step, state, force=step == steps)
+  finally:
+    # Stops its prefetch threads, which would otherwise keep the cores busy
+    # filling their buffer during the evaluation and the next stage.
+    batches.close()
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.flush()
   if preempt.requested:
     raise SystemExit(f"stopped by SIGTERM at step {int(state.step)} of stage "
                      f"{name}; rerun with the same --workdir to resume")
@@ -589,9 +900,8 @@ def measure_throughput(predict, state, images, repeats=5) -> float:
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Runs every stage in order, then evaluates all of them and writes
-  `<workdir>/report.md`. Returns the report's rows."""
-  from kd_jax.evaluate import explain, report  # matplotlib only to report
-
+  `<workdir>/report.md`. Returns the report's rows. Holds every stage's
+  lock (`stage_lock`) throughout."""
   try:
     datasets = data.build(config.data)
   except (ValueError, FileNotFoundError) as e:
@@ -600,9 +910,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if config.batch_size % jax.device_count():
     raise ConfigError(f"batch_size {config.batch_size} must be divisible by "
                      f"the {jax.device_count()} devices")
+  os.makedirs(workdir, exist_ok=True)
+  # Every stage's lock before the first step: a second run on this workdir
+  # stops now, not after the stages before the one the first run is in.
+  with contextlib.ExitStack() as locks:
+    for name in config.stage_order:
+      locks.enter_context(stage_lock(os.path.join(workdir, name), workdir))
+    return _train_and_evaluate(config, workdir, datasets)
+
+
+def _train_and_evaluate(config, workdir, datasets):
+  from kd_jax.evaluate import explain, report  # matplotlib only to report
+
   mesh = make_mesh()
   rep = NamedSharding(mesh, P())
-  os.makedirs(workdir, exist_ok=True)
   heads = run_heads(config, datasets)
   segmentation = (tasks.is_single(heads)
                   and heads[None].kind == "segmentation")
