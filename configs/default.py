@@ -44,6 +44,10 @@ def get_config():
   # and reuse them every epoch (needs data.augment=False: a random view per
   # epoch would need a new teacher forward).
   config.teacher_cache = False
+  # A non-finite loss or gradient stops the stage ("stop"), or its update
+  # is skipped up to max_skipped_steps times ("skip").
+  config.on_nonfinite = "stop"
+  config.max_skipped_steps = 10
 
   teacher = dict(name="unet", width=16, depth=3)
   # Width 8: its last map has 8 channels for 9 classes; at width 4 the

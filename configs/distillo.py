@@ -132,6 +132,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config.steps = (config.get_ref("epochs") * TRAIN_SLICES[opts["dataset"]]
                   // config.get_ref("batch_size"))
   config.log_every = p["log_every"]
+  config.on_nonfinite = "stop"  # or "skip" (max_skipped_steps times)
+  config.max_skipped_steps = 10
   config.eval_every = p["eval_every"]
   config.checkpoint_every = p["checkpoint_every"]
   config.optimizer = p["optimizer"]

@@ -96,6 +96,8 @@ def get_config(arg=None):
   config.epochs = 60 if full else 30
   config.steps = config.epochs * train_images // config.batch_size
   config.log_every = 20
+  config.on_nonfinite = "stop"  # or "skip" (max_skipped_steps times)
+  config.max_skipped_steps = 10
   config.eval_every = 200
   config.checkpoint_every = 200
   if full:

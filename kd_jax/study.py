@@ -550,7 +550,7 @@ def main(argv):
              "use configs/distillo.py:study,<preset> or add one")
   try:
     run(config, flags.FLAGS.workdir)
-  except train.ConfigError as e:
+  except (train.ConfigError, train.TrainingDiverged) as e:
     sys.exit(f"error: {e}")
   print(f"wrote {os.path.join(flags.FLAGS.workdir, 'study.md')}")
 
