@@ -97,3 +97,29 @@ def test_large_sources_render_every_time(monkeypatch):
   src = synthetic.SyntheticCT(2, size=32, seed=5)
   np.testing.assert_array_equal(src[0]["image"], src[0]["image"])
   assert len(calls) == 2
+
+
+def test_synthetic_fundus_targets_match_what_is_drawn():
+  from kd_jax.data import synthetic as syn
+  src = syn.SyntheticFundus(24, size=64, seed=3)
+  again = syn.SyntheticFundus(24, size=64, seed=3)
+  for i in range(24):
+    ex = src[i]
+    np.testing.assert_array_equal(ex["image"], again[i]["image"])
+    assert ex["image"].shape == (64, 64, 3) and ex["image"].dtype == np.float32
+    assert 0 <= ex["dr_grade"] < 5 and 0 <= ex["dme_risk"] < 3
+    # The optic disc is the brightest spot: its centre pixel is yellow-white.
+    x, y = (ex["optic_disc"] * 64 - 0.5).round().astype(int)
+    assert ex["image"][y, x].mean() > 0.7
+    # The fovea is dark and about 2.5 disc diameters from the disc.
+    fx, fy = (ex["fovea"] * 64 - 0.5).round().astype(int)
+    assert ex["image"][fy, fx].mean() < ex["image"][y, x].mean() - 0.3
+    dist = np.hypot(*((ex["fovea"] - ex["optic_disc"]) * 64))
+    assert 0.25 * 64 < dist < 0.45 * 64
+  # Haemorrhages (dark red dots) grow with the grade.
+  def dark_red(ex):
+    im = ex["image"]
+    return ((im[..., 0] < 0.45) & (im[..., 1] < 0.12)).sum()
+  grades = np.array([src[i]["dr_grade"] for i in range(24)])
+  counts = np.array([dark_red(src[i]) for i in range(24)])
+  assert np.corrcoef(grades, counts)[0, 1] > 0.7
