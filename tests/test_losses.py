@@ -219,6 +219,16 @@ def ref_ensemble_kd(s, t, temperature=1.0, mask=None):
   return kl[np_valid(kl.shape, mask)].mean() * temperature**2
 
 
+def ref_regression(kind):
+  def ref(p, t, mask=None, delta=1.0):
+    d = np.abs(p - t)
+    per = {"mse": d**2, "l1": d,
+           "smooth_l1": np.where(d < delta, 0.5 * d**2 / delta,
+                                 d - 0.5 * delta)}[kind]
+    return per[np_valid(per.shape, mask)].mean()
+  return ref
+
+
 def ref_ensemble_l2(s, t, mask=None):
   d = (s - t.mean(0)) ** 2
   return d[np_valid(d.shape, mask)].mean()
@@ -483,6 +493,15 @@ CASES = [
     Case("ensemble_kd/dense_mask", L.ensemble_kd, ensemble(DENSE),
          dict(mask=pixel_mask(DENSE)), ref_ensemble_kd,
          lambda a: (a[0], np.stack([a[0]] * 3))),
+    Case("mse/coords", L.mse, feature_pair((6, 2)),
+         dict(mask=example_mask((6, 2))), ref_regression("mse"), swap01,
+         bad=lambda a: (a[0], a[1][:, :1])),
+    Case("l1/coords", L.l1, feature_pair((6, 2)), {}, ref_regression("l1"),
+         swap01, bad=lambda a: (a[0], a[1][:, :1])),
+    Case("smooth_l1/coords", L.smooth_l1, feature_pair((6, 2)),
+         dict(delta=0.5, mask=example_mask((6, 2))),
+         ref_regression("smooth_l1"), swap01,
+         bad=lambda a: (a[0], a[1][:, :1])),
     Case("ensemble_l2/coords", L.ensemble_l2, ensemble((6, 2)),
          dict(mask=example_mask((6, 2))), ref_ensemble_l2,
          lambda a: (a[0], np.stack([a[0]] * 3)), bad=lambda a: (a[0], a[1][0])),
