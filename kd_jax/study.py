@@ -218,19 +218,22 @@ def _steps_text(config, num_train: int) -> str:
   return ", ".join(f"{k} {epochs(v)}" for k, v in steps.items())
 
 
+def _header() -> list[str]:
+  device = jax.devices()[0]
+  return ["# Study report", "",
+          f"- date: {datetime.date.today().isoformat()}",
+          f"- devices: {jax.device_count()} × {device.platform} "
+          f"({device.device_kind})",
+          f"- command: `{' '.join(sys.argv) if sys.argv else ''}`"]
+
+
 def write_report(workdir, config, datasets, table, model_info, gaps,
                  per_seed, timings, figures_written) -> dict:
-  device = jax.devices()[0]
   vols = datasets.volumes
   spacing = "mm (the volumes' spacing)" if vols.spacing is not None else (
       "pixels of the original slices (the data has no voxel spacing)")
   seeds = sorted(per_seed)
-  lines = [
-      "# Study report", "",
-      f"- date: {datetime.date.today().isoformat()}",
-      f"- devices: {jax.device_count()} × {device.platform} "
-      f"({device.device_kind})",
-      f"- command: `{' '.join(sys.argv) if sys.argv else ''}`",
+  lines = _header() + [
       f"- data: {config.data.name}, {len(datasets.train)} training slices at "
       f"{config.data.image_size}²; evaluated on the {len(vols)} "
       f"{datasets.volumes_split} volumes, whole 3D volumes",
@@ -493,19 +496,13 @@ def run_heads(config, workdir: str, datasets, heads) -> dict:
 def write_heads_report(workdir, config, datasets, heads, table, model_info,
                        per_seed, timings) -> dict:
   """study.md / study.json of `run_heads`."""
-  device = jax.devices()[0]
   seeds = sorted(per_seed)
   columns = list(config.study.get("columns") or
                  [h.key(k) for h in heads.values()
                   for k in tasks.HEADLINE[h.kind]])
   split = ("val split (the data set has no separate test split here)"
            if datasets.test_is_val else "test split")
-  lines = [
-      "# Study report", "",
-      f"- date: {datetime.date.today().isoformat()}",
-      f"- devices: {jax.device_count()} × {device.platform} "
-      f"({device.device_kind})",
-      f"- command: `{' '.join(sys.argv) if sys.argv else ''}`",
+  lines = _header() + [
       f"- data: {datasets.description}",
       f"- evaluated on the {len(datasets.test)} images of the {split}",
       f"- seeds: {seeds}; steps of batch {config.batch_size} per stage: "

@@ -187,3 +187,28 @@ def test_tiny_study_end_to_end_and_resume(tmp_path):
   again = study.run(c, workdir)
   assert again["timings_s"] == {}
   assert again["table"] == json.loads(json.dumps(result["table"]))
+
+
+def test_head_study_table_is_the_mean_and_sample_std_over_seeds(tmp_path):
+  from configs import fundus_mtl
+  from kd_jax import data as data_lib, study as study_lib, train as train_lib
+  c = fundus_mtl.get_config("cpu,synthetic")
+  c.data.num_train, c.data.num_val, c.data.num_test = 8, 4, 4
+  ds = data_lib.build(c.data)
+  heads = train_lib.run_heads(c, ds)
+  kappas = [0.3, 0.5, 0.25]
+  per_seed = {k: {"student": {"dr_grade/kappa": v, "fovea/mean_error_px":
+                              None if k == 0 else 10.0 * k}}
+              for k, v in enumerate(kappas)}
+  c.study.columns = ("dr_grade/kappa", "fovea/mean_error_px")
+  result = study_lib.write_heads_report(
+      str(tmp_path), c, ds, heads, study_lib.aggregate(per_seed),
+      {"student": dict(model="m", params=10, gflops=0.1)}, per_seed, {})
+  kappa = result["table"]["student"]["dr_grade/kappa"]
+  np.testing.assert_allclose([kappa["mean"], kappa["std"]],
+                             [np.mean(kappas), np.std(kappas, ddof=1)])
+  row = open(tmp_path / "study.md").read().splitlines()[-1]
+  # A missing value (seed 0) is left out: errors 10 and 20.
+  assert row == (f"| student | m | 10 | 0.100 | {np.mean(kappas):.3f} ± "
+                 f"{np.std(kappas, ddof=1):.3f} | 15.0 ± 7.1 |")
+  assert "dice" not in open(tmp_path / "study.md").read().lower()
