@@ -349,7 +349,7 @@ def _trained_stages(config, workdir, datasets, mesh, timings):
     cfg = seed_config(config, seed)
     seed_dir = os.path.join(workdir, f"seed{seed}")
     if i == 0:
-      train.validate(cfg, seed_dir, datasets)
+      train.validate(cfg, seed_dir, datasets, cache)
     for stage in cfg.stage_order:
       stage_dir = os.path.join(seed_dir, stage)
       done = (_latest_step(stage_dir) or 0) >= int(
@@ -372,7 +372,7 @@ def run(config, workdir: str) -> dict:
   except (ValueError, FileNotFoundError) as e:
     raise train.ConfigError(f"data: {e}") from None
   heads = train.run_heads(config, datasets)
-  if not (tasks.is_single(heads) and heads[None].kind == "segmentation"):
+  if not tasks.is_segmentation(heads):
     return run_heads(config, workdir, datasets, heads)
   if datasets.volumes is None:
     raise train.ConfigError(f"data {config.data.name!r} has no volumes to "

@@ -103,6 +103,13 @@ def is_single(heads: Heads) -> bool:
   return heads is None or list(heads) == [None]
 
 
+def is_segmentation(heads: Heads) -> bool:
+  """True for the one-output segmentation runs (volume evaluation, label-map
+  figures and Grad-CAM apply to them only)."""
+  return is_single(heads) and (heads is None
+                               or heads[None].kind == "segmentation")
+
+
 def labels(heads: Optional[Heads], batch):
   """The labels the loss terms read: an array for a single head (None: one
   output reading "label"), else {head: array}."""
@@ -301,12 +308,3 @@ def headline(heads: Heads, scores: Mapping) -> dict:
   """The scalar scores logged while training (val/<key>)."""
   return {h.key(k): float(scores[h.key(k)]) for h in heads.values()
           for k in HEADLINE[h.kind] if h.key(k) in scores}
-
-
-def predicted(heads: Heads, out):
-  """Per-head predictions for reports: class ids for segmentation and
-  classification heads (argmax), the coordinates for landmarks."""
-  outs = _outputs_by_head(heads, out)
-  pred = {n: (np.asarray(jnp.argmax(outs[n], -1)) if h.kind != "landmark"
-              else np.asarray(outs[n])) for n, h in heads.items()}
-  return pred[None] if is_single(heads) else pred

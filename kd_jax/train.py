@@ -412,7 +412,7 @@ CONFIG_KEYS = {"seed", "compute_dtype", "layers", "batch_size", "steps",
                "teacher_cache", "study", "on_nonfinite", "max_skipped_steps"}
 
 
-def validate(config, workdir, datasets) -> None:
+def validate(config, workdir, datasets, cache=None) -> None:
   """Checks the run-wide keys and every stage's keys, models, losses,
   teacher and feature wiring before anything trains, so a typo never costs a
   finished stage."""
@@ -429,7 +429,9 @@ def validate(config, workdir, datasets) -> None:
   if unknown or not order:
     raise ConfigError(f"stage_order {order} names stages not in "
                      f"config.stages {sorted(config.stages)}")
-  cache = {}
+  # Shared with the caller's `stage_datasets`: a stage's data (an
+  # unlabelled pool read from other data sets) is built once per run.
+  cache = {} if cache is None else cache
   for name in order:
     try:
       ds = stage_datasets(config, name, datasets, cache)
@@ -906,7 +908,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     datasets = data.build(config.data)
   except (ValueError, FileNotFoundError) as e:
     raise ConfigError(f"data: {e}") from None
-  validate(config, workdir, datasets)
+  cache = {}
+  validate(config, workdir, datasets, cache)
   if config.batch_size % jax.device_count():
     raise ConfigError(f"batch_size {config.batch_size} must be divisible by "
                      f"the {jax.device_count()} devices")
@@ -916,18 +919,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
   with contextlib.ExitStack() as locks:
     for name in config.stage_order:
       locks.enter_context(stage_lock(os.path.join(workdir, name), workdir))
-    return _train_and_evaluate(config, workdir, datasets)
+    return _train_and_evaluate(config, workdir, datasets, cache)
 
 
-def _train_and_evaluate(config, workdir, datasets):
+def _train_and_evaluate(config, workdir, datasets, cache):
   from kd_jax.evaluate import explain, report  # matplotlib only to report
 
   mesh = make_mesh()
   rep = NamedSharding(mesh, P())
   heads = run_heads(config, datasets)
-  segmentation = (tasks.is_single(heads)
-                  and heads[None].kind == "segmentation")
-  results, cache = {}, {}
+  segmentation = tasks.is_segmentation(heads)
+  results = {}
   for name in config.stage_order:
     method, state = train_stage(config, name, workdir,
                                 stage_datasets(config, name, datasets, cache),

@@ -135,6 +135,13 @@ def render(rng: np.random.Generator, size: int):
 MEMOIZE_MAX_BYTES = 1 << 30
 
 
+def _checked_index(index, n: int) -> int:
+  index = int(index)
+  if not 0 <= index < n:
+    raise IndexError(f"index {index} out of range [0, {n})")
+  return index
+
+
 @dataclasses.dataclass(frozen=True)
 class SyntheticCT:
   """Random-access source of `num_examples` synthetic slices.
@@ -167,9 +174,7 @@ class SyntheticCT:
     return self.num_examples
 
   def __getitem__(self, index):
-    index = int(index)
-    if not 0 <= index < self.num_examples:
-      raise IndexError(f"index {index} out of range [0, {self.num_examples})")
+    index = _checked_index(index, self.num_examples)
     cached = self._rendered is not None and self._rendered.get(index)
     if not cached:
       # Threads may render one example twice: the same arrays either way.
@@ -259,9 +264,7 @@ class SyntheticFundus:
     return self.num_examples
 
   def __getitem__(self, index):
-    index = int(index)
-    if not 0 <= index < self.num_examples:
-      raise IndexError(f"index {index} out of range [0, {self.num_examples})")
+    index = _checked_index(index, self.num_examples)
     if index not in self._rendered:
       self._rendered[index] = render_fundus(
           np.random.default_rng([self.seed, index]), self.size)

@@ -123,10 +123,6 @@ def _jsonable(v):
   return _num(v)
 
 
-def _is_segmentation(heads) -> bool:
-  return tasks.is_single(heads) and heads[None].kind == "segmentation"
-
-
 def _state(method, variables):
   """The `state` that `train.evaluate` and `method.predict` read: the
   model's variables under the method's key."""
@@ -151,7 +147,7 @@ def evaluate_checkpoints(config, workdir: str, stages=None,
   names = _stages(config, workdir, stages)
   datasets = data.build(config.data)
   heads = train.run_heads(config, datasets)
-  if not _is_segmentation(heads):
+  if not tasks.is_segmentation(heads):
     if cam_feature or cam_class not in (None, ""):
       kinds = ", ".join(f"{n} ({h['kind']})" for n, h in
                         export.describe_heads(heads).items())

@@ -26,8 +26,7 @@ def write(workdir, config, datasets, results, num_figure_examples=4,
   one segmentation output) decides what the report shows: the segmentation
   report below, or a table of every head's scores (`write_heads`).
   """
-  if heads is not None and not (tasks.is_single(heads) and
-                                heads[None].kind == "segmentation"):
+  if not tasks.is_segmentation(heads):
     return write_heads(workdir, config, datasets, results, heads)
   names = list(results)
   stages = config.stages
