@@ -19,13 +19,23 @@ gets
                stage's deployable model (the supervised model, or the student
                of a distillation stage): no connectors, no optimizer state,
                no teacher.
+  inference.jax          the same model's eval forward `(params, images) ->
+               outputs` serialized with `jax.export` (StableHLO lowered for
+               CPU, CUDA and TPU, any batch size)
+  inference_params.npz   its `params`: the variables flattened to
+               {"params/enc1/Conv_0/kernel": array, ...}
 
-and `load` gives it back without the config or the training code:
+`load` gives the module back without the config or the training code:
 
     model, variables = kd_jax.export.load("runs/x/export/distilled")
     logits, features = model.apply(variables, images, train=False)
 
-(`logits` is a dict {head: output} for a model with named heads.)
+(`logits` is a dict {head: output} for a model with named heads.) The
+serialized function needs neither kd_jax nor flax, only jax and numpy:
+
+    exported = jax.export.deserialize(open(f"{out}/inference.jax", "rb").read())
+    logits = exported.call(dict(np.load(f"{out}/inference_params.npz")),
+                           images)  # float32 (N, H, W, C)
 
 `restore_stage` (a stage's model and its latest variables, checked against
 the config) is shared with `python -m kd_jax.evaluate`.
@@ -38,11 +48,17 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import flax
 import orbax.checkpoint as ocp
 
 from kd_jax import checkpoint, data, models, tasks, train
 
 FORMAT = 1
+INFERENCE = "inference.jax"
+INFERENCE_PARAMS = "inference_params.npz"
+# Lowered for every platform a user is likely to deploy on, so an artefact
+# written on a CPU runs on a GPU or TPU as it is.
+PLATFORMS = ("cpu", "cuda", "tpu")
 
 
 def _shapes(tree) -> dict:
@@ -163,7 +179,37 @@ def export(config, workdir: str, stage: str, out: str) -> str:
     ckptr.wait_until_finished()
   with open(os.path.join(out, "model.json"), "w") as f:
     json.dump(spec, f, indent=1)
+  serialized, params = serialize_inference(_model(spec), variables,
+                                           spec["input_shape"])
+  with open(os.path.join(out, INFERENCE), "wb") as f:
+    f.write(serialized)
+  np.savez(os.path.join(out, INFERENCE_PARAMS), **params)
   return out
+
+
+def serialize_inference(model, variables, input_shape) -> tuple[bytes, dict]:
+  """`model`'s eval forward as a `jax.export` artefact, and its parameters.
+
+  Returns (bytes, params): `jax.export.deserialize(bytes).call(params,
+  images)` gives `model.apply(variables, images, train=False)[0]` (the
+  outputs; no features) for float32 images of any batch size and one
+  example of shape `input_shape`. `params` is `variables` flattened to
+  {"collection/module/.../name": numpy array} (`np.savez` stores it as it
+  is), so that loading needs no pytree of kd_jax's. Lowered for `PLATFORMS`.
+  """
+  params = {k: np.asarray(v) for k, v in
+            flax.traverse_util.flatten_dict(variables, sep="/").items()}
+
+  def infer(flat, images):
+    outputs, _ = model.apply(flax.traverse_util.unflatten_dict(flat, sep="/"),
+                             images, train=False)
+    return outputs
+
+  batch, = jax.export.symbolic_shape("batch")
+  exported = jax.export.export(jax.jit(infer), platforms=PLATFORMS)(
+      {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in params.items()},
+      jax.ShapeDtypeStruct((batch, *input_shape), jnp.float32))
+  return bytes(exported.serialize()), params
 
 
 def _tuples(x):
@@ -173,6 +219,12 @@ def _tuples(x):
   if isinstance(x, dict):
     return {k: _tuples(v) for k, v in x.items()}
   return x
+
+
+def _model(spec):
+  """The module model.json describes (flax's own layers)."""
+  return models.build(spec["model"]["name"], dtype=jnp.dtype(spec["dtype"]),
+                      **_tuples(spec["model"]["kwargs"]))
 
 
 def load(path: str):
@@ -188,8 +240,7 @@ def load(path: str):
   if spec.get("format") != FORMAT:
     raise ValueError(f"{spec_path} has format {spec.get('format')!r}; this "
                      f"kd_jax reads format {FORMAT}")
-  model = models.build(spec["model"]["name"], dtype=jnp.dtype(spec["dtype"]),
-                       **_tuples(spec["model"]["kwargs"]))
+  model = _model(spec)
   example = jax.ShapeDtypeStruct((1, *spec["input_shape"]), jnp.float32)
   abstract = jax.eval_shape(functools.partial(model.init, train=False),
                             jax.random.key(0), example)

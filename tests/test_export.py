@@ -6,7 +6,9 @@ real command).
 """
 import json
 import os
+import subprocess
 import sys
+import textwrap
 
 import jax
 import numpy as np
@@ -62,6 +64,44 @@ def test_loaded_model_reproduces_the_students_predictions(exported):
   np.testing.assert_array_equal(np.argmax(logits, -1), np.argmax(want, -1))
   np.testing.assert_allclose(logits, want, rtol=1e-6, atol=1e-6)
   assert "dec1" in features
+
+
+# Loads the serialized forward in a process that imports jax and numpy only,
+# and checks that neither kd_jax nor flax got imported along the way.
+_JAX_ONLY = textwrap.dedent("""
+    import sys
+    import jax
+    import numpy as np
+    out, images, result = sys.argv[1:]
+    with open(out + "/inference.jax", "rb") as f:
+      exported = jax.export.deserialize(bytearray(f.read()))
+    params = dict(np.load(out + "/inference_params.npz"))
+    outputs = exported.call(params, np.load(images))
+    outputs = outputs if isinstance(outputs, dict) else {"": outputs}
+    np.savez(result, **{k: np.asarray(v) for k, v in outputs.items()})
+    assert not {"kd_jax", "flax"} & set(sys.modules), "imported kd_jax/flax"
+""")
+
+
+def _run_jax_only(out, images, tmp_path) -> dict:
+  np.save(tmp_path / "images.npy", images)
+  result = tmp_path / "outputs.npz"
+  # Run from the temporary folder: kd_jax is not importable from there.
+  subprocess.run([sys.executable, "-c", _JAX_ONLY, out,
+                  str(tmp_path / "images.npy"), str(result)],
+                 check=True, cwd=tmp_path, capture_output=True, text=True,
+                 env={k: v for k, v in os.environ.items()
+                      if k not in ("PYTHONPATH", "XLA_FLAGS")})
+  return dict(np.load(result))
+
+
+def test_serialized_forward_runs_with_jax_alone(exported, tmp_path):
+  _, ds, _, (method, state), out = exported
+  images = np.stack([ds.test[i]["image"] for i in range(3)])  # Any batch.
+  want = jax.jit(method.predict)(state.params, state.batch_stats, images)
+  got = _run_jax_only(out, images, tmp_path)[""]
+  assert got.shape == want.shape == (3, 16, 16, 9)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
 def test_export_errors(exported, tmp_path):
@@ -131,3 +171,15 @@ def test_a_loaded_multi_head_model_reproduces_the_trained_one(exported_heads):
     np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-6,
                                err_msg=name)
   assert "embedding" in features
+
+
+def test_serialized_multi_head_forward_gives_every_head(exported_heads,
+                                                        tmp_path):
+  ds, method, state, out = exported_heads
+  images = np.stack([ds.test[i]["image"] for i in range(2)])
+  want = jax.jit(method.predict)(state.params, state.batch_stats, images)
+  got = _run_jax_only(out, images, tmp_path)
+  assert set(got) == set(want)
+  for name in got:
+    np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-6,
+                               err_msg=name)
