@@ -22,6 +22,12 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs, report.")
+flags.DEFINE_bool("restart", False,
+                  "Stages trained under another config: move their files to "
+                  "<stage>/set_aside/ and train them anew.")
+flags.DEFINE_bool("allow_config_change", False,
+                  "Stages trained under another config: continue them under "
+                  "this one (noted in <stage>/run_record.json).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -83,7 +89,9 @@ def main(argv):
   quiet_console()
   logging.info("JAX devices: %s", jax.devices())
   try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir,
+                             restart=FLAGS.restart,
+                             allow_config_change=FLAGS.allow_config_change)
   except (train.ConfigError, train.TrainingDiverged) as e:
     sys.exit(f"error: {e}")
   logging.info("report written to %s",

@@ -32,6 +32,7 @@ whose heads are not one segmentation map (`run_heads`), `columns`: the
 scores in the table (default: every head's headline scores; study.json
 has them all).
 """
+import contextlib
 import copy
 import datetime
 import json
@@ -44,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from kd_jax import data, models, tasks, train
+from kd_jax import data, models, record, tasks, train
 from kd_jax.evaluate import metrics
 
 TEACHER, STUDENT = "teacher", "student"
@@ -340,16 +341,27 @@ def _class_index(cam_class, class_names) -> int:
   return int(cam_class)
 
 
-def _trained_stages(config, workdir, datasets, mesh, timings):
+def _trained_stages(config, workdir, datasets, mesh, timings, records):
   """Trains (or reuses) every stage of every seed of the study, in order;
   yields (seed index, seed, seed config, stage, stage folder, method,
-  state) and records in `timings` the wall time of the stages trained now."""
+  state) and records in `timings` the wall time of the stages trained now.
+  `records` (restart, allow_config_change) goes to `kd_jax.record.resolve`:
+  every seed's stages are compared with their run records before the
+  first one trains."""
   cache = {}
-  for i, seed in enumerate(config.study.seeds):
-    cfg = seed_config(config, seed)
-    seed_dir = os.path.join(workdir, f"seed{seed}")
+  seeds = [(seed, seed_config(config, seed),
+            os.path.join(workdir, f"seed{seed}"))
+           for seed in config.study.seeds]
+  for i, (_, cfg, seed_dir) in enumerate(seeds):
     if i == 0:
       train.validate(cfg, seed_dir, datasets, cache)
+    record.resolve(cfg, seed_dir, dry_run=True, **records)
+  for i, (seed, cfg, seed_dir) in enumerate(seeds):
+    with contextlib.ExitStack() as locks:
+      for stage in cfg.stage_order:
+        locks.enter_context(train.stage_lock(os.path.join(seed_dir, stage),
+                                             seed_dir))
+      record.resolve(cfg, seed_dir, **records)
     for stage in cfg.stage_order:
       stage_dir = os.path.join(seed_dir, stage)
       done = (_latest_step(stage_dir) or 0) >= int(
@@ -363,8 +375,9 @@ def _trained_stages(config, workdir, datasets, mesh, timings):
       yield i, seed, cfg, stage, stage_dir, method, state
 
 
-def run(config, workdir: str) -> dict:
-  """Trains (or reuses) every stage for every seed, evaluates, reports."""
+def run(config, workdir: str, **records) -> dict:
+  """Trains (or reuses) every stage for every seed, evaluates, reports.
+  `records`: `restart` / `allow_config_change` (`kd_jax.record.resolve`)."""
   from kd_jax.evaluate import explain, figures  # matplotlib only here
 
   try:
@@ -373,7 +386,7 @@ def run(config, workdir: str) -> dict:
     raise train.ConfigError(f"data: {e}") from None
   heads = train.run_heads(config, datasets)
   if not tasks.is_segmentation(heads):
-    return run_heads(config, workdir, datasets, heads)
+    return run_heads(config, workdir, datasets, heads, **records)
   if datasets.volumes is None:
     raise train.ConfigError(f"data {config.data.name!r} has no volumes to "
                             "evaluate; a study needs acdc or synapse")
@@ -388,7 +401,7 @@ def run(config, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   per_seed, timings, model_info, fig_models = {}, {}, {}, {}
   for i, seed, cfg, stage, stage_dir, method, state in _trained_stages(
-      config, workdir, datasets, mesh, timings):
+      config, workdir, datasets, mesh, timings, records):
     per_seed.setdefault(seed, {})
     predictors = {stage: (method.predict, method.model)}
     if hasattr(method, "predict_peer"):
@@ -457,7 +470,7 @@ def run(config, workdir: str) -> dict:
                       per_seed, timings, figures_written)
 
 
-def run_heads(config, workdir: str, datasets, heads) -> dict:
+def run_heads(config, workdir: str, datasets, heads, **records) -> dict:
   """The study of a run whose heads are not one segmentation map (the
   multi-task fundus recipe): every stage of every seed trained (or reused),
   scored on the test split by `kd_jax.tasks` (cached beside the checkpoint
@@ -470,7 +483,7 @@ def run_heads(config, workdir: str, datasets, heads) -> dict:
   os.makedirs(workdir, exist_ok=True)
   per_seed, timings, model_info = {}, {}, {}
   for _, seed, cfg, stage, stage_dir, method, state in _trained_stages(
-      config, workdir, datasets, mesh, timings):
+      config, workdir, datasets, mesh, timings, records):
     per_seed.setdefault(seed, {})
     step = train.make_eval_step(method, heads, mesh)
     result = _cached_eval(
@@ -546,7 +559,8 @@ def main(argv):
     sys.exit("error: the config has no `study` section (seeds, figures); "
              "use configs/distillo.py:study,<preset> or add one")
   try:
-    run(config, flags.FLAGS.workdir)
+    run(config, flags.FLAGS.workdir, restart=flags.FLAGS.restart,
+        allow_config_change=flags.FLAGS.allow_config_change)
   except (train.ConfigError, train.TrainingDiverged) as e:
     sys.exit(f"error: {e}")
   print(f"wrote {os.path.join(flags.FLAGS.workdir, 'study.md')}")

@@ -768,6 +768,8 @@ def _train_stage(config, name, workdir, datasets, mesh):
   mode, max_skipped = nonfinite_policy(config)
   s = stage_config(config, name)
   steps = s["steps"]
+  from kd_jax import record  # pylint: disable=g-import-not-at-top
+  record.ensure(config, name, workdir)  # Its checkpoints are of this config.
   heads = run_heads(config, datasets)
   method, frozen = build_method(config, name, workdir, datasets.num_classes,
                                 heads=heads)
@@ -900,16 +902,22 @@ def measure_throughput(predict, state, images, repeats=5) -> float:
   return repeats * images.shape[0] / (time.perf_counter() - t)
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
+def train_and_evaluate(config, workdir: str, *, restart=False,
+                       allow_config_change=False) -> dict:
   """Runs every stage in order, then evaluates all of them and writes
   `<workdir>/report.md`. Returns the report's rows. Holds every stage's
-  lock (`stage_lock`) throughout."""
+  lock (`stage_lock`) throughout. A stage trained under another config
+  stops the run before anything trains, unless `restart` (its files set
+  aside) or `allow_config_change` (`kd_jax.record.resolve`)."""
+  from kd_jax import record  # pylint: disable=g-import-not-at-top
   try:
     datasets = data.build(config.data)
   except (ValueError, FileNotFoundError) as e:
     raise ConfigError(f"data: {e}") from None
   cache = {}
   validate(config, workdir, datasets, cache)
+  flags = dict(restart=restart, allow_config_change=allow_config_change)
+  record.resolve(config, workdir, dry_run=True, **flags)
   if config.batch_size % jax.device_count():
     raise ConfigError(f"batch_size {config.batch_size} must be divisible by "
                      f"the {jax.device_count()} devices")
@@ -919,6 +927,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   with contextlib.ExitStack() as locks:
     for name in config.stage_order:
       locks.enter_context(stage_lock(os.path.join(workdir, name), workdir))
+    record.resolve(config, workdir, **flags)  # Now under the locks.
     return _train_and_evaluate(config, workdir, datasets, cache)
 
 

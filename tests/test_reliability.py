@@ -134,12 +134,12 @@ def test_skip_leaves_the_state_and_finishes_the_stage(tmp_path, monkeypatch):
 
 
 def test_main_turns_divergence_into_an_error_exit(monkeypatch):
-  def diverge(config, workdir):
+  def diverge(config, workdir, *, restart, allow_config_change):
     raise train.TrainingDiverged("stage 'teacher' diverged at step 3")
   monkeypatch.setattr(train, "train_and_evaluate", diverge)
   monkeypatch.setattr(main, "quiet_console", lambda: None)
-  monkeypatch.setattr(main, "FLAGS", types.SimpleNamespace(config=None,
-                                                           workdir="w"))
+  monkeypatch.setattr(main, "FLAGS", types.SimpleNamespace(
+      config=None, workdir="w", restart=False, allow_config_change=False))
   with pytest.raises(SystemExit) as e:
     main.main(["kd_jax.main"])
   assert e.value.code == "error: stage 'teacher' diverged at step 3"
