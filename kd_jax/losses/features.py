@@ -10,6 +10,8 @@ channel counts for student and teacher; the others need equal shapes.
 No temperature anywhere in this module.
 """
 
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -212,45 +214,117 @@ def _max_pool(x, size):
   return jnp.max(x, axis=(-4, -2))
 
 
+def _max_pool_ceil(x, kernel):
+  """Max pooling of (..., H, W, C) with stride = kernel = (kh, kw), no
+  padding, ceil mode (PyTorch `MaxPool2d(..., ceil_mode=True)`): the last
+  row/column of windows may be partial and takes the max of what it covers.
+  Padding with -inf realises that, since every window starts inside the map.
+  """
+  *lead, h, w, c = x.shape
+  kh, kw = kernel
+  oh, ow = -(-h // kh), -(-w // kw)
+  pad = [(0, 0)] * len(lead) + [(0, oh * kh - h), (0, ow * kw - w), (0, 0)]
+  x = jnp.pad(x, pad, constant_values=-jnp.inf)
+  x = x.reshape(tuple(lead) + (oh, kh, ow, kw, c))
+  return jnp.max(x, axis=(-4, -2))
+
+
+PAIRWISE_CONVENTIONS = ("kd_jax", "official")
+
+
+def check_pairwise_options(*, pool_size=1, scale=None,
+                           convention="kd_jax") -> None:
+  """Raises a ValueError unless `pairwise_similarity`'s options fit
+  together: pool_size (a positive integer) with convention="kd_jax", scale
+  with "official". Static options only, so `objective` runs it on a term's
+  config before any array exists."""
+  _checks.one_of("pairwise_similarity", "convention", convention,
+                 PAIRWISE_CONVENTIONS)
+  if convention == "kd_jax":
+    if scale is not None:
+      raise ValueError(f"pairwise_similarity: scale={scale!r} belongs to "
+                       "convention='official'; give pool_size for kd_jax's "
+                       "square nodes, or set convention='official'.")
+    if isinstance(pool_size, bool) or not isinstance(pool_size, int) or (
+        pool_size < 1):
+      raise ValueError(f"pool_size must be a positive integer, got "
+                       f"{pool_size!r}.")
+  else:
+    if pool_size != 1:
+      raise ValueError(f"pairwise_similarity: pool_size={pool_size!r} "
+                       "belongs to convention='kd_jax'; the official "
+                       "convention sizes its nodes by scale=.")
+    if scale is None:
+      raise ValueError("pairwise_similarity(convention='official') needs "
+                       "scale= (node size as a fraction of the map; the "
+                       "authors' default is 0.5).")
+
+
 def pairwise_similarity(student_feature, teacher_feature, *,
-                        pool_size: int = 1) -> jax.Array:
+                        pool_size: int = 1, scale: Optional[float] = None,
+                        convention: str = "kd_jax") -> jax.Array:
   """Pair-wise similarity distillation of Structured KD.
 
-  Formula: the map is max-pooled into nodes of pool_size x pool_size pixels
-  (the pooling scale; the official code's `scale` s on an H x W map is
-  pool_size = s * H). For nodes i, j with feature vectors f_i, f_j:
-      a_ij = f_i . f_j / (max(|f_i|, eps) max(|f_j|, eps))   (eps = 1e-8)
-      loss = (1 / (W'H')^2) sum_ij (a^S_ij - a^T_ij)^2, averaged over the
-  batch. Reduction: mean over node pairs and examples. Channels may differ;
-  batch and spatial dims must match and be divisible by pool_size. No
-  temperature. 0 when the similarity matrices are equal. (The authors' code
-  stops the gradient through the norms; here it flows through the exact
-  cosine.)
+  Formula: the map is max-pooled into nodes; for nodes i, j with feature
+  vectors f_i, f_j, a_ij = f_i . f_j / (n_i n_j) and
+      loss = (1 / (W'H')^2) sum_ij (a^S_ij - a^T_ij)^2
+  over the W'H' nodes, averaged over the batch (and any leading axes).
+  Reduction: mean over node pairs and examples. Channels may differ; batch
+  and spatial dims must match. No temperature. 0 when the similarity
+  matrices are equal. The conventions differ in the nodes and the norm:
+    convention="kd_jax" (default): nodes of pool_size x pool_size pixels
+      (pool_size must divide H and W); n_i = max(|f_i|, 1e-8), and the
+      gradient flows through the exact cosine.
+    convention="official" (the authors' `CriterionPairWiseforWholeFeat
+      AfterPool` and `sim_dis_compute`): `scale` s in (0, 1] gives the
+      kernel (int(s H), int(s W)) — non-square on a non-square map —, with
+      stride = kernel and ceil mode (the last windows may be partial, so any
+      H, W work); n_i = |f_i| + 1e-8 with the gradient stopped through n_i
+      (their `L2(f).detach()`). The authors' default is s = 0.5 (2 x 2
+      nodes). When int(s H) = int(s W) = k divides H and W the nodes are
+      kd_jax's pool_size = k and the values differ only by the eps; the
+      gradients differ (the stopped norms).
 
   Reference: Liu et al., "Structured Knowledge Distillation for Semantic
-  Segmentation", CVPR 2019.
+  Segmentation", CVPR 2019; github.com/irfanICMLL/structure_knowledge_
+  distillation, utils/criterion.py and utils/utils.py.
 
   Args:
     student_feature: (..., H, W, C_S).
     teacher_feature: (..., H, W, C_T).
-    pool_size: node size in pixels, an integer dividing H and W.
+    pool_size: kd_jax convention: node size in pixels, an integer dividing H
+      and W.
+    scale: official convention (required there): node size as a fraction of
+      the map.
+    convention: "kd_jax" or "official" (see above).
 
   Returns:
     float32 scalar >= 0.
   """
+  check_pairwise_options(pool_size=pool_size, scale=scale,
+                         convention=convention)
   _same_spatial(student_feature, teacher_feature)
-  if isinstance(pool_size, bool) or not isinstance(pool_size, int) or (
-      pool_size < 1):
-    raise ValueError(f"pool_size must be a positive integer, got "
-                     f"{pool_size!r}.")
   h, w = jnp.shape(student_feature)[-3:-1]
-  if h % pool_size or w % pool_size:
-    raise ValueError(f"pool_size={pool_size} must divide the spatial size "
-                     f"{h}x{w}; choose a divisor or resize the features.")
+  if convention == "kd_jax":
+    if h % pool_size or w % pool_size:
+      raise ValueError(f"pool_size={pool_size} must divide the spatial size "
+                       f"{h}x{w}; choose a divisor or resize the features.")
+    pool = lambda x: _max_pool(x, pool_size)
+    normalize = lambda x: _l2_normalize(x, eps=1e-8)
+  else:
+    # int() truncates, exactly as the authors' int(total_w * self.scale).
+    kernel = (int(h * scale), int(w * scale))
+    if min(kernel) < 1 or scale > 1:
+      raise ValueError(f"pairwise_similarity: scale={scale!r} on a {h}x{w} "
+                       f"map gives a pooling kernel of {kernel}; scale must "
+                       f"be in [{1 / min(h, w):.4g}, 1] for this map.")
+    pool = lambda x: _max_pool_ceil(x, kernel)
+    normalize = lambda x: x / (jax.lax.stop_gradient(
+        jnp.linalg.norm(x, axis=-1, keepdims=True)) + 1e-8)
 
   def sim(x, name):
-    x = _max_pool(_checks.as_float(x, name), pool_size)
-    x = _l2_normalize(x.reshape(x.shape[:-3] + (-1, x.shape[-1])), eps=1e-8)
+    x = pool(_checks.as_float(x, name))
+    x = normalize(x.reshape(x.shape[:-3] + (-1, x.shape[-1])))
     return jnp.einsum("...ic,...jc->...ij", x, x)
 
   return jnp.mean((sim(student_feature, "student_feature")

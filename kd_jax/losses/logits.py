@@ -115,35 +115,56 @@ def kd_kl(student_logits, teacher_logits, *, temperature: float = 1.0,
   return loss * temperature**2 if scale_by_tau_squared else loss
 
 
-def pixelwise_kd(student_logits, teacher_logits, *, mask=None) -> jax.Array:
-  """Pixel-wise distillation of Structured KD (the paper's form).
+PIXELWISE_CONVENTIONS = ("kd_jax", "official")
 
-  Formula (Liu et al., eq. 1), for each image with W' x H' output pixels:
-      l_pi = 1 / (W' H') * sum_i KL(q^T_i || q^S_i),  q = softmax(z_i)
-  No temperature (tau = 1). The teacher's class distribution is the target
-  (the paper writes the KL with the student first, its code uses the teacher
-  as target; only this direction matches a distillation gradient).
 
-  Reduction: mean over the pixels of each image, then mean over images
-  (the official code instead sums over the batch before dividing by W'H', so
-  its value is B times this one). The masked variant (`mask`, e.g.
-  labels != ignore_index) averages over the valid pixels only, so ignored
-  pixels neither contribute nor dilute. Equal to `kd_kl(temperature=1)` on
-  dense inputs; provided under the paper's name, dense inputs only.
+def pixelwise_kd(student_logits, teacher_logits, *, convention: str = "kd_jax",
+                 mask=None) -> jax.Array:
+  """Pixel-wise distillation of Structured KD.
+
+  Formula, for each image with W' x H' output pixels, q = softmax(z_i)
+  (no temperature, tau = 1; the teacher's distribution is the target):
+    convention="kd_jax" (default; the paper's eq. 1 read as a divergence):
+      l_pi = 1 / (W' H') * sum_i KL(q^T_i || q^S_i)
+      Reduction: mean over the pixels of each image, then mean over images,
+      i.e. `kd_kl(temperature=1)`. 0 when the logits are equal.
+    convention="official" (`CriterionPixelWise` of the authors' code):
+      l_pi = 1 / (W' H') * sum_{b, i} -sum_c q^T_b,ic log q^S_b,ic
+      Reduction: a soft cross-entropy summed over the batch (and any
+      leading axes) and divided by W'H' only. Unmasked it is B times a
+      per-image mean that includes the teacher's entropy: B * (kd_jax value
+      + mean_i H(q^T_i)), the same student gradient as B * kd_jax, and its
+      minimum is not 0. With
+      several GPUs the official code takes this per GPU and averages the
+      GPUs, so there B is the per-GPU batch.
+  `mask` (e.g. labels != ignore_index; the official code has none) keeps the
+  valid pixels only: kd_jax averages over them, official sums over them and
+  still divides by W'H'.
 
   Reference: Liu et al., "Structured Knowledge Distillation for Semantic
-  Segmentation", CVPR 2019.
+  Segmentation", CVPR 2019; github.com/irfanICMLL/structure_knowledge_
+  distillation, utils/criterion.py.
 
   Args:
     student_logits: (..., H, W, C) dense logits.
     teacher_logits: same shape.
+    convention: "kd_jax" or "official" (see above).
     mask: optional validity mask, shape a prefix of (..., H, W).
 
   Returns:
     float32 scalar >= 0.
   """
+  _checks.one_of("pixelwise_kd", "convention", convention,
+                 PIXELWISE_CONVENTIONS)
   _checks.min_ndim("student_logits", student_logits, 3, "(..., H, W, C)")
-  return kd_kl(student_logits, teacher_logits, temperature=1.0, mask=mask)
+  if convention == "kd_jax":
+    return kd_kl(student_logits, teacher_logits, temperature=1.0, mask=mask)
+  s, t = _pair(student_logits, teacher_logits)
+  valid = _checks.valid_positions(s.shape[:-1], mask=mask,
+                                  fn_name="pixelwise_kd")
+  ce = -jnp.sum(jax.nn.softmax(t) * jax.nn.log_softmax(s), axis=-1)
+  h, w = s.shape[-3:-1]
+  return jnp.sum(jnp.where(valid, ce, 0.0)) / (h * w)
 
 
 def soft_cross_entropy(student_logits, teacher_logits, *,

@@ -17,8 +17,8 @@ method uses them, this module ignores them). Every other key is a keyword
 argument of the loss, checked against its signature when `objective` is
 called, so a bad config fails before the first step. The values are checked
 then too (the losses themselves never look at values): temperature, p, eps
-and delta > 0, smooth and gamma >= 0, string options among the accepted
-ones, flags True or False, other numeric keywords numbers.
+and delta > 0, smooth and gamma >= 0, scale in (0, 1], string options among
+the accepted ones, flags True or False, other numeric keywords numbers.
 
 `inputs`, the argument of the returned function, is a dict:
     "logits":          student logits (..., C)          task and logits terms
@@ -139,12 +139,21 @@ _NUMBER_RULES = {
     "delta": (lambda v: v > 0, "a number > 0"),
     "smooth": (lambda v: v >= 0, "a number >= 0"),
     "gamma": (lambda v: v >= 0, "a number >= 0"),
+    "scale": (lambda v: 0 < v <= 1,
+              "a number in (0, 1] (the node size as a fraction of the map)"),
 }
 # String options: (loss function, keyword) -> the accepted values.
 _CHOICES = {
     (logits.kd_kl, "reduction"): logits.KD_REDUCTIONS,
     (features.attention_transfer, "form"): features.AT_FORMS,
     (task.dice_loss, "average"): task.DICE_AVERAGES,
+    (logits.pixelwise_kd, "convention"): logits.PIXELWISE_CONVENTIONS,
+    (features.pairwise_similarity, "convention"):
+        features.PAIRWISE_CONVENTIONS,
+}
+# Options that must fit together, checked on a term's keywords at build time.
+_OPTION_CHECKS = {
+    features.pairwise_similarity: features.check_pairwise_options,
 }
 
 
@@ -251,6 +260,11 @@ def _parse(term: Mapping[str, Any], index: int) -> _Term:
   for key, value in kwargs.items():
     _check_value(f"loss term #{index} ({fn_name})", spec.fn, params[key],
                  value)
+  if spec.fn in _OPTION_CHECKS:
+    try:
+      _OPTION_CHECKS[spec.fn](**kwargs)
+    except ValueError as e:
+      raise ValueError(f"loss term #{index} ({fn_name}): {e}") from None
   takes_labels = spec.kind != "task" and "labels" in extra_positional
   head = term.get("head")
   if head is not None and (not isinstance(head, str) or not head):
