@@ -1,8 +1,8 @@
 """Vision Transformers, DINOv2 style (Dosovitskiy et al. 2021; Oquab et al.
 2023; registers: Darcet et al. 2024).
 
-Patch embedding (16×16 conv, stride 16) → [CLS] + optional register tokens +
-patch tokens, learned position embeddings on [CLS] and the patches (DINOv2
+Patch embedding (p×p conv, stride p; p = 16 unless stated) → [CLS] +
+optional register tokens + patch tokens, learned position embeddings on [CLS] and the patches (DINOv2
 puts none on registers) → `depth` pre-norm blocks
 
     x = x + LayerScale(Attention(LayerNorm(x)))
@@ -10,13 +10,19 @@ puts none on registers) → `depth` pre-norm blocks
 
 → final LayerNorm. LayerNorm ε is 1e-6, LayerScale starts at 1e-5 (DINOv2).
 The position embedding is learned for `image_size`; other input sizes
-(multiples of the patch) resize its patch part bicubically, as DINOv2 does.
+(multiples of the patch) resize its patch part bicubically with
+antialiasing, as timm's `resample_abs_pos_embed` does (DINOv2's own code
+resamples without antialiasing, at a 0.1-patch offset).
 
 | name | width | depth | heads | params (no head, 224², patch 16) |
 |---|---|---|---|---|
 | `vit_s16` | 384 | 12 | 6 | 21,674,880 (≈ 22 M) |
 | `vit_b16` | 768 | 12 | 12 | 85,817,088 (≈ 86 M) |
 | `vit_l16` | 1024 | 24 | 16 | 303,350,784 (≈ 304 M) |
+
+`vit_s14`, `vit_b14`, `vit_l14` are the same sizes with DINOv2's 14×14
+patches, learned for 518² input (37 × 37 patches); `kd_jax.convert` imports
+timm / DINOv2 weights into any of them.
 
 With its ImageNet head (`num_classes=1000`) ViT-S has 22,059,880 and ViT-B
 86,586,088 parameters (the published 22 M and 86 M). `vit_tiny` (width 64,
@@ -30,8 +36,8 @@ logits are the [CLS] embedding itself. Not included: stochastic depth
 Features (after the final LayerNorm unless stated):
   "block{i}"   output of block i = 0..depth-1, all tokens (B, 1+R+N, D), NLD,
                before the final LayerNorm ([CLS], registers, patches)
-  "tokens"     patch tokens (B, N, D), N = (H/16)·(W/16), NLD
-  "patch_map"  the patch tokens as a map (B, H/16, W/16, D), NHWC
+  "tokens"     patch tokens (B, N, D), N = (H/p)·(W/p), NLD
+  "patch_map"  the patch tokens as a map (B, H/p, W/p, D), NHWC
   "registers"  register tokens (B, R, D), only when num_registers > 0
   "embedding"  the [CLS] token (B, D)
 
@@ -52,11 +58,17 @@ DEFAULT_INPUT = {
     "vit_s16": (224, 224, 3),
     "vit_b16": (224, 224, 3),
     "vit_l16": (224, 224, 3),
+    "vit_s14": (518, 518, 3),
+    "vit_b14": (518, 518, 3),
+    "vit_l14": (518, 518, 3),
 }
 RECIPES = {
     "vit_l16": "foundation encoder distillation (teacher of EfficientViT)",
     "vit_b16": "foundation encoder distillation (alternative teacher)",
     "vit_s16": "foundation encoder distillation (small teacher / baseline)",
+    "vit_s14": "DINOv2 ViT-S/14 layout, for imported weights",
+    "vit_b14": "DINOv2 ViT-B/14 layout, for imported weights",
+    "vit_l14": "DINOv2 ViT-L/14 layout, for imported weights",
 }
 
 _LN_EPS = 1e-6
@@ -124,7 +136,12 @@ class Block(nn.Module):
 
 
 def resize_pos_embed(pos, grid, method="bicubic"):
-  """Resizes a (1, h·w, D) patch position embedding to `grid` = (H, W)."""
+  """Resizes a (1, h·w, D) patch position embedding to `grid` = (H, W).
+
+  `jax.image.resize` (Keys cubic, a = -0.5, antialiased when shrinking):
+  the same values as torch's `interpolate(mode="bicubic", antialias=True)`,
+  timm's `resample_abs_pos_embed`.
+  """
   n = pos.shape[1]
   side = int(round(n**0.5))
   if side * side != n:
@@ -234,6 +251,26 @@ class ViTL16(ViT):
   width: int = 1024
   depth: int = 24
   num_heads: int = 16
+
+
+# DINOv2's released sizes: patch 14, position embedding learned at 518²
+# (37 × 37 patches).
+@register("vit_s14")
+class ViTS14(ViTS16):
+  patch: int = 14
+  image_size: int = 518
+
+
+@register("vit_b14")
+class ViTB14(ViTB16):
+  patch: int = 14
+  image_size: int = 518
+
+
+@register("vit_l14")
+class ViTL14(ViTL16):
+  patch: int = 14
+  image_size: int = 518
 
 
 @register("vit_tiny")
