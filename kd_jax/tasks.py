@@ -12,7 +12,9 @@ Without `config.heads`, the model has one output that reads the key "label"
 (every segmentation recipe). Kinds and their evaluation:
 
     segmentation    (B, H, W, C) logits; Dice, IoU, pixel accuracy from the
-                    summed confusion matrix (per volume in kd_jax.study)
+                    summed confusion matrix (per volume in kd_jax.study);
+                    mean_iou over the foreground classes, mean_iou_all
+                    over every class, background included
     classification  (B, C) logits; accuracy, macro F1, one-vs-rest AUC,
                     quadratic-weighted kappa (ordinal grades), confusion
     landmark        (B, 2) (u, v) in image units (kd_jax.data.targets);
@@ -38,7 +40,8 @@ from kd_jax.evaluate import metrics as metrics_lib
 KINDS = ("segmentation", "classification", "landmark")
 # The scalars logged under val/ while training, per kind.
 HEADLINE = {
-    "segmentation": ("mean_dice", "mean_iou", "pixel_accuracy"),
+    "segmentation": ("mean_dice", "mean_iou", "mean_iou_all",
+                     "pixel_accuracy"),
     "classification": ("accuracy", "macro_f1", "auc", "kappa"),
     "landmark": ("mean_error_px", "median_error_px"),
 }

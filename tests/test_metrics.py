@@ -62,9 +62,77 @@ def test_segmentation_scores_hand_computed_and_absent_class():
   np.testing.assert_allclose(s["mean_dice"], (4 / 6 + 2 / 3) / 2, rtol=1e-6)
   np.testing.assert_allclose(s["mean_iou"], 0.5, rtol=1e-6)
   np.testing.assert_allclose(s["pixel_accuracy"], 5 / 8, rtol=1e-6)
-  s_bg = metrics.segmentation_scores(cm, include_background=True)
-  np.testing.assert_allclose(s_bg["mean_dice"], (4 / 7 + 4 / 6 + 2 / 3) / 3,
+  # Background included: classes 0, 1, 2 (3 is absent).
+  np.testing.assert_allclose(s["mean_iou_all"], (2 / 5 + 2 / 4 + 1 / 2) / 3,
                              rtol=1e-6)
+
+
+def np_iou_scores(pred, label, num_classes):
+  """Per-class IoU from set sizes, and its means over the classes that
+  occur (in prediction or ground truth): foreground only and all."""
+  iou = np.full(num_classes, np.nan)
+  for c in range(num_classes):
+    union = np.sum((pred == c) | (label == c))
+    if union:
+      iou[c] = np.sum((pred == c) & (label == c)) / union
+  return iou, np.nanmean(iou[1:]), np.nanmean(iou)
+
+
+@pytest.mark.parametrize("num_classes,shape,seed", [
+    (2, (3, 8, 8), 0), (4, (2, 7, 5), 1), (5, (4, 6, 9), 2), (19, (2, 16, 16),
+                                                            3)])
+def test_both_miou_conventions_match_sklearn_and_numpy(num_classes, shape,
+                                                       seed):
+  sklearn_metrics = pytest.importorskip("sklearn.metrics")
+  rng = np.random.RandomState(seed)
+  label = rng.randint(0, num_classes, shape)
+  # A prediction right on ~half the pixels, so IoUs are far from 0 and 1;
+  # beyond two classes the last never occurs, so the NaN-skipping means
+  # are exercised.
+  pred = np.where(rng.rand(*shape) < 0.5, label,
+                  rng.randint(0, num_classes, shape))
+  if num_classes > 2:
+    label[label == num_classes - 1] = 0
+    pred[pred == num_classes - 1] = 0
+  s = metrics.segmentation_scores(
+      metrics.confusion_matrix(pred, label, num_classes))
+  iou, fg, everything = np_iou_scores(pred, label, num_classes)
+  np.testing.assert_allclose(s["iou"], iou, rtol=1e-6)
+  np.testing.assert_allclose(s["mean_iou"], fg, rtol=1e-6)
+  np.testing.assert_allclose(s["mean_iou_all"], everything, rtol=1e-6)
+  y, p = label.ravel(), pred.ravel()
+  present = np.union1d(y, p)
+  np.testing.assert_allclose(
+      s["mean_iou_all"], sklearn_metrics.jaccard_score(y, p, average="macro"),
+      rtol=1e-6)
+  np.testing.assert_allclose(
+      s["mean_iou"], sklearn_metrics.jaccard_score(
+          y, p, labels=present[present > 0], average="macro"), rtol=1e-6)
+  np.testing.assert_allclose(
+      np.asarray(s["iou"])[present],
+      sklearn_metrics.jaccard_score(y, p, labels=present, average=None),
+      rtol=1e-6)
+  np.testing.assert_allclose(s["pixel_accuracy"],
+                             sklearn_metrics.accuracy_score(y, p), rtol=1e-6)
+  if num_classes == 2:
+    # One foreground class: its IoU is the foreground mIoU; the background's
+    # IoU is what separates the two conventions.
+    assert float(s["mean_iou"]) == pytest.approx(iou[1])
+    assert float(s["mean_iou_all"]) == pytest.approx((iou[0] + iou[1]) / 2)
+
+
+def test_miou_all_skips_ignored_labels_as_sklearn_on_the_kept_pixels():
+  sklearn_metrics = pytest.importorskip("sklearn.metrics")
+  rng = np.random.RandomState(5)
+  label = rng.randint(0, 3, (2, 6, 6))
+  pred = rng.randint(0, 3, (2, 6, 6))
+  label[:, :2] = 255  # Ignore index: left out of every score.
+  s = metrics.segmentation_scores(metrics.confusion_matrix(pred, label, 3))
+  keep = label != 255
+  np.testing.assert_allclose(
+      s["mean_iou_all"],
+      sklearn_metrics.jaccard_score(label[keep], pred[keep], average="macro"),
+      rtol=1e-6)
 
 
 def test_segmentation_scores_one_sided_and_all_absent():
@@ -77,6 +145,7 @@ def test_segmentation_scores_one_sided_and_all_absent():
   cm = metrics.confusion_matrix(np.zeros(4, int), np.zeros(4, int), 3)
   s = metrics.segmentation_scores(cm)
   assert np.isnan(s["mean_dice"]) and np.isnan(s["mean_iou"])
+  assert float(s["mean_iou_all"]) == 1.0  # The background is scored.
   assert float(s["dice"][0]) == 1.0
   assert float(s["pixel_accuracy"]) == 1.0
 

@@ -59,6 +59,45 @@ def test_scores_match_numpy_on_the_test_split(reported):
     assert f"{row['mean_dice']:.3f}" in line
 
 
+def _iou_row(line):
+  return [float("nan") if v.strip() == "–" else float(v)
+          for v in line.strip("| ").split(" | ")[1:]]
+
+
+def test_both_miou_conventions_per_class_iou_and_pixel_accuracy(reported):
+  ds, _, stages, _, report, results = reported
+  images = np.stack([ds.test[i]["image"] for i in range(len(ds.test))])
+  labels = np.stack([ds.test[i]["label"] for i in range(len(ds.test))])
+  lines = report.splitlines()
+  header = next(l for l in lines if l.startswith("| stage | method |"))
+  assert "| mIoU (fg) | mIoU (all) | pixel acc. |" in header
+  iou_at = lines.index(next(l for l in lines if l.startswith(
+      "Per-class IoU")))
+  assert lines[iou_at + 2] == "| stage | " + " | ".join(ds.class_names) + " |"
+  for name, (method, state) in stages.items():
+    pred = predictions(method, state, images)
+    iou = np.array([np.sum((pred == c) & (labels == c))
+                    / np.sum((pred == c) | (labels == c))
+                    if np.any((pred == c) | (labels == c)) else np.nan
+                    for c in range(ds.num_classes)])
+    row = results[name]
+    np.testing.assert_allclose(row["iou"], iou, rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(row["mean_iou"], np.nanmean(iou[1:]),
+                               rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(row["mean_iou_all"], np.nanmean(iou),
+                               rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(row["pixel_accuracy"], np.mean(pred == labels),
+                               rtol=1e-5, err_msg=name)
+    main = next(l for l in lines[:iou_at] if l.startswith(f"| {name} |"))
+    cells = main.split(" | ")
+    assert cells[6:9] == [f"{row['mean_iou']:.3f}",
+                          f"{row['mean_iou_all']:.3f}",
+                          f"{row['pixel_accuracy']:.3f}"], main
+    shown = next(l for l in lines[iou_at:] if l.startswith(f"| {name} |"))
+    np.testing.assert_allclose(_iou_row(shown), iou, atol=5e-4,
+                               err_msg=name)
+
+
 def test_every_linked_figure_exists(reported):
   _, workdir, _, _, report, _ = reported
   links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)

@@ -6,8 +6,10 @@ batches; `segmentation_scores` turns it into Dice, IoU and pixel accuracy.
 
 Conventions (tested in tests/test_metrics.py):
 
-* Mean Dice / mean IoU average the foreground classes 1..C-1 (the TransUNet
-  and Synapse convention); `include_background=True` averages all classes.
+* Two mean IoUs, both always given: `mean_iou` averages the foreground
+  classes 1..C-1 (the TransUNet and Synapse convention, as `mean_dice`);
+  `mean_iou_all` averages every class, background included (the mIoU of
+  Structured KD and of the PASCAL VOC / Cityscapes benchmarks).
 * A class absent from both the prediction and the ground truth has Dice and
   IoU = NaN (0/0: nothing to score), and NaN classes are left out of the
   means. If every averaged class is NaN the mean is NaN. A class present in
@@ -79,14 +81,21 @@ def confusion_matrix(pred: Array, label: Array, num_classes: int,
   return counts.reshape(num_classes, num_classes)
 
 
-def segmentation_scores(confusion: Array,
-                        include_background: bool = False) -> dict[str, Array]:
+def segmentation_scores(confusion: Array) -> dict[str, Array]:
   """Dice, IoU and pixel accuracy from a (C, C) confusion matrix.
 
-  Returns a dict with per-class "dice" and "iou" (C,) float32 arrays (NaN for
-  a class absent from prediction and ground truth), "mean_dice" and
-  "mean_iou" (NaN-skipping mean over classes 1..C-1, or 0..C-1 with
-  `include_background`), and "pixel_accuracy" (trace / total).
+  Per class c, from true positives TP_c, false positives FP_c and false
+  negatives FN_c of the matrix summed over the whole set:
+      IoU_c = TP_c / (TP_c + FP_c + FN_c),  Dice_c = 2 TP_c / (2 TP_c + FP_c
+      + FN_c), NaN when the class is absent from prediction and ground truth.
+  Returns a dict with
+    "dice", "iou": (C,) float32 per class, background (class 0) included;
+    "mean_dice", "mean_iou": NaN-skipping means over the foreground classes
+      1..C-1 (TransUNet / Synapse);
+    "mean_iou_all": NaN-skipping mean over all classes 0..C-1 (Structured
+      KD's mIoU; scikit-learn's `jaccard_score(average="macro")` over the
+      classes present);
+    "pixel_accuracy": trace / total (all classes).
   Works on numpy or jax arrays, under jit too.
   """
   c = jnp.asarray(confusion, jnp.float32)
@@ -97,13 +106,13 @@ def segmentation_scores(confusion: Array,
   safe = jnp.where(union > 0, union, 1.0)
   dice = jnp.where(union > 0, 2 * tp / (safe + tp), jnp.nan)
   iou = jnp.where(union > 0, tp / safe, jnp.nan)
-  start = 0 if include_background else 1
   total = c.sum()
   return {
       "dice": dice,
       "iou": iou,
-      "mean_dice": _nanmean(dice[start:]),
-      "mean_iou": _nanmean(iou[start:]),
+      "mean_dice": _nanmean(dice[1:]),
+      "mean_iou": _nanmean(iou[1:]),
+      "mean_iou_all": _nanmean(iou),
       "pixel_accuracy": jnp.where(total > 0, tp.sum() / jnp.maximum(total, 1),
                                   jnp.nan),
   }

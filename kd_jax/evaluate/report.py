@@ -39,6 +39,7 @@ def write(workdir, config, datasets, results, num_figure_examples=4,
         gflops=float(r["summary"]["flops"]) / 1e9,
         mean_dice=float(r["scores"]["mean_dice"]),
         mean_iou=float(r["scores"]["mean_iou"]),
+        mean_iou_all=float(r["scores"]["mean_iou_all"]),
         pixel_accuracy=float(r["scores"]["pixel_accuracy"]),
         dice=[float(v) for v in r["scores"]["dice"]],
         iou=[float(v) for v in r["scores"]["iou"]],
@@ -74,24 +75,36 @@ def write(workdir, config, datasets, results, num_figure_examples=4,
     figures.training_curves(os.path.join(workdir, "curves.png"), curves)
 
   lines = _header(config, datasets) + [
-      "Scores on the test split (Dice and IoU averaged over the foreground "
-      "classes present; images/s of the jitted eval forward at batch "
-      f"{config.batch_size}, compile excluded).", "",
+      "Scores on the test split, from the confusion matrix of all its "
+      "pixels: mean Dice and mIoU (fg) average the foreground classes "
+      "present (TransUNet / Synapse), mIoU (all) every class present, "
+      "background included (Structured KD, VOC / Cityscapes); pixel "
+      "accuracy over all pixels; images/s of the jitted eval forward at "
+      f"batch {config.batch_size}, compile excluded.", "",
       "| stage | method | model | params | GFLOPs/image | mean Dice | "
-      "mean IoU | pixel acc. | images/s |",
-      "|---|---|---|---:|---:|---:|---:|---:|---:|",
+      "mIoU (fg) | mIoU (all) | pixel acc. | images/s |",
+      "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
   ]
   for name, r in rows.items():
     model = ", ".join(f"{k}={v}" for k, v in r["model"].items())
     lines.append(
         f"| {name} | {r['method']} | {model} | {r['params']:,} | "
         f"{r['gflops']:.3f} | {_fmt(r['mean_dice'])} | {_fmt(r['mean_iou'])} "
-        f"| {_fmt(r['pixel_accuracy'])} | {r['images_per_s']:.0f} |")
+        f"| {_fmt(r['mean_iou_all'])} | {_fmt(r['pixel_accuracy'])} | "
+        f"{r['images_per_s']:.0f} |")
+  classes = datasets.class_names
   lines += ["", "Per-class Dice:", "",
-            "| stage | " + " | ".join(datasets.class_names[1:]) + " |",
-            "|---|" + "---:|" * (len(datasets.class_names) - 1)]
+            "| stage | " + " | ".join(classes[1:]) + " |",
+            "|---|" + "---:|" * (len(classes) - 1)]
   for name, r in rows.items():
     lines.append(f"| {name} | " + " | ".join(_fmt(v) for v in r["dice"][1:])
+                 + " |")
+  lines += ["", "Per-class IoU (– : the class is in neither the prediction "
+            "nor the ground truth):", "",
+            "| stage | " + " | ".join(classes) + " |",
+            "|---|" + "---:|" * len(classes)]
+  for name, r in rows.items():
+    lines.append(f"| {name} | " + " | ".join(_fmt(v) for v in r["iou"])
                  + " |")
   if {"teacher", "baseline", "distilled"} <= set(rows):
     t, b, d = (rows[k]["mean_dice"] for k in ("teacher", "baseline",
