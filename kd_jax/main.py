@@ -7,8 +7,11 @@ Importing this module changes nothing in the process. For faster reruns set
 JAX's persistent compilation cache yourself, e.g.
 `JAX_COMPILATION_CACHE_DIR=~/.cache/jax python -m kd_jax.main ...`.
 """
+import difflib
+import importlib.util
 import logging as py_logging
 import os
+import re
 import sys
 import time
 
@@ -31,17 +34,69 @@ flags.DEFINE_bool("allow_config_change", False,
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _config_spec(argv):
+  """The `--config` value (`file` or `file:preset`) in argv, or None."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _load_config(spec):
+  """The config file's `get_config()` (`get_config(preset)` for
+  `file:preset`), loaded as config_flags loads it."""
+  path, _, preset = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_kd_jax_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(preset) if preset else module.get_config()
+
+
+def _unknown_override(argv, spec) -> str | None:
+  """One line for the first `--config.<key>` override that names a key the
+  config file lacks: where, the nearest key and the keys there."""
+  try:
+    config = _load_config(spec)
+  except Exception:  # pylint: disable=broad-except
+    return None  # Reported as a config file that does not load.
+  for arg in argv:
+    m = re.match(r"--(?:no)?config\.([^=]+)", arg)
+    if not m:
+      continue
+    node, parts = config, m.group(1).split(".")
+    for i, part in enumerate(parts):
+      keys = sorted(node.keys()) if hasattr(node, "keys") else []
+      if part not in keys:
+        at = ".".join(parts[:i]) or "the top level"
+        near = difflib.get_close_matches(part, keys, n=1)
+        return (f"--config.{m.group(1)}: {spec} has no key {part!r} at {at}"
+                + (f"; did you mean {near[0]!r}?" if near else "")
+                + f"; the keys there: {', '.join(keys) or 'none'}")
+      node = node[part]
+  return None
+
+
+def _one_line(e: BaseException) -> str:
+  return " ".join(f"{type(e).__name__}: {e}".split())
+
+
 def parse_flags(argv):
-  """absl parsing, with a one-line message for a misspelt config key."""
+  """absl parsing, with one line for a config file that is missing or does
+  not load (a syntax error, get_config raising) and for an override naming
+  a key the config lacks (with the keys it has there)."""
+  spec = _config_spec(argv)
+  if spec and not os.path.isfile(spec.partition(":")[0]):
+    sys.exit(f"error: --config {spec}: no such file")
   try:
     return FLAGS(argv)
   except (AttributeError, KeyError, flags.Error) as e:
-    msg = str(e)
-    if "config" in msg or isinstance(e, (AttributeError, KeyError)):
-      sys.exit(f"error: bad --config override: {msg}\n"
-               "Check the key against the config file "
-               "(python -m kd_jax.main --config=<file> --helpfull lists it).")
-    sys.exit(f"error: {msg}")
+    unknown = spec and _unknown_override(argv, spec)
+    sys.exit(f"error: {unknown or ' '.join(str(e).split())}")
+  except Exception as e:  # pylint: disable=broad-except
+    # Whatever the user's config file raises while it loads.
+    sys.exit(f"error: --config {spec} does not load: {_one_line(e)}")
 
 
 _KD_JAX_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -89,7 +144,11 @@ def main(argv):
   quiet_console()
   logging.info("JAX devices: %s", jax.devices())
   try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir,
+    config = FLAGS.config  # config_flags may load the file only now.
+  except Exception as e:  # pylint: disable=broad-except
+    sys.exit(f"error: --config does not load: {_one_line(e)}")
+  try:
+    train.train_and_evaluate(config, FLAGS.workdir,
                              restart=FLAGS.restart,
                              allow_config_change=FLAGS.allow_config_change)
   except (train.ConfigError, train.TrainingDiverged) as e:

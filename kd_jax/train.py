@@ -424,6 +424,8 @@ def validate(config, workdir, datasets, cache=None) -> None:
     raise ConfigError(f"config.layers={config.layers!r}; choose one of "
                       f"{list(LAYERS)}")
   nonfinite_policy(config)
+  from kd_jax import checks  # pylint: disable=g-import-not-at-top
+  checks.run_values(config, workdir)
   order = list(config.stage_order)
   unknown = [n for n in order if n not in config.stages]
   if unknown or not order:
@@ -438,6 +440,7 @@ def validate(config, workdir, datasets, cache=None) -> None:
       heads = run_heads(config, ds)
       example = jnp.zeros((1,) + ds.train[0]["image"].shape, jnp.float32)
       s = stage_config(config, name)
+      checks.stage_values(config, s, ds)
       ctx = build_context(config, name, workdir, ds.num_classes, False,
                           heads)
       # Its keys, then what the method checks without a model (an earlier

@@ -31,9 +31,20 @@ def data_error(where: str, problem: str, fix: str) -> ValueError:
 # npz reading.
 
 
+def unreadable_npz(path: PathLike, error: Exception) -> ValueError:
+  """The error for an npz file that does not read: cut short by a copy or
+  download, or not an npz at all."""
+  return data_error(os.fspath(path), "does not read as an npz file (cut "
+                    f"short or damaged: {error})", "copy or write the file "
+                    "again")
+
+
 def _npz_member_names(path: PathLike) -> list[str]:
-  with zipfile.ZipFile(path) as zf:
-    return [n[:-4] if n.endswith(".npy") else n for n in zf.namelist()]
+  try:
+    with zipfile.ZipFile(path) as zf:
+      return [n[:-4] if n.endswith(".npy") else n for n in zf.namelist()]
+  except (OSError, zipfile.BadZipFile) as e:
+    raise unreadable_npz(path, e) from None
 
 
 def _read_member(zf: zipfile.ZipFile, key: str,

@@ -16,6 +16,7 @@ voxels); pass `spacing` to report millimetres instead.
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -24,7 +25,8 @@ import numpy as np
 from kd_jax.data import transforms
 from kd_jax.data.sources.base import (Example, PathLike, check_finite,
                                       check_labels, check_nonempty,
-                                      data_error, to_float_image)
+                                      data_error, to_float_image,
+                                      unreadable_npz)
 from kd_jax.data.sources.medical import SYNAPSE_CLASSES
 from kd_jax.data.sources.volumes import VolumeSource
 
@@ -79,13 +81,20 @@ class NpzFilesSource:
       self._read(path, check=True)
 
   def _read(self, path: str, check: bool = False):
-    with np.load(path) as d:
+    try:
+      d = np.load(path)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+      raise unreadable_npz(path, e) from None
+    with d:
       missing = [k for k in (self.image_key, self.label_key) if k not in d]
       if missing:
         raise data_error(path, f"missing key(s) {missing}; it has "
                          f"{list(d.keys())}", "write 'image' and 'label' "
                          "arrays (or pass image_key / label_key)")
-      image, label = d[self.image_key], d[self.label_key]
+      try:
+        image, label = d[self.image_key], d[self.label_key]
+      except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise unreadable_npz(path, e) from None
     if check:
       if image.shape[:2] != label.shape or label.ndim != 2:
         raise data_error(path, f"image shape {image.shape} does not match "
