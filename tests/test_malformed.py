@@ -319,3 +319,25 @@ def test_malformed_config_file(tmp_path, text, names):
   for name in names:
     assert name in lines[0], lines[0]
   assert tree_digest(tmp_path) == before
+
+
+def test_splits_with_other_channel_counts_are_refused():
+  """RGB training images with grey validation images (a data set whose
+  splits come from different folders): refused before the first step, not
+  at the first evaluation."""
+  import types
+  from kd_jax import checks
+  from tests.test_train import tiny_config
+
+  def split(n, channels):
+    return [{"image": np.zeros((16, 16, channels), np.float32)}] * n
+  c = tiny_config()
+  stage = train.stage_config(c, "teacher")
+  ok = types.SimpleNamespace(train=split(12, 3), val=split(4, 3),
+                             test=split(4, 3))
+  checks.stage_values(c, stage, ok)
+  grey_val = types.SimpleNamespace(train=split(12, 3), val=split(4, 1),
+                                   test=split(4, 3))
+  with pytest.raises(ValueError, match=r"different channel counts "
+                     r"\{'train': 3, 'val': 1, 'test': 3\}"):
+    checks.stage_values(c, stage, grey_val)
