@@ -113,3 +113,143 @@ def test_color_jitter_and_intensity_helpers():
   z = T.NormalizeSlice().map({"image": x})["image"]
   np.testing.assert_allclose([z.mean(), z.std()], [0, 1], atol=1e-5)
   np.testing.assert_array_equal(T.normalize_slice(np.ones((3, 3))), 0)
+
+
+def _blocks(h, w, classes=4, block=4, seed=0):
+  """A label map of `block`-pixel squares and an image whose one channel is
+  the label value itself (so alignment can be read off every pixel)."""
+  rng = np.random.default_rng(seed)
+  coarse = rng.integers(0, classes, (-(-h // block), -(-w // block)))
+  label = coarse.repeat(block, 0).repeat(block, 1)[:h, :w].astype(np.int32)
+  return {"image": label[..., None].astype(np.float32), "label": label}
+
+
+def _interior(label):
+  """Pixels whose 3 x 3 neighbourhood is one class: there bilinear and
+  nearest sampling must agree. Border pixels never count: their neighbours
+  outside the crop are unknown."""
+  h, w = label.shape
+  p = np.pad(label, 1, constant_values=-1)
+  same = np.ones((h, w), bool)
+  for dy in range(3):
+    for dx in range(3):
+      same &= p[dy:dy + h, dx:dx + w] == label
+  return same
+
+
+@pytest.mark.parametrize("hw,scale_range", [((16, 16), (0.5, 2.0)),
+                                            ((12, 20), (0.5, 2.0)),
+                                            ((15, 9), (0.75, 1.25))])
+def test_random_scale_crop_keeps_labels_on_their_pixels(hw, scale_range):
+  # The image holds the label value; padding is image 0 with label 0, so
+  # it is aligned too. Through grain, as training runs it.
+  e = _blocks(*hw)
+  aug = T.RandomScaleCrop(scale_range=scale_range)
+  ds = grain.MapDataset.source([e] * 24).seed(5).random_map(aug)
+  checked = 0
+  for i in range(len(ds)):
+    out = ds[i]
+    # Static shapes and dtypes: the crop is the example's own size.
+    assert out["image"].shape == hw + (1,) and out["image"].dtype == np.float32
+    assert out["label"].shape == hw and out["label"].dtype == np.int32
+    inside = _interior(out["label"])
+    np.testing.assert_allclose(out["image"][..., 0][inside],
+                               out["label"][inside], atol=1e-5)
+    checked += inside.sum()
+  assert checked > 0.25 * 24 * hw[0] * hw[1]
+
+
+def test_random_scale_crop_is_a_pure_function_of_seed_and_index():
+  e = _blocks(16, 16, seed=1)
+  aug = T.RandomScaleCrop(scale_range=(0.5, 2.0))
+  run = lambda seed: grain.MapDataset.source([e] * 8).seed(seed).random_map(
+      aug)
+  a, b, c = run(3), run(3), run(4)
+  for i in (0, 5, 7):  # Any order, any index: the same view.
+    np.testing.assert_array_equal(a[i]["image"], b[i]["image"])
+    np.testing.assert_array_equal(a[i]["label"], b[i]["label"])
+  views = {a[i]["label"].tobytes() for i in range(8)}
+  assert len(views) > 4  # Indices draw their own views...
+  assert any(not np.array_equal(a[i]["label"], c[i]["label"])
+             for i in range(8))  # ...and so does another seed.
+
+
+def test_random_scale_crop_flips_left_right_half_the_time():
+  # Scale 1 and crop = size leave no room to move: the view is the image or
+  # its mirror.
+  e = _blocks(8, 12, seed=2)
+  aug = T.RandomScaleCrop(scale_range=(1.0, 1.0))
+  kinds = []
+  for seed in range(40):
+    out = aug.random_map(e, np.random.default_rng(seed))["label"]
+    if np.array_equal(out, e["label"]):
+      kinds.append("same")
+    else:
+      np.testing.assert_array_equal(out, e["label"][:, ::-1])
+      kinds.append("mirror")
+  assert 8 <= kinds.count("mirror") <= 32
+  no_flip = T.RandomScaleCrop(scale_range=(1.0, 1.0), flip=False)
+  np.testing.assert_array_equal(
+      no_flip.random_map(e, np.random.default_rng(0))["label"], e["label"])
+
+
+@pytest.mark.parametrize("bad", [(2.0, 1.0), (0.0, 1.0), (-1.0, 2.0), 0.5,
+                                 (1.0,), (0.5, float("inf")), (True, 2.0)])
+def test_random_scale_crop_refuses_a_bad_scale_range(bad):
+  with pytest.raises(ValueError, match=r"^scale_range=.*0 < low <= high"):
+    T.RandomScaleCrop(scale_range=bad)
+
+
+# --------------------------------------------------------------------------
+# data.augment="scale_crop": chosen by config, through the training pipeline.
+
+
+def _synthetic(**options):
+  from kd_jax import data
+  return data.build(dict(name="synthetic", image_size=24, num_train=8,
+                         num_val=2, num_test=2, **options))
+
+
+def test_scale_crop_by_config_gives_static_batches_per_seed_and_step():
+  from kd_jax.data import pipeline
+  ds = _synthetic(augment="scale_crop", scale_range=(0.75, 1.5))
+  [aug] = ds.train_transforms
+  assert isinstance(aug, T.RandomScaleCrop) and aug.flip
+  assert aug.scale_range == (0.75, 1.5) and aug.crop_size is None
+  plain = _synthetic(augment=False)
+  assert plain.train_transforms == []
+  batches = lambda d, seed: pipeline.train_batches(
+      d.train, batch_size=4, seed=seed, transforms=d.train_transforms)
+  a, b, c = batches(ds, 1), batches(ds, 1), batches(ds, 2)
+  unaugmented = batches(plain, 1)
+  for step in (0, 3, 5):  # Epochs 0, 1, 2 of 8 examples.
+    for key in ("image", "label"):
+      assert a[step][key].shape == unaugmented[step][key].shape
+      assert a[step][key].dtype == unaugmented[step][key].dtype
+      np.testing.assert_array_equal(a[step][key], b[step][key])
+  assert not np.array_equal(a[0]["image"], c[0]["image"])
+  # The views are augmented: same examples, other pixels.
+  assert not np.array_equal(a[0]["image"], unaugmented[0]["image"])
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(augment="scale"), r"data.augment='scale' for synthetic: expected "
+     r"True \(the set's own augmentation\), False or 'scale_crop'"),
+    (dict(augment="scale_crop", scale_range=(2.0, 0.5)),
+     r"data.scale_range=\(2.0, 0.5\) for synthetic: expected \(low, high\) "
+     r"with 0 < low <= high"),
+    (dict(augment="scale_crop", scale_range=0.5),
+     r"data.scale_range=0.5 for synthetic"),
+])
+def test_bad_scale_crop_settings_are_one_line_errors(options, match):
+  with pytest.raises(ValueError, match=match) as e:
+    _synthetic(**options)
+  assert "\n" not in str(e.value)
+
+
+def test_scale_crop_is_refused_on_a_set_without_label_maps():
+  from kd_jax import data
+  with pytest.raises(ValueError, match=r"data.augment='scale_crop' for "
+                     r"synthetic_fundus: expected a segmentation data set"):
+    data.build(dict(name="synthetic_fundus", image_size=24, num_train=4,
+                    num_val=2, num_test=2, augment="scale_crop"))

@@ -41,10 +41,15 @@ N slices of the file.)
 Images. `image_size` (an int for a square, or (H, W); 0 = the file's size)
 resizes with `transforms.resize`: bilinear images, nearest maps, landmarks
 in image units unchanged. `channels` (0 = as stored, 1 grey, 3 RGB) converts
-with `transforms.to_channels`. `augment` adds the training transforms
+with `transforms.to_channels`. `augment=True` adds the training transforms
 (flips and a small rotation, with colour jitter for RGB images).
 synthetic, acdc and synapse keep their options and behaviour (a square int
-`image_size`, no `channels`, TransUNet's augmentation).
+`image_size`, no `channels`, TransUNet's augmentation). On a segmentation
+set, `augment="scale_crop"` is Structured KD's augmentation instead
+(`transforms.RandomScaleCrop`): a random scale uniform in `scale_range`
+(default (0.5, 2.0)), a random crop back to the image size (padding with
+image 0 and label 0 where the scaled image is smaller), a random left-right
+flip.
 
 Keys are checked per data set: a config that switches `data.name` must
 carry only the new set's options (ml_collections cannot drop a key from the
@@ -132,6 +137,8 @@ def _register(name: str, **options):
   def wrap(fn):
     BUILDERS[name] = fn
     OPTIONS[name] = {**options, "unlabelled": None}
+    if "augment" in options:  # Read by augment="scale_crop" (`build`).
+      OPTIONS[name]["scale_range"] = (0.5, 2.0)
     return fn
   return wrap
 
@@ -159,9 +166,25 @@ def build(cfg) -> Datasets:
     raise ValueError(f"data.{unknown[0]} is not an option of data set "
                      f"{name!r}; its options are {sorted(OPTIONS[name])}")
   pool = _pool_config(given.get("unlabelled"), name)
-  merged = ml_collections.ConfigDict({**OPTIONS[name], **given,
-                                      "name": name})
+  merged = {**OPTIONS[name], **given, "name": name}
+  augment = merged.get("augment", False)
+  scale_crop = augment == "scale_crop"
+  if not (isinstance(augment, bool) or scale_crop):
+    raise ValueError(f"data.augment={augment!r} for {name}: expected True "
+                     "(the set's own augmentation), False or 'scale_crop'")
+  if scale_crop:  # The builder adds no augmentation of its own.
+    merged["augment"] = False
+  merged = ml_collections.ConfigDict(merged)
+  scale_crop = _scale_crop(merged) if scale_crop else None
   out = BUILDERS[name](merged)
+  if scale_crop is not None:
+    label = out.targets.get("label")
+    if label is None or label.kind != "segmentation":
+      raise ValueError(f"data.augment='scale_crop' for {name}: expected a "
+                       "segmentation data set (it scales and crops label "
+                       "maps); use data.augment=True for this set's own "
+                       "augmentation")
+    out.train_transforms = [scale_crop]
   if pool is not None:
     _attach_pool(out, merged, *pool)
   return out
@@ -277,6 +300,16 @@ def _augment(cfg, rgb: bool = False):
   out = [transforms.SegmentationAugment(flip=True, rot90=False,
                                         max_rotation_deg=15.0)]
   return out + ([transforms.ColorJitter()] if rgb else [])
+
+
+def _scale_crop(cfg):
+  """Structured KD's augmentation (`data.augment="scale_crop"`): random
+  scale in `data.scale_range`, crop back to the image size, flip."""
+  try:
+    return transforms.RandomScaleCrop(scale_range=tuple(cfg.scale_range))
+  except (TypeError, ValueError):
+    raise _bad(cfg, "scale_range", "(low, high) with 0 < low <= high, e.g. "
+               "(0.5, 2.0)") from None
 
 
 def _transunet_augment(cfg):

@@ -309,15 +309,21 @@ class RandomScaleCrop(grain.transforms.RandomMap):
   with 0, label maps with `pad_label`; use an ignore index such as 255 when
   the loss and `confusion_matrix` should skip padding, since out-of-range
   labels are ignored there), randomly cropped to `crop_size`, and mirrored
-  left-right with probability 1/2 when `flip`.
+  left-right with probability 1/2 when `flip`. `crop_size=None` crops back
+  to the example's own size, so a set of one image size keeps its shape.
+  Like every RandomMap here, the draws come from the generator grain seeds
+  per (seed, position in the repeated, shuffled stream), so a view is a pure
+  function of (seed, epoch, index).
   """
 
-  def __init__(self, crop_size: Sequence[int],
+  def __init__(self, crop_size: Sequence[int] | None = None,
                scale_range: tuple[float, float] = (0.5, 2.0),
                flip: bool = True, pad_label: int = 0,
                spatial_keys: Sequence[str] = SPATIAL_KEYS,
                point_keys: Sequence[str] = POINT_KEYS):
-    self.crop_size = (int(crop_size[0]), int(crop_size[1]))
+    check_scale_range(scale_range)
+    self.crop_size = (None if crop_size is None
+                      else (int(crop_size[0]), int(crop_size[1])))
     self.scale_range = (float(scale_range[0]), float(scale_range[1]))
     self.flip = flip
     self.pad_label = pad_label
@@ -327,11 +333,11 @@ class RandomScaleCrop(grain.transforms.RandomMap):
   def random_map(self, element: Example, rng: np.random.Generator) -> Example:
     keys = dict(spatial_keys=self.spatial_keys, point_keys=self.point_keys)
     h, w = element["image"].shape[:2]
+    ch, cw = self.crop_size or (h, w)
     s = rng.uniform(*self.scale_range)
     element = resize(element, (max(1, round(h * s)), max(1, round(w * s))),
                      **keys)
     h, w = element["image"].shape[:2]
-    ch, cw = self.crop_size
     top = int(rng.integers(max(h - ch, 0) + 1))
     left = int(rng.integers(max(w - cw, 0) + 1))
 
@@ -347,6 +353,18 @@ class RandomScaleCrop(grain.transforms.RandomMap):
     if self.flip and rng.random() < 0.5:
       element = flip(element, 1, **keys)
     return element
+
+
+def check_scale_range(scale_range) -> None:
+  """Raises a one-line ValueError unless `scale_range` is (low, high) with
+  0 < low <= high."""
+  ok = (isinstance(scale_range, Sequence) and len(scale_range) == 2
+        and all(isinstance(v, (int, float, np.integer, np.floating))
+                and not isinstance(v, bool) for v in scale_range)
+        and 0 < scale_range[0] <= scale_range[1] < np.inf)
+  if not ok:
+    raise ValueError(f"scale_range={scale_range!r}: expected (low, high) "
+                     "with 0 < low <= high, e.g. (0.5, 2.0)")
 
 
 class ColorJitter(grain.transforms.RandomMap):
