@@ -32,5 +32,9 @@ setup(
         "test": ["pytest>=7", "pytest-xdist"],
         # PyTorch eager is the baseline the benchmarks compare against.
         "bench": ["torch>=2.1"],
+        # kd_jax.convert reads PyTorch / safetensors files; its tests compare
+        # the imported models with timm's and torchvision's.
+        "reference": ["torch>=2.1", "torchvision", "timm>=1.0",
+                      "safetensors>=0.4"],
     },
 )
