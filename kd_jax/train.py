@@ -24,6 +24,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from absl import logging
@@ -50,13 +51,15 @@ def make_mesh(devices=None) -> Mesh:
   return Mesh(np.asarray(devices), ("data",))
 
 
-SCHEDULES = ("cosine", "plateau")
+SCHEDULES = ("cosine", "poly", "plateau")
 
 
 def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
-  """AdamW or SGD (`nesterov` optional) with a learning-rate schedule:
-  `cosine` (default), linear warm-up then cosine decay to zero; or
-  `plateau`, the learning rate held (after the warm-up) and multiplied by
+  """AdamW (`b1`, `b2` optional; weight_decay 0 is Adam) or SGD (`nesterov`
+  optional) with a learning-rate schedule after a linear warm-up:
+  `cosine` (default), cosine decay to zero; `poly`, lr·(1 − t/T)^power
+  (`power`, default 0.9; PSPNet's and Structured KD's schedule, T the steps
+  after the warm-up); or `plateau`, the learning rate held and multiplied by
   `plateau.factor` whenever the training loss, averaged over
   `plateau.epoch_steps` steps, has not improved for `plateau.patience` such
   averages (optax's reduce_on_plateau; the train step passes it the loss)."""
@@ -66,6 +69,16 @@ def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, cfg.lr, warmup_steps=max(warmup, 1),
         decay_steps=max(total_steps, warmup + 1))
+  elif schedule_name == "poly":
+    power = float(cfg.get("power", 0.9))
+    if not power > 0:
+      raise ValueError(f"optimizer.power={power}: give a number > 0 (0.9 "
+                       "in PSPNet and Structured KD)")
+    schedule = optax.polynomial_schedule(
+        cfg.lr, 0.0, power, transition_steps=max(total_steps - warmup, 1))
+    if warmup:
+      schedule = optax.join_schedules(
+          [optax.linear_schedule(0.0, cfg.lr, warmup), schedule], [warmup])
   elif schedule_name == "plateau":
     schedule = optax.linear_schedule(0.0 if warmup else cfg.lr, cfg.lr,
                                      max(warmup, 1))
@@ -73,7 +86,9 @@ def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
     raise ValueError(f"optimizer.schedule {schedule_name!r}: choose one of "
                      f"{list(SCHEDULES)}")
   if cfg.name == "adamw":
-    opt = optax.adamw(schedule, weight_decay=cfg.weight_decay)
+    opt = optax.adamw(schedule, b1=float(cfg.get("b1", 0.9)),
+                      b2=float(cfg.get("b2", 0.999)),
+                      weight_decay=cfg.weight_decay)
   elif cfg.name == "sgd":
     opt = optax.chain(optax.add_decayed_weights(cfg.weight_decay),
                       optax.sgd(schedule, momentum=cfg.momentum,
@@ -91,42 +106,84 @@ def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
   return opt
 
 
+def make_optimizers(method, stage) -> methods.ParamGroups:
+  """The optimizers of a stage (`stage_config`): one over all parameters,
+  or, for a method with `param_groups`, one per group, each the stage's
+  `optimizer` with the group's entries of `optimizers` over it
+  (`optimizers=dict(critic=dict(name="adamw", lr=4e-4))`)."""
+  groups = getattr(method, "param_groups", None)
+  extra = stage.get("optimizers") or {}
+  if not groups:
+    if extra:
+      raise ValueError(
+          f"optimizers={sorted(extra)} sets one optimizer per parameter "
+          f"group, but method {stage['method']!r} trains one group: set "
+          "optimizer=dict(...) instead")
+    return methods.ParamGroups.single(
+        make_optimizer(stage["optimizer"], stage["steps"]))
+  unknown = sorted(set(extra) - set(groups))
+  if unknown:
+    raise ValueError(f"optimizers.{unknown[0]}: method {stage['method']!r} "
+                     f"has the parameter groups {sorted(groups)}")
+  txs = {}
+  for group in groups:
+    cfg = ml_collections.ConfigDict(_plain(stage["optimizer"]))
+    cfg.update(_plain(extra.get(group)) or {})
+    try:
+      txs[group] = make_optimizer(cfg, stage["steps"])
+    except ValueError as e:
+      raise ValueError(f"optimizers.{group}: {e}") from None
+  return methods.ParamGroups(txs, dict(groups))
+
+
+def _as_groups(tx) -> methods.ParamGroups:
+  return tx if isinstance(tx, methods.ParamGroups) else (
+      methods.ParamGroups.single(tx))
+
+
 def init_state(method, tx, rng, images) -> TrainState:
+  """The initial state; `tx` is an optax transformation or the stage's
+  `make_optimizers`."""
   variables = method.init(rng, images)
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=variables["params"],
       batch_stats=variables["batch_stats"],
-      opt_state=tx.init(variables["params"]),
+      opt_state=_as_groups(tx).init(variables["params"]),
       rng=jax.random.key_data(jax.random.fold_in(rng, 1)))
+
+
+def watched(metrics) -> list[str]:
+  """The step metrics whose non-finite value means divergence: `loss` and
+  `grad_norm`, and each parameter group's own (`critic/loss`, ...)."""
+  return [k for k in metrics
+          if k.split("/")[-1] in ("loss", "grad_norm")]
 
 
 def make_train_step(method, tx, skip_nonfinite=False):
   """The pure train step: (state, batch, frozen) -> (state, metrics).
 
-  With `skip_nonfinite`, a step whose loss or gradient norm is not finite
-  leaves params, batch_stats and optimizer state as they were (only `step`
+  `tx` is an optax transformation or the stage's `make_optimizers`. The
+  update is the method's own `update` when it has one (several parameter
+  groups updated in turn, e.g. a critic and a student), else one gradient
+  step of `method.loss_fn` (`methods.default_update`).
+
+  With `skip_nonfinite`, a step with a non-finite `watched` metric leaves
+  params, batch_stats and optimizer state as they were (only `step`
   advances, so the data and the random keys stay where an unskipped run's
   are) and reports `skipped` = 1 in its metrics."""
+  opt = _as_groups(tx)
+  update = getattr(method, "update", None) or functools.partial(
+      methods.default_update, method)
 
   def train_step(state, batch, frozen):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-
-    def loss_fn(params):
-      return method.loss_fn(params, state.batch_stats, frozen, batch, rng)
-
-    (loss, (batch_stats, metrics)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params)
-    # The loss, for transformations that read it (reduce_on_plateau).
-    extra = ({"value": loss}
-             if isinstance(tx, optax.GradientTransformationExtraArgs) else {})
-    updates, opt_state = tx.update(grads, state.opt_state, state.params,
-                                   **extra)
-    params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.global_norm(grads)
-    metrics = dict(metrics, loss=loss, grad_norm=grad_norm)
+    params, batch_stats, opt_state, metrics = update(
+        opt, state.params, state.batch_stats, state.opt_state, frozen, batch,
+        rng)
     if skip_nonfinite:
       # A select inside the jitted step: no host round trip to decide.
-      ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      ok = jnp.all(jnp.stack([jnp.isfinite(metrics[k])
+                              for k in watched(metrics)]))
       params, batch_stats, opt_state = jax.tree.map(
           lambda new, old: jnp.where(ok, new, old),
           (params, batch_stats, opt_state),
@@ -290,7 +347,8 @@ def stage_config(config, name):
 # The data options a stage may change: what it trains on, never what every
 # stage is evaluated on (the split, the image size), so the report's rows
 # stay comparable.
-STAGE_DATA_KEYS = ("unlabelled", "train_fraction", "max_train", "augment")
+STAGE_DATA_KEYS = ("unlabelled", "train_fraction", "max_train", "augment",
+                   "scale_range")
 
 
 def stage_data(config, name) -> dict:
@@ -452,7 +510,7 @@ def validate(config, workdir, datasets, cache=None) -> None:
                            jax.random.key(0), example)[0][0]
       tasks.check_outputs(heads, out, f"model {s['model']['name']!r}")
       tasks.check_terms(heads, s["losses"])
-      tx = make_optimizer(s["optimizer"], s["steps"])
+      tx = make_optimizers(method, s)
       jax.eval_shape(functools.partial(init_state, method, tx,
                                        jax.random.key(0)), example)
       if ds.unlabelled is not None:
@@ -723,7 +781,7 @@ class _StepMetrics:
               f"skipped {self.skipped} steps for a non-finite loss or "
               f"gradient, more than max_skipped_steps={self.max_skipped} "
               f"(the last at step {step}: non-finite {bad})")
-      elif not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+      elif not all(math.isfinite(m[k]) for k in watched(m)):
         raise self._diverged(f"diverged at step {step}: non-finite {bad}")
 
   def means(self) -> dict:
@@ -776,7 +834,7 @@ def _train_stage(config, name, workdir, datasets, mesh):
   heads = run_heads(config, datasets)
   method, frozen = build_method(config, name, workdir, datasets.num_classes,
                                 heads=heads)
-  tx = make_optimizer(s["optimizer"], steps)
+  tx = make_optimizers(method, s)
   rep = NamedSharding(mesh, P())
   frozen = jax.device_put(frozen, rep)
 

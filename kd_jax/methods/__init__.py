@@ -18,11 +18,14 @@ anything trains (`check(stage, ctx)`); see `kd_jax.methods.base`. `METHODS`
 is the one lookup by name: a new method is a module here and an entry there.
 """
 from kd_jax.methods.base import COMMON_STAGE_KEYS, Context, Method, is_set
+from kd_jax.methods.common import ParamGroups, default_update
+from kd_jax.methods.adversarial import Adversarial
 from kd_jax.methods.distill import Distill
 from kd_jax.methods.mutual import Mutual
 from kd_jax.methods.supervised import Supervised
 
-METHODS = {"supervised": Supervised, "distill": Distill, "mutual": Mutual}
+METHODS = {"supervised": Supervised, "distill": Distill, "mutual": Mutual,
+           "adversarial": Adversarial}
 
 
 def get(name: str):

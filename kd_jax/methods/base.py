@@ -22,6 +22,21 @@ name:
       def loss_fn(self, params, batch_stats, frozen, batch, rng): ...
       def predict(self, params, batch_stats, images): ...
 
+A method with several parameter groups, each with its own optimizer, names
+them (group -> the top-level keys of params it owns) and may update them in
+turn inside the one jitted step with an `update` of its own (without one,
+every group takes one gradient step of `loss_fn`, `common.default_update`):
+
+      param_groups = {"student": ("student", "connectors"),
+                      "critic": ("critic",)}
+      def update(self, opt, params, batch_stats, opt_state, frozen, batch,
+                 rng): ...   # -> (params, batch_stats, opt_state, metrics);
+                             # opt.apply(group, grads, ...) updates a group,
+                             # metrics hold `loss` and `grad_norm`
+
+The stage's `optimizers=dict(<group>=dict(...))` sets a group's optimizer
+over the stage's `optimizer` (`kd_jax.train.make_optimizers`).
+
 `stage` is the stage's settings as plain Python values (`train.stage_config`:
 `method`, `model`, `losses` as a list of term dicts, `steps`, `optimizer`, and
 the method's own keys). `ctx` is a `Context`: what only the trainer knows.
@@ -34,7 +49,7 @@ from typing import Any, Callable, ClassVar, Protocol
 # Stage keys the trainer reads (or hands every method): any other key of a
 # stage must be in its method's `stage_keys`.
 COMMON_STAGE_KEYS = frozenset({"method", "model", "losses", "steps",
-                               "optimizer", "seed", "data"})
+                               "optimizer", "optimizers", "seed", "data"})
 
 
 @dataclasses.dataclass(frozen=True)

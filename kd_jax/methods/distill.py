@@ -97,7 +97,8 @@ class Distill:
         where = f"teachers[{i}]" if many else "teacher"
         raise ValueError(f"{where}.model: {e}") from None
     method = cls(model=model, teacher=teachers if many else teachers[0],
-                 loss_terms=stage["losses"], heads=ctx.heads)
+                 loss_terms=stage["losses"], heads=ctx.heads,
+                 **cls._more_modules(stage, ctx))
     if not ctx.load_frozen:
       return method, None
     from kd_jax import checkpoint  # Orbax, only to load a teacher.
@@ -105,6 +106,12 @@ class Distill:
         os.path.join(ctx.workdir, t["stage"]) if t.get("stage")
         else t.get("checkpoint")) for t in members]
     return method, frozen if many else frozen[0]
+
+  @classmethod
+  def _more_modules(cls, stage, ctx) -> dict:
+    """Constructor arguments a subclass builds from its own stage keys."""
+    del stage, ctx
+    return {}
 
   def __init__(self, model, teacher, loss_terms, heads=None):
     """`teacher`: one flax module, or a list of them (an ensemble, whose
@@ -137,6 +144,12 @@ class Distill:
     self.connectors = None  # Built by init, once the teacher's shapes are known.
 
   def _check_terms_against_teachers(self, loss_terms):
+    for term in loss_terms:
+      if term.get("fn") == "wgan_generator":
+        raise ValueError(
+            f"loss term {term.get('name', term['fn'])!r} (wgan_generator) is "
+            "scored by a critic: set method='adversarial' and critic=dict("
+            "model=dict(name='sagan_discriminator'))")
     for name, term in zip(losses.term_names(loss_terms), loss_terms):
       kind = losses.REGISTRY[term["fn"]].kind
       if self.ensemble and kind == "features":
@@ -247,6 +260,13 @@ class Distill:
     return jax.lax.stop_gradient(out)
 
   def loss_fn(self, params, batch_stats, frozen, batch, rng):
+    loss, (new_stats, metrics, _, _) = self.student_loss(
+        params, batch_stats, frozen, batch, rng)
+    return loss, (new_stats, metrics)
+
+  def student_loss(self, params, batch_stats, frozen, batch, rng):
+    """The objective on the batch and what it saw: (loss, (new batch_stats,
+    metrics, student outputs, teacher outputs))."""
     if self.connectors is None:
       raise RuntimeError("Distill.init must run before loss_fn")
     images = batch["image"]
@@ -276,7 +296,8 @@ class Distill:
     inputs = tasks.objective_inputs(self.heads, logits, batch)
     inputs.update(teacher_logits=teacher.get("logits"), features=pairs)
     loss, metrics = self.objective(inputs)
-    return loss, ({"student": new_student, "connectors": new_conn}, metrics)
+    return loss, ({"student": new_student, "connectors": new_conn}, metrics,
+                  logits, teacher)
 
   def predict(self, params, batch_stats, images):
     return common.apply_eval(self.model, params["student"],
