@@ -19,10 +19,11 @@ Layouts (key names as in the source projects):
   (`reg_token` / `register_tokens`), `pos_embed`, `blocks.{i}.{norm1,
   attn.qkv, attn.proj, ls1.gamma, norm2, mlp.fc1, mlp.fc2, ls2.gamma}`,
   `norm`, optional `head`. Every way these projects place the position
-  embedding ends in kd_jax's (one row for [CLS], none for registers):
-  without a [CLS] row (timm's `no_embed_class`, e.g. its DINOv2 models) that
-  row is zero; rows on registers (timm with registers and a class-token
-  embedding) are added to the register tokens, which are constants. The
+  embedding ends in kd_jax's (a row for [CLS], none for registers): the
+  rows a checkpoint has for [CLS] (none with timm's `no_embed_class`, e.g.
+  its DINOv2 models) and for registers (timm with registers and a
+  class-token embedding) are added to those tokens, which are constants, and
+  kd_jax's [CLS] row is zero. The
   patch grid is resampled to the model's `image_size // patch` grid with
   `vit.resize_pos_embed` (bicubic, antialiased: timm's
   `resample_abs_pos_embed`). A checkpoint without LayerScale loads into a
@@ -59,7 +60,8 @@ _CONTAINERS = ("state_dict", "model")
 
 
 def load_state_dict(path: str) -> dict:
-  """{key: float32 numpy array} from a `.safetensors`, `.npz` or PyTorch file.
+  """{key: numpy array} from a `.safetensors`, `.npz` or PyTorch file;
+  floating arrays in float32 whatever they were saved in.
 
   A PyTorch file holding a training checkpoint ({"state_dict": ...} or
   {"model": ...}) yields that entry. safetensors and torch are imported
@@ -70,12 +72,12 @@ def load_state_dict(path: str) -> dict:
   ext = os.path.splitext(path)[1].lower()
   if ext == ".npz":
     with np.load(path) as f:
-      return {k: np.asarray(f[k]) for k in f.files}
+      return {k: _float32(f[k]) for k in f.files}
   if ext == ".safetensors":
     # The flax reader: numpy has no bfloat16, jax does.
-    from safetensors.flax import load_file  # pylint: disable=g-import-not-at-top
-    return {k: np.asarray(v, np.float32) if v.dtype == jax.numpy.bfloat16
-            else np.asarray(v) for k, v in load_file(path).items()}
+    from safetensors.flax import (  # pylint: disable=g-import-not-at-top
+        load_file)
+    return {k: _float32(v) for k, v in load_file(path).items()}
   import torch  # pylint: disable=g-import-not-at-top
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -92,6 +94,13 @@ def load_state_dict(path: str) -> dict:
                      "pickled model?); save model.state_dict() instead")
   return {k: (v.float() if v.is_floating_point() else v).numpy()
           for k, v in obj.items()}
+
+
+def _float32(a):
+  """`a` as a numpy array, in float32 if it is floating (bfloat16 too)."""
+  if jax.numpy.issubdtype(a.dtype, jax.numpy.floating):
+    return np.asarray(a, np.float32)
+  return np.asarray(a)
 
 
 def _shape_error(what, key, got, want, hint=""):
@@ -239,7 +248,8 @@ def import_vit(state: dict, model: vit.ViT, *, what: str = "ViT",
   if model.num_classes:
     params["head"] = {"kernel": _dense(state["head.weight"]),
                       "bias": state["head.bias"]}
-  return {"params": params}
+  return {"params": jax.tree.map(lambda a: np.asarray(a, np.float32),
+                                 params)}
 
 
 _RESNET_MODULES = {"stem_conv": "conv1", "stem_bn": "bn1", "head": "fc",
@@ -323,31 +333,29 @@ def parse_model_args(text: str) -> dict:
 def convert(weights: str, model_config: dict, out: str, *,
             skip=None) -> dict:
   """Converts `weights` into `model_config`'s model (`dict(name=...,
-  **fields)`) and saves it under `out` (see the module docstring). Returns
-  the variables. `out` must not hold a checkpoint yet."""
+  **fields)`) and saves it under `out` (see the module docstring), which
+  must not hold a checkpoint yet. Returns the model config a teacher entry
+  names (`num_classes` set)."""
   from kd_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  cfg = dict(model_config)
-  name = cfg.pop("name", None)
-  what = f"{weights} into {name}"
-  model = models.build(name, **cfg)
-  cfg.setdefault("num_classes", model.num_classes)
-  variables = import_weights(load_state_dict(weights), model, what=what,
-                             skip=skip)
   directory = os.path.join(out, "checkpoints")
   if os.path.isdir(directory) and os.listdir(directory):
     raise ValueError(f"--out {out} already holds a checkpoint; choose a new "
                      "folder")
+  cfg = dict(model_config)
+  name = cfg.pop("name", None)
+  model = models.build(name, **cfg)
+  # Set, so that the data's class count does not replace it.
+  cfg = {"name": name, **cfg, "num_classes": model.num_classes}
+  variables = import_weights(load_state_dict(weights), model,
+                             what=f"{weights} into {name}", skip=skip)
   state = {"params": {"model": variables["params"]},
            "batch_stats": {"model": variables.get("batch_stats", {})}}
   with checkpoint.manager(directory, save_every=1, max_to_keep=1) as mngr:
     checkpoint.save(mngr, 0, state, force=True)
     mngr.wait_until_finished()
-  # The model config a teacher entry needs, num_classes included so the
-  # data's class count does not replace it.
   with open(os.path.join(out, "model.json"), "w") as f:
-    json.dump({"model": {"name": name, **cfg},
-               "source": os.path.abspath(weights)}, f, indent=2)
-  return variables
+    json.dump({"model": cfg, "source": os.path.abspath(weights)}, f, indent=2)
+  return cfg
 
 
 def main(argv):
@@ -357,12 +365,10 @@ def main(argv):
   f = flags.FLAGS
   try:
     config = dict(name=f.model, **parse_model_args(f.model_args))
-    convert(f.weights, config, f.out,
-            skip=None if f.skip is None else tuple(f.skip))
+    model = convert(f.weights, config, f.out,
+                    skip=None if f.skip is None else tuple(f.skip))
   except (ValueError, ImportError) as e:
     sys.exit(f"error: {e}")
-  with open(os.path.join(f.out, "model.json")) as fh:
-    model = json.load(fh)["model"]
   print(f"saved {f.out}; a distill stage names it as teacher=dict("
         f"model={model!r}, checkpoint={f.out!r})")
 

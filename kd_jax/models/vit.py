@@ -2,8 +2,9 @@
 2023; registers: Darcet et al. 2024).
 
 Patch embedding (p×p conv, stride p; p = 16 unless stated) → [CLS] +
-optional register tokens + patch tokens, learned position embeddings on [CLS] and the patches (DINOv2
-puts none on registers) → `depth` pre-norm blocks
+optional register tokens + patch tokens, learned position embeddings on
+[CLS] and the patches (DINOv2 puts none on registers) → `depth` pre-norm
+blocks
 
     x = x + LayerScale(Attention(LayerNorm(x)))
     x = x + LayerScale(MLP(LayerNorm(x)))        # MLP: D → 4D → D, GELU
