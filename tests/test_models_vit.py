@@ -45,6 +45,19 @@ def test_vit_param_counts(name, width, depth, classes, published):
   assert abs(n - published) / published < 0.01
 
 
+@pytest.mark.parametrize("name,width,depth,published", [
+    ("vit_s14", 384, 12, 22e6),  # DINOv2 ViT-S/14 (21 M + 518² positions)
+    ("vit_l14", 1024, 24, 304e6),  # DINOv2 ViT-L/14
+])
+def test_dinov2_presets_param_counts(name, width, depth, published):
+  # Patch 14, position embedding for 518² (37 × 37 patches).
+  model = models.build(name)
+  assert (model.patch, model.image_size) == (14, 518)
+  n = count_params(model, (1, 518, 518, 3))
+  assert n == vit_param_count(width, depth, patch=14, grid=37)
+  assert abs(n - published) / published < 0.02
+
+
 def test_vit_registers_and_names_at_224():
   model = models.build("vit_s16", num_registers=4)
   x = jnp.zeros((1, 224, 224, 3))
