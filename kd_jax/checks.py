@@ -3,7 +3,7 @@
 `train.validate` calls `run_values` once and `stage_values` per stage. Each
 raises ValueError (ConfigError for the run-wide ones) with one line naming
 the key and the fix: a value of the right type that cannot run (an lr of 0,
-a negative loss weight, `eval_every=0`, a batch larger than a split) would
+a negative loss weight, `eval_every=0`, splits of other channel counts) would
 otherwise fail late, as a library traceback, or not at all.
 """
 import math
@@ -115,13 +115,6 @@ def stage_values(config, stage: dict, datasets) -> None:
       raise ValueError(f"{where}.checkpoint {folder!r} holds no checkpoint "
                        f"(no {steps}/<step>): train that stage first, or "
                        "point it at a trained stage's workdir")
-  for split in ("train", "val", "test"):
-    n = len(getattr(datasets, split))
-    if n < config.batch_size:
-      raise ValueError(
-          f"the {split} split has {n} examples, fewer than batch_size="
-          f"{config.batch_size}: lower --config.batch_size to at most {n}, "
-          "or give the split more data")
   channels = {split: getattr(datasets, split)[0]["image"].shape[-1]
               for split in ("train", "val", "test")}
   if len(set(channels.values())) > 1:

@@ -81,9 +81,6 @@ CONFIGS = [
      ["config.checkpoint_every=0"]),
     ("log_every_negative", ["log_every=-5"], ["config.log_every=-5"]),
     ("batch_0", ["batch_size=0"], ["config.batch_size=0"]),
-    ("batch_over_test", ["data.num_test=2"], ["test split", "batch_size=4"]),
-    ("batch_over_val", ["data.num_val=3"], ["val split", "batch_size=4"]),
-    ("batch_over_train", ["batch_size=16"], ["train split"]),
     ("steps_0", ["steps=0"], ["steps=0"]),
     ("stage_steps_negative", ["stages.teacher.steps=-4"], ["steps=-4"]),
     ("warmup_negative", ["optimizer.warmup_steps=-1"],
@@ -222,10 +219,12 @@ def _data_case(kind, root):
     return _folder_data(csv, num_classes=1), ["list.csv", "labels span"]
   if kind == "empty_csv":
     return _folder_data(_folder(root, [])), ["list.csv", "empty"]
-  if kind == "small_test_split":
-    csv = _folder(root / "train", _classes())
-    test = _folder(root / "test", _classes(2))
-    return _folder_data(csv, test_csv=test), ["test split has 2 examples"]
+  if kind == "npz_without_label":
+    synapse_fixture.write(root, size=16)
+    path = root / "train_npz" / "case0007_slice002.npz"
+    np.savez(path, image=np.zeros((16, 16), np.float32))
+    return (dict(name="synapse", root=str(root), image_size=16,
+                 augment=False), ["case0007_slice002.npz", "'label'"])
   if kind == "mask_size":
     root.mkdir(parents=True)
     lines = ["image,mask"]
@@ -266,7 +265,7 @@ def _shared(root, *parts):
 
 
 DATA = ["missing_csv", "missing_column", "missing_image", "nan_label",
-        "label_out_of_range", "empty_csv", "small_test_split", "mask_size",
+        "label_out_of_range", "empty_csv", "npz_without_label", "mask_size",
         "truncated_npz", "nan_coordinates"]
 
 
