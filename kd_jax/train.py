@@ -498,7 +498,6 @@ def validate(config, workdir, datasets, cache=None) -> None:
       heads = run_heads(config, ds)
       example = jnp.zeros((1,) + ds.train[0]["image"].shape, jnp.float32)
       s = stage_config(config, name)
-      checks.stage_values(config, s, ds)
       ctx = build_context(config, name, workdir, ds.num_classes, False,
                           heads)
       # Its keys, then what the method checks without a model (an earlier
@@ -510,6 +509,7 @@ def validate(config, workdir, datasets, cache=None) -> None:
                            jax.random.key(0), example)[0][0]
       tasks.check_outputs(heads, out, f"model {s['model']['name']!r}")
       tasks.check_terms(heads, s["losses"])
+      checks.stage_values(config, s, ds)  # After the method's own checks.
       tx = make_optimizers(method, s)
       jax.eval_shape(functools.partial(init_state, method, tx,
                                        jax.random.key(0)), example)
