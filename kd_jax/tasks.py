@@ -127,12 +127,16 @@ def as_float32(outputs):
   return jax.tree.map(lambda x: x.astype(jnp.float32), outputs)
 
 
-def objective_inputs(heads: Heads, outputs, batch) -> dict:
+def objective_inputs(heads: Heads, outputs, batch, features=None) -> dict:
   """The inputs of `losses.objective` that every method shares: the
-  outputs, the labels, and the per-example "labelled" flag when the batch
-  mixes in unlabelled images."""
-  return {"logits": as_float32(outputs), "labels": labels(heads, batch),
-          "labelled": batch.get("labelled")}
+  outputs, the labels, the per-example "labelled" flag when the batch
+  mixes in unlabelled images, and the model's features as the extra
+  outputs a term may read with `output=` (PSPNet's "aux_logits")."""
+  out = {"logits": as_float32(outputs), "labels": labels(heads, batch),
+         "labelled": batch.get("labelled")}
+  if features:
+    out["outputs"] = features
+  return out
 
 
 def _describe(out) -> str:

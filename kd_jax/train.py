@@ -504,10 +504,16 @@ def validate(config, workdir, datasets, cache=None) -> None:
       # teacher stage, a checkpoint folder, ...).
       methods.check(s, ctx)
       method, _ = methods.from_config(s, ctx)
-      out = jax.eval_shape(functools.partial(method.model.init_with_output,
-                                             train=False),
-                           jax.random.key(0), example)[0][0]
+      out, feats = jax.eval_shape(functools.partial(
+          method.model.init_with_output, train=False),
+                                  jax.random.key(0), example)[0]
       tasks.check_outputs(heads, out, f"model {s['model']['name']!r}")
+      for term in s["losses"]:
+        if term.get("output") and term["output"] not in feats:
+          raise ValueError(
+              f"loss term {term.get('name', term['fn'])!r} reads output "
+              f"{term['output']!r}; model {s['model']['name']!r} offers "
+              f"{sorted(feats)}")
       tasks.check_terms(heads, s["losses"])
       checks.stage_values(config, s, ds)  # After the method's own checks.
       tx = make_optimizers(method, s)

@@ -85,5 +85,5 @@ def test_an_unknown_schedule_is_refused_with_the_choices():
   cfg = fundus_mtl.get_config("cpu,synthetic").optimizer
   cfg.schedule = "step"
   with pytest.raises(ValueError, match=r"optimizer.schedule 'step': choose "
-                     r"one of \['cosine', 'plateau'\]"):
+                     r"one of \['cosine', 'poly', 'plateau'\]"):
     train.make_optimizer(cfg, 10)

@@ -222,3 +222,30 @@ def test_registry_specs_are_well_formed():
       params = list(inspect.signature(spec.fn).parameters.values())
       assert all(p.kind == p.POSITIONAL_OR_KEYWORD for p in params[:2]), name
       L.objective([dict(fn=name)])  # Every composable loss composes.
+
+
+def test_a_term_reads_an_extra_output_in_place_of_the_logits():
+  """PSPNet's auxiliary loss: CE + 0.4 · CE(aux_logits), numpy golden."""
+  rng = np.random.default_rng(0)
+  main = rng.normal(size=(2, 3, 3, 4)).astype(np.float32)
+  aux = rng.normal(size=(2, 3, 3, 4)).astype(np.float32)
+  labels = rng.integers(0, 4, size=(2, 3, 3))
+
+  def ce(z):  # mean over pixels of -log softmax at the label
+    z = z - z.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    return -np.mean(np.take_along_axis(logp, labels[..., None], -1))
+
+  fn = L.objective([dict(fn="cross_entropy"),
+                    dict(fn="cross_entropy", weight=0.4, output="aux_logits",
+                         name="aux")])
+  total, m = fn({"logits": main, "labels": labels,
+                 "outputs": {"aux_logits": aux, "layer4": main[..., :1]}})
+  np.testing.assert_allclose(float(m["aux"]), ce(aux), rtol=1e-5)
+  np.testing.assert_allclose(float(total), ce(main) + 0.4 * ce(aux),
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match="reads output 'aux_logits'; the "
+                     r"model offers \['layer4'\]"):
+    fn({"logits": main, "labels": labels, "outputs": {"layer4": main}})
+  with pytest.raises(ValueError, match="output= names an extra output"):
+    L.objective([dict(fn="kd_kl", output="aux_logits")])

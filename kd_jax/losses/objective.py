@@ -42,7 +42,10 @@ Models with several heads return a dict of outputs; then "logits",
 "teacher_logits" and "labels" are dicts keyed by head name, and each term
 names the head it reads with the term key `head` (`dict(fn="cross_entropy",
 head="dr_grade")`): the term sees that head's entries as if they were the
-whole inputs.
+whole inputs. A task term may instead read one of the model's extra
+outputs, `inputs["outputs"]` (the model's named features, e.g. PSPNet's
+auxiliary head), with the term key `output`: `dict(fn="cross_entropy",
+weight=0.4, output="aux_logits")` is PSPNet's auxiliary loss.
 """
 
 import collections.abc
@@ -119,7 +122,7 @@ REGISTRY: Dict[str, LossSpec] = {
 
 # Keys of a term that are not keyword arguments of the loss.
 _TERM_KEYS = ("fn", "weight", "name", "student", "teacher", "connector",
-              "head", "labelled_only")
+              "head", "labelled_only", "output")
 # Inputs that hold one entry per head when the model has several.
 _HEAD_INPUTS = ("logits", "teacher_logits", "labels")
 # Parameters filled from `inputs`, never from the config.
@@ -201,6 +204,7 @@ class _Term(NamedTuple):
   array_params: Tuple[str, ...]  # Features-kind extra arrays (vid's alpha).
   head: Any = None  # The head it reads, for models with several.
   labelled_only: bool = False  # Masked with inputs["labelled"].
+  output: Any = None  # An extra output it reads in place of "logits".
 
 
 def _as_dict(term, index: int) -> Dict[str, Any]:
@@ -270,6 +274,12 @@ def _parse(term: Mapping[str, Any], index: int) -> _Term:
   if head is not None and (not isinstance(head, str) or not head):
     raise ValueError(f"loss term #{index} ({fn_name}): head must be the name "
                      f"of a model output, got {head!r}.")
+  output = term.get("output")
+  if output is not None and (spec.kind != "task" or not isinstance(
+      output, str) or not output):
+    raise ValueError(f"loss term #{index} ({fn_name}): output= names an extra "
+                     "output of the model (e.g. 'aux_logits') that a task "
+                     f"loss reads; got output={output!r}.")
   reads_labels = spec.kind == "task" or takes_labels
   labelled_only = term.get("labelled_only", reads_labels)
   if not isinstance(labelled_only, bool):
@@ -286,7 +296,7 @@ def _parse(term: Mapping[str, Any], index: int) -> _Term:
   return _Term(name=name, fn_name=fn_name, spec=spec, weight=float(weight),
                kwargs=kwargs, takes_mask="mask" in params,
                takes_labels=takes_labels, array_params=array_params,
-               head=head, labelled_only=labelled_only)
+               head=head, labelled_only=labelled_only, output=output)
 
 
 def _resolve(terms: Sequence[Mapping[str, Any]]) -> List[_Term]:
@@ -388,6 +398,13 @@ def _head_view(inputs, term: _Term):
     raise ValueError(f"loss term {term.name!r} ({term.fn_name}) names head "
                      f"{term.head!r}, but the model returns one output; "
                      "drop head=.")
+  if term.output is not None:
+    extra = inputs.get("outputs") or {}
+    if term.output not in extra:
+      raise MissingInputError(
+          f"loss term {term.name!r} ({term.fn_name}) reads output "
+          f"{term.output!r}; the model offers {sorted(extra)}.")
+    view["logits"] = extra[term.output]
   labelled = inputs.get("labelled")
   if term.labelled_only and labelled is not None:
     if not term.takes_mask:

@@ -53,7 +53,8 @@ def check_stage_keys(stage: dict) -> None:
   (set to None or empty, it is ignored)."""
   name = stage["method"]
   allowed = stage_keys(name)
-  readers = {k: sorted(m for m in METHODS if k in stage_keys(m))
+  # In METHODS' order, so the plainest reader is the one suggested.
+  readers = {k: [m for m in METHODS if k in stage_keys(m)]
              for k in stage if k not in allowed}
   unknown = sorted(k for k, r in readers.items() if not r)
   if unknown:

@@ -293,7 +293,7 @@ class Distill:
       pairs[name] = (out.astype(jnp.float32), t_feats[t_name])
       if vid_ch:
         pairs[name] += ({"alpha": alpha},)
-    inputs = tasks.objective_inputs(self.heads, logits, batch)
+    inputs = tasks.objective_inputs(self.heads, logits, batch, s_feats)
     inputs.update(teacher_logits=teacher.get("logits"), features=pairs)
     loss, metrics = self.objective(inputs)
     return loss, ({"student": new_student, "connectors": new_conn}, metrics,

@@ -31,10 +31,10 @@ class Supervised:
 
   def loss_fn(self, params, batch_stats, frozen, batch, rng):
     del frozen
-    (logits, _), new_stats = common.apply_train(
+    (logits, feats), new_stats = common.apply_train(
         self.model, params["model"], batch_stats["model"], batch["image"], rng)
     loss, metrics = self.objective(
-        tasks.objective_inputs(self.heads, logits, batch))
+        tasks.objective_inputs(self.heads, logits, batch, feats))
     return loss, ({"model": new_stats}, metrics)
 
   def predict(self, params, batch_stats, images):
