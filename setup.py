@@ -29,7 +29,9 @@ setup(
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest>=7", "pytest-xdist"],
+        # nbclient + ipykernel run the colabs/ notebooks (tests/test_colabs.py).
+        "test": ["pytest>=7", "pytest-xdist", "nbformat>=5.7", "nbclient>=0.8",
+                 "ipykernel>=6"],
         # PyTorch eager is the baseline the benchmarks compare against.
         "bench": ["torch>=2.1"],
         # kd_jax.convert reads PyTorch / safetensors files; its tests compare
