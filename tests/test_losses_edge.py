@@ -367,7 +367,8 @@ def test_medtex_objective_golden_and_jit():
   terms = [(SD, TD, alpha), (mu2, t2, -alpha)]
   total, parts = L.medtex_objective(S, T, terms, lam=0.3, temperature=2.0)
   pt, ps = np_softmax(T / 2.0), np_softmax(S / 2.0)
-  soft_ce = 4.0 * np.mean(-np.sum(pt * np.log(ps), -1))
+  # The paper's soft CE: no tau^2 factor, unlike soft_cross_entropy.
+  soft_ce = np.mean(-np.sum(pt * np.log(ps), -1))
 
   def nll(mu, t, a):
     var = np.log1p(np.exp(a.astype(np.float64))) + 1e-5
@@ -383,6 +384,17 @@ def test_medtex_objective_golden_and_jit():
   g, aux = jax.grad(fn, has_aux=True)(S)
   np.testing.assert_allclose(aux["total"], total, rtol=1e-6)
   assert np.all(np.isfinite(g))
+  # One weight per layer; and the tau^2 of soft_cross_entropy divided out.
+  total2, _ = L.medtex_objective(S, T, terms, lam=[0.3, 2.0],
+                                 temperature=2.0)
+  np.testing.assert_allclose(
+      total2, soft_ce + 0.3 * nll(SD, TD, alpha) + 2.0 * nll(mu2, t2, -alpha),
+      rtol=1e-5)
+  np.testing.assert_allclose(
+      parts["soft_ce"] * 4.0,
+      L.soft_cross_entropy(S, T, temperature=2.0), rtol=1e-5)
+  with pytest.raises(ValueError, match="one per term"):
+    L.medtex_objective(S, T, terms, lam=[0.3])
 
 
 def test_dist_gradient_is_finite_with_one_valid_instance():
