@@ -21,11 +21,12 @@ from kd_jax.methods.base import COMMON_STAGE_KEYS, Context, Method, is_set
 from kd_jax.methods.common import ParamGroups, default_update
 from kd_jax.methods.adversarial import Adversarial
 from kd_jax.methods.distill import Distill
+from kd_jax.methods.explain import Explain
 from kd_jax.methods.mutual import Mutual
 from kd_jax.methods.supervised import Supervised
 
 METHODS = {"supervised": Supervised, "distill": Distill, "mutual": Mutual,
-           "adversarial": Adversarial}
+           "adversarial": Adversarial, "explain": Explain}
 
 
 def get(name: str):

@@ -38,6 +38,10 @@ divisible by 2^depth. Features:
   "mask_logits"         the mask before the sigmoid, (B, H, W, 1 or C)
   "embedding"           global average of "bottleneck", (B, C)
 
+What is deployed (`MedTexExplained`): explainer and student as one module,
+`(student logits on Θ ⊙ X, {**student features, "mask": Θ})`; its variables
+are `{"explainer": ..., "student": ...}` in each collection.
+
 The convolution, BatchNorm, max-pool (and, in the explainer,
 transposed-convolution) layers are module fields (`conv`, `norm`, `pool`,
 `conv_transpose`; flax's by default).
@@ -182,3 +186,31 @@ class MedTexExplainer(nn.Module):
                             name="mask_head")(x)
     features["mask_logits"] = mask_logits
     return nn.sigmoid(mask_logits), features
+
+
+class MedTexExplained(nn.Module):
+  """Explainer E and student S as deployed: S(Θ ⊙ X) with Θ = E(X).
+
+  Returns (student outputs on the explained input, features): the student's
+  features plus "mask", Θ as E gives it (1 channel, or one per image
+  channel), broadcast over the image's channels in the product. Any two
+  models of the models contract fit; the variables of each collection are
+  `{"explainer": ..., "student": ...}`.
+
+  Attributes:
+    explainer: the module giving Θ ∈ [0, 1] with the image's height and
+      width (`medtex_explainer`).
+    student: the classifier of the explained input (`medtex_student`).
+  """
+  explainer: nn.Module
+  student: nn.Module
+
+  def __call__(self, x, *, train: bool):
+    mask, _ = self.explainer(x, train=train)
+    outputs, features = self.student(explain_input(mask, x), train=train)
+    return outputs, dict(features, mask=mask)
+
+
+def explain_input(mask, images):
+  """X' = Θ ⊙ X in float32 (a 1-channel Θ broadcasts over the channels)."""
+  return mask.astype(jnp.float32) * images.astype(jnp.float32)
