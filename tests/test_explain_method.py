@@ -333,3 +333,50 @@ def test_med_ex_is_the_stage_without_vid_terms(folder, tmp_path):
                      jax.ShapeDtypeStruct((1, SIZE, SIZE, 3), jnp.float32))
   assert v["params"]["connectors"] == {}
   assert method.feature_terms == [] and method.vid_weights == []
+
+
+# ----------------------------------------------------------------------------
+# MED-TEX's read-outs: post-hoc fidelity and the top-K overlap with lesions.
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_post_hoc_fidelity_against_numpy(seed):
+  from kd_jax.evaluate import metrics
+  rng = np.random.default_rng(seed)
+  teacher = rng.integers(0, 2, 50)
+  student = np.where(rng.uniform(size=50) < 0.8, teacher, 1 - teacher)
+  tp = np.sum((student == 1) & (teacher == 1))
+  fp = np.sum((student == 1) & (teacher == 0))
+  fn = np.sum((student == 0) & (teacher == 1))
+  tn = np.sum((student == 0) & (teacher == 0))
+  f1_pos, f1_neg = 2 * tp / (2 * tp + fp + fn), 2 * tn / (2 * tn + fn + fp)
+  got = metrics.fidelity(student, teacher, 2)
+  assert got["fidelity_accuracy"] == pytest.approx((tp + tn) / 50)
+  assert got["fidelity_f1_positive"] == pytest.approx(f1_pos)
+  assert got["fidelity_f1"] == pytest.approx((f1_pos + f1_neg) / 2)
+  assert "fidelity_f1_positive" not in metrics.fidelity(student, teacher, 3)
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_topk_overlap_both_forms_against_numpy(k):
+  from kd_jax.evaluate import explain
+  rng = np.random.default_rng(k)
+  maps = rng.uniform(size=(3, 96, 96))  # Continuous: no ties at the K-th.
+  lesions = rng.uniform(size=(3, 96, 96)) < 0.2
+  lesions[2] = False  # An image without lesions.
+  n = k * 32 * 32
+  jac, dice = [], []
+  for s, b in zip(maps, lesions):
+    a = s >= np.sort(s.ravel())[-n]  # The n largest values.
+    assert a.sum() == n
+    inter = np.sum(a & b)
+    jac.append(inter / np.sum(a | b))
+    dice.append(2 * inter / (a.sum() + b.sum()))
+  j = explain.topk_iou(maps, lesions, k=k)
+  d = explain.topk_iou(maps, lesions, k=k, form="dice")
+  np.testing.assert_allclose(j, jac, rtol=1e-12)
+  np.testing.assert_allclose(d, dice, rtol=1e-12)
+  np.testing.assert_allclose(d, 2 * j / (1 + j), rtol=1e-12)
+  assert d[2] == j[2] == 0.0
+  with pytest.raises(ValueError, match="form='iou'"):
+    explain.topk_iou(maps, lesions, form="iou")

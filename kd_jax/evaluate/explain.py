@@ -310,14 +310,25 @@ def topk_mask(saliency_map: Array, num_pixels: int) -> np.ndarray:
   return out.reshape(s.shape)
 
 
-def topk_iou(saliency_map: Array, mask: Array, k: int = 1,
-             num_pixels: int | None = None) -> np.ndarray | float:
-  """IoU between the top-K pixels of an explanation and a lesion mask.
+TOPK_FORMS = ("jaccard", "dice")
 
-  MED-TEX's protocol: K = k·32·32 pixels (`num_pixels` overrides). Works on
-  one (H, W) map (returns a float) or a batch (N, H, W) (returns (N,)); NaN
-  where both the top-K set and the mask are empty.
+
+def topk_iou(saliency_map: Array, mask: Array, k: int = 1,
+             num_pixels: int | None = None,
+             form: str = "jaccard") -> np.ndarray | float:
+  """Overlap between the top-K pixels A of an explanation and a lesion mask B.
+
+  form="jaccard" (default): |A ∩ B| / |A ∪ B|, the intersection over union.
+  form="dice": 2|A ∩ B| / (|A| + |B|), the overlap MED-TEX's paper prints
+  for its top-K "IoU" (Nguyen-Duc et al., ISBI 2022); it is
+  2J / (1 + J) of the Jaccard index J, so never smaller.
+
+  K = k·32·32 pixels, as in MED-TEX (k = 1…6 on 224×224 images);
+  `num_pixels` overrides it. Works on one (H, W) map (returns a float) or a
+  batch (N, H, W) (returns (N,)); NaN where both A and B are empty.
   """
+  if form not in TOPK_FORMS:
+    raise ValueError(f"topk_iou form={form!r}: choose one of {TOPK_FORMS}")
   n = k * 32 * 32 if num_pixels is None else num_pixels
   top = topk_mask(saliency_map, n)
   mask = np.asarray(mask) > 0
@@ -325,7 +336,10 @@ def topk_iou(saliency_map: Array, mask: Array, k: int = 1,
     raise ValueError(f"mask shape {mask.shape} != saliency shape {top.shape}")
   axes = (-2, -1)
   inter = (top & mask).sum(axes)
-  union = (top | mask).sum(axes)
+  if form == "jaccard":
+    num, den = inter, (top | mask).sum(axes)
+  else:
+    num, den = 2 * inter, top.sum(axes) + mask.sum(axes)
   with np.errstate(invalid="ignore", divide="ignore"):
-    iou = np.where(union > 0, inter / np.maximum(union, 1), np.nan)
+    iou = np.where(den > 0, num / np.maximum(den, 1), np.nan)
   return float(iou) if iou.ndim == 0 else iou

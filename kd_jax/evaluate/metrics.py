@@ -414,13 +414,25 @@ def quadratic_weighted_kappa(pred: Array, label: Array,
 def fidelity(student_pred: Array, teacher_pred: Array,
              num_classes: int) -> dict[str, float]:
   """Post-hoc fidelity (MED-TEX): how well the student reproduces the
-  teacher, with the teacher's predictions as ground truth.
+  teacher, with the teacher's predictions as the ground truth.
 
-  Typically the student sees the explainer-masked input X' and the teacher
-  the full input X. Returns {"fidelity_accuracy", "fidelity_f1"} (macro F1).
+  In MED-TEX the student sees the explainer-masked input X' = Θ ⊙ X and the
+  teacher the full input X (post-hoc accuracy / F1 of the paper). Formula,
+  over N examples with t_i the teacher's and s_i the student's class:
+      fidelity_accuracy    = (1/N) Σ_i [s_i = t_i]
+      fidelity_f1          = mean over classes present in s or t of
+                             2TP_c / (2TP_c + FP_c + FN_c)    (`macro_f1`)
+      fidelity_f1_positive = 2TP / (2TP + FP + FN) of class 1 alone, for
+                             binary tasks (num_classes == 2) only: the
+                             positive-class F1 (NaN when neither predicts 1)
+  Returns those floats (without "fidelity_f1_positive" when num_classes > 2).
   """
-  return {"fidelity_accuracy": accuracy(student_pred, teacher_pred),
-          "fidelity_f1": macro_f1(student_pred, teacher_pred, num_classes)}
+  out = {"fidelity_accuracy": accuracy(student_pred, teacher_pred),
+         "fidelity_f1": macro_f1(student_pred, teacher_pred, num_classes)}
+  if num_classes == 2:
+    out["fidelity_f1_positive"] = float(
+        f1_scores(student_pred, teacher_pred, 2)[1])
+  return out
 
 
 def classification_scores(logits: Array, label: Array,
