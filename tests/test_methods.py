@@ -263,11 +263,11 @@ def test_a_method_registered_in_methods_alone_runs(tmp_path, monkeypatch):
 @pytest.mark.parametrize("method,keys,match", [
     ("supervised", dict(teacher=dict(model=dict(name="unet"),
                                      stage="x")),
-     r"'teacher' is read by method 'distill' or 'adversarial' only, not "
-     r"'supervised': remove it, or set method='distill'$"),
+     r"'teacher' is read by method 'distill' or 'adversarial' or 'explain' "
+     r"only, not 'supervised': remove it, or set method='distill'$"),
     ("mutual", dict(peer=dict(name="unet"), teacher=dict(stage="x")),
-     "'teacher' is read by method 'distill' or 'adversarial' only, not "
-     "'mutual'"),
+     "'teacher' is read by method 'distill' or 'adversarial' or 'explain' "
+     "only, not 'mutual'"),
     ("distill", dict(peer=dict(name="unet")),
      "'peer' is read by method 'mutual' only, not 'distill'"),
     ("supervised", dict(teachr=dict(stage="x")),
