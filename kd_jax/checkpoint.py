@@ -131,6 +131,41 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, step=None):
   return None
 
 
+def _checkpoints_folder(directory: str) -> str:
+  """`directory` (a stage workdir or its `checkpoints` folder) as the
+  checkpoints folder."""
+  if os.path.basename(os.path.normpath(directory)) != "checkpoints":
+    return os.path.join(directory, "checkpoints")
+  return directory
+
+
+def _is_array(m) -> bool:
+  return hasattr(m, "shape") and hasattr(m, "dtype")
+
+
+def saved_model_shapes(directory: str) -> dict | None:
+  """{parameter path "a/b/kernel": shape} of the deployable model (as
+  `load_model_variables` picks it) in the newest checkpoint of `directory`
+  whose metadata reads; read from Orbax's metadata, no array is loaded.
+  None when no checkpoint's metadata reads (`load_model_variables` then
+  says what is wrong)."""
+  directory = os.path.abspath(_checkpoints_folder(directory))
+  steps = sorted((int(d) for d in os.listdir(directory) if d.isdigit()),
+                 reverse=True) if os.path.isdir(directory) else []
+  for step in steps:
+    try:
+      tree = ocp.StandardCheckpointHandler().metadata(
+          epath.Path(directory) / str(step) / "default").tree
+      params = next(tree["params"][k] for k in ("model", "student")
+                    if k in tree["params"])
+    except Exception:  # pylint: disable=broad-except
+      continue  # Damaged, or not a stage's state: the loader reports it.
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_array)[0]
+    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(m.shape)
+            for path, m in flat}
+  return None
+
+
 def load_model_variables(directory: str) -> dict:
   """The deployable model's variables from a stage's latest checkpoint.
 
@@ -139,8 +174,7 @@ def load_model_variables(directory: str) -> dict:
   stage trained (key "model" of a supervised stage, "student" of a
   distillation stage); connectors and optimizer state are left behind.
   """
-  if os.path.basename(os.path.normpath(directory)) != "checkpoints":
-    directory = os.path.join(directory, "checkpoints")
+  directory = _checkpoints_folder(directory)
   if not os.path.isdir(directory):
     raise FileNotFoundError(
         f"no checkpoints at {directory}: train that stage first, or point "

@@ -1,18 +1,21 @@
 """Value checks of a run's settings, before anything trains.
 
-`train.validate` calls `run_values` once and `stage_values` per stage. Each
+`train.validate` calls `run_values` once, and `stage_values` and `teachers`
+per stage. Each
 raises ValueError (ConfigError for the run-wide ones) with one line naming
 the key and the fix: a value of the right type that cannot run (an lr of 0,
 a negative loss weight, `eval_every=0`, splits of other channel counts) would
 otherwise fail late, as a library traceback, or not at all.
 """
+import functools
 import math
 import os
 import tempfile
 
+import jax
 import numpy as np
 
-from kd_jax import train
+from kd_jax import models, train
 
 # Run-wide counts that must be whole numbers >= 1: what each is for.
 _EVERY = {"log_every": "steps between log lines",
@@ -139,3 +142,84 @@ def _checkpoint_folders(value, where=""):
     for i, v in enumerate(value):
       found += _checkpoint_folders(v, f"{where}[{i}]")
   return found
+
+
+def _classes(model_cfg, num_classes):
+  """The class count `model_cfg` builds (the data's `num_classes` unless it
+  sets its own, as `train._build_model` fills it in); None for a model
+  without one."""
+  if not models.accepts(model_cfg["name"], "num_classes"):
+    return None
+  return model_cfg.get("num_classes", num_classes)
+
+
+def _teacher_members(stage) -> list:
+  """(key, member config) of each frozen teacher a stage's settings load."""
+  if stage.get("teachers"):
+    return [(f"teachers[{i}]", t) for i, t in enumerate(stage["teachers"])]
+  return [("teacher", stage["teacher"])] if stage.get("teacher") else []
+
+
+def teachers(config, stage: dict, ctx, num_classes: int, example) -> None:
+  """Each teacher's model against what it loads, so that a 9-class teacher
+  built for 4 classes stops now and not, after the earlier stages trained,
+  as a restore traceback. A `checkpoint` folder: its saved parameter shapes
+  (Orbax metadata, no array read) against the model's abstract ones; an
+  earlier `stage`: the two model configs' class counts. Raises ValueError."""
+  from kd_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  for where, t in _teacher_members(stage):
+    mine = _classes(t["model"], num_classes)
+    if t.get("stage"):
+      theirs = _classes(train.stage_config(config, t["stage"])["model"],
+                        num_classes)
+      if None not in (mine, theirs) and mine != theirs:
+        raise ValueError(
+            f"{where}.model builds {mine} classes, stage {t['stage']!r} "
+            f"trains {theirs}: set {where}.model.num_classes={theirs} (as "
+            f"stages.{t['stage']}.model), or leave it out of both")
+      continue
+    saved = checkpoint.saved_model_shapes(t["checkpoint"])
+    if saved is None:
+      continue  # No readable metadata: loading the teacher says why.
+    params = jax.eval_shape(functools.partial(
+        ctx.build_model(t["model"]).init, train=False),
+                            jax.random.key(0), example)["params"]
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    built = {"/".join(str(getattr(k, "key", k)) for k in path): x.shape
+             for path, x in flat}
+    _compare(where, t["checkpoint"], t["model"]["name"], mine, saved, built)
+
+
+def _compare(where, folder, name, classes, saved, built) -> None:
+  """Raises naming the first parameter (by path) that one of the checkpoint
+  (`saved`) and the model (`built`) lacks, else the first of other shapes;
+  as a class count when every difference is the last axis, from one count
+  in the checkpoint to the model's `classes`."""
+  differ = sorted(p for p in built.keys() & saved.keys()
+                  if saved[p] != built[p])
+  missing = sorted(built.keys() - saved.keys())
+  extra = sorted(saved.keys() - built.keys())
+  if not (differ or missing or extra):
+    return
+  head = f"{where}.checkpoint {folder!r}"
+  counts = {saved[p][-1] for p in differ}
+  if (not missing and not extra and classes is not None and len(counts) == 1
+      and all(saved[p][:-1] == built[p][:-1] and built[p][-1] == classes
+              for p in differ)):
+    n = counts.pop()
+    raise ValueError(
+        f"{head}: the checkpoint has {n} classes, {where}.model {name!r} "
+        f"{classes} ({differ[0]} is {saved[differ[0]]} there, "
+        f"{built[differ[0]]} here): set {where}.model.num_classes={n}, or "
+        f"point {where}.checkpoint at a {classes}-class teacher")
+  # A parameter only one side has says "another architecture" most plainly.
+  if missing:
+    what = f"the model's {missing[0]} is not there"
+  elif extra:
+    what = f"its {extra[0]} is not in the model"
+  else:
+    what = (f"{differ[0]} is {saved[differ[0]]} there, {built[differ[0]]} "
+            "in the model")
+  raise ValueError(
+      f"{head} holds another model than {where}.model {name!r} ({what}): "
+      f"give {where}.model the settings that teacher was trained with")

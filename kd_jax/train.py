@@ -516,6 +516,7 @@ def validate(config, workdir, datasets, cache=None) -> None:
               f"{sorted(feats)}")
       tasks.check_terms(heads, s["losses"])
       checks.stage_values(config, s, ds)  # After the method's own checks.
+      checks.teachers(config, s, ctx, ds.num_classes, example)
       tx = make_optimizers(method, s)
       jax.eval_shape(functools.partial(init_state, method, tx,
                                        jax.random.key(0)), example)

@@ -151,6 +151,107 @@ def test_a_teacher_folder_without_checkpoints(tmp_path, monkeypatch, capsys):
   assert tree_digest(tmp_path) == before
 
 
+def _teacher_checkpoint(folder, **model):
+  """A stage folder whose checkpoint holds an initialised UNet as a trained
+  stage saves it (`params`/`batch_stats` under "model"), on the synthetic
+  data's 1-channel 16 x 16 images."""
+  import jax
+  import jax.numpy as jnp
+  from kd_jax import checkpoint, models
+  net = models.build("unet", **model)
+  variables = net.init(jax.random.key(0), jnp.zeros((1, 16, 16, 1)),
+                       train=False)
+  mngr = checkpoint.manager(str(folder / "checkpoints"), save_every=1)
+  checkpoint.save(mngr, 3, {"step": 3,
+                            "params": {"model": variables["params"]},
+                            "batch_stats": {"model": variables.get(
+                                "batch_stats", {})}})
+  mngr.wait_until_finished()
+  mngr.close()
+  return str(folder)
+
+
+def _ensemble_of(folder):
+  """Edits the default config's distilled stage into an ensemble of one
+  member loaded from `folder`."""
+  def edit(c):
+    d = c.stages.distilled
+    del d["teacher"]
+    d.teachers = [dict(model=dict(name="unet", width=4, depth=2),
+                       checkpoint=folder)]
+    d.losses = dict(ce=dict(fn="cross_entropy"),
+                    kd=dict(fn="ensemble_kd", temperature=1.0))
+  return edit
+
+
+# (id, the teacher's checkpoint (UNet fields) or None for an earlier stage,
+# whether an ensemble member loads it, what the line must name). The
+# synthetic data has 9 classes; the distilled stage's teacher.model is a
+# UNet of width 4, depth 2, without num_classes.
+TEACHERS = [
+    ("checkpoint_classes", dict(width=4, depth=2, num_classes=4), False,
+     ["'distilled'", "teacher.checkpoint", "the checkpoint has 4 classes, "
+      "teacher.model 'unet' 9", "set teacher.model.num_classes=4"]),
+    ("checkpoint_width", dict(width=8, depth=2, num_classes=9), False,
+     ["teacher.checkpoint", "holds another model than teacher.model 'unet'",
+      "bottleneck/BatchNorm_0/bias is (32,) there, (16,) in the model"]),
+    ("checkpoint_depth", dict(width=4, depth=3, num_classes=9), False,
+     ["holds another model than teacher.model 'unet'", "is not in the model"]),
+    ("ensemble_classes", dict(width=4, depth=2, num_classes=4), True,
+     ["teachers[0].checkpoint", "the checkpoint has 4 classes",
+      "set teachers[0].model.num_classes=4"]),
+    ("stage_classes", None, False,
+     ["'distilled'", "teacher.model builds 4 classes, stage 'teacher' "
+      "trains 9", "set teacher.model.num_classes=9"]),
+]
+
+
+@pytest.mark.parametrize("model,ensemble,names",
+                         [c[1:] for c in TEACHERS],
+                         ids=[c[0] for c in TEACHERS])
+def test_a_teacher_of_another_model_or_class_count(
+    tmp_path, monkeypatch, capsys, model, ensemble, names):
+  """Refused before the first stage trains, not when the distill stage
+  restores its teacher."""
+  workdir = tmp_path / "run"
+  if model is None:
+    # A new dict: the default config's teacher model dict is shared with
+    # the teacher stage's.
+    overrides, edit = [], lambda c: setattr(
+        c.stages.distilled.teacher, "model",
+        dict(name="unet", width=4, depth=2, num_classes=4))
+  else:
+    folder = _teacher_checkpoint(tmp_path / "teacher_run", **model)
+    overrides = [] if ensemble else [
+        "stages.distilled.teacher.stage=",
+        f"stages.distilled.teacher.checkpoint={folder}"]
+    edit = _ensemble_of(folder) if ensemble else None
+  before = tree_digest(tmp_path)
+  code = run_main(monkeypatch, workdir, overrides, edit)
+  _assert_refused(code, names, capsys)
+  assert tree_digest(tmp_path) == before
+
+
+def test_a_matching_teacher_checkpoint_passes_the_check(tmp_path):
+  """The same model and class count: no refusal (the check compares, it
+  does not refuse every checkpoint)."""
+  from kd_jax import checks
+  from tests.test_train import tiny_config
+  folder = _teacher_checkpoint(tmp_path, width=4, depth=2, num_classes=9)
+  c = tiny_config()
+  stage = dict(teacher=dict(model=dict(name="unet", width=4, depth=2),
+                            checkpoint=folder))
+  example = np.zeros((1, 16, 16, 1), np.float32)
+  for classes in (9, 5):
+    ctx = train.build_context(c, "teacher", str(tmp_path), classes)
+    if classes == 9:
+      checks.teachers(c, stage, ctx, classes, example)
+    else:
+      with pytest.raises(ValueError, match="the checkpoint has 9 classes, "
+                         "teacher.model 'unet' 5"):
+        checks.teachers(c, stage, ctx, classes, example)
+
+
 @pytest.mark.parametrize("kind", ["file", "unwritable"])
 def test_a_workdir_that_cannot_be_written(tmp_path, monkeypatch, capsys,
                                           kind):
