@@ -18,6 +18,7 @@ import math
 import os
 import signal
 import socket
+import sys
 import time
 from typing import Any
 
@@ -819,6 +820,46 @@ def _terms(values: dict) -> str:
   return " ".join(f"{k}={values[k]:.4g}" for k in keys)
 
 
+class _ProgressBar:
+  """On a terminal, a bar on the last line of `stream` (stage, step, steps/s,
+  ETA), redrawn at most 5 times a second and cleared before each log line.
+  Not drawn where `stream` is a file or a pipe (a log, CI), whose readers
+  would get carriage returns instead of lines."""
+  WIDTH = 30
+
+  def __init__(self, where: str, steps: int, stream):
+    self.where, self.steps, self.stream = where, steps, stream
+    self.on = (getattr(stream, "isatty", lambda: False)()
+               and jax.process_index() == 0)
+    self.first = None  # (step, time) of the first draw: the rate's origin.
+    self.shown = None  # When the bar now on screen was drawn.
+
+  def draw(self, step: int) -> None:
+    if not self.on:
+      return
+    now = time.perf_counter()
+    if self.first is None:
+      self.first = (step, now)  # After the first step, so not its compile.
+    elif (self.shown is not None and step < self.steps
+          and now - self.shown < 0.2):
+      return
+    fill = self.WIDTH * step // self.steps
+    text = (f"{self.where} [{'#' * fill}{'.' * (self.WIDTH - fill)}] "
+            f"{step}/{self.steps}")
+    if step > self.first[0]:
+      rate = (step - self.first[0]) / max(now - self.first[1], 1e-9)
+      text += f" {rate:.3g} steps/s ETA {_duration((self.steps - step) / rate)}"
+    self.stream.write("\r\033[K" + text)  # Back to the line's start, erase.
+    self.stream.flush()
+    self.shown = now
+
+  def clear(self) -> None:
+    if self.shown is not None:
+      self.stream.write("\r\033[K")
+      self.stream.flush()
+      self.shown = None
+
+
 def train_stage(config, name: str, workdir: str, datasets, mesh=None):
   """Trains (or resumes, or finds finished) stage `name` on `datasets` (the
   stage's own: `stage_datasets`); returns (method, final state). Holds the
@@ -906,6 +947,7 @@ def _train_stage(config, name, workdir, datasets, mesh):
 
   history = _StepMetrics(name, mode, max_skipped, last_checkpoint)
   clock = (start, time.perf_counter())
+  bar = _ProgressBar(where, steps, sys.stderr)
   batches = data.pipeline.iterate(train_ds, start)
   try:
     with _Preemption() as preempt:
@@ -938,8 +980,10 @@ def _train_stage(config, name, workdir, datasets, mesh):
           line.append(f"{rate:.3g} steps/s ETA "
                       f"{_duration((steps - step) / rate)}")
         if line:
+          bar.clear()
           logging.info("%s step %d/%d %s", where, step, steps,
                        " | ".join(line))
+        bar.draw(step)
         stop = preempt.requested  # Read once: SIGTERM may come any time.
         if stop or step == steps or mngr.should_save(step):
           history.check()  # Never save a non-finite state.
@@ -951,6 +995,7 @@ def _train_stage(config, name, workdir, datasets, mesh):
     # Stops its prefetch threads, which would otherwise keep the cores busy
     # filling their buffer during the evaluation and the next stage.
     batches.close()
+    bar.clear()
     mngr.wait_until_finished()
     mngr.close()
     writer.flush()
