@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -290,7 +291,132 @@ def test_resume_after_a_truncated_newest_checkpoint_matches_the_previous(
 
 
 # ----------------------------------------------------------------------------
+# kill -9 at random steps.
+
+_KILLABLE_STAGE = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {root!r})
+    from kd_jax import data, train
+    from tests.test_train import tiny_config
+    c = tiny_config(steps={steps})
+    c.checkpoint_every = 1  # Every step may be the one killed after.
+    c.log_every, c.eval_every = 10, {steps}
+    train.train_stage(c, "teacher", {workdir!r}, data.build(c.data))
+""")
+
+
+def _latest_checkpoint(directory):
+  """Every array of the newest checkpoint in `directory`, as numpy, by
+  path."""
+  steps = max(int(s) for s in os.listdir(directory) if s.isdigit())
+  with ocp.StandardCheckpointer() as ckptr:
+    state = ckptr.restore(os.path.join(str(directory), str(steps), "default"))
+  flat = jax.tree_util.tree_flatten_with_path(state)[0]
+  return steps, {jax.tree_util.keystr(p): np.asarray(x) for p, x in flat}
+
+
+@pytest.mark.slow
+def test_kill_9_at_20_random_steps_ends_as_an_uninterrupted_run(tmp_path):
+  """SIGKILL (no chance to save or unlock) at 20 random moments, each
+  relaunch resuming from the newest checkpoint (or one cut short by the
+  kill); the last run ends with every saved array equal to a straight
+  run's. The launches share a compilation cache, so after the first they
+  cost the imports only."""
+  steps = 100
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+
+  def launch(workdir):
+    with open(tmp_path / "stderr.txt", "a") as log:  # The child has a copy.
+      return subprocess.Popen(
+          [sys.executable, "-c", _KILLABLE_STAGE.format(
+              root=ROOT, steps=steps, workdir=str(workdir))],
+          cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log)
+
+  def newest(directory):
+    return max([0] + ([int(s) for s in os.listdir(directory) if s.isdigit()]
+                      if directory.exists() else []))
+
+  rng = np.random.default_rng(0)
+  ckpts = tmp_path / "killed" / "teacher" / "checkpoints"
+  for target in sorted(rng.choice(np.arange(3, 75), 20, replace=False)):
+    resumed_from = newest(ckpts)
+    proc = launch(tmp_path / "killed")
+    # At or past the target, and at least one step past where it resumed.
+    while proc.poll() is None and newest(ckpts) < max(target,
+                                                      resumed_from + 1):
+      time.sleep(0.02)
+    time.sleep(rng.uniform(0, 0.1))  # Anywhere in the step (or its save).
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL, (
+        "the run ended before the kill: "
+        + (tmp_path / "stderr.txt").read_text()[-2000:])
+  for workdir in ("killed", "straight"):
+    assert launch(tmp_path / workdir).wait() == 0
+  final, straight = (_latest_checkpoint(tmp_path / w / "teacher" /
+                                        "checkpoints")
+                     for w in ("killed", "straight"))
+  assert final[0] == straight[0] == steps
+  assert final[1].keys() == straight[1].keys() and len(final[1]) > 10
+  for path, value in straight[1].items():
+    np.testing.assert_array_equal(final[1][path], value, err_msg=path)
+
+
+# ----------------------------------------------------------------------------
 # Console.
+
+
+def _read_all(fd) -> str:
+  """What a pseudo-terminal's other end has received so far."""
+  import select
+  out = b""
+  while select.select([fd], [], [], 0.1)[0]:
+    out += os.read(fd, 65536)
+  return out.decode()
+
+
+def test_progress_bar_on_a_terminal_and_nothing_elsewhere():
+  import io
+  import pty
+  master, replica = pty.openpty()
+  with os.fdopen(replica, "w") as tty:
+    bar = train._ProgressBar("stage 1/2 teacher", 40, tty)
+    bar.draw(1)
+    time.sleep(0.25)  # Redrawn at most every 0.2 s.
+    bar.draw(10)
+    bar.draw(11)  # At once after 10: not redrawn.
+    bar.clear()
+    bar.draw(40)  # The last step always, and after a clear at once.
+    text = _read_all(master)
+  os.close(master)
+  draws = text.split("\r\x1b[K")
+  assert draws[0] == "" and draws[1] == (
+      "stage 1/2 teacher [" + "." * 30 + "] 1/40")
+  assert draws[2].startswith("stage 1/2 teacher [" + "#" * 7 + "." * 23 +
+                             "] 10/40 ") and " steps/s ETA " in draws[2]
+  assert draws[3] == ""  # The clear before a log line.
+  assert draws[4].startswith("stage 1/2 teacher [" + "#" * 30 + "] 40/40 ")
+  assert len(draws) == 5
+  pipe = io.StringIO()
+  plain = train._ProgressBar("stage 1/2 teacher", 40, pipe)
+  for step in (1, 40):
+    plain.draw(step)
+  plain.clear()
+  assert pipe.getvalue() == ""
+
+
+def test_a_stage_on_a_terminal_draws_its_bar(tmp_path, monkeypatch):
+  import pty
+  master, replica = pty.openpty()
+  tty = os.fdopen(replica, "w")
+  monkeypatch.setattr(sys, "stderr", tty)
+  c = tiny_config()
+  train.train_stage(c, "teacher", str(tmp_path), data.build(c.data))
+  text = _read_all(master)
+  tty.close()
+  os.close(master)
+  assert "stage 1/3 teacher [" + "#" * 30 + "] 6/6" in text
+  assert text.endswith("\r\x1b[K")  # Cleared when the stage ends.
 
 _TINY = ["batch_size=4", "steps=4", "stages.teacher.steps=4", "log_every=2",
          "eval_every=4", "checkpoint_every=2", "optimizer.warmup_steps=2",
@@ -314,6 +440,7 @@ def test_default_run_prints_a_short_readable_console(tmp_path):
   assert out.returncode == 0, "\n".join(lines[-30:])
   assert len(lines) <= 40, "\n".join(lines)
   assert not [l for l in lines if "orbax" in l.lower() or "Traceback" in l]
+  assert "\r" not in out.stdout + out.stderr  # No bar into a pipe.
   text = "\n".join(lines)
   assert "stage 1/3 teacher step 2/4 loss=" in text
   assert "steps/s ETA" in text and "stage 3/3 distilled step 4/4" in text
