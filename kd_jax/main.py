@@ -142,7 +142,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   quiet_console()
-  logging.info("JAX devices: %s", jax.devices())
+  try:
+    train.initialize_processes()  # Before anything touches a device.
+  except train.ConfigError as e:
+    sys.exit(f"error: {e}")
+  logging.info("JAX devices: %s (process %d of %d)", jax.devices(),
+               jax.process_index(), jax.process_count())
   try:
     config = FLAGS.config  # config_flags may load the file only now.
   except Exception as e:  # pylint: disable=broad-except
@@ -153,8 +158,9 @@ def main(argv):
                              allow_config_change=FLAGS.allow_config_change)
   except (train.ConfigError, train.TrainingDiverged) as e:
     sys.exit(f"error: {e}")
-  logging.info("report written to %s",
-               os.path.join(FLAGS.workdir, "report.md"))
+  if jax.process_index() == 0:  # The one process that writes it.
+    logging.info("report written to %s",
+                 os.path.join(FLAGS.workdir, "report.md"))
 
 
 if __name__ == "__main__":

@@ -47,6 +47,35 @@ class TrainState:
 # Building blocks, each usable on its own (tests, notebooks, benchmarks).
 
 
+# A launcher of several processes names them here (a torchrun-like launch
+# on hosts of your own); SLURM and TPU pods are found by jax itself.
+PROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES",
+               "JAX_PROCESS_ID")
+
+
+def initialize_processes(environ=None) -> bool:
+  """`jax.distributed.initialize` when the environment says this process is
+  one of several: JAX_COORDINATOR_ADDRESS (host:port of process 0),
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID, all three; or a SLURM job of more
+  than one task; or a TPU pod slice of more than one host. Call it before
+  anything touches a device. Returns whether it initialized."""
+  env = os.environ if environ is None else environ
+  given = [k for k in PROCESS_ENV if env.get(k)]
+  if given:
+    if len(given) != len(PROCESS_ENV):
+      raise ConfigError(f"several processes need all of {list(PROCESS_ENV)};"
+                        f" only {given} are set")
+    jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"],
+                               num_processes=int(env["JAX_NUM_PROCESSES"]),
+                               process_id=int(env["JAX_PROCESS_ID"]))
+    return True
+  tpu_hosts = env.get("TPU_WORKER_HOSTNAMES", "")
+  if int(env.get("SLURM_NTASKS", "1") or 1) > 1 or "," in tpu_hosts:
+    jax.distributed.initialize()  # jax reads the cluster's environment.
+    return True
+  return False
+
+
 def make_mesh(devices=None) -> Mesh:
   devices = jax.devices() if devices is None else devices
   return Mesh(np.asarray(devices), ("data",))
@@ -290,9 +319,9 @@ def _process_local(x: jax.Array) -> np.ndarray:
 def build_teacher_cache(method, frozen, source, *, transforms, batch_size,
                         mesh) -> Any:
   """The teacher outputs `method`'s loss reads (`method.teacher_outputs`)
-  for every example of this process's slice of `source`, as host numpy
-  arrays with the examples on the leading axis, in the slice's order: the
-  `teacher_outputs` of `data.pipeline.train_batches`. One jitted eval-mode
+  for every example of `source` (one process), as host numpy arrays with
+  the examples on the leading axis, in order: the `teacher_outputs` of
+  `data.pipeline.train_batches`. One jitted eval-mode
   forward per batch, the batch sharded on `data`."""
   fn = jax.jit(method.teacher_outputs,
                in_shardings=(NamedSharding(mesh, P()),
@@ -532,6 +561,10 @@ def validate(config, workdir, datasets, cache=None) -> None:
         raise ConfigError(f"stage {name!r}: teacher_cache caches one "
                           "teacher's outputs, not an ensemble's; set "
                           "--config.teacher_cache=False")
+      if jax.process_count() > 1:
+        raise ConfigError(f"stage {name!r}: teacher_cache is one process's "
+                          "host memory; with several processes set "
+                          "--config.teacher_cache=False")
       check_teacher_cache(ds, teacher_output_bytes(method, example))
 
 
@@ -593,6 +626,15 @@ class _Preemption:
 
   def __exit__(self, *exc):
     signal.signal(signal.SIGTERM, self._old)
+
+  def agreed(self) -> bool:
+    """Whether any process was asked to stop (every process calls this at
+    the same steps, so all stop and save the same step)."""
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(
+        np.int32(self.requested))))
 
 
 # ----------------------------------------------------------------------------
@@ -949,6 +991,7 @@ def _train_stage(config, name, workdir, datasets, mesh):
   clock = (start, time.perf_counter())
   bar = _ProgressBar(where, steps, sys.stderr)
   batches = data.pipeline.iterate(train_ds, start)
+  stopped = False
   try:
     with _Preemption() as preempt:
       for step in range(start + 1, steps + 1):
@@ -984,10 +1027,15 @@ def _train_stage(config, name, workdir, datasets, mesh):
           logging.info("%s step %d/%d %s", where, step, steps,
                        " | ".join(line))
         bar.draw(step)
-        stop = preempt.requested  # Read once: SIGTERM may come any time.
+        if jax.process_count() == 1:
+          stop = preempt.requested  # Read once: SIGTERM may come any time.
+        else:  # Agreed where the processes wait anyway: all stop together.
+          stop = (log or step == steps or mngr.should_save(step)) and (
+              preempt.agreed())
         if stop or step == steps or mngr.should_save(step):
           history.check()  # Never save a non-finite state.
         if stop:
+          stopped = True
           checkpoint.save(mngr, step, state, force=True)
           break
         checkpoint.save(mngr, step, state, force=step == steps)
@@ -999,7 +1047,7 @@ def _train_stage(config, name, workdir, datasets, mesh):
     mngr.wait_until_finished()
     mngr.close()
     writer.flush()
-  if preempt.requested:
+  if stopped:
     raise SystemExit(f"stopped by SIGTERM at step {int(state.step)} of stage "
                      f"{name}; rerun with the same --workdir to resume")
   return method, state
@@ -1048,7 +1096,6 @@ def _train_and_evaluate(config, workdir, datasets, cache):
   from kd_jax.evaluate import explain, report  # matplotlib only to report
 
   mesh = make_mesh()
-  rep = NamedSharding(mesh, P())
   heads = run_heads(config, datasets)
   segmentation = tasks.is_segmentation(heads)
   results = {}
@@ -1061,9 +1108,14 @@ def _train_and_evaluate(config, workdir, datasets, cache):
     eval_step = make_eval_step(method, heads, mesh)
     scores = evaluate(eval_step, state, datasets.test, config.batch_size,
                       mesh, heads)
+    # What follows runs on this process's first device, on a local copy of
+    # the (replicated) state: no step of it is a collective, so process 0
+    # alone may run the report's predictions.
+    local = jax.local_devices()[0]
+    state = jax.device_put(jax.device_get(state), local)
     images = jax.device_put(
         np.stack([datasets.test[i % len(datasets.test)]["image"]
-                  for i in range(config.batch_size)]), rep)
+                  for i in range(config.batch_size)]), local)
     predict = jax.jit(method.predict)
     results[name] = dict(
         scores=scores,
@@ -1080,5 +1132,6 @@ def _train_and_evaluate(config, workdir, datasets, cache):
           cam_feature=feature,
           explain=lambda x, c, m=method.model, v=variables, f=feature: tuple(
               np.asarray(a) for a in explain.explainer(m, f, c)(v, x)))
-  report.write(workdir, config, datasets, results, heads=heads)
+  if jax.process_index() == 0:
+    report.write(workdir, config, datasets, results, heads=heads)
   return results

@@ -33,14 +33,21 @@ def test_epochs_are_reshuffled(source):
   assert not np.array_equal(ds[0]["image"], ds[1]["image"])
 
 
-def test_process_shards_are_disjoint(source):
-  parts = [pipeline.train_batches(source, batch_size=4, seed=0,
-                                  shard_index=i, shard_count=2)
-           for i in range(2)]
-  a = {x.tobytes() for k in range(3) for x in parts[0][k]["image"]}
-  b = {x.tobytes() for k in range(3) for x in parts[1][k]["image"]}
-  assert a and b and not a & b
-  assert parts[0][0]["image"].shape[0] == 2
+@pytest.mark.parametrize("shards", [2, 4])
+def test_global_batches_are_the_same_for_any_number_of_processes(source,
+                                                                 shards):
+  """Process p's rows of global batch s, concatenated in process order,
+  are one process's batch s: same examples, same augmented views."""
+  aug = [transforms.SegmentationAugment()]
+  one = pipeline.train_batches(source, batch_size=8, seed=3, transforms=aug)
+  parts = [pipeline.train_batches(source, batch_size=8, seed=3,
+                                  transforms=aug, shard_index=i,
+                                  shard_count=shards) for i in range(shards)]
+  for step in (0, 1, 5):
+    assert parts[0][step]["image"].shape[0] == 8 // shards
+    for key in one[step]:
+      np.testing.assert_array_equal(
+          np.concatenate([p[step][key] for p in parts]), one[step][key])
 
 
 def test_eval_batches_pad_and_mark_valid(source):
@@ -55,3 +62,23 @@ def test_errors():
                            seed=0, shard_index=0, shard_count=2)
   with pytest.raises(ValueError, match="empty"):
     pipeline.train_batches([], batch_size=2, seed=0)
+
+
+@pytest.mark.parametrize("shards", [2, 3, 4])
+def test_eval_batches_are_as_many_on_every_process(shards):
+  """17 examples over several processes: every process yields the same
+  number of batches (each is a collective step), and the valid rows cover
+  every example exactly once."""
+  src = [{"image": np.full((2,), i, np.float32)} for i in range(17)]
+  counts, seen = [], []
+  for index in range(shards):
+    batches = list(pipeline.eval_batches(src, batch_size=2 * shards,
+                                         shard_index=index,
+                                         shard_count=shards))
+    counts.append(len(batches))
+    for b in batches:
+      assert b["image"].shape == (2, 2) and b["valid"].shape == (2,)
+      seen += [int(v) for v in b["image"][b["valid"], 0]]
+  assert len(set(counts)) == 1
+  assert counts[0] == -(-(-(-17 // shards)) // 2)
+  assert sorted(seen) == list(range(17))

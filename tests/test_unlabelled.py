@@ -128,22 +128,20 @@ def test_every_pool_image_appears_once_per_pool_epoch(labelled, pool):
     assert sorted(ids) == list(range(10))
 
 
-def test_two_processes_get_disjoint_halves_with_half_the_pool(labelled,
-                                                              pool):
+def test_two_processes_read_the_one_process_batches(labelled, pool):
+  """Each process gets its half of the labelled rows and of the pool rows
+  of every global batch: together, one process's batch."""
+  one = _batches(labelled, pool, batch_size=8, unlabelled_per_batch=4)
   parts = [_batches(labelled, pool, batch_size=8, unlabelled_per_batch=4,
                     shard_index=i, shard_count=2) for i in range(2)]
-  seen = []
-  for p in parts:
-    b = p[0]
-    assert b["image"].shape[0] == 4
-    assert b["labelled"].tolist() == [True, True, False, False]
-    lab = {i for s in range(6) for i in _ids(p[s]["image"][:2])}
-    unl = {i for s in range(6) for i in _ids(p[s]["image"][2:])}
-    seen.append((lab, unl))
-  (lab0, unl0), (lab1, unl1) = seen
-  assert lab0 and lab1 and not lab0 & lab1
-  assert unl0 and unl1 and not unl0 & unl1
-  assert unl0 | unl1 == set(range(100, 112))
+  for step in range(6):
+    for p in parts:
+      assert p[step]["image"].shape[0] == 4
+      assert p[step]["labelled"].tolist() == [True, True, False, False]
+    lab = [i for p in parts for i in _ids(p[step]["image"][:2])]
+    unl = [i for p in parts for i in _ids(p[step]["image"][2:])]
+    assert lab == list(_ids(one[step]["image"][:4]))
+    assert unl == list(_ids(one[step]["image"][4:]))
 
 
 def test_pipeline_errors(labelled, pool):

@@ -79,10 +79,11 @@ def train_batches(source, *, batch_size: int, seed: int,
   """Infinite MapDataset of this process's share of each global batch.
 
   `batch_size` is the global batch; each of `shard_count` processes gets
-  `batch_size // shard_count` examples from its own slice of the source.
+  its `batch_size // shard_count` rows of it: the global batches are the
+  same for any number of processes.
 
   `teacher_outputs` (a teacher cache: a pytree of arrays whose leading axis
-  runs over this process's slice of the source, in order, as
+  runs over the source, in order, as
   `kd_jax.train.build_teacher_cache` makes them) puts example i's outputs
   under the key "teacher" of example i. They were computed on the
   transformed image, so the transforms must be deterministic: a RandomMap
@@ -91,8 +92,8 @@ def train_batches(source, *, batch_size: int, seed: int,
   `unlabelled` (a random-access source with "image", e.g.
   `Datasets.unlabelled`) mixes `unlabelled_per_batch` (k) pool examples into
   every global batch: each process gets (batch_size - k) / shard_count
-  labelled examples then k / shard_count pool examples of its own slice of
-  the pool, all through `transforms`. Every example then carries
+  labelled examples then k / shard_count pool examples, all through
+  `transforms`. Every example then carries
   "labelled" (bool); pool examples carry zeros for the labelled keys.
   Without a pool, batches have no "labelled" key.
   """
@@ -107,7 +108,8 @@ def train_batches(source, *, batch_size: int, seed: int,
     raise ValueError("cached teacher outputs cover the labelled source only: "
                      "use no teacher cache with an unlabelled pool")
   ds = grain.MapDataset.source(source)
-  ds, shard_count = _process_shard(ds, shard_index, shard_count)
+  if shard_index is None:
+    shard_index, shard_count = jax.process_index(), jax.process_count()
   if batch_size % shard_count:
     raise ValueError(f"batch_size {batch_size} is not divisible by the "
                      f"{shard_count} processes")
@@ -131,20 +133,25 @@ def train_batches(source, *, batch_size: int, seed: int,
     sizes = {len(x) for x in jax.tree.leaves(teacher_outputs)}
     if sizes != {len(ds)}:
       raise ValueError(f"teacher cache of {sorted(sizes)} examples for a "
-                       f"source slice of {len(ds)}")
+                       f"source of {len(ds)}")
     # grain's repeat and shuffle index parents past their length (epoch e
     # reads i + e·n): the example is i mod n.
     n = len(ds)
     ds = ds.map_with_index(lambda i, ex: dict(ex, teacher=jax.tree.map(
         lambda x: x[i % n], teacher_outputs)))
+  # One stream of examples for the whole run, cut into per-process pieces
+  # of each global batch: process p reads pieces p, p + P, p + 2P, ..., so
+  # global batch s is the stream's [s·B, (s+1)·B) whatever the number of
+  # processes (and its augmentation the same, drawn per stream position).
   ds = _epochs(ds, seed, transforms).batch(
       (batch_size - k) // shard_count, drop_remainder=True)
+  ds = ds[shard_index::shard_count] if shard_count > 1 else ds
   if unlabelled is None:
     return ds
   pool = grain.MapDataset.source(unlabelled).map(_image_only)
-  pool, _ = _process_shard(pool, shard_index, shard_count)
   pool = _epochs(pool, _pool_seed(seed), transforms).batch(
       k // shard_count, drop_remainder=True)
+  pool = pool[shard_index::shard_count] if shard_count > 1 else pool
   return ds.map_with_index(functools.partial(_add_pool, pool))
 
 
@@ -154,20 +161,31 @@ def eval_batches(source, *, batch_size: int, transforms: Sequence = (),
 
   The last batch is padded by repeating its last example; the key "valid"
   (bool (B,)) marks the real examples, so shapes stay static under jit.
+  Every process yields as many batches as the largest shard needs, so the
+  collective eval steps match across processes.
   """
   ds = grain.MapDataset.source(source)
+  total = len(ds)
   ds, shard_count = _process_shard(ds, shard_index, shard_count)
   for t in transforms:
     ds = ds.map(t)
   per_process = batch_size // shard_count
+  # Every process yields the same number of batches (each one a collective
+  # step): that of the largest shard; a shorter shard ends with a batch of
+  # padding alone.
+  num_batches = -(-(-(-total // shard_count)) // per_process)
   it = iter(ds.batch(per_process).to_iter_dataset(
       grain.ReadOptions(num_threads=4, prefetch_buffer_size=4)))
-  for batch in it:
-    n = len(batch["image"])
+  last = None
+  for _ in range(num_batches):
+    batch = next(it, None)
+    n = 0 if batch is None else len(batch["image"])
+    batch = last if batch is None else batch
     pad = per_process - n
-    out = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)])
+    out = {k: np.concatenate([v[:n], np.repeat(v[-1:], pad, axis=0)])
            if pad else v for k, v in batch.items()}
     out["valid"] = np.arange(per_process) < n
+    last = out
     yield out
 
 
