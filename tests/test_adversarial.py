@@ -4,7 +4,6 @@ parameters alone, exact resume of a two-optimizer run, a toy where the
 critic separates two distributions and the generator then closes the
 Wasserstein estimate, and the config errors."""
 import os
-import signal
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +12,8 @@ import numpy as np
 import optax
 import pytest
 
-from kd_jax import checkpoint, data, losses, methods, train
+import interrupt
+from kd_jax import data, losses, methods, train
 
 IMAGE = 64  # The critic needs maps of at least 64×64.
 
@@ -177,20 +177,8 @@ def test_interrupted_two_optimizer_run_resumes_exactly(skd, tmp_path,
   # A second workdir sharing the trained teacher: SIGTERM after step 2.
   other = str(tmp_path)
   os.symlink(os.path.join(workdir, "teacher"), os.path.join(other, "teacher"))
-  real_save = checkpoint.save
-
-  def save_then_sigterm(mngr, step, state, force=False):
-    out = real_save(mngr, step, state, force=force)
-    if step == 2:
-      os.kill(os.getpid(), signal.SIGTERM)
-    return out
-
-  monkeypatch.setattr(checkpoint, "save", save_then_sigterm)
-  with pytest.raises(SystemExit, match="SIGTERM at step 3"):
-    train.train_stage(c, "skd", other, ds)
-  monkeypatch.setattr(checkpoint, "save", real_save)
-  _, resumed = train.train_stage(c, "skd", other, ds)
-  resumed = jax.device_get(resumed)
+  resumed = interrupt.interrupted_then_resumed(c, "skd", other, ds,
+                                               monkeypatch)
   assert int(resumed.step) == c.steps
   jax.tree.map(np.testing.assert_array_equal, reference.params,
                resumed.params)

@@ -4,7 +4,6 @@ flows, a tiny end-to-end run on real PNGs with exact resume and the
 deployed explainer + student, and the config errors."""
 import functools
 import os
-import signal
 
 import flax.linen as nn
 import jax
@@ -14,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kd_jax import checkpoint, data, methods, models, train
+import interrupt
+from kd_jax import data, methods, models, train
 from kd_jax.methods.explain import Explain
 
 SIZE = 16
@@ -250,20 +250,8 @@ def test_interrupted_run_resumes_exactly(folder, tmp_path_factory, tmp_path,
   assert 0 < hist["train/mask_mean"][1][-1] < 1
   other = str(tmp_path)
   os.symlink(os.path.join(workdir, "teacher"), os.path.join(other, "teacher"))
-  real_save = checkpoint.save
-
-  def save_then_sigterm(mngr, step, state, force=False):
-    out = real_save(mngr, step, state, force=force)
-    if step == 2:
-      os.kill(os.getpid(), signal.SIGTERM)
-    return out
-
-  monkeypatch.setattr(checkpoint, "save", save_then_sigterm)
-  with pytest.raises(SystemExit, match="SIGTERM at step 3"):
-    train.train_stage(c, "medtex", other, ds)
-  monkeypatch.setattr(checkpoint, "save", real_save)
-  _, resumed = train.train_stage(c, "medtex", other, ds)
-  resumed = jax.device_get(resumed)
+  resumed = interrupt.interrupted_then_resumed(c, "medtex", other, ds,
+                                               monkeypatch)
   assert int(resumed.step) == c.steps
   for part in ("params", "opt_state", "batch_stats"):
     jax.tree.map(np.testing.assert_array_equal, getattr(reference, part),
