@@ -327,8 +327,9 @@ def _drop(stage, *keys):
     (lambda c: c.stages.skd.critic.update(updates=0), "critic.updates=0"),
     (lambda c: c.stages.skd.critic.update(gp_weight=-1.0),
      "critic.gp_weight=-1.0"),
+    # The critic's two inputs would differ: caught with the teacher's.
     (lambda c: c.stages.skd.teacher.model.update(num_classes=3),
-     "the critic scores image \\+ class maps of one shape"),
+     "teacher.model builds 3 classes, stage 'teacher' trains 9"),
     (lambda c: c.stages.skd.optimizers.update(discriminator=dict(lr=1e-3)),
      "optimizers.discriminator: method 'adversarial' has the parameter "
      "groups"),
@@ -361,3 +362,17 @@ def test_poly_schedule_is_the_official_formula():
   # The official code's lr_poly: base_lr · (1 − iter / max_iter) ** power.
   want = [0.01 * (1 - t / 40) ** 0.9 for t in range(40)]
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)
+
+
+def test_a_critic_of_maps_of_two_shapes_is_refused_at_init():
+  from kd_jax import models
+  from kd_jax.methods.adversarial import Adversarial
+  unet = lambda k: models.build("unet", width=2, depth=2, num_classes=k)  # noqa: E731
+  method = Adversarial(
+      unet(9), unet(3), [dict(fn="cross_entropy"),
+                         dict(fn="wgan_generator", weight=0.1)],
+      heads=None, critic=models.build("sagan_discriminator", conv_dim=2))
+  with pytest.raises(ValueError, match=r"the critic scores image \+ class "
+                     r"maps of one shape: the student gives \(64, 64, 9\) "
+                     r"\(9 classes\), the teacher \(64, 64, 3\)"):
+    method.init(jax.random.key(0), jnp.zeros((1, IMAGE, IMAGE, 1)))

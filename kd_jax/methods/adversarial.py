@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kd_jax import losses, models, tasks
+from kd_jax import losses, tasks
 from kd_jax.methods.distill import Distill
 from kd_jax.models.discriminator import discriminator_input
 
@@ -56,20 +56,10 @@ class Adversarial(Distill):
   stage_keys = Distill.stage_keys | {"critic"}
   param_groups = {"student": ("student", "connectors"), "critic": ("critic",)}
 
-  @staticmethod
-  def _critic_config(stage) -> dict:
-    critic = stage.get("critic")
-    if not isinstance(critic, dict) or not isinstance(
-        critic.get("model"), dict) or not critic["model"].get("name"):
-      raise ValueError(
-          "an adversarial stage needs critic=dict(model=dict(name="
-          f"'sagan_discriminator', ...)); got critic={critic!r}; models: "
-          f"{', '.join(models.names())}")
-    unknown = sorted(set(critic) - {"model"} - set(CRITIC_DEFAULTS))
-    if unknown:
-      raise ValueError(f"critic.{unknown[0]}: unknown key; critic takes "
-                       f"model, {', '.join(CRITIC_DEFAULTS)}")
-    out = dict(CRITIC_DEFAULTS, **critic)
+  @classmethod
+  def _critic_config(cls, stage) -> dict:
+    out = cls._module_config(stage, "critic", "sagan_discriminator",
+                             CRITIC_DEFAULTS)
     gp = out["gp_weight"]
     if isinstance(gp, bool) or not isinstance(gp, (int, float)) or gp < 0:
       raise ValueError(f"critic.gp_weight={gp!r}: give a number >= 0 (10 in "
@@ -88,11 +78,8 @@ class Adversarial(Distill):
   @classmethod
   def _more_modules(cls, stage, ctx) -> dict:
     critic = cls._critic_config(stage)
-    try:
-      module = ctx.build_model(critic["model"])
-    except (ValueError, TypeError) as e:
-      raise ValueError(f"critic.model: {e}") from None
-    return {"critic": module, "gp_weight": float(critic["gp_weight"]),
+    return {"critic": cls._build_module(ctx, "critic", critic),
+            "gp_weight": float(critic["gp_weight"]),
             "critic_updates": critic["updates"]}
 
   def __init__(self, model, teacher, loss_terms, heads=None, *, critic,

@@ -25,7 +25,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from kd_jax import losses, tasks
+from kd_jax import losses, models, tasks
 from kd_jax.methods import common
 from kd_jax.models import connectors
 
@@ -112,6 +112,33 @@ class Distill:
     """Constructor arguments a subclass builds from its own stage keys."""
     del stage, ctx
     return {}
+
+  @staticmethod
+  def _module_config(stage, key, example, defaults=None) -> dict:
+    """`stage[key]`, a trained module of a subclass (a critic, an
+    explainer): dict(model=dict(name=...), <keys of defaults>), defaults
+    filled in; a missing model or an unknown key is one line."""
+    defaults = defaults or {}
+    part = stage.get(key)
+    if not isinstance(part, dict) or not isinstance(
+        part.get("model"), dict) or not part["model"].get("name"):
+      raise ValueError(
+          f"an {stage['method']} stage needs {key}=dict(model=dict(name="
+          f"{example!r}, ...)); got {key}={part!r}; models: "
+          f"{', '.join(models.names())}")
+    unknown = sorted(set(part) - {"model"} - set(defaults))
+    if unknown:
+      raise ValueError(f"{key}.{unknown[0]}: unknown key; {key} takes "
+                       f"{', '.join(['model', *defaults])}")
+    return dict(defaults, **part)
+
+  @staticmethod
+  def _build_module(ctx, key, part):
+    """The flax module of `part` (`_module_config`), errors named by key."""
+    try:
+      return ctx.build_model(part["model"])
+    except (ValueError, TypeError) as e:
+      raise ValueError(f"{key}.model: {e}") from None
 
   def __init__(self, model, teacher, loss_terms, heads=None):
     """`teacher`: one flax module, or a list of them (an ensemble, whose

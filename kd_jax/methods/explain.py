@@ -65,32 +65,15 @@ class Explain(Distill):
   # The top-level keys of params (and batch_stats) that `deployed` reads.
   deployed_keys = ("explainer", "student")
 
-  @staticmethod
-  def _explainer_config(stage) -> dict:
-    explainer = stage.get("explainer")
-    if not isinstance(explainer, dict) or not isinstance(
-        explainer.get("model"), dict) or not explainer["model"].get("name"):
-      raise ValueError(
-          "an explain stage needs explainer=dict(model=dict(name="
-          f"'medtex_explainer', ...)); got explainer={explainer!r}")
-    unknown = sorted(set(explainer) - {"model"})
-    if unknown:
-      raise ValueError(f"explainer.{unknown[0]}: unknown key; explainer "
-                       "takes model only")
-    return explainer
-
   @classmethod
   def check(cls, stage, ctx):
     super().check(stage, ctx)
-    cls._explainer_config(stage)
+    cls._module_config(stage, "explainer", "medtex_explainer")
 
   @classmethod
   def _more_modules(cls, stage, ctx) -> dict:
-    config = cls._explainer_config(stage)
-    try:
-      return {"explainer": ctx.build_model(config["model"])}
-    except (ValueError, TypeError) as e:
-      raise ValueError(f"explainer.model: {e}") from None
+    config = cls._module_config(stage, "explainer", "medtex_explainer")
+    return {"explainer": cls._build_module(ctx, "explainer", config)}
 
   def __init__(self, model, teacher, loss_terms, heads=None, *, explainer):
     names = losses.term_names(loss_terms)
