@@ -57,10 +57,10 @@ TEACHER, STUDENT = "teacher", "student"
 
 def volume_iou(pred: np.ndarray, label: np.ndarray,
                num_classes: int) -> np.ndarray:
-  """(C,) IoU per class of one volume; background and classes absent from
-  both prediction and ground truth are NaN (as `metrics.volume_scores`)."""
+  """(C,) IoU per class of one volume, background included; classes absent
+  from both prediction and ground truth are NaN (nothing to score)."""
   iou = np.full(num_classes, np.nan)
-  for c in range(1, num_classes):
+  for c in range(num_classes):
     p, g = pred == c, label == c
     union = np.logical_or(p, g).sum()
     if union:
@@ -79,14 +79,21 @@ def evaluate_volumes(predict_fn, volumes, num_classes: int, input_size,
         predict_fn, vol["image"], vol["label"], num_classes,
         input_size=input_size, spacing=vol.get("spacing"),
         batch_size=batch_size)
-    iou = volume_iou(scores.pop("pred"), vol["label"], num_classes)
+    pred = scores.pop("pred")
+    iou = volume_iou(pred, vol["label"], num_classes)
     per_volume.append(dict(name=vol["name"], dice=scores["dice"],
-                           hd95=scores["hd95"], iou=iou))
+                           hd95=scores["hd95"], iou=iou,
+                           pixel_accuracy=float(np.mean(pred == vol["label"]))))
   summary = metrics.summarize_volumes(per_volume)
   # IoU averaged as summarize_volumes averages Dice: over volumes per class,
-  # then over the foreground classes, NaN (nothing to score) left out.
+  # then over the classes, NaN (nothing to score) left out: the foreground
+  # classes (mean_iou, as mean Dice) and every class with the background
+  # (mean_iou_all, Structured KD's mIoU).
   iou = _nanmean(np.stack([r["iou"] for r in per_volume]), axis=0)
-  summary.update(iou=iou, mean_iou=_nanmean(iou[1:]))
+  summary.update(iou=iou, mean_iou=_nanmean(iou[1:]),
+                 mean_iou_all=_nanmean(iou),
+                 pixel_accuracy=float(np.mean([r["pixel_accuracy"]
+                                               for r in per_volume])))
   return dict(summary=_jsonable(summary), per_volume=_jsonable(per_volume))
 
 
@@ -138,12 +145,14 @@ def mean_std(values) -> dict:
 
 
 def flat_scores(summary: dict, class_names) -> dict:
-  """A volume-eval summary as flat named scores: mean_dice, mean_iou,
-  mean_hd95 and dice/<class>, iou/<class>, hd95/<class> (foreground)."""
-  out = {k: summary[k] for k in ("mean_dice", "mean_iou", "mean_hd95")}
+  """A volume-eval summary as flat named scores: mean_dice, mean_iou
+  (foreground), mean_iou_all (background too), pixel_accuracy, mean_hd95,
+  dice/<class> and hd95/<class> (foreground), iou/<class> (every class)."""
+  out = {k: summary.get(k) for k in ("mean_dice", "mean_iou", "mean_iou_all",
+                                     "pixel_accuracy", "mean_hd95")}
   for metric in ("dice", "iou", "hd95"):
     for c, name in enumerate(class_names):
-      if c:
+      if c or metric == "iou":
         out[f"{metric}/{name}"] = summary[metric][c]
   return out
 
@@ -189,8 +198,8 @@ def markdown_table(table: dict, model_info: dict, class_names) -> list[str]:
   lines = [
       "| stage | model | params | GFLOPs | mean Dice | "
       + " | ".join(f"Dice {c}" for c in fg)
-      + " | mean IoU | mean HD95 |",
-      "|---|---|---:|---:|---:|" + "---:|" * len(fg) + "---:|---:|"]
+      + " | mIoU (fg) | mIoU (all) | pixel acc. | mean HD95 |",
+      "|---|---|---:|---:|---:|" + "---:|" * len(fg) + "---:|" * 4]
   for stage, scores in table.items():
     info = model_info.get(stage, {})
     params = f"{info['params']:,}" if "params" in info else "–"
@@ -199,7 +208,8 @@ def markdown_table(table: dict, model_info: dict, class_names) -> list[str]:
         f"| {stage} | {info.get('model', '–')} | {params} | {gflops} | "
         f"{_pm(scores['mean_dice'])} | "
         + " | ".join(_pm(scores[f"dice/{c}"]) for c in fg)
-        + f" | {_pm(scores['mean_iou'])} | {_pm(scores['mean_hd95'], 2)} |")
+        + f" | {_pm(scores['mean_iou'])} | {_pm(scores['mean_iou_all'])} | "
+        f"{_pm(scores['pixel_accuracy'])} | {_pm(scores['mean_hd95'], 2)} |")
   return lines
 
 

@@ -71,8 +71,9 @@ def test_volume_iou_by_hand():
   label = np.array([[[0, 1, 1], [2, 2, 0]]])
   pred = np.array([[[1, 1, 0], [2, 0, 0]]])
   iou = study.volume_iou(pred, label, 4)
-  assert np.isnan(iou[0]) and np.isnan(iou[3])  # background; class absent
-  np.testing.assert_allclose(iou[1:3], [1 / 3, 1 / 2])
+  assert np.isnan(iou[3])  # Absent from both: nothing to score.
+  # Background: label {(0,0), (1,2)}, prediction {(0,2), (1,1), (1,2)}.
+  np.testing.assert_allclose(iou[:3], [1 / 4, 1 / 3, 1 / 2])
 
 
 def _volumes(rng, shapes):
@@ -99,6 +100,7 @@ def test_evaluate_volumes_perfect_and_empty_predictions():
   out = study.evaluate_volumes(oracle, vols, 3, None, batch_size=2)
   s = out["summary"]
   assert s["mean_dice"] == 1.0 and s["mean_iou"] == 1.0
+  assert s["mean_iou_all"] == 1.0 and s["pixel_accuracy"] == 1.0
   assert s["mean_hd95"] == 0.0
   assert [v["name"] for v in out["per_volume"]] == ["v0", "v1"]
   json.dumps(out)  # NaN became None.
@@ -108,6 +110,11 @@ def test_evaluate_volumes_perfect_and_empty_predictions():
                                vols, 3, None, batch_size=2)
   s = out["summary"]
   assert s["mean_dice"] == 0.0 and s["mean_iou"] == 0.0
+  # All background predicted: background IoU and pixel accuracy are each
+  # volume's background fraction (numpy, averaged over the two volumes).
+  fractions = [np.mean(arrays[f"v{i}"][1] == 0) for i in range(2)]
+  np.testing.assert_allclose(s["pixel_accuracy"], np.mean(fractions))
+  np.testing.assert_allclose(s["mean_iou_all"], np.mean(fractions) / 3)
   # A missed class scores the volume's diagonal (strict convention).
   np.testing.assert_allclose(
       out["per_volume"][0]["hd95"][1], np.sqrt(3**2 + 12**2 + 10**2))
