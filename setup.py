@@ -29,6 +29,10 @@ setup(
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={
+        # JAX's own accelerator builds (the extra names jax itself declares):
+        # without one, JAX runs on the CPU even where a GPU or TPU is present.
+        "cuda12": ["jax[cuda12]"],
+        "tpu": ["jax[tpu]"],
         # nbclient + ipykernel run the colabs/ notebooks (tests/test_colabs.py).
         "test": ["pytest>=7", "pytest-xdist", "nbformat>=5.7", "nbclient>=0.8",
                  "ipykernel>=6"],

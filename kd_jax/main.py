@@ -19,7 +19,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from kd_jax import train
+from kd_jax import accelerator, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -31,6 +31,9 @@ flags.DEFINE_bool("restart", False,
 flags.DEFINE_bool("allow_config_change", False,
                   "Stages trained under another config: continue them under "
                   "this one (noted in <stage>/run_record.json).")
+flags.DEFINE_bool("allow_cpu", False,
+                  "Train on the CPU although a GPU or TPU is visible (also "
+                  "KD_JAX_ALLOW_CPU=1).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -146,6 +149,12 @@ def main(argv):
     train.initialize_processes()  # Before anything touches a device.
   except train.ConfigError as e:
     sys.exit(f"error: {e}")
+  idle = not FLAGS.allow_cpu and accelerator.check()
+  if idle:
+    sys.exit(f"error: {idle}")
+  if accelerator.use_partitionable_random():
+    logging.info("jax_threefry_partitionable turned on: each device draws "
+                 "only its shard of the random numbers")
   logging.info("JAX devices: %s (process %d of %d)", jax.devices(),
                jax.process_index(), jax.process_count())
   try:
