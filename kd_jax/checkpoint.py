@@ -166,13 +166,16 @@ def saved_model_shapes(directory: str) -> dict | None:
   return None
 
 
-def load_model_variables(directory: str) -> dict:
+def load_model_variables(directory: str, keys=None) -> dict:
   """The deployable model's variables from a stage's latest checkpoint.
 
   `directory` is a stage workdir or its `checkpoints` folder. Returns
-  `{"params": ..., "batch_stats": ...}` as numpy arrays for the model the
-  stage trained (key "model" of a supervised stage, "student" of a
-  distillation stage); connectors and optimizer state are left behind.
+  `{"params": ..., "batch_stats": ...}` as numpy arrays of the top-level
+  keys `keys` of the state's params (a method's `deployed_keys`): one key's
+  variables as they are, several keys' nested under each key (the variables
+  of a module whose fields of those names hold the parts). Without `keys`,
+  the model the stage trained: key "model" of a supervised stage, "student"
+  of a distillation stage. Connectors and optimizer state are left behind.
   """
   directory = _checkpoints_folder(directory)
   if not os.path.isdir(directory):
@@ -208,9 +211,19 @@ def load_model_variables(directory: str) -> dict:
                            f"{' '.join(str(e).split())[:200]}") from None
         logging.warning("checkpoint %s/%d does not restore (%s); loading "
                         "the one before", directory, step, type(e).__name__)
-  for key in ("model", "student"):
-    if key in state["params"]:
-      return {"params": state["params"][key],
-              "batch_stats": state["batch_stats"].get(key, {})}
-  raise ValueError(f"checkpoint at {directory} holds neither a 'model' nor a "
-                   f"'student': {sorted(state['params'])}")
+  if keys is None:
+    keys = [k for k in ("model", "student") if k in state["params"]][:1]
+    if not keys:
+      raise ValueError(f"checkpoint at {directory} holds neither a 'model' "
+                       f"nor a 'student': {sorted(state['params'])}")
+  missing = [k for k in keys if k not in state["params"]]
+  if missing:
+    raise ValueError(f"checkpoint at {directory} holds no {missing} (it has "
+                     f"{sorted(state['params'])}): it was trained by another "
+                     "method; pass the --config the stage was trained with")
+  # A part without BatchNorm has no batch_stats entry in the state.
+  picked = {"params": {k: state["params"][k] for k in keys},
+            "batch_stats": {k: state["batch_stats"].get(k, {}) for k in keys}}
+  if len(keys) == 1:
+    return {c: v[keys[0]] for c, v in picked.items()}
+  return picked

@@ -16,14 +16,25 @@ gets
                "heads": {name: {"kind", "label", "num_classes",
                "class_names"}} (null where a kind has no classes: landmarks)
   variables/   an Orbax checkpoint of {"params", "batch_stats"} of the
-               stage's deployable model (the supervised model, or the student
-               of a distillation stage): no connectors, no optimizer state,
-               no teacher.
+               stage's deployable model (the supervised model, the student
+               of a distillation stage, explainer + student of an explain
+               stage): no connectors, no optimizer state, no teacher.
   inference.jax          the same model's eval forward `(params, images) ->
                outputs` serialized with `jax.export` (StableHLO lowered for
                CPU, CUDA and TPU, any batch size)
   inference_params.npz   its `params`: the variables flattened to
                {"params/enc1/Conv_0/kernel": array, ...}
+
+A method deploys the params keys `deployed_keys` (default its
+`model_key`) as the module `deployed` (default its `model`). With several
+keys (MED-TEX's explainer + student) "model" is {"module": the deployed
+class in kd_jax.models, "parts": {key: {"name", "kwargs"}}}: each part's
+model config (`model_key`'s is the stage's `model`, any other key's the
+stage's `<key>.model`), rebuilt as `module(**{key: part})` (flax names a
+field's submodule by the field, so its variables are {key: ...} per
+collection). A method's `deployed_features` (MED-TEX: "mask") are listed
+under "features" in model.json, and inference.jax returns `(outputs,
+{name: feature})` instead of the outputs alone.
 
 `load` gives the module back without the config or the training code:
 
@@ -36,11 +47,13 @@ serialized function needs neither kd_jax nor flax, only jax and numpy:
     exported = jax.export.deserialize(open(f"{out}/inference.jax", "rb").read())
     logits = exported.call(dict(np.load(f"{out}/inference_params.npz")),
                            images)  # float32 (N, H, W, C)
+    # A folder with "features" (MED-TEX): logits, {"mask": Θ} = ...
 
 `restore_stage` (a stage's model and its latest variables, checked against
 the config) is shared with `python -m kd_jax.evaluate`.
 """
 import functools
+import importlib
 import json
 import os
 import sys
@@ -68,13 +81,25 @@ def _shapes(tree) -> dict:
           tuple(leaf.shape) for path, leaf in flat}
 
 
+def deployed_keys(method) -> tuple:
+  """The top-level params keys `method` deploys (default its model's)."""
+  return tuple(getattr(method, "deployed_keys", (method.model_key,)))
+
+
+def deployed_module(method):
+  """The module those keys' variables drive (default `method.model`)."""
+  return getattr(method, "deployed", method.model)
+
+
 def restore_stage(config, workdir: str, stage: str, datasets, heads=None):
   """(method, variables) of `stage`'s latest checkpoint under `workdir`.
 
   `method` is built as training builds it, with the run's heads (`heads`,
-  default `train.run_heads(config, datasets)`): its `.model` is the
-  deployable module, its `.predict` the eval forward. `variables` are the
-  numpy {"params", "batch_stats"} of that model alone. Raises ValueError for
+  default `train.run_heads(config, datasets)`): `deployed_module(method)` is
+  the deployable module, its `.predict` the eval forward. `variables` are
+  the numpy {"params", "batch_stats"} of that module alone
+  (`checkpoint.load_model_variables` of `deployed_keys(method)`). Raises
+  ValueError for
   a stage the config does not have, heads the data cannot feed, or a
   checkpoint that does not fit the config's model; FileNotFoundError when
   the stage has no checkpoint.
@@ -93,13 +118,15 @@ def restore_stage(config, workdir: str, stage: str, datasets, heads=None):
   method, _ = train.build_method(config, stage, workdir, datasets.num_classes,
                                  load_teacher=False, heads=heads)
   try:
-    variables = checkpoint.load_model_variables(stage_dir)
+    variables = checkpoint.load_model_variables(stage_dir,
+                                                deployed_keys(method))
   except FileNotFoundError as e:
     raise FileNotFoundError(f"stage {stage!r}: {e}") from None
   example = jax.ShapeDtypeStruct((1,) + datasets.test[0]["image"].shape,
                                  jnp.float32)
-  expected = jax.eval_shape(functools.partial(method.model.init, train=False),
-                            jax.random.key(0), example)
+  expected = jax.eval_shape(
+      functools.partial(deployed_module(method).init, train=False),
+      jax.random.key(0), example)
   expected = {"params": expected["params"],
               "batch_stats": expected.get("batch_stats", {})}
   want, got = _shapes(expected), _shapes(variables)
@@ -108,7 +135,10 @@ def restore_stage(config, workdir: str, stage: str, datasets, heads=None):
                   if want.get(k) != got.get(k))
     raise ValueError(
         f"stage {stage!r}: the checkpoint does not fit the config's model "
-        f"{config.stages[stage].model.to_dict()}; it differs at "
+        f"{config.stages[stage].model.to_dict()}"
+        + (f" (parts {list(deployed_keys(method))})"
+           if len(deployed_keys(method)) > 1 else "")
+        + "; it differs at "
         + ", ".join(f"{k} (checkpoint {got.get(k)}, model {want.get(k)})"
                     for k in diff[:3])
         + ". Pass the --config overrides the stage was trained with.")
@@ -135,6 +165,34 @@ def describe_heads(heads) -> dict:
           for h in heads.values()}
 
 
+def _part_spec(model_config, num_classes) -> dict:
+  """{"name", "kwargs"} of one model config, JSON-ready."""
+  kwargs = dict(model_config)
+  name = kwargs.pop("name")
+  # The class count is explicit in the file, as training defaults it: only
+  # for constructors that take one (multi-head models size their heads by
+  # their own fields, and `load` passes the kwargs on as they are).
+  if models.accepts(name, "num_classes"):
+    kwargs.setdefault("num_classes", num_classes)
+  return dict(name=name, kwargs={k: _json_value(v) for k, v in kwargs.items()})
+
+
+def _model_spec(method, stage_config, num_classes) -> dict:
+  """model.json's "model": one model's config, or the deployed class and
+  each deployed key's model config (see the module docstring)."""
+  keys = deployed_keys(method)
+  if len(keys) == 1:
+    return _part_spec(stage_config.model.to_dict(), num_classes)
+  parts = {}
+  for key in keys:
+    if key == method.model_key:
+      parts[key] = _part_spec(stage_config.model.to_dict(), num_classes)
+    else:
+      parts[key] = _part_spec(stage_config[key].model.to_dict(), num_classes)
+  cls = type(deployed_module(method))
+  return dict(module=f"{cls.__module__}.{cls.__qualname__}", parts=parts)
+
+
 def export(config, workdir: str, stage: str, out: str) -> str:
   """Writes `stage`'s deployable model to the folder `out` (see module
   docstring); returns the folder's absolute path."""
@@ -144,24 +202,21 @@ def export(config, workdir: str, stage: str, out: str) -> str:
                           "--out or remove it")
   datasets = data.build(config.data)
   heads = train.run_heads(config, datasets)
-  _, variables = restore_stage(config, workdir, stage, datasets, heads)
-  kwargs = config.stages[stage].model.to_dict()
-  name = kwargs.pop("name")
-  # The class count is explicit in the file, as training defaults it: only
-  # for constructors that take one (multi-head models size their heads by
-  # their own fields, and `load` passes the kwargs on as they are).
-  if models.accepts(name, "num_classes"):
-    kwargs.setdefault("num_classes", datasets.num_classes)
+  method, variables = restore_stage(config, workdir, stage, datasets, heads)
+  model_spec = _model_spec(method, config.stages[stage], datasets.num_classes)
   spec = dict(
-      format=FORMAT,
-      model=dict(name=name, kwargs={k: _json_value(v)
-                                    for k, v in kwargs.items()}),
+      format=FORMAT, model=model_spec,
       input_shape=list(datasets.test[0]["image"].shape),
       dtype=jnp.dtype(config.compute_dtype).name,
       stage=stage, method=config.stages[stage].method)
+  features = list(getattr(method, "deployed_features", ()))
+  if features:
+    spec["features"] = features
   if tasks.is_single(heads):
     head = heads[None]
-    classes = kwargs.get("num_classes", head.num_classes)
+    # The class count of the model that gives the outputs.
+    main = model_spec.get("parts", {}).get(method.model_key, model_spec)
+    classes = main["kwargs"].get("num_classes", head.num_classes)
     # A target without names of its own: the data set's, which describe
     # the "label" target this one output reads.
     names = (head.class_names if head.class_names is not None
@@ -180,20 +235,23 @@ def export(config, workdir: str, stage: str, out: str) -> str:
   with open(os.path.join(out, "model.json"), "w") as f:
     json.dump(spec, f, indent=1)
   serialized, params = serialize_inference(_model(spec), variables,
-                                           spec["input_shape"])
+                                           spec["input_shape"], features)
   with open(os.path.join(out, INFERENCE), "wb") as f:
     f.write(serialized)
   np.savez(os.path.join(out, INFERENCE_PARAMS), **params)
   return out
 
 
-def serialize_inference(model, variables, input_shape) -> tuple[bytes, dict]:
+def serialize_inference(model, variables, input_shape,
+                        features=()) -> tuple[bytes, dict]:
   """`model`'s eval forward as a `jax.export` artefact, and its parameters.
 
   Returns (bytes, params): `jax.export.deserialize(bytes).call(params,
   images)` gives `model.apply(variables, images, train=False)[0]` (the
-  outputs; no features) for float32 images of any batch size and one
-  example of shape `input_shape`. `params` is `variables` flattened to
+  outputs; no features), or with `features` (names of the model's
+  features) `(outputs, {name: feature})`, for float32 images of any batch
+  size and one example of shape `input_shape`. `params` is `variables`
+  flattened to
   {"collection/module/.../name": numpy array} (`np.savez` stores it as it
   is), so that loading needs no pytree of kd_jax's. Lowered for `PLATFORMS`.
   """
@@ -201,9 +259,10 @@ def serialize_inference(model, variables, input_shape) -> tuple[bytes, dict]:
             flax.traverse_util.flatten_dict(variables, sep="/").items()}
 
   def infer(flat, images):
-    outputs, _ = model.apply(flax.traverse_util.unflatten_dict(flat, sep="/"),
-                             images, train=False)
-    return outputs
+    outputs, feats = model.apply(
+        flax.traverse_util.unflatten_dict(flat, sep="/"), images,
+        train=False)
+    return (outputs, {k: feats[k] for k in features}) if features else outputs
 
   batch, = jax.export.symbolic_shape("batch")
   exported = jax.export.export(jax.jit(infer), platforms=PLATFORMS)(
@@ -221,15 +280,37 @@ def _tuples(x):
   return x
 
 
+def _deployed_class(path: str):
+  """The class `path` ("kd_jax.models.<module>.<Class>") names."""
+  module, _, name = path.rpartition(".")
+  # Only kd_jax's own models: the file names a class to import, and a
+  # folder from elsewhere must not make `load` import arbitrary code.
+  if not module.startswith("kd_jax.models."):
+    raise ValueError(f"model.json: model.module {path!r} is not a class of "
+                     "kd_jax.models; this folder was not written by "
+                     "kd_jax.export")
+  cls = getattr(importlib.import_module(module), name, None)
+  if cls is None:
+    raise ValueError(f"model.json: model.module {path!r} does not exist in "
+                     "this kd_jax; load it with the kd_jax that wrote it")
+  return cls
+
+
 def _model(spec):
   """The module model.json describes (flax's own layers)."""
-  return models.build(spec["model"]["name"], dtype=jnp.dtype(spec["dtype"]),
-                      **_tuples(spec["model"]["kwargs"]))
+  dtype = jnp.dtype(spec["dtype"])
+  build = lambda part: models.build(part["name"], dtype=dtype,  # noqa: E731
+                                    **_tuples(part["kwargs"]))
+  if "parts" in spec["model"]:
+    return _deployed_class(spec["model"]["module"])(
+        **{k: build(p) for k, p in spec["model"]["parts"].items()})
+  return build(spec["model"])
 
 
 def load(path: str):
   """(model, variables) from an `export` folder: the module rebuilt with
-  `kd_jax.models.build` from model.json, and its numpy variables."""
+  `kd_jax.models.build` from model.json (with several parts, the deployed
+  class over them), and its numpy variables."""
   path = os.path.abspath(path)
   spec_path = os.path.join(path, "model.json")
   if not os.path.isfile(spec_path):

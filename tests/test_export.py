@@ -77,8 +77,11 @@ _JAX_ONLY = textwrap.dedent("""
       exported = jax.export.deserialize(bytearray(f.read()))
     params = dict(np.load(out + "/inference_params.npz"))
     outputs = exported.call(params, np.load(images))
-    outputs = outputs if isinstance(outputs, dict) else {"": outputs}
-    np.savez(result, **{k: np.asarray(v) for k, v in outputs.items()})
+    # Any pytree of outputs by its path: "" for one array, "dr_grade" for a
+    # head, "0" and "1/mask" for (outputs, {"mask": ...}).
+    flat = jax.tree_util.tree_flatten_with_path(outputs)[0]
+    np.savez(result, **{jax.tree_util.keystr(p, simple=True, separator="/"):
+                        np.asarray(v) for p, v in flat})
     assert not {"kd_jax", "flax"} & set(sys.modules), "imported kd_jax/flax"
 """)
 

@@ -8,9 +8,10 @@
 `--workdir` name the run. Each chosen stage (default: every stage of
 `config.stage_order` with a checkpoint under `<workdir>/<stage>/checkpoints`)
 is restored from its latest checkpoint — the deployable model only, as
-`kd_jax.export` writes it — and evaluated on the whole split with the run's
-heads (`config.heads`; without it, one segmentation output reading
-"label"). Outputs, in `<workdir>/eval_<split>/`, for a segmentation run:
+`kd_jax.export` writes it (explainer + student of an explain stage) —
+and evaluated on the whole split with the run's heads (`config.heads`;
+without it, one segmentation output reading "label"). Outputs, in
+`<workdir>/eval_<split>/`, for a segmentation run:
 
   metrics.json      per stage: mean Dice, mean IoU (foreground classes, a
                     class absent from prediction and ground truth left out),
@@ -125,10 +126,16 @@ def _jsonable(v):
 
 def _state(method, variables):
   """The `state` that `train.evaluate` and `method.predict` read: the
-  model's variables under the method's key."""
-  key = method.model_key  # The methods' predict reads params[model_key].
-  return types.SimpleNamespace(params={key: variables["params"]},
-                               batch_stats={key: variables["batch_stats"]})
+  deployed variables back under the method's params keys (the inverse of
+  `checkpoint.load_model_variables`: one key's variables as they are,
+  several keys' already nested under each)."""
+  keys = export.deployed_keys(method)
+  if len(keys) == 1:
+    return types.SimpleNamespace(
+        params={keys[0]: variables["params"]},
+        batch_stats={keys[0]: variables["batch_stats"]})
+  return types.SimpleNamespace(params=dict(variables["params"]),
+                               batch_stats=dict(variables["batch_stats"]))
 
 
 def evaluate_checkpoints(config, workdir: str, stages=None,
@@ -165,8 +172,8 @@ def evaluate_checkpoints(config, workdir: str, stages=None,
   features = {}
   for name, (method, _) in restored.items():
     try:
-      features[name] = explain.model_cam_feature(method.model, images.shape,
-                                                 cam_feature)
+      features[name] = explain.model_cam_feature(
+          export.deployed_module(method), images.shape, cam_feature)
     except ValueError as e:
       raise ValueError(f"stage {name!r}: {e}") from None
 
@@ -184,8 +191,11 @@ def evaluate_checkpoints(config, workdir: str, stages=None,
                          **_scores_json(scores, datasets.class_names))
     logits = jax.jit(method.predict)(state.params, state.batch_stats, images)
     predictions[name] = np.asarray(jnp.argmax(logits, -1))
-    saliency, cam = explain.explainer(method.model, features[name], target)(
-        variables, images)
+    # The deployed module, as `variables` are its own (an explain stage:
+    # explainer + student, the saliency through the mask too).
+    saliency, cam = explain.explainer(export.deployed_module(method),
+                                      features[name], target)(
+                                          variables, images)
     class_name = datasets.class_names[target]
     maps[f"{name}\nsaliency ({class_name})"] = np.asarray(saliency)
     maps[f"{name}\nGrad-CAM {features[name]}"] = np.asarray(cam)

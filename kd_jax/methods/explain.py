@@ -64,6 +64,9 @@ class Explain(Distill):
                   "student": ("student", "connectors")}
   # The top-level keys of params (and batch_stats) that `deployed` reads.
   deployed_keys = ("explainer", "student")
+  # Features of `deployed` that the exported inference returns beside the
+  # prediction (kd_jax.export): Θ.
+  deployed_features = ("mask",)
 
   @classmethod
   def check(cls, stage, ctx):
