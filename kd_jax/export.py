@@ -289,7 +289,10 @@ def _deployed_class(path: str):
     raise ValueError(f"model.json: model.module {path!r} is not a class of "
                      "kd_jax.models; this folder was not written by "
                      "kd_jax.export")
-  cls = getattr(importlib.import_module(module), name, None)
+  try:
+    cls = getattr(importlib.import_module(module), name, None)
+  except ImportError:
+    cls = None
   if cls is None:
     raise ValueError(f"model.json: model.module {path!r} does not exist in "
                      "this kd_jax; load it with the kd_jax that wrote it")

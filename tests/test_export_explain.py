@@ -113,3 +113,8 @@ def test_load_refuses_a_module_outside_kd_jax_models(exported, tmp_path):
   with pytest.raises(ValueError, match="model.module 'os.system' is not a "
                      "class of kd_jax.models"):
     export.load(str(tmp_path))
+  spec["model"]["module"] = "kd_jax.models.nope.Gone"
+  with open(tmp_path / "model.json", "w") as f:
+    json.dump(spec, f)
+  with pytest.raises(ValueError, match="does not exist in this kd_jax"):
+    export.load(str(tmp_path))
