@@ -37,6 +37,14 @@ every group takes one gradient step of `loss_fn`, `common.default_update`):
 The stage's `optimizers=dict(<group>=dict(...))` sets a group's optimizer
 over the stage's `optimizer` (`kd_jax.train.make_optimizers`).
 
+What is deployed is `params[model_key]`'s model unless a method says
+otherwise (MED-TEX deploys explainer + student):
+
+      deployed_keys = ("explainer", "student")   # params keys exported
+      deployed = <a flax module over those keys>  # what export.load rebuilds
+      deployed_features = ("mask",)               # features the exported
+                                                  # function returns too
+
 `stage` is the stage's settings as plain Python values (`train.stage_config`:
 `method`, `model`, `losses` as a list of term dicts, `steps`, `optimizer`, and
 the method's own keys). `ctx` is a `Context`: what only the trainer knows.
