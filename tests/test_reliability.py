@@ -140,7 +140,8 @@ def test_main_turns_divergence_into_an_error_exit(monkeypatch):
   monkeypatch.setattr(train, "train_and_evaluate", diverge)
   monkeypatch.setattr(main, "quiet_console", lambda: None)
   monkeypatch.setattr(main, "FLAGS", types.SimpleNamespace(
-      config=None, workdir="w", restart=False, allow_config_change=False))
+      config=None, workdir="w", restart=False, allow_config_change=False,
+      allow_cpu=False))
   with pytest.raises(SystemExit) as e:
     main.main(["kd_jax.main"])
   assert e.value.code == "error: stage 'teacher' diverged at step 3"

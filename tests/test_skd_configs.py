@@ -78,10 +78,11 @@ def test_bad_args_name_the_choices(arg):
 
 
 # Each validation traces seven stages with a ResNet-101 teacher (about a
-# minute on 2 cores): one student in the default set, the others slow.
-@pytest.mark.parametrize("student", [
-    "pspnet_resnet18", pytest.param("mobilenetv2_seg", marks=pytest.mark.slow),
-    pytest.param("espnet_c", marks=pytest.mark.slow)])
+# minute on 2 cores): slow. The adversarial stage's wiring runs in CI in
+# tests/test_adversarial.py.
+@pytest.mark.slow
+@pytest.mark.parametrize("student", ["pspnet_resnet18", "mobilenetv2_seg",
+                                     "espnet_c"])
 def test_every_arm_validates_on_acdc(tmp_path, student):
   c = _module().get_config(f"cpu,acdc,student={student}")
   c.data.max_train, c.data.max_volumes = 16, 1  # A quick look at ACDC.
