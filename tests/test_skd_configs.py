@@ -3,24 +3,12 @@ import importlib.util
 import os
 
 import pytest
-from absl import flags
-from ml_collections import config_flags
 
 from kd_jax import data, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "skd", "ablation.py")
 ARMS = ("teacher", "student", "pixel", "pixel_pair", "skd", "mimic", "at")
-
-
-def _load(arg, *overrides):
-  """The config exactly as `--config=configs/skd/ablation.py:<arg>`."""
-  argv = ["prog", f"--config={CONFIG}:{arg}", *overrides]
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=fv,
-                                  lock_config=True, sys_argv=argv)
-  fv(argv)
-  return fv.config
 
 
 def _module():
@@ -35,7 +23,7 @@ def _terms(c, stage):
 
 
 def test_each_arm_adds_the_papers_term_to_the_one_before():
-  c = _load("cpu,acdc")
+  c = _module().get_config("cpu,acdc")
   assert tuple(c.stage_order) == ARMS
   base = set(_terms(c, "student"))
   assert base == {"ce", "aux"}  # PSPNet students carry the aux head.
@@ -59,7 +47,7 @@ def test_each_arm_adds_the_papers_term_to_the_one_before():
 
 
 def test_paper_preset_is_the_papers_setting():
-  c = _load("paper,drive,student=espnet_c")
+  c = _module().get_config("paper,drive,student=espnet_c")
   assert (c.data.image_size, c.steps, c.batch_size) == (512, 40000, 8)
   assert (c.optimizer.name, c.optimizer.lr, c.optimizer.schedule,
           c.optimizer.power) == ("sgd", 0.01, "poly", 0.9)
