@@ -26,14 +26,19 @@ checkpoint in `volume_eval.json`. Outputs in `<workdir>`:
                          `config.study.cam_class` for the stages of
                          `config.study.explain_stages` (seed 0)
 
-`config.study` keys: seeds, cam_class (name or index), cam_feature ("" =
-each model's default map), num_figure_examples, explain_stages; for runs
+Segmentation data without volumes (DRIVE) is scored image by image, each
+validation image a one-slice volume.
+
+`config.study` keys: seeds; optional cam_class (name or index, default 1:
+the first foreground class), cam_feature ("" = each model's default map),
+num_figure_examples (default 4), explain_stages (default none); for runs
 whose heads are not one segmentation map (`run_heads`), `columns`: the
 scores in the table (default: every head's headline scores; study.json
 has them all).
 """
 import contextlib
 import copy
+import dataclasses
 import datetime
 import json
 import os
@@ -46,6 +51,7 @@ import numpy as np
 from absl import logging
 
 from kd_jax import data, models, record, tasks, train
+from kd_jax.data import sources
 from kd_jax.evaluate import metrics
 
 TEACHER, STUDENT = "teacher", "student"
@@ -247,7 +253,9 @@ def write_report(workdir, config, datasets, table, model_info, gaps,
   lines = _header() + [
       f"- data: {config.data.name}, {len(datasets.train)} training slices at "
       f"{config.data.image_size}²; evaluated on the {len(vols)} "
-      f"{datasets.volumes_split} volumes, whole 3D volumes",
+      + (f"{datasets.volumes_split} images, image by image (2-D data)"
+         if set(vols.depths) == {1} else
+         f"{datasets.volumes_split} volumes, whole 3D volumes"),
       f"- seeds: {seeds}; steps of batch {config.batch_size} per stage: "
       f"{_steps_text(config, len(datasets.train))}; optimizer {config.optimizer.name}, lr "
       f"{config.optimizer.lr}", "",
@@ -398,10 +406,17 @@ def run(config, workdir: str, **records) -> dict:
   if not tasks.is_segmentation(heads):
     return run_heads(config, workdir, datasets, heads, **records)
   if datasets.volumes is None:
-    raise train.ConfigError(f"data {config.data.name!r} has no volumes to "
-                            "evaluate; a study needs acdc or synapse")
+    # 2-D data (DRIVE): every validation image is a one-slice volume.
+    datasets = dataclasses.replace(datasets, volumes_split="val",
+                                   volumes=sources.images_as_volumes(
+                                       datasets.val, datasets.num_classes,
+                                       class_names=datasets.class_names,
+                                       name=f"{config.data.name} val"))
   study = config.study
-  target = _class_index(study.cam_class, datasets.class_names)
+  try:
+    target = _class_index(study.get("cam_class", 1), datasets.class_names)
+  except ValueError as e:
+    raise train.ConfigError(str(e)) from None
   seeds = list(study.seeds)
   if not seeds:
     raise train.ConfigError("study.seeds is empty")
@@ -454,21 +469,21 @@ def run(config, workdir: str, **records) -> dict:
             if k not in (TEACHER, STUDENT) and not k.endswith("_peer")}
 
   figures_written = {}
-  if study.num_figure_examples > 0:
+  if study.get("num_figure_examples", 4) > 0:
     images, labels = _figure_slices(datasets.volumes, target,
-                                    study.num_figure_examples, size)
+                                    study.get("num_figure_examples", 4), size)
     figures.segmentation_grid(
         os.path.join(workdir, "predictions.png"), images, labels,
         {n: np.asarray(p(images)) for n, (_, _, p) in fig_models.items()},
         datasets.num_classes, class_names=datasets.class_names)
     maps = {}
     class_name = datasets.class_names[target]
-    for name in study.explain_stages:
+    for name in study.get("explain_stages", ()):
       if name not in fig_models:
         continue
       model, variables, _ = fig_models[name]
       feature = explain.model_cam_feature(model, images.shape,
-                                          study.cam_feature)
+                                          study.get("cam_feature", ""))
       sal, cam = explain.explainer(model, feature, target)(variables, images)
       maps[f"{name}\nsaliency"] = np.asarray(sal)
       maps[f"{name}\nGrad-CAM {feature}"] = np.asarray(cam)

@@ -120,6 +120,29 @@ def test_evaluate_volumes_perfect_and_empty_predictions():
       out["per_volume"][0]["hd95"][1], np.sqrt(3**2 + 12**2 + 10**2))
 
 
+def test_images_as_volumes_scores_each_image_as_a_one_slice_volume():
+  # A 2-D source (DRIVE-like): each image is scored on its own; the
+  # per-image IoU is numpy's |P∩G| / |P∪G| of that image.
+  rng = np.random.default_rng(1)
+  labels = rng.integers(0, 3, (3, 8, 6)).astype(np.int32)
+  images = rng.random((3, 8, 6, 2)).astype(np.float32)
+  source = [dict(image=images[i], label=labels[i]) for i in range(3)]
+  vols = sources.images_as_volumes(source, 3, class_names=CLASSES)
+  assert len(vols) == 3 and vols.depths == [1, 1, 1]
+  np.testing.assert_array_equal(vols[1]["image"], images[1][None])
+  np.testing.assert_array_equal(vols.get_slice(2, 0)["label"], labels[2])
+  preds = rng.integers(0, 3, (3, 8, 6)).astype(np.int32)
+  calls = iter(preds)
+  out = study.evaluate_volumes(lambda x: next(calls)[None], vols, 3, None,
+                               batch_size=4)
+  for i, v in enumerate(out["per_volume"]):
+    for c in range(3):
+      p, g = preds[i] == c, labels[i] == c
+      np.testing.assert_allclose(v["iou"][c], (p & g).sum() / (p | g).sum())
+    np.testing.assert_allclose(v["pixel_accuracy"],
+                               np.mean(preds[i] == labels[i]))
+
+
 def _distillo_config(arg):
   """configs/distillo.py's get_config(arg), loaded from its path as
   --config loads it (unlocked: the tiny study adds per-stage steps)."""

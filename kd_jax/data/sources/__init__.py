@@ -7,7 +7,7 @@ names the file or key and the fix.
 
     base        ArraySource, Subset, MapSource, split, seeded_order,
                 load_npz, to_float_image
-    volumes     VolumeSource, SliceSource
+    volumes     VolumeSource, SliceSource, images_as_volumes
     medical     the shared real data sets (ACDC, IDRiD, DRIVE, PALM,
                 PneumoniaMNIST, TotalSegmentator CT)
     synapse     Synapse / TransUNet npz slices and h5 volumes
@@ -33,7 +33,8 @@ from kd_jax.data.sources.medical import (ACDC_CLASSES, DATA_ENV, DME_RISKS,
 from kd_jax.data.sources.synapse import (NpzFilesSource, synapse_slices,
                                          synapse_volumes)
 from kd_jax.data.sources.tfds_source import TfdsSource
-from kd_jax.data.sources.volumes import SliceSource, VolumeSource
+from kd_jax.data.sources.volumes import (SliceSource, VolumeSource,
+                                         images_as_volumes)
 
 SOURCES = {
     "acdc": acdc_slices,

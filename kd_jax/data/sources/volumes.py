@@ -117,6 +117,20 @@ class VolumeSource:
             f"num_classes={self.num_classes})")
 
 
+def images_as_volumes(source, num_classes: int, *,
+                      class_names: Sequence[str] | None = None,
+                      name: str = "images") -> VolumeSource:
+  """A 2D segmentation source (`{"image": HWC, "label": HW}`) as a
+  `VolumeSource` of one-slice volumes, so that data without volumes (DRIVE)
+  is scored image by image through the same volume-wise code."""
+  def load(index: str):
+    ex = source[int(index)]
+    return ex["image"][None], np.asarray(ex["label"])[None]
+  return VolumeSource([str(i) for i in range(len(source))], load,
+                      num_classes, name=name, image_fn=np.asarray,
+                      class_names=class_names)
+
+
 class SliceSource:
   """Every slice of every volume of a `VolumeSource` as a 2D example,
   volume by volume; optionally resized to `image_size`."""
