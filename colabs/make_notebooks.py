@@ -389,7 +389,9 @@ print("data:", f"ACDC from {os.path.abspath(root)}" if use_acdc
 from kd_jax import train
 
 config = load_config("distillo", f"study,{PRESET}")
-config.stage_order = ("teacher", "student", "kd")
+# The smoke run trains the teacher and the distilled student only.
+config.stage_order = ("teacher", "kd") if TINY else ("teacher", "student",
+                                                     "kd")
 size = 32 if TINY else config.data.image_size
 if use_acdc:
   config.data.update(root=root, image_size=size)
@@ -483,7 +485,7 @@ if DATASET == "synthetic":
                      num_test=8 if TINY else 64)
 # The smoke run keeps one teacher and the one-teacher student.
 if TINY:
-  config.stage_order = ("teacher0", "student", "kd_one")
+  config.stage_order = ("teacher0", "kd_one")
 config.steps = 2 if TINY else 100
 config.log_every = config.eval_every = config.checkpoint_every = (
     2 if TINY else 50)

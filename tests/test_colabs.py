@@ -60,15 +60,7 @@ def test_first_cell_says_what_how_long_and_own_data(name):
   assert "Your own data:" in text or "your own copy" in text
 
 
-# The recipe notebooks train a TransUNet, or three multi-task stages: minutes
-# each even at the smoke budget on 2 cores, more than CI can spend, so
-# they run with -m slow; the quickstart and the own-loss notebook run in CI.
-SLOW = ("distillo_acdc.ipynb", "fundus_multitask.ipynb")
-
-
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n
-    for n in NAMES])
+@pytest.mark.parametrize("name", NAMES)
 def test_notebook_runs_top_to_bottom(name, tmp_path, monkeypatch):
   # The kernel inherits this environment: the smoke budget, runs under
   # tmp_path, kd_jax from this checkout, the CPU.
