@@ -173,6 +173,7 @@ def test_settings_that_do_not_change_the_result_never_refuse(workdir):
   c = _teacher_only()
   c.log_every, c.eval_every, c.checkpoint_every = 1, 1, 1
   c.on_nonfinite, c.max_skipped_steps = "skip", 3
+  c.data.workers = 2  # The same batches, read by worker processes.
   before = tree_digest(workdir)
   record.resolve(c, workdir)
   assert tree_digest(workdir) == before
