@@ -92,9 +92,6 @@ def test_eval_batches_are_as_many_on_every_process(shards):
 def test_batches_are_the_same_with_threads_workers_and_after_a_resume():
   """The first batches read by threads in this process, by 2 grain worker
   processes, and from step 3 on (a resume) by 2 workers, bit for bit."""
-  from absl import flags
-  if not flags.FLAGS.is_parsed():  # grain's workers read absl flags.
-    flags.FLAGS.mark_as_parsed()
   src = synthetic.SyntheticCT(12, size=16, seed=0)
   aug = [transforms.SegmentationAugment(max_rotation_deg=15.0)]
   ds = pipeline.train_batches(src, batch_size=4, seed=5, transforms=aug)

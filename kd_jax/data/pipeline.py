@@ -24,6 +24,7 @@ import functools
 import os
 from typing import Callable, Iterator, Sequence
 
+from absl import flags
 import grain
 import jax
 import jax.numpy as jnp
@@ -274,8 +275,9 @@ def iterate(ds: grain.MapDataset, start: int = 0,
   """Iterator over `ds[start:]` with background prefetching: `num_threads`
   threads (default `host_threads`) in this process, or, with `workers`,
   in each of that many grain worker processes (started by spawn: the
-  entry script's code must sit under `if __name__ == "__main__"`, and the
-  workers read absl flags, so run under `absl.app.run`). Either way batch
+  entry script's code must sit under `if __name__ == "__main__"`; they
+  read absl flags, marked parsed here when nothing parsed them). Either
+  way batch
   `start + i` is the i-th item, bit for bit. Each batch's image leaves in
   `transfer_dtype` (`encode`). Close it when done: it stops the threads and
   processes."""
@@ -290,6 +292,10 @@ def iterate(ds: grain.MapDataset, start: int = 0,
   threads = host_threads(workers) if num_threads is None else num_threads
   it = ds.to_iter_dataset(_read_options(threads))
   if workers:
+    if not flags.FLAGS.is_parsed():
+      # grain hands its absl flags to the workers; outside `absl.app.run`
+      # (a notebook, a test) they keep their defaults.
+      flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=int(workers), per_worker_buffer_size=2))
   return iter(it)
