@@ -3,6 +3,7 @@ data (skipped where it is absent)."""
 
 import csv
 import os
+import pickle
 from pathlib import Path
 
 import grain
@@ -91,6 +92,12 @@ def test_resized_examples_are_computed_once_and_equal_a_fresh_resize():
   assert [small[i]["image"][0] for i in (0, 1, 2, 0, 2)] == [0, 1, 2, 0, 2]
   assert sorted(small.examples) == [0, 1] and small.bytes == 32
   assert small[2]["image"].flags.writeable
+  # A worker process's copy starts empty, with the budget it was given.
+  src._resized.make = make  # pylint: disable=protected-access
+  copy = pickle.loads(pickle.dumps(src))
+  assert src._resized.examples  # pylint: disable=protected-access
+  assert not copy._resized.examples  # pylint: disable=protected-access
+  np.testing.assert_array_equal(copy[3]["image"], src[3]["image"])
 
 
 def test_load_npz_partial_rows_and_errors(tmp_path):

@@ -197,11 +197,13 @@ class ResizedCache:
   once in a random order, so any cache smaller than the set serves the
   same share of reads whichever examples it keeps, and keeping the first
   never churns. Kept arrays are read-only (a transform that wrote into one
-  would change every later epoch); each access gets a new dict."""
+  would change every later epoch); each access gets a new dict. A pickled
+  copy (a grain worker process's) starts empty."""
 
   def __init__(self, make: Callable[[int], Example],
                max_bytes: int | None = None):
     self.make, self.max_bytes = make, max_bytes
+    self.budget = max_bytes  # Set on the first keep when not given.
     self.examples: dict[int, Example] = {}
     self.bytes = 0
 
@@ -212,12 +214,18 @@ class ResizedCache:
       self._keep(index, example)
     return dict(example)
 
+  def __getstate__(self):
+    # A worker process (pickled to it by spawn) starts with an empty cache
+    # and a budget of its own, so starting one copies no examples.
+    return {**self.__dict__, "budget": self.max_bytes, "examples": {},
+            "bytes": 0}
+
   def _keep(self, index: int, example: Example) -> None:
-    if self.max_bytes is None:
-      self.max_bytes = int(RESIZED_CACHE_MEMORY_FRACTION
-                           * available_memory_bytes())
+    if self.budget is None:
+      self.budget = int(RESIZED_CACHE_MEMORY_FRACTION
+                        * available_memory_bytes())
     size = sum(np.asarray(v).nbytes for v in example.values())
-    if self.bytes + size > self.max_bytes:
+    if self.bytes + size > self.budget:
       return
     for value in example.values():
       if isinstance(value, np.ndarray):
