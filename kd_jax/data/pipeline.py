@@ -216,6 +216,13 @@ def check_transfer_dtype(name) -> None:
                      f"{list(TRANSFER_DTYPES)}")
 
 
+def check_workers(workers) -> None:
+  if (isinstance(workers, bool) or not isinstance(workers, (int, np.integer))
+      or workers < 0):
+    raise ValueError(f"data.workers={workers!r}: expected 0 (threads in this "
+                     "process) or a number of grain worker processes")
+
+
 def check_uint8_range(image, where: str = "the training images") -> None:
   """Raises one line when `image` is not in [0, 1] (z-scored MRI, CT in
   Hounsfield units): such images cannot travel as uint8."""
@@ -256,8 +263,8 @@ def decode(batch: dict) -> dict:
 
 def host_threads(workers: int = 0) -> int:
   """Reader threads per process: the cores this process may use (at most
-  16, past which grain's threads contend for the GIL), shared among the
-  `workers` worker processes."""
+  16: more threads of Python augmentation mostly wait for the GIL; worker
+  processes scale further), shared among the `workers` processes."""
   cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
            else os.cpu_count() or 1)
   return max(1, min(cores, 16) // max(workers, 1))
@@ -277,15 +284,11 @@ def iterate(ds: grain.MapDataset, start: int = 0,
   in each of that many grain worker processes (started by spawn: the
   entry script's code must sit under `if __name__ == "__main__"`; they
   read absl flags, marked parsed here when nothing parsed them). Either
-  way batch
-  `start + i` is the i-th item, bit for bit. Each batch's image leaves in
-  `transfer_dtype` (`encode`). Close it when done: it stops the threads and
-  processes."""
+  way batch `start + i` is the i-th item, bit for bit. Each batch's image
+  leaves in `transfer_dtype` (`encode`). Close it when done: it stops the
+  threads and processes."""
   check_transfer_dtype(transfer_dtype)
-  if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) \
-      or workers < 0:
-    raise ValueError(f"data.workers={workers!r}: give 0 (threads in this "
-                     "process) or a number of worker processes")
+  check_workers(workers)
   ds = ds[start:]
   if transfer_dtype != "float32":
     ds = ds.map(functools.partial(encode, dtype=transfer_dtype))

@@ -210,11 +210,7 @@ def build(cfg) -> Datasets:
 
 
 def _check_loader(given) -> None:
-  workers = given.get("workers", 0)
-  if (isinstance(workers, bool) or not isinstance(workers, (int, np.integer))
-      or workers < 0):
-    raise ValueError(f"data.workers={workers!r}: expected 0 (threads in this "
-                     "process) or a number of grain worker processes")
+  pipeline.check_workers(given.get("workers", 0))
   pipeline.check_transfer_dtype(given.get("transfer_dtype", "float32"))
 
 
