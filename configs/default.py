@@ -40,6 +40,10 @@ def get_config():
                           momentum=0.9, warmup_steps=30, grad_clip=1.0)
   config.data = dict(name="synthetic", image_size=64, num_train=512,
                      num_val=64, num_test=256, seed=0, augment=True)
+  # How the batches reach the device (docs/usage.md); on a GPU host e.g.
+  # --config.data.workers=8 --config.data.transfer_dtype=uint8.
+  config.data.workers = 0
+  config.data.transfer_dtype = "float32"
   # Distill stages: compute the teacher's outputs once per training example
   # and reuse them every epoch (needs data.augment=False: a random view per
   # epoch would need a new teacher forward).

@@ -138,6 +138,11 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config.checkpoint_every = p["checkpoint_every"]
   config.optimizer = p["optimizer"]
   config.data = _data(opts["dataset"], p["image_size"])
+  # How the batches reach the device (docs/usage.md); on a GPU host e.g.
+  # --config.data.workers=8 --config.data.transfer_dtype=bfloat16 (not
+  # uint8: ACDC's slices are z-scored).
+  config.data.workers = 0
+  config.data.transfer_dtype = "float32"
 
   teacher = p["teacher"]
   student = dict(name="squeeze_unet", width=24)

@@ -116,6 +116,10 @@ def get_config(arg=None):
   else:
     config.data = dict(name="synthetic_fundus", image_size=size,
                        num_train=512, num_val=64, num_test=128, augment=True)
+  # How the batches reach the device (docs/usage.md); on a GPU host e.g.
+  # --config.data.workers=8 --config.data.transfer_dtype=uint8.
+  config.data.workers = 0
+  config.data.transfer_dtype = "float32"
   config.heads = {h: {} for h in HEADS}
 
   if full:

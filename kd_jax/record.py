@@ -38,6 +38,12 @@ SET_ASIDE = "set_aside"
 NOT_DEFINING = frozenset({"log_every", "eval_every", "checkpoint_every",
                           "on_nonfinite", "max_skipped_steps", "epochs",
                           "study"})
+# Data options that change how batches are read, not which: the same
+# batches come with 0 or N loader workers.
+NOT_DEFINING_DATA = frozenset({"data.workers"})
+# Options recorded only where they differ from this default, so that a
+# record written before they existed still matches a config at it.
+QUIET_DEFAULTS = {"data.transfer_dtype": "float32"}
 # Run-wide keys recorded through each stage's resolved settings.
 _IN_STAGE = frozenset({"stages", "stage_order", "steps", "seed", "optimizer",
                        "data"})
@@ -87,7 +93,9 @@ def defining(config, name: str, _seen=()) -> dict:
   stage["losses"] = {t["name"]: {k: v for k, v in t.items() if k != "name"}
                      for t in stage["losses"]}
   stage = _jsonable(stage)
-  out = _flatten(stage, "", {})
+  out = {k: v for k, v in _flatten(stage, "", {}).items()
+         if k not in NOT_DEFINING_DATA
+         and not (k in QUIET_DEFAULTS and v == QUIET_DEFAULTS[k])}
   for key in sorted(set(config) - NOT_DEFINING - _IN_STAGE):
     _flatten(_jsonable(config[key]), key, out)
   for up in sorted(_upstream(stage)):

@@ -206,6 +206,7 @@ def make_train_step(method, tx, skip_nonfinite=False):
       methods.default_update, method)
 
   def train_step(state, batch, frozen):
+    batch = data.pipeline.decode(batch)  # The image as float32 again.
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     params, batch_stats, opt_state, metrics = update(
         opt, state.params, state.batch_stats, state.opt_state, frozen, batch,
@@ -526,7 +527,10 @@ def validate(config, workdir, datasets, cache=None) -> None:
     try:
       ds = stage_datasets(config, name, datasets, cache)
       heads = run_heads(config, ds)
-      example = jnp.zeros((1,) + ds.train[0]["image"].shape, jnp.float32)
+      image = ds.train[0]["image"]
+      example = jnp.zeros((1,) + image.shape, jnp.float32)
+      if config.data.get("transfer_dtype") == "uint8":
+        data.pipeline.check_uint8_range(image)
       s = stage_config(config, name)
       ctx = build_context(config, name, workdir, ds.num_classes, False,
                           heads)
@@ -990,12 +994,17 @@ def _train_stage(config, name, workdir, datasets, mesh):
   history = _StepMetrics(name, mode, max_skipped, last_checkpoint)
   clock = (start, time.perf_counter())
   bar = _ProgressBar(where, steps, sys.stderr)
-  batches = data.pipeline.iterate(train_ds, start)
+  # Two batches on their way to the devices while the step runs.
+  host = data.pipeline.iterate(
+      train_ds, start, workers=s["data"].get("workers", 0),
+      transfer_dtype=s["data"].get("transfer_dtype", "float32"))
+  batches = data.pipeline.DevicePrefetch(
+      host, functools.partial(to_global, mesh=mesh), size=2)
   stopped = False
   try:
     with _Preemption() as preempt:
       for step in range(start + 1, steps + 1):
-        state, m = step_fn(state, to_global(next(batches), mesh), frozen)
+        state, m = step_fn(state, next(batches), frozen)
         history.add(step, m)
         progress(step)
         log = step % config.log_every == 0 or step == steps

@@ -1,3 +1,4 @@
+import jax
 import numpy as np
 import pytest
 
@@ -82,3 +83,101 @@ def test_eval_batches_are_as_many_on_every_process(shards):
   assert len(set(counts)) == 1
   assert counts[0] == -(-(-(-17 // shards)) // 2)
   assert sorted(seen) == list(range(17))
+
+
+# --------------------------------------------------------------------------
+# Feeding the step: loader workers, transfer dtype, device prefetch.
+
+
+def test_batches_are_the_same_with_threads_workers_and_after_a_resume():
+  """The first batches read by threads in this process, by 2 grain worker
+  processes, and from step 3 on (a resume), bit for bit. (One pool of
+  workers: each costs seconds to start.)"""
+  src = synthetic.SyntheticCT(12, size=16, seed=0)
+  aug = [transforms.SegmentationAugment(max_rotation_deg=15.0)]
+  ds = pipeline.train_batches(src, batch_size=4, seed=5, transforms=aug)
+
+  def first(k, start=0, **kw):
+    it = pipeline.iterate(ds, start, **kw)
+    # Copies: a worker's batch lives in shared memory freed on close.
+    out = [jax.tree.map(np.array, next(it)) for _ in range(k)]
+    it.close()
+    return out
+
+  threads = first(8)
+  workers = first(8, workers=2)
+  resumed = first(5, 3)
+  for a, b in zip(threads, workers):
+    assert a.keys() == b.keys()
+    for key in a:
+      assert a[key].dtype == b[key].dtype
+      np.testing.assert_array_equal(a[key], b[key])
+  for a, b in zip(threads[3:], resumed):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+  # Four batches of 4 cover the 12 examples over two reshuffled epochs: the
+  # workers did not all read the same batch.
+  assert len({b["image"].tobytes() for b in workers}) == 8
+
+
+def test_transfer_dtypes_shrink_the_batch_and_decode_to_the_image(source):
+  batch = pipeline.train_batches(source, batch_size=4, seed=0)[0]
+  image = batch["image"]
+  assert image.min() >= 0 and image.max() <= 1
+  u8 = pipeline.encode(batch, "uint8")
+  bf16 = pipeline.encode(batch, "bfloat16")
+  assert u8["image"].dtype == np.uint8
+  assert image.nbytes == 4 * u8["image"].nbytes == 2 * bf16["image"].nbytes
+  np.testing.assert_array_equal(u8["label"], batch["label"])
+  # uint8 is round(255 x), decoded as its value / 255: within half a step.
+  np.testing.assert_array_equal(
+      u8["image"], np.floor(image.astype(np.float64) * 255 + 0.5))
+  back = jax.jit(pipeline.decode)(u8)["image"]
+  assert back.dtype == np.float32
+  np.testing.assert_array_equal(
+      np.asarray(back), u8["image"].astype(np.float32) * np.float32(1 / 255))
+  assert np.abs(np.asarray(back) - image).max() <= 0.5 / 255 + 1e-7
+  back = np.asarray(jax.jit(pipeline.decode)(bf16)["image"])
+  np.testing.assert_allclose(back, image, rtol=2 ** -8, atol=0)
+  assert pipeline.encode(batch, "float32") is batch
+
+
+def test_uint8_refuses_images_outside_0_1_and_iterate_casts_at_the_end():
+  zscored = {"image": np.array([[-0.7, 0.2], [1.5, 0.1]], np.float32)}
+  with pytest.raises(ValueError, match=r"span \[-0\.7, 1\.5\].*bfloat16"):
+    pipeline.encode(zscored, "uint8")
+  with pytest.raises(ValueError, match="transfer_dtype='int8'"):
+    pipeline.iterate(None, transfer_dtype="int8")
+  with pytest.raises(ValueError, match="data.workers=-1"):
+    pipeline.iterate(None, workers=-1)
+  src = synthetic.SyntheticCT(8, size=16, seed=1)
+  ds = pipeline.train_batches(src, batch_size=4, seed=0,
+                              transforms=[transforms.SegmentationAugment()])
+  it = pipeline.iterate(ds, 1, transfer_dtype="uint8")
+  got = next(it)
+  it.close()
+  want = pipeline.encode(ds[1], "uint8")
+  for key in want:
+    np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_device_prefetch_keeps_two_batches_put_ahead():
+  put = []
+  prefetch = pipeline.DevicePrefetch(
+      iter(range(5)), lambda b: put.append(b) or 10 * b, size=2)
+  assert next(prefetch) == 0 and put == [0, 1, 2]
+  assert next(prefetch) == 10 and put == [0, 1, 2, 3]
+  assert list(prefetch) == [20, 30, 40] and put == list(range(5))
+  closed = []
+
+  class Batches:
+    def __next__(self):
+      return 1
+
+    def close(self):
+      closed.append(True)
+
+  prefetch = pipeline.DevicePrefetch(Batches(), lambda b: b)
+  next(prefetch)
+  prefetch.close()
+  assert closed == [True] and not prefetch.queue

@@ -88,6 +88,18 @@ def test_a_distill_stage_records_its_teacher_stage():
   assert not any("/" in k for k in record.defining(c, "baseline"))
 
 
+def test_loader_options_are_recorded_only_where_they_change_the_result():
+  c = tiny_config()
+  before = record.defining(c, "teacher")  # As a record of before they were.
+  assert not any(k in before for k in ("data.workers",
+                                       "data.transfer_dtype"))
+  c.data.workers = 4  # The same batches.
+  assert record.defining(c, "teacher") == before
+  c.data.transfer_dtype = "uint8"  # Quantised images.
+  assert record.differences(before, record.defining(c, "teacher")) == {
+      "data.transfer_dtype": ("<unset>", "uint8")}
+
+
 def test_differences_and_their_line():
   old = {"a": 1, "b": [1, 2], "c": "x"}
   new = {"a": 1, "b": [1, 3], "d": 0.5}
@@ -173,6 +185,7 @@ def test_settings_that_do_not_change_the_result_never_refuse(workdir):
   c = _teacher_only()
   c.log_every, c.eval_every, c.checkpoint_every = 1, 1, 1
   c.on_nonfinite, c.max_skipped_steps = "skip", 3
+  c.data.workers = 2  # The same batches, read by worker processes.
   before = tree_digest(workdir)
   record.resolve(c, workdir)
   assert tree_digest(workdir) == before

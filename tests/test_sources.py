@@ -3,6 +3,7 @@ data (skipped where it is absent)."""
 
 import csv
 import os
+import pickle
 from pathlib import Path
 
 import grain
@@ -60,6 +61,43 @@ def test_array_source_contract_and_validation():
     S.ArraySource(images, labels[:3], 3)
   resized = S.ArraySource(images, labels, 3, image_size=(12, 10))[0]
   _check_example(resized, "segmentation", 3, (12, 10))
+
+
+def test_resized_examples_are_computed_once_and_equal_a_fresh_resize():
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (5, 12, 10, 3), np.uint8)
+  labels = rng.integers(0, 3, (5, 12, 10))
+  src = S.ArraySource(images, labels, 3, extras={"fov": labels > 0},
+                      image_size=(8, 6))
+  calls = []
+  make = src._resized.make  # pylint: disable=protected-access
+  src._resized.make = lambda i: calls.append(i) or make(i)
+  for i in (0, 3, 0, -2, 3):
+    e = src[i]
+    j = i % 5
+    want = T.resize({"image": images[j].astype(np.float32) / 255,
+                     "label": labels[j].astype(np.int32),
+                     "fov": labels[j] > 0}, (8, 6))
+    assert e.keys() == want.keys()
+    for k in want:
+      assert e[k].dtype == want[k].dtype
+      np.testing.assert_array_equal(e[k], want[k])
+    assert not e["image"].flags.writeable  # Kept for later epochs.
+  assert calls == [0, 3]
+  e["extra"] = 1  # Each access gets its own dict.
+  assert "extra" not in src[3]
+  # Past the budget, examples are resized on every access, not kept.
+  small = S.ResizedCache(lambda i: {"image": np.full((4,), i, np.float32)},
+                         max_bytes=40)
+  assert [small[i]["image"][0] for i in (0, 1, 2, 0, 2)] == [0, 1, 2, 0, 2]
+  assert sorted(small.examples) == [0, 1] and small.bytes == 32
+  assert small[2]["image"].flags.writeable
+  # A worker process's copy starts empty, with the budget it was given.
+  src._resized.make = make  # pylint: disable=protected-access
+  copy = pickle.loads(pickle.dumps(src))
+  assert src._resized.examples  # pylint: disable=protected-access
+  assert not copy._resized.examples  # pylint: disable=protected-access
+  np.testing.assert_array_equal(copy[3]["image"], src[3]["image"])
 
 
 def test_load_npz_partial_rows_and_errors(tmp_path):

@@ -168,6 +168,8 @@ def test_one_and_eight_devices_give_the_same_losses():
     (("data.name", "mnist"), "data.name 'mnist'"),
     (("chekpoint_every", 5), r"unknown config keys \['chekpoint_every'\]"
      ".*'checkpoint_every'"),
+    (("data.transfer_dtype", "int8"), r"data.transfer_dtype='int8'.*uint8"),
+    (("data.workers", -2), r"data.workers=-2"),
 ])
 def test_bad_configs_fail_before_training(tmp_path, override, match):
   c = tiny_config()
@@ -181,6 +183,28 @@ def test_bad_configs_fail_before_training(tmp_path, override, match):
   with pytest.raises(ValueError, match=match):
     train.train_and_evaluate(c, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
+
+
+def test_a_uint8_batch_trains_as_the_float32_batch_of_its_quantised_image(
+    tmp_path):
+  """The step decodes a uint8 image (data.transfer_dtype="uint8") to
+  q · float32(1/255): the same loss and update as the float32 batch of that
+  quantised image, computed here in numpy."""
+  c = tiny_config()
+  ds = data.build(c.data)
+  method, frozen = train.build_method(c, "baseline", str(tmp_path),
+                                      ds.num_classes)
+  tx = train.make_optimizers(method, train.stage_config(c, "baseline"))
+  batch = data.pipeline.train_batches(ds.train, batch_size=4, seed=0)[0]
+  u8 = data.pipeline.encode(batch, "uint8")
+  f32 = dict(u8, image=u8["image"].astype(np.float32) * np.float32(1 / 255))
+  assert u8["image"].nbytes * 4 == f32["image"].nbytes
+  step = jax.jit(train.make_train_step(method, tx))
+  state = train.init_state(method, tx, jax.random.key(0), f32["image"])
+  (a, ma), (b, mb) = step(state, u8, frozen), step(state, f32, frozen)
+  assert float(ma["loss"]) == float(mb["loss"])
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_array_equal(x, y)
 
 
 def test_feature_term_with_unknown_name_lists_the_choices(tmp_path):

@@ -88,6 +88,10 @@ def get_config(arg=None):
   size = 224 if full else 112
   config.data = dict(name="palm", num_classes=2, image_size=size,
                      augment=False)
+  # How the batches reach the device (docs/usage.md); on a GPU host e.g.
+  # --config.data.workers=8 --config.data.transfer_dtype=uint8.
+  config.data.workers = 0
+  config.data.transfer_dtype = "float32"
 
   teacher = dict(name="medtex_teacher") if full else dict(
       name="medtex_teacher", widths=(16, 32, 64, 128))

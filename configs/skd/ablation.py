@@ -99,6 +99,10 @@ def get_config(arg=None):
   # Random scale 0.5–2.0 + crop + flip, the paper's augmentation.
   config.data = dict(name=a["dataset"], image_size=size,
                      augment="scale_crop", scale_range=(0.5, 2.0))
+  # How the batches reach the device (docs/usage.md); on a GPU host e.g.
+  # --config.data.workers=8 --config.data.transfer_dtype=bfloat16.
+  config.data.workers = 0
+  config.data.transfer_dtype = "float32"
 
   teacher = dict(name="pspnet_resnet101")
   student = dict(name=a["student"])

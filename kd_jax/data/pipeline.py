@@ -10,12 +10,24 @@ With an unlabelled pool (semi-supervised distillation), batch `s` is the
 labelled batch `s` of its own infinite MapDataset followed by the pool batch
 `s` of another (shuffled per pool epoch with its own seed, since the two have
 different lengths), so it is still a pure function of (sources, seed, s).
-"""
-import functools
-from typing import Sequence
 
+Feeding the step (`iterate`, `DevicePrefetch`): the batches are read by
+threads sized to the host, or by `workers` grain worker processes (each
+reads every `workers`-th batch, so the stream is the same batches in the
+same order); each batch's image is cast to its transfer dtype (`encode`:
+float32, bfloat16 or uint8) at the end of the host pipeline, copied to the
+device two batches ahead of the step, and cast back inside the jitted step
+(`decode`).
+"""
+import collections
+import functools
+import os
+from typing import Callable, Iterator, Sequence
+
+from absl import flags
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -175,7 +187,7 @@ def eval_batches(source, *, batch_size: int, transforms: Sequence = (),
   # padding alone.
   num_batches = -(-(-(-total // shard_count)) // per_process)
   it = iter(ds.batch(per_process).to_iter_dataset(
-      grain.ReadOptions(num_threads=4, prefetch_buffer_size=4)))
+      _read_options(host_threads())))
   last = None
   for _ in range(num_batches):
     batch = next(it, None)
@@ -189,7 +201,135 @@ def eval_batches(source, *, batch_size: int, transforms: Sequence = (),
     yield out
 
 
-def iterate(ds: grain.MapDataset, start: int = 0, num_threads: int = 4):
-  """Iterator over `ds[start:]` with background prefetching."""
-  return iter(ds[start:].to_iter_dataset(
-      grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=8)))
+# `data.transfer_dtype`: the image's dtype from the end of the host pipeline
+# to the device. uint8 (a quarter of float32's bytes) holds images in [0, 1]
+# quantised to 1/255; bfloat16 (half) keeps 8 bits of mantissa.
+TRANSFER_DTYPES = ("float32", "bfloat16", "uint8")
+# An image value further than this outside [0, 1] does not round into
+# 0..255: refused for uint8.
+_UINT8_SLACK = 0.5 / 255
+
+
+def check_transfer_dtype(name) -> None:
+  if name not in TRANSFER_DTYPES:
+    raise ValueError(f"data.transfer_dtype={name!r}: choose one of "
+                     f"{list(TRANSFER_DTYPES)}")
+
+
+def check_workers(workers) -> None:
+  if (isinstance(workers, bool) or not isinstance(workers, (int, np.integer))
+      or workers < 0):
+    raise ValueError(f"data.workers={workers!r}: expected 0 (threads in this "
+                     "process) or a number of grain worker processes")
+
+
+def check_uint8_range(image, where: str = "the training images") -> None:
+  """Raises one line when `image` is not in [0, 1] (z-scored MRI, CT in
+  Hounsfield units): such images cannot travel as uint8."""
+  lo, hi = float(np.min(image)), float(np.max(image))
+  if lo < -_UINT8_SLACK or hi > 1 + _UINT8_SLACK:
+    raise ValueError(f"data.transfer_dtype='uint8' quantises images in [0, 1]"
+                     f", but {where} span [{lo:.3g}, {hi:.3g}]: set "
+                     f"--config.data.transfer_dtype=bfloat16 (or float32)")
+
+
+def encode(batch: dict, dtype: str) -> dict:
+  """The batch with its image cast to the transfer dtype `dtype`; uint8 is
+  round(255 · image), for images in [0, 1] only (`check_uint8_range`)."""
+  image = batch["image"]
+  if dtype == "float32":
+    return batch
+  if dtype == "uint8":
+    check_uint8_range(image, "the images of a training batch")
+    image = np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
+  else:
+    image = np.asarray(image).astype(jnp.bfloat16)
+  return {**batch, "image": image}
+
+
+def decode(batch: dict) -> dict:
+  """Inverse of `encode`, inside the jitted step: the image as float32
+  (uint8 x as x · float32(1/255)), whatever dtype it travelled in."""
+  image = batch["image"]
+  if image.dtype == jnp.float32:
+    return batch
+  image = image.astype(jnp.float32)
+  if batch["image"].dtype == jnp.uint8:
+    # A product (XLA turns x / 255 into one anyway): the same bits as the
+    # host's float32 x · (1/255).
+    image = image * np.float32(1 / 255)
+  return {**batch, "image": image}
+
+
+def host_threads(workers: int = 0) -> int:
+  """Reader threads per process: the cores this process may use (at most
+  16: more threads of Python augmentation mostly wait for the GIL; worker
+  processes scale further), shared among the `workers` processes."""
+  cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+           else os.cpu_count() or 1)
+  return max(1, min(cores, 16) // max(workers, 1))
+
+
+def _read_options(threads: int) -> grain.ReadOptions:
+  # Room for every thread's batch and as many waiting.
+  return grain.ReadOptions(num_threads=threads,
+                           prefetch_buffer_size=max(2 * threads, 4))
+
+
+def iterate(ds: grain.MapDataset, start: int = 0,
+            num_threads: int | None = None, *, workers: int = 0,
+            transfer_dtype: str = "float32") -> Iterator[dict]:
+  """Iterator over `ds[start:]` with background prefetching: `num_threads`
+  threads (default `host_threads`) in this process, or, with `workers`,
+  in each of that many grain worker processes (started by spawn: the
+  entry script's code must sit under `if __name__ == "__main__"`; they
+  read absl flags, marked parsed here when nothing parsed them). Either
+  way batch `start + i` is the i-th item, bit for bit. Each batch's image
+  leaves in `transfer_dtype` (`encode`). Close it when done: it stops the
+  threads and processes."""
+  check_transfer_dtype(transfer_dtype)
+  check_workers(workers)
+  ds = ds[start:]
+  if transfer_dtype != "float32":
+    ds = ds.map(functools.partial(encode, dtype=transfer_dtype))
+  threads = host_threads(workers) if num_threads is None else num_threads
+  it = ds.to_iter_dataset(_read_options(threads))
+  if workers:
+    if not flags.FLAGS.is_parsed():
+      # grain hands its absl flags to the workers; outside `absl.app.run`
+      # (a notebook, a test) they keep their defaults.
+      flags.FLAGS.mark_as_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=int(workers), per_worker_buffer_size=2))
+  return iter(it)
+
+
+class DevicePrefetch:
+  """`put(batch)` for each batch of `batches`, `size` of them ahead of the
+  one returned: `put` (e.g. `kd_jax.train.to_global`) starts an
+  asynchronous host-to-device copy, so the copies of the next batches run
+  while the step on this one does. Item i is still batch i of `batches`.
+  `close` drops the batches on the device and closes `batches`."""
+
+  def __init__(self, batches: Iterator, put: Callable, size: int = 2):
+    self.batches, self.put, self.size = batches, put, size
+    self.queue = collections.deque()
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    while len(self.queue) <= self.size:
+      batch = next(self.batches, None)
+      if batch is None:
+        break
+      self.queue.append(self.put(batch))
+    if not self.queue:
+      raise StopIteration
+    return self.queue.popleft()
+
+  def close(self):
+    self.queue.clear()
+    close = getattr(self.batches, "close", None)
+    if close is not None:
+      close()

@@ -55,6 +55,12 @@ Keys are checked per data set: a config that switches `data.name` must
 carry only the new set's options (ml_collections cannot drop a key from the
 command line, so write the data dict in the config file).
 
+Loading. Every data set also takes `workers` (0: reader threads in the
+training process; N: N grain worker processes) and `transfer_dtype`
+("float32", "bfloat16", or "uint8" for images in [0, 1]), read by the
+trainer's `pipeline.iterate`; they change how batches reach the device, not
+which batches (uint8 quantises the image to 1/255).
+
 Unlabelled pool. Every data set takes `unlabelled` (default None: no pool),
 `dict(sources=(...), per_batch=k)`: images the student sees with the
 teacher's soft targets only (semi-supervised distillation). Each source is a
@@ -79,6 +85,7 @@ from typing import Any, Callable, Mapping, Sequence
 import ml_collections
 import numpy as np
 
+from kd_jax.data import pipeline
 from kd_jax.data import synthetic
 from kd_jax.data import targets as T
 from kd_jax.data import transforms
@@ -131,12 +138,19 @@ BUILDERS: dict[str, Callable[[Any], Datasets]] = {}
 OPTIONS: dict[str, dict[str, Any]] = {}
 
 
+# How the trainer reads the training batches (`kd_jax.data.pipeline.iterate`),
+# not which: 0 (threads in this process) or a number of grain worker
+# processes, and the image's dtype on its way to the device.
+LOADER_OPTIONS = {"workers": 0, "transfer_dtype": "float32"}
+
+
 def _register(name: str, **options):
   # Every set takes `unlabelled` (the pool, built in `build`, not by the
-  # builder), so a pool can join any labelled set.
+  # builder), so a pool can join any labelled set, and the options of the
+  # trainer's input pipeline (`LOADER_OPTIONS`).
   def wrap(fn):
     BUILDERS[name] = fn
-    OPTIONS[name] = {**options, "unlabelled": None}
+    OPTIONS[name] = {**options, "unlabelled": None, **LOADER_OPTIONS}
     if "augment" in options:  # Read by augment="scale_crop" (`build`).
       OPTIONS[name]["scale_range"] = (0.5, 2.0)
     return fn
@@ -166,6 +180,7 @@ def build(cfg) -> Datasets:
     raise ValueError(f"data.{unknown[0]} is not an option of data set "
                      f"{name!r}; its options are {sorted(OPTIONS[name])}")
   pool = _pool_config(given.get("unlabelled"), name)
+  _check_loader(given)
   merged = {**OPTIONS[name], **given, "name": name}
   augment = merged.get("augment", False)
   scale_crop = augment == "scale_crop"
@@ -192,6 +207,11 @@ def build(cfg) -> Datasets:
 
 # --------------------------------------------------------------------------
 # Option checks and shared helpers.
+
+
+def _check_loader(given) -> None:
+  pipeline.check_workers(given.get("workers", 0))
+  pipeline.check_transfer_dtype(given.get("transfer_dtype", "float32"))
 
 
 def _bad(cfg, key: str, expected: str) -> ValueError:

@@ -6,7 +6,7 @@ Every source validates its data when built and raises one `ValueError` that
 names the file or key and the fix.
 
     base        ArraySource, Subset, MapSource, split, seeded_order,
-                load_npz, to_float_image
+                load_npz, to_float_image, ResizedCache
     volumes     VolumeSource, SliceSource, images_as_volumes
     medical     the shared real data sets (ACDC, IDRiD, DRIVE, PALM,
                 PneumoniaMNIST, TotalSegmentator CT)
@@ -17,8 +17,8 @@ names the file or key and the fix.
 `get_source(name, **kwargs)` builds one by name (for configs).
 """
 
-from kd_jax.data.sources.base import (ArraySource, MapSource, Subset,
-                                      load_npz, seeded_order, split,
+from kd_jax.data.sources.base import (ArraySource, MapSource, ResizedCache,
+                                      Subset, load_npz, seeded_order, split,
                                       to_float_image)
 from kd_jax.data.sources.folder import FolderCsvSource
 from kd_jax.data.sources.medical import (ACDC_CLASSES, DATA_ENV, DME_RISKS,

@@ -170,6 +170,71 @@ def check_same_hw(where: str, images: np.ndarray, masks: np.ndarray,
 
 
 # --------------------------------------------------------------------------
+# Resized examples, computed once.
+
+# Resized examples are kept (per process: grain worker processes keep their
+# own) while they take at most this share of the host memory available
+# when the first is kept.
+RESIZED_CACHE_MEMORY_FRACTION = 0.125
+
+
+def available_memory_bytes() -> int:
+  try:
+    with open("/proc/meminfo", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+class ResizedCache:
+  """Example i as `make(i)` computed on its first access and kept for the
+  next epochs, while the kept examples fit in `max_bytes` (default
+  `RESIZED_CACHE_MEMORY_FRACTION` of the available memory); past that,
+  computed on every access. No eviction: an epoch reads every example
+  once in a random order, so any cache smaller than the set serves the
+  same share of reads whichever examples it keeps, and keeping the first
+  never churns. Kept arrays are read-only (a transform that wrote into one
+  would change every later epoch); each access gets a new dict. A pickled
+  copy (a grain worker process's) starts empty."""
+
+  def __init__(self, make: Callable[[int], Example],
+               max_bytes: int | None = None):
+    self.make, self.max_bytes = make, max_bytes
+    self.budget = max_bytes  # Set on the first keep when not given.
+    self.examples: dict[int, Example] = {}
+    self.bytes = 0
+
+  def __getitem__(self, index: int) -> Example:
+    example = self.examples.get(index)
+    if example is None:
+      example = self.make(index)
+      self._keep(index, example)
+    return dict(example)
+
+  def __getstate__(self):
+    # A worker process (pickled to it by spawn) starts with an empty cache
+    # and a budget of its own, so starting one copies no examples.
+    return {**self.__dict__, "budget": self.max_bytes, "examples": {},
+            "bytes": 0}
+
+  def _keep(self, index: int, example: Example) -> None:
+    if self.budget is None:
+      self.budget = int(RESIZED_CACHE_MEMORY_FRACTION
+                        * available_memory_bytes())
+    size = sum(np.asarray(v).nbytes for v in example.values())
+    if self.bytes + size > self.budget:
+      return
+    for value in example.values():
+      if isinstance(value, np.ndarray):
+        value.flags.writeable = False
+    self.examples[index] = example
+    self.bytes += size
+
+
+# --------------------------------------------------------------------------
 # Sources.
 
 
@@ -180,7 +245,8 @@ class ArraySource:
   `to_float_image`, plus an optional resize to `image_size`); `labels` (N,)
   or (N, H, W) become int32; every array in `extras` contributes its row
   under its key (maps are resized with the image, see
-  `kd_jax.data.transforms`). All checks run at construction.
+  `kd_jax.data.transforms`). With `image_size`, each resized example is
+  computed once (`ResizedCache`). All checks run at construction.
   """
 
   def __init__(self, images: np.ndarray, labels: np.ndarray | None,
@@ -197,6 +263,7 @@ class ArraySource:
     self.image_fn = image_fn or to_float_image
     self.image_size = tuple(image_size) if image_size is not None else None
     self.class_names = list(class_names) if class_names is not None else None
+    self._resized = ResizedCache(self._example) if image_size else None
     check_nonempty(name, len(images))
     for key, array in [("label", labels), *self.extras.items()]:
       if array is not None and len(array) != len(images):
@@ -225,6 +292,12 @@ class ArraySource:
     if not -len(self) <= index < len(self):
       raise IndexError(f"{self.name}: index {index} out of range "
                        f"[0, {len(self)})")
+    index %= len(self)
+    if self._resized is not None:
+      return self._resized[index]
+    return self._example(index)
+
+  def _example(self, index: int) -> Example:
     example = {"image": self.image_fn(self.images[index])}
     if self.labels is not None:
       example["label"] = np.asarray(self.labels[index], np.int32)

@@ -15,9 +15,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from kd_jax.data import transforms
-from kd_jax.data.sources.base import (Example, check_finite, check_labels,
-                                      check_nonempty, data_error,
-                                      to_float_image)
+from kd_jax.data.sources.base import (Example, ResizedCache, check_finite,
+                                      check_labels, check_nonempty,
+                                      data_error, to_float_image)
 
 # (image, label) for one volume, both indexed [slice, row, col, ...].
 LoadFn = Callable[[str], tuple[np.ndarray, np.ndarray]]
@@ -133,7 +133,8 @@ def images_as_volumes(source, num_classes: int, *,
 
 class SliceSource:
   """Every slice of every volume of a `VolumeSource` as a 2D example,
-  volume by volume; optionally resized to `image_size`."""
+  volume by volume; optionally resized to `image_size` (each resized slice
+  computed once: `ResizedCache`)."""
 
   task = "segmentation"
 
@@ -146,16 +147,28 @@ class SliceSource:
     self.index = np.array([(v, z) for v in range(len(volumes))
                            for z in range(volumes.depth(v))], np.int64)
     check_nonempty(f"slices of {volumes!r}", len(self.index))
+    self._resized = (ResizedCache(self._resize)
+                     if self.image_size is not None else None)
 
   def __len__(self) -> int:
     return len(self.index)
 
+  def _slice(self, index: int) -> Example:
+    v, z = self.index[index]
+    return self.volumes.get_slice(v, z)
+
+  def _resize(self, index: int) -> Example:
+    return transforms.resize(self._slice(index), self.image_size)
+
   def __getitem__(self, index: int) -> Example:
-    v, z = self.index[int(index)]
-    example = self.volumes.get_slice(v, z)
-    if self.image_size is not None:
-      example = transforms.resize(example, self.image_size)
-    return example
+    index = int(index)
+    if not -len(self) <= index < len(self):
+      raise IndexError(f"{self!r}: slice {index} out of range "
+                       f"[0, {len(self)})")
+    index %= len(self)
+    if self._resized is None:
+      return self._slice(index)
+    return self._resized[index]
 
   def __repr__(self) -> str:
     return f"SliceSource({self.volumes!r}, slices={len(self)})"
