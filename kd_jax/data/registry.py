@@ -860,9 +860,10 @@ def _pool_config(value, labelled: str):
     if (_IMAGES_OF.get(entry["name"], entry["name"])
         == _IMAGES_OF.get(labelled, labelled)
         and labelled not in ("folder", "tfds")):
+      what = ("the labelled data set itself" if entry["name"] == labelled
+              else f"the images of the labelled data set {labelled!r}")
       raise ValueError(f"data.unlabelled.sources[{i}] is "
-                       f"{entry['name']!r}, the images of the labelled data "
-                       f"set {labelled!r} itself: they would leak "
+                       f"{entry['name']!r}, {what}: its images would leak "
                        f"into evaluation; choose another data set")
     entries.append((i, entry))
   return entries, int(per_batch)
