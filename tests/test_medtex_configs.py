@@ -23,14 +23,19 @@ def test_the_arms_differ_as_the_paper_says():
   c = medtex.get_config("cpu,0.25")
   s = {n: train.stage_config(c, n) for n in c.stage_order}
   assert [s[n]["method"] for n in c.stage_order] == [
-      "supervised", "supervised", "distill", "distill", "explain", "explain"]
+      "supervised", "supervised", "distill", "distill", "explain", "explain",
+      "distill", "distill"]
   fns = {n: sorted(t["fn"] for t in s[n]["losses"]) for n in s}
   assert fns["kd"] == fns["med_ex"] == ["soft_cross_entropy"]
   assert fns["vid"] == fns["med_tex"] == ["soft_cross_entropy"] + ["vid"] * 4
   assert {t.get("weight") for t in s["med_tex"]["losses"]
           if t["fn"] == "vid"} == {0.01}
   # One student; the teacher on all of the train split, the rest on 25 %.
-  assert len({str(s[n]["model"]) for n in c.stage_order[1:]}) == 1
+  assert len({str(s[n]["model"]) for n in c.stage_order[1:6]}) == 1
+  # The explanation baselines: the student's widths behind their own mask.
+  assert [s[n]["model"]["name"] for n in ("attention", "l2x")] == [
+      "medtex_attention_student", "medtex_l2x_student"]
+  assert fns["attention"] == fns["l2x"] == ["soft_cross_entropy"]
   assert not c.stages.teacher.get("data")
   assert all(c.stages[n].data.train_fraction == 0.25
              for n in c.stage_order[1:])

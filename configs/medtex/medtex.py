@@ -21,6 +21,14 @@ The stages (`medtex_*` models; `kd_jax.methods.explain`):
   med_ex   explainer + student on X' = Θ ⊙ X, soft CE only (the paper's
            ablation without VID)
   med_tex  med_ex + λ·VID on the four block pairs: MED-TEX
+  attention  the explanation baseline "soft attention": the student behind
+           a learnt sigmoid input mask (medtex_attention_student), as kd
+  l2x      the baseline L2X: the student on K hard-selected 8×8 patches
+           (medtex_l2x_student; Gumbel-softmax top-K in training), as kd
+
+Explanations are scored against IDRiD's lesion masks by
+`python -m kd_jax.evaluate.lesion_iou` (Θ of med_ex / med_tex, the masks of
+attention / l2x, the teacher's saliency and Grad-CAM).
 
 λ = 0.01 and Adam 1e-3 for every trained group, as the paper. The teacher
 trains on all of the train split; the other stages on `data.train_fraction`
@@ -132,8 +140,18 @@ def get_config(arg=None):
                    explainer=dict(model=explainer), teacher=frozen,
                    losses=dict(soft, **_vid_terms()), data=less),
   )
+  # The explanation baselines: students that learn their own input mask,
+  # distilled from the teacher as kd is (L2X keeps the share of the image
+  # of MED-TEX's top-K at k = 1: 16 8×8 patches of 224², 4 of 112²).
+  config.stages.attention = dict(
+      method="distill", teacher=frozen, losses=soft, data=less,
+      model=dict(name="medtex_attention_student", attention_width=8))
+  config.stages.l2x = dict(
+      method="distill", teacher=frozen, losses=soft, data=less,
+      model=dict(name="medtex_l2x_student", patch=8,
+                 num_patches=16 if full else 4))
   config.stage_order = ("teacher", "student", "kd", "vid", "med_ex",
-                        "med_tex")
+                        "med_tex", "attention", "l2x")
   # Post-hoc fidelity to the teacher (MED-TEX's read-out; the table shows
   # the positive-class F1 and the macro F1, study.json has both) beside
   # each stage's own accuracy / F1 / AUC against the labels.

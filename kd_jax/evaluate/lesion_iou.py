@@ -9,8 +9,9 @@ For each chosen stage (default: every stage with a checkpoint) of a run of
 a classifier, the explanation maps of IDRiD part A's 54 lesion images
 (segmentation_512_train.npz, resized from 512² to the model's input size):
 
-  an explain stage (MED-TEX, MED-EX)  its mask Θ (mean over channels), as
-                                      its deployed explainer gives it;
+  a stage whose deployed model       its feature "mask" (mean over
+  returns a "mask" (MED-TEX, MED-EX, channels): Θ, or the attention /
+  attention, L2X)                    selection mask ("theta" in the JSON);
   any other stage (the teacher, ...)  vanilla saliency and Grad-CAM of the
                                       positive class (class 1) on its last
                                       feature map (`kd_jax.evaluate.explain`).
@@ -128,10 +129,15 @@ def _batched(fn, images: np.ndarray, batch: int):
 
 def stage_maps(method, variables, images: np.ndarray, batch: int = 16,
                cam_feature: str = "") -> dict:
-  """{method name: (N, H, W) explanation} of one restored stage: Θ for a
-  stage that deploys a mask, else saliency and Grad-CAM of class 1."""
+  """{method name: (N, H, W) explanation} of one restored stage: its
+  feature "mask" (Θ of an explain stage, the mask of the attention and L2X
+  students) when its deployed model returns one, else saliency and Grad-CAM
+  of class 1."""
   module = export.deployed_module(method)
-  if "mask" in getattr(method, "deployed_features", ()):
+  features = jax.eval_shape(lambda x: module.apply(variables, x,
+                                                   train=False)[1],
+                            images[:1])
+  if "mask" in features:
     fn = jax.jit(lambda x: module.apply(variables, x, train=False)[1][
         "mask"].astype(jnp.float32).mean(-1))
     return {"theta": _batched(fn, images, batch)}
