@@ -34,7 +34,11 @@ the first foreground class), cam_feature ("" = each model's default map),
 num_figure_examples (default 4), explain_stages (default none); for runs
 whose heads are not one segmentation map (`run_heads`), `columns`: the
 scores in the table (default: every head's headline scores; study.json
-has them all).
+has them all), and `fidelity` (optional, a stage name, one classifier
+head): every other stage's post-hoc fidelity to that stage's predictions
+(`metrics.fidelity`: fidelity_accuracy, fidelity_f1 macro,
+fidelity_f1_positive) and, for a binary task, each stage's own
+positive-class F1 against the labels (f1_positive) (MED-TEX's read-out).
 """
 import contextlib
 import copy
@@ -503,10 +507,17 @@ def run_heads(config, workdir: str, datasets, heads, **records) -> dict:
   seeds = list(config.study.seeds)
   if not seeds:
     raise train.ConfigError("study.seeds is empty")
+  reference = config.study.get("fidelity")
+  if reference and (reference not in config.stage_order
+                    or not tasks.is_single(heads)):
+    raise train.ConfigError(
+        f"study.fidelity={reference!r}: name a stage of stage_order "
+        f"{list(config.stage_order)} (the one the others are scored against) "
+        "in a run with one classifier head, or drop it")
   mesh = train.make_mesh()
   example = datasets.train[0]["image"]
   os.makedirs(workdir, exist_ok=True)
-  per_seed, timings, model_info = {}, {}, {}
+  per_seed, timings, model_info, references = {}, {}, {}, {}
   for _, seed, cfg, stage, stage_dir, method, state in _trained_stages(
       config, workdir, datasets, mesh, timings, records):
     per_seed.setdefault(seed, {})
@@ -517,6 +528,11 @@ def run_heads(config, workdir: str, datasets, heads, **records) -> dict:
             e, st, datasets.test, cfg.batch_size, mesh, heads)))
     per_seed[seed][stage] = {k: v for k, v in result.items()
                              if k != "step" and not isinstance(v, list)}
+    if config.study.get("fidelity"):  # Post-hoc fidelity to a stage.
+      per_seed[seed][stage].update(_fidelity(
+          config.study.fidelity, stage, method, state, datasets.test,
+          cfg.batch_size, datasets.num_classes,
+          references.setdefault(seed, {})))
     logging.info("seed %d %s: %s", seed, stage,
                  tasks.headline(heads, {k: np.nan if v is None else v
                                         for k, v in per_seed[seed][
@@ -529,6 +545,50 @@ def run_heads(config, workdir: str, datasets, heads, **records) -> dict:
   table = aggregate(per_seed)
   return write_heads_report(workdir, config, datasets, heads, table,
                             model_info, per_seed, timings)
+
+
+def predictions(method, state, source, batch_size: int):
+  """(predicted class, label) over `source` of a one-classifier run: the
+  argmax of `method.predict` (an explain stage: the student on Θ ⊙ X)."""
+  predict = jax.jit(method.predict)
+  pred, label = [], []
+  for i in range(0, len(source), batch_size):
+    batch = [source[j] for j in range(i, min(i + batch_size, len(source)))]
+    logits = predict(state.params, state.batch_stats,
+                     jnp.asarray(np.stack([e["image"] for e in batch])))
+    pred.append(np.asarray(jnp.argmax(logits, -1)))
+    label.append(np.asarray([e["label"] for e in batch]))
+  return np.concatenate(pred), np.concatenate(label)
+
+
+def _fidelity(reference: str, stage: str, method, state, source,
+              batch_size: int, num_classes: int, seen: dict) -> dict:
+  """`stage`'s post-hoc fidelity to the `reference` stage (MED-TEX's
+  post-hoc accuracy / F1, `metrics.fidelity`; its predictions kept in
+  `seen`, as the reference trains first) and, for a binary task, its own
+  positive-class F1 against the labels ("f1_positive")."""
+  pred, label = predictions(method, state, source, batch_size)
+  out = {}
+  if num_classes == 2:
+    out["f1_positive"] = float(metrics.f1_scores(pred, label, 2)[1])
+  if stage == reference:
+    seen[reference] = pred
+  else:
+    out.update(metrics.fidelity(pred, seen[reference], num_classes))
+  return out
+
+
+def _fidelity_text(config) -> str:
+  reference = config.study.get("fidelity")
+  if not reference:
+    return ""
+  return (f" fidelity_*: post-hoc agreement of each stage's predictions "
+          f"(an explain stage: the student on Θ ⊙ X) with the "
+          f"{reference!r} stage's on the same images (MED-TEX's post-hoc "
+          "accuracy / F1): fidelity_f1_positive is the F1 of the positive "
+          "class (1), fidelity_f1 the macro F1 over both classes; "
+          "f1_positive is the stage's own positive-class F1 against the "
+          "labels.")
 
 
 def write_heads_report(workdir, config, datasets, heads, table, model_info,
@@ -550,7 +610,8 @@ def write_heads_report(workdir, config, datasets, heads, table, model_info,
       "seed). Classification heads: accuracy, macro F1, one-vs-rest AUC, "
       "quadratic-weighted kappa; landmark heads: mean and median error in "
       "pixels of the original image. Params and GFLOPs of the deployable "
-      "model at batch 1 (XLA cost analysis, a multiply-add = 2 FLOPs).", "",
+      "model at batch 1 (XLA cost analysis, a multiply-add = 2 FLOPs)."
+      + _fidelity_text(config), "",
       "| stage | model | params | GFLOPs | " + " | ".join(columns) + " |",
       "|---|---|---:|---:|" + "---:|" * len(columns)]
   for stage, scores in table.items():

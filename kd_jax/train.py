@@ -991,6 +991,9 @@ def _train_stage(config, name, workdir, datasets, mesh):
     mngr.wait_until_finished()
     return mngr.latest_step()
 
+  # A few fixed val images for a method's image summaries (MED-TEX: Θ).
+  shown = (np.stack([datasets.val[i]["image"] for i in range(
+      min(4, len(datasets.val)))]) if hasattr(method, "eval_images") else None)
   history = _StepMetrics(name, mode, max_skipped, last_checkpoint)
   clock = (start, time.perf_counter())
   bar = _ProgressBar(where, steps, sys.stderr)
@@ -1023,6 +1026,9 @@ def _train_stage(config, name, workdir, datasets, mesh):
           headline = tasks.headline(heads, scores)
           scalars = {f"val/{k}": v for k, v in headline.items()}
           writer.write_scalars(step, scalars)
+          if shown is not None:
+            writer.write_images(step, method.eval_images(
+                state.params, state.batch_stats, shown))
           _append_history(stage_dir, step, scalars)
           line.append("val " + _terms(headline))
         if log:

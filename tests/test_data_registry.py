@@ -44,12 +44,13 @@ def idx(split):
 def test_every_name_is_registered_with_its_options():
   assert sorted(data.BUILDERS) == sorted([
       "synthetic", "synthetic_fundus", "acdc", "synapse", "idrid_grading",
-      "idrid_lesions", "drive", "palm", "pneumoniamnist", "totalseg",
+      "idrid_referable", "idrid_lesions", "drive", "palm", "pneumoniamnist", "totalseg",
       "folder", "tfds"])
   for name in data.BUILDERS:
     assert callable(data.BUILDERS[name]) and isinstance(
         data.options(name), dict)
-  for name in ("idrid_grading", "idrid_lesions", "drive", "palm",
+  for name in ("idrid_grading", "idrid_referable", "idrid_lesions", "drive",
+               "palm",
                "totalseg", "folder", "tfds"):
     opts = data.options(name)
     for key in ("image_size", "channels", "seed", "val_fraction",

@@ -175,6 +175,23 @@ def test_the_deployed_pair_is_the_student_on_the_masked_image(pieces, grads):
                              atol=1e-6)
 
 
+def test_eval_images_put_theta_under_the_images(pieces, grads):
+  images, *_ = pieces
+  method, v, _ = grads
+  p, s = v["params"], v["batch_stats"]
+  x = np.asarray(images) * 1.4 - 0.2  # Values outside [0, 1] clip.
+  grid = method.eval_images(p, s, x)["theta"]
+  assert grid.shape == (1, 2 * SIZE, 4 * SIZE, 3)
+  mask = np.asarray(method.explain(p, s, x)[1]).mean(-1)
+  for i in range(4):
+    cols = slice(i * SIZE, (i + 1) * SIZE)
+    np.testing.assert_allclose(grid[0, :SIZE, cols], np.clip(x[i], 0, 1),
+                               rtol=1e-6)
+    for c in range(3):
+      np.testing.assert_allclose(grid[0, SIZE:, cols, c], mask[i],
+                                 rtol=1e-5, atol=1e-7)
+
+
 # ----------------------------------------------------------------------------
 # A tiny run on real PNGs: a supervised teacher, then MED-TEX.
 

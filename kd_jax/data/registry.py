@@ -11,6 +11,8 @@ the defaults, and calls the builder.
     synapse         label: segmentation (9)                  224
     idrid_grading   dr_grade (5, ordinal), dme_risk (3),     256
                     fovea, optic_disc (landmarks)
+    idrid_referable label: classification (2: DR grade >= 2,  256
+                    referable, or not)
     idrid_lesions   label: segmentation (background/lesion), 512
                     lesion_mask: multilabel (MA HE EX SE OD)
     drive           label: segmentation (background/vessel)  512
@@ -509,6 +511,35 @@ def _idrid_grading(cfg) -> Datasets:
       description=f"IDRiD grading: {text}" + _NO_TEST)
 
 
+@_register("idrid_referable", image_size=256, **_IMAGE, **_SPLIT)
+def _idrid_referable(cfg) -> Datasets:
+  """IDRiD grading (grading_256_train.npz, 413 images) as a binary task:
+  "label" 1 = referable DR, grade >= 2 (moderate non-proliferative DR or
+  worse: the usual screening threshold for referral, as in Gulshan et al.,
+  JAMA 2016), 0 = no or mild DR (259 referable, 154 not in the file). Val
+  is stratified by the 5 grades, so it is the split of "idrid_grading"
+  (and class-stratified for the binary label too). 42 of IDRiD part A's 54
+  lesion images ("idrid_lesions") are also in this file
+  (`kd_jax.evaluate.lesion_iou.part_overlap`): explanation IoU on them is
+  not on unseen images.
+  """
+  from kd_jax.data import sources
+  full = sources.idrid_grading(cfg.root or None, target="referable",
+                               pixel_landmarks=False,
+                               image_size=_image_size(cfg))
+  train, val, text = _split(full, cfg, strata=full.extras["dr_grade"])
+  names = sources.REFERABLE
+  train, val = _channels(train, cfg, 3), _channels(val, cfg, 3)
+  return Datasets(
+      train=train, val=val, test=val,
+      num_classes=2, class_names=names,
+      train_transforms=_augment(cfg, rgb=cfg.channels != 1),
+      targets={"label": T.classification(2, names)},
+      description=f"IDRiD referable DR (grade >= "
+      f"{sources.REFERABLE_GRADE} vs < {sources.REFERABLE_GRADE}): {text}"
+      + _NO_TEST)
+
+
 @_register("idrid_lesions", image_size=512,
            lesions=("MA", "HE", "EX", "SE"), **_IMAGE, **_SPLIT)
 def _idrid_lesions(cfg) -> Datasets:
@@ -846,12 +877,21 @@ def _pool_config(value, labelled: str):
                        f"unlabelled: a pool source has no pool of its own")
     # folder and tfds name many data sets each: `_check_leak` compares what
     # they read instead.
-    if entry["name"] == labelled and labelled not in ("folder", "tfds"):
-      raise ValueError(f"data.unlabelled.sources[{i}] is {labelled!r}, the "
-                       f"labelled data set itself: its images would leak "
+    if (_IMAGES_OF.get(entry["name"], entry["name"])
+        == _IMAGES_OF.get(labelled, labelled)
+        and labelled not in ("folder", "tfds")):
+      what = ("the labelled data set itself" if entry["name"] == labelled
+              else f"the images of the labelled data set {labelled!r}")
+      raise ValueError(f"data.unlabelled.sources[{i}] is "
+                       f"{entry['name']!r}, {what}: its images would leak "
                        f"into evaluation; choose another data set")
     entries.append((i, entry))
   return entries, int(per_batch)
+
+
+# Data sets that are other targets on another set's images (a pool of one
+# would leak the other's val images).
+_IMAGES_OF = {"idrid_referable": "idrid_grading"}
 
 
 def _split_paths(split) -> set:

@@ -182,3 +182,31 @@ def training_curves(path: str | os.PathLike | None,
     ax.set_visible(False)
   fig.tight_layout()
   return _save(fig, path, dpi)
+
+
+def topk_bars(path: str | os.PathLike | None, ks: Sequence[int],
+              scores: Mapping[str, Mapping[str, Sequence[float]]],
+              dpi: int = 100) -> Figure:
+  """Top-K overlap with lesions: one panel per form ("jaccard", "dice"),
+  grouped bars per k with one bar per method. `scores[method][form]` holds
+  one value per k."""
+  if not scores:
+    raise ValueError("topk_bars got no method")
+  forms = list(next(iter(scores.values())))
+  fig = Figure(figsize=(5.0 * len(forms), 3.2))
+  FigureCanvasAgg(fig)
+  axes = np.asarray(fig.subplots(1, len(forms), squeeze=False)).ravel()
+  x = np.arange(len(ks))
+  width = 0.8 / len(scores)
+  cmap = colormaps["tab10"]
+  for ax, form in zip(axes, forms):
+    for i, (name, s) in enumerate(scores.items()):
+      ax.bar(x + (i - (len(scores) - 1) / 2) * width, s[form], width,
+             label=name, color=cmap(i % cmap.N))
+    ax.set_xticks(x, [f"{k}" for k in ks])
+    ax.set_xlabel("k (K = k·32·32 px at 224²)")
+    ax.set_title(f"top-K overlap with lesions ({form})")
+    ax.grid(alpha=0.3, axis="y")
+  axes[-1].legend(fontsize="small", bbox_to_anchor=(1.02, 1), loc="upper left")
+  fig.tight_layout()
+  return _save(fig, path, dpi)

@@ -45,6 +45,13 @@ otherwise (MED-TEX deploys explainer + student):
       deployed_features = ("mask",)               # features the exported
                                                   # function returns too
 
+A method may return images to log at each evaluation (clu's
+`writer.write_images`, e.g. MED-TEX's masks Θ) for a few fixed val images
+(N, H, W, C), eval mode:
+
+      def eval_images(self, params, batch_stats, images):
+        ...   # -> {name: (n, h, w, 1 or 3) float array in [0, 1]}
+
 `stage` is the stage's settings as plain Python values (`train.stage_config`:
 `method`, `model`, `losses` as a list of term dicts, `steps`, `optimizer`, and
 the method's own keys). `ctx` is a `Context`: what only the trainer knows.

@@ -37,7 +37,10 @@ its `optimizers.<group>` entries over it (the paper: Adam 1e-3 for both).
 One gradient step of each per training step (`common.default_update`).
 Per step it logs the soft-CE term (under its term name), `vid` (the
 unweighted sum over layers, when there are vid terms), `total`, and
-`mask_mean` (the mean of Θ: how much of the image the student sees).
+`mask_mean` (the mean of Θ: how much of the image the student sees). At
+each evaluation the trainer logs `eval_images`: Θ of the first 4 val images
+under them (clu's `write_images`, "theta", in the stage's TensorBoard
+events).
 
 What is deployed is explainer + student, `deployed` (a
 `kd_jax.models.medtex.MedTexExplained` over the params' `deployed_keys`):
@@ -45,6 +48,7 @@ it gives the prediction and Θ. `predict` is the student's logits on X'.
 """
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kd_jax import losses, tasks
 from kd_jax.methods import common
@@ -177,3 +181,17 @@ class Explain(Distill):
 
   def predict(self, params, batch_stats, images):
     return self.explain(params, batch_stats, images)[0]
+
+  def eval_images(self, params, batch_stats, images):
+    """{"theta": one (1, 2H, N·W, 3) grid}: the N images on top, their
+    masks Θ (mean over channels, grey) below; logged at each evaluation
+    (eager: a few images at eval steps are not worth a compile)."""
+    images = jnp.asarray(images)
+    mask = self.explain(params, batch_stats, images)[1].astype(jnp.float32)
+    mask = jnp.broadcast_to(mask.mean(-1, keepdims=True),
+                            images.shape[:3] + (3,))
+    rgb = jnp.clip(images.astype(jnp.float32), 0, 1)
+    if rgb.shape[-1] == 1:
+      rgb = jnp.broadcast_to(rgb, mask.shape)
+    rows = [jnp.concatenate(list(a[..., :3]), axis=1) for a in (rgb, mask)]
+    return {"theta": np.asarray(jnp.concatenate(rows, axis=0)[None])}

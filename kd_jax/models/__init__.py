@@ -19,3 +19,4 @@ from kd_jax.models import transunet  # noqa: F401,E402
 from kd_jax.models import vit  # noqa: F401,E402
 from kd_jax.models import efficientvit  # noqa: F401,E402
 from kd_jax.models import medtex  # noqa: F401,E402
+from kd_jax.models import medtex_baselines  # noqa: F401,E402

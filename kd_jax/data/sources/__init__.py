@@ -24,6 +24,7 @@ from kd_jax.data.sources.folder import FolderCsvSource
 from kd_jax.data.sources.medical import (ACDC_CLASSES, DATA_ENV, DME_RISKS,
                                          DR_GRADES, IDRID_LESIONS,
                                          IDRID_PHOTO_HW, PALM_CLASSES,
+                                         REFERABLE, REFERABLE_GRADE,
                                          SYNAPSE_CLASSES, acdc_slices,
                                          acdc_volumes, drive_vessels,
                                          idrid_grading, idrid_lesions, palm,

@@ -108,6 +108,12 @@ IDRID_PHOTO_HW = (2848, 4288)
 DR_GRADES = ("no_dr", "mild", "moderate", "severe", "proliferative")
 DME_RISKS = ("no_exudates", "exudates_far_from_macula",
              "exudates_near_macula")
+# Referable DR: grade >= 2 (moderate non-proliferative DR or worse), the
+# usual screening threshold for referral to an ophthalmologist (as in
+# Gulshan et al., JAMA 2016, and the ICDR scale); mild DR (grade 1) is
+# followed up, not referred.
+REFERABLE_GRADE = 2
+REFERABLE = ("non_referable", "referable")
 
 
 def idrid_grading(data_dir: PathLike | None = None, *,
@@ -118,8 +124,9 @@ def idrid_grading(data_dir: PathLike | None = None, *,
   """IDRiD parts B+C: 256×256 fundus images with DR grade (0-4), DME risk
   (0-2), fovea and optic-disc centres.
 
-  `label` is the `target` ("dr_grade", 5 classes, or "dme_risk", 3; None:
-  no "label" key). Every example also carries "dr_grade", "dme_risk"
+  `label` is the `target` ("dr_grade", 5 classes; "dme_risk", 3;
+  "referable", 2: grade >= REFERABLE_GRADE, moderate DR or worse; None: no
+  "label" key). Every example also carries "dr_grade", "dme_risk"
   (int32); "fovea" and "optic_disc", float32 (u, v) in image units
   (`transforms.to_unit`: (x + 0.5) / W, (y + 0.5) / H of the image, so a
   resize leaves them unchanged), computed from the original-pixel columns
@@ -130,7 +137,7 @@ def idrid_grading(data_dir: PathLike | None = None, *,
   `pixel_landmarks`, also "fovea_xy", "disc_xy" as stored in the file
   (256-px coordinates (orig - x0) * 256 / side, resized with the image).
   """
-  targets = {"dr_grade": 5, "dme_risk": 3}
+  targets = {"dr_grade": 5, "dme_risk": 3, "referable": 2}
   if target is not None and target not in targets:
     raise ValueError(f"target must be one of {list(targets)} or None, got "
                      f"{target!r}")
@@ -162,12 +169,15 @@ def idrid_grading(data_dir: PathLike | None = None, *,
     extras["disc_xy"] = d["train_od_xy"]
   check_labels(f"{path}['train_dme_risk']", extras["dme_risk"], 3)
   check_labels(f"{path}['train_dr_grade']", extras["dr_grade"], 5)
+  labels = dict(extras, referable=(
+      extras["dr_grade"] >= REFERABLE_GRADE).astype(np.int32))
   return ArraySource(d["train_images"],
-                     extras[target] if target else None,
+                     labels[target] if target else None,
                      targets[target] if target else None, name=str(path),
                      extras=extras, image_size=image_size,
-                     class_names=(DR_GRADES if target == "dr_grade" else
-                                  DME_RISKS if target == "dme_risk" else None))
+                     class_names={"dr_grade": DR_GRADES,
+                                  "dme_risk": DME_RISKS,
+                                  "referable": REFERABLE}.get(target))
 
 
 def idrid_lesions(data_dir: PathLike | None = None, *,
