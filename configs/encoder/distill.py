@@ -15,10 +15,10 @@ The arg is `<preset>[,<student>]`:
 
   teacher_cpu  the cpu preset's teacher, which can be obtained here: a
                ViT (width 96, depth 4, 3 heads, 8×8 patches, LayerScale,
-               8×8 tokens at 64×64 input, 0.45 M parameters) trained from
-               scratch with cross-entropy on PALM's 3 classes (320 train
-               images, 64×64, flips / rotation / colour jitter), AdamW,
-               1500 steps of batch 32. Its stage folder is the teacher
+               8×8 tokens at 64×64 input, 473,475 parameters with its
+               3-class head) trained from scratch with cross-entropy on
+               PALM's 3 classes (320 train images, 64×64, flips / rotation
+               / colour jitter), AdamW, 1500 steps of batch 32. Its stage folder is the teacher
                checkpoint of `cpu`.
   cpu          that teacher (default runs/encoder_teacher/teacher) → EfficientViT-B0 (its
                published widths; 2×2 last map at 64×64) on the shared sets'
