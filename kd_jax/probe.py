@@ -20,7 +20,11 @@ Embeddings. `--feature=embedding` (the default) takes the model's
 EfficientViT's pooled head vector. Any other feature name is mean-pooled
 over its positions (an NHWC map over H, W; NLD tokens over L), e.g.
 `--feature=tokens` (a ViT's patch tokens) or `--feature=stage4` (an
-EfficientViT's last map). Images are the registry's, at `--image_size` in
+EfficientViT's last map). A list takes, per encoder, the first name its
+model offers: `--feature=stage4,tokens` probes the students' mean-pooled
+last map and the ViT teacher's mean-pooled patch tokens (the dense arms
+never train the students' head, so their "embedding" is a fixed random
+projection of the last map). The JSON records the feature used. Images are the registry's, at `--image_size` in
 RGB (PneumoniaMNIST's grey images repeated over 3 channels), as training
 feeds them ([0, 1], no further normalisation).
 
@@ -177,6 +181,18 @@ def pool(feature: jax.Array) -> jax.Array:
   if feature.ndim == 2:
     return feature
   return jnp.mean(feature, axis=tuple(range(1, feature.ndim - 1)))
+
+
+def pick_feature(module, variables, image_shape, names) -> str:
+  """The first of `names` that the model's features hold (by tracing)."""
+  x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  feats = jax.eval_shape(
+      lambda v, x: module.apply(v, x, train=False)[1], variables, x)
+  for name in names:
+    if name in feats:
+      return name
+  raise ValueError(f"--feature {','.join(names)}: the model offers none of "
+                   f"them; it offers {sorted(feats)}")
 
 
 def forward(module, feature: str):
@@ -397,7 +413,7 @@ def markdown(results: dict) -> str:
 
 
 def run(encoders, set_names, out, *, image_size, model_config=None,
-        feature="embedding", batch_size=64, cs=DEFAULT_CS, k=20,
+        feature=("embedding",), batch_size=64, cs=DEFAULT_CS, k=20,
         val_fraction=0.2, seed=0, root="", speed_batch=256, speed_repeats=5,
         warmup=10, latency_runs=100) -> dict:
   """Probes every (label, folder) of `encoders`; writes probe.json and
@@ -405,8 +421,10 @@ def run(encoders, set_names, out, *, image_size, model_config=None,
   sets = {n: build_set(n, image_size, root) for n in set_names}
   shape = (image_size, image_size, 3)
   results = {}
+  names = [feature] if isinstance(feature, str) else list(feature)
   for label, folder in encoders:
     module, variables, cfg = load_encoder(folder, model_config, image_size)
+    feature = pick_feature(module, variables, shape, names)
     results[label] = dict(
         folder=os.path.abspath(folder), model=cfg, feature=feature,
         image_size=int(image_size), size=size(module, shape),
@@ -459,8 +477,9 @@ if __name__ == "__main__":
   flags.DEFINE_string("model", None, "Registered model of every encoder "
                       "(default: what each folder records).")
   flags.DEFINE_string("model_args", "", "Its fields, e.g. num_classes=0.")
-  flags.DEFINE_string("feature", "embedding", "Feature to probe: "
-                      "'embedding', or a map / tokens name, mean-pooled.")
+  flags.DEFINE_list("feature", ["embedding"], "Feature to probe: "
+                    "'embedding', or a map / tokens name, mean-pooled; a "
+                    "list: the first each model offers.")
   flags.DEFINE_integer("batch_size", 64, "Batch of the embedding pass.")
   flags.DEFINE_list("cs", [str(c) for c in DEFAULT_CS],
                     "Logistic-regression C grid (one value: fixed C).")

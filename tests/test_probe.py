@@ -119,6 +119,15 @@ def test_extract_keeps_order_and_shape_with_a_padded_last_batch(tiny):
                              atol=1e-5)
 
 
+def test_a_feature_list_takes_the_first_the_model_offers(tiny):
+  module, variables = tiny
+  shape = (SIZE, SIZE, 3)
+  assert probe.pick_feature(module, variables, shape,
+                            ["stage4", "tokens"]) == "tokens"
+  with pytest.raises(ValueError, match="offers none of them"):
+    probe.pick_feature(module, variables, shape, ["stage4"])
+
+
 def _save_convert_folder(folder, variables, model_cfg):
   """A folder laid out as kd_jax.convert writes one."""
   state = {"params": {"model": variables["params"]},
@@ -175,6 +184,7 @@ def test_run_writes_json_and_table(encoder_folder, tmp_path):
   assert (r["num_train"], r["num_test"], r["test_is_val"]) == (2428, 270,
                                                                 True)
   assert r["linear"]["C"] == 1.0 and r["embedding_dim"] == 16
+  assert results["tiny"]["feature"] == "embedding"
   for readout in ("linear", "knn"):
     assert 0 <= r[readout]["balanced_accuracy"] <= 1
   assert results["tiny"]["size"]["params"] == models.summary(
