@@ -156,6 +156,25 @@ def test_load_encoder_reads_a_converted_teacher(tiny, encoder_folder):
       tiny[1]["params"]["norm"]["scale"])
 
 
+def test_load_encoder_reads_the_model_of_a_stage_from_its_run_record(
+    tiny, encoder_folder, tmp_path):
+  import ml_collections
+  import shutil
+  from kd_jax import record
+  c = ml_collections.ConfigDict(dict(
+      seed=0, steps=1, optimizer=dict(name="adamw", lr=1e-3),
+      data=dict(name="image_folder"), stage_order=("enc",),
+      stages=dict(enc=dict(method="distill", model=TINY))))
+  stage = str(tmp_path / "enc")
+  shutil.copytree(os.path.join(encoder_folder, "checkpoints"),
+                  os.path.join(stage, "checkpoints"))
+  record.write(stage, record.new_record(c, "enc"))
+  module, variables, cfg = probe.load_encoder(stage, image_size=SIZE)
+  assert cfg == TINY and module.patch == 8
+  np.testing.assert_array_equal(variables["params"]["cls_token"],
+                                tiny[1]["params"]["cls_token"])
+
+
 def test_a_checkpoint_of_another_architecture_is_one_line(encoder_folder):
   other = dict(TINY, width=8)
   with pytest.raises(ValueError) as e:
