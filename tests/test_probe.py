@@ -93,8 +93,10 @@ def test_pool_means_maps_and_tokens():
 def tiny():
   cfg = dict(TINY)
   module = models.build(cfg.pop("name"), **cfg)
-  variables = module.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)),
-                          train=False)
+  # One jitted init: an eager one compiles op by op.
+  variables = jax.jit(lambda x: module.init(jax.random.key(0), x,
+                                            train=False))(
+                                                jnp.zeros((1, SIZE, SIZE, 3)))
   return module, variables
 
 
