@@ -18,19 +18,21 @@ The arg is `<preset>[,<student>]`:
                8×8 tokens at 64×64 input, 473,475 parameters with its
                3-class head) trained from scratch with cross-entropy on
                PALM's 3 classes (320 train images, 64×64, flips / rotation
-               / colour jitter), AdamW, 1500 steps of batch 32. Its stage folder is the teacher
-               checkpoint of `cpu`.
-  cpu          that teacher (default runs/encoder_teacher/teacher) → EfficientViT-B0 (its
-               published widths; 2×2 last map at 64×64) on the shared sets'
-               images pooled without labels (`shared_images`: ACDC, IDRiD
-               grading and lesions, DRIVE, PALM, PneumoniaMNIST train
-               splits, 64×64 RGB, DINO-style crops, flips, colour jitter),
-               AdamW, float32, `study.seeds=(0, 1, 2)`.
+               / colour jitter), AdamW, 600 steps of batch 32. Its stage
+               folder is the teacher checkpoint of `cpu`.
+  cpu          that teacher (default runs/encoder_teacher/teacher) →
+               EfficientViT-B0 (its published widths; 2×2 last map at
+               64×64) on the shared sets' images pooled without labels
+               (`shared_images`: the train splits of ACDC, IDRiD grading
+               and lesions, DRIVE, PALM, PneumoniaMNIST, 4,449 images,
+               64×64 RGB, DINO-style crops, flips, colour jitter), AdamW,
+               600 steps of batch 32, float32, `study.seeds=(0, 1, 2)`.
   paper        an imported ViT-L/16 (`python -m kd_jax.convert`, e.g. UNI or
-               DINOv2 weights; no default) →
-               EfficientViT-B0 (or B1: `paper,b1`) at 224×224, bfloat16
-               compute, on `shared_images` at 224 (for your own tiles write
-               data=dict(name="image_folder", image_dir=...)), batch 128.
+               DINOv2 weights; no default) → EfficientViT-B0 (or B1:
+               `paper,b1`) at 224×224, bfloat16 compute, on
+               `shared_images` at 224 (for your own tiles write
+               data=dict(name="image_folder", image_dir=...)), batch 128,
+               20000 steps.
 
 The arms share one teacher folder: `--config.stages.<any arm>.teacher.
 checkpoint=<folder>` sets it for all of them (one ml_collections reference).
@@ -95,7 +97,8 @@ def _base(batch_size, steps, lr):
 
 def _teacher_cpu():
   """A supervised ViT on PALM: the cpu preset's teacher."""
-  config = _base(batch_size=32, steps=1500, lr=1e-3)
+  # 600 steps of 32: 60 epochs of PALM's 320 training images.
+  config = _base(batch_size=32, steps=600, lr=1e-3)
   config.data = dict(name="palm", num_classes=3, image_size=64,
                      augment=True)
   config.stages = dict(teacher=dict(
@@ -136,7 +139,8 @@ def get_config(arg=None):
     grid = (size // 16,) * 2
     checkpoint = ""  # An imported ViT-L/16: the user's own.
   else:
-    config = _base(batch_size=32, steps=1000, lr=2e-3)
+    # 600 steps of 32: ~4 passes over the 4,449 pooled training images.
+    config = _base(batch_size=32, steps=600, lr=2e-3)
     teacher = dict(CPU_TEACHER, num_classes=3)
     grid = (size // CPU_TEACHER["patch"],) * 2
     checkpoint = CPU_TEACHER_DIR
