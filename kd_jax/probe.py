@@ -64,6 +64,9 @@ ms; each call waits for its result). Size: parameters (the "params"
 collection) and GFLOPs of one image's eval forward as XLA counts them
 (`kd_jax.models.summary`: a multiply-add is 2 FLOPs).
 
+`--reference=<label>` (e.g. the teacher) adds, per set and read-out,
+`kept`: each encoder's balanced accuracy divided by the reference's.
+
 Outputs in `--out`: `probe.json` (per encoder: model, feature, size,
 speed, and per set and read-out the scores and the chosen C) and
 `probe.md` (one table row per encoder and set).
@@ -387,6 +390,21 @@ def probe_encoder(module, variables, sets, *, feature="embedding",
   return out
 
 
+def add_kept(results: dict, reference: str) -> None:
+  """Sets `kept` (balanced accuracy / the reference encoder's) in every
+  encoder's read-outs, in place."""
+  if reference not in results:
+    raise ValueError(f"--reference {reference!r} is not one of the "
+                     f"encoders {sorted(results)}")
+  ref = results[reference]["sets"]
+  for r in results.values():
+    for name, s in r["sets"].items():
+      for readout in ("linear", "knn"):
+        base = ref[name][readout]["balanced_accuracy"]
+        s[readout]["kept"] = (s[readout]["balanced_accuracy"] / base
+                              if base else None)
+
+
 def _cell(x, fmt="{:.3f}"):
   return "—" if x is None or (isinstance(x, float) and math.isnan(x)) \
       else fmt.format(x)
@@ -395,9 +413,9 @@ def _cell(x, fmt="{:.3f}"):
 def markdown(results: dict) -> str:
   """One row per encoder and set: linear and k-NN scores, size, speed."""
   lines = ["| encoder | set | linear bal. acc | linear F1 | linear AUC | "
-           "k-NN bal. acc | k-NN F1 | k-NN AUC | params (M) | GFLOPs | "
-           "images/s | latency ms (median / p95) |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "k-NN bal. acc | k-NN F1 | k-NN AUC | kept (linear / k-NN) | "
+           "params (M) | GFLOPs | images/s | latency ms (median / p95) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for label, r in results.items():
     sz, sp = r["size"], r["speed"]
     for name, s in r["sets"].items():
@@ -406,7 +424,8 @@ def markdown(results: dict) -> str:
           f"| {label} | {name} | {_cell(lin['balanced_accuracy'])} | "
           f"{_cell(lin['macro_f1'])} | {_cell(lin['auc'])} | "
           f"{_cell(knn['balanced_accuracy'])} | {_cell(knn['macro_f1'])} | "
-          f"{_cell(knn['auc'])} | {sz['params'] / 1e6:.2f} | "
+          f"{_cell(knn['auc'])} | {_cell(lin.get('kept'), '{:.2f}')} / "
+          f"{_cell(knn.get('kept'), '{:.2f}')} | {sz['params'] / 1e6:.2f} | "
           f"{sz['gflops']:.3g} | {sp['throughput_images_per_s']:.4g} | "
           f"{sp['latency_ms_median']:.3g} / {sp['latency_ms_p95']:.3g} |")
   return "\n".join(lines) + "\n"
@@ -415,7 +434,7 @@ def markdown(results: dict) -> str:
 def run(encoders, set_names, out, *, image_size, model_config=None,
         feature=("embedding",), batch_size=64, cs=DEFAULT_CS, k=20,
         val_fraction=0.2, seed=0, root="", speed_batch=256, speed_repeats=5,
-        warmup=10, latency_runs=100) -> dict:
+        warmup=10, latency_runs=100, reference=None) -> dict:
   """Probes every (label, folder) of `encoders`; writes probe.json and
   probe.md in `out`; returns the results."""
   sets = {n: build_set(n, image_size, root) for n in set_names}
@@ -434,6 +453,8 @@ def run(encoders, set_names, out, *, image_size, model_config=None,
         sets=probe_encoder(module, variables, sets, feature=feature,
                            batch_size=batch_size, cs=cs, k=k,
                            val_fraction=val_fraction, seed=seed))
+  if reference:
+    add_kept(results, reference)
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "probe.json"), "w") as f:
     json.dump(results, f, indent=1, default=str)
@@ -458,7 +479,7 @@ def main(argv):
                   val_fraction=f.val_fraction, seed=f.seed,
                   root=f.data_root, speed_batch=f.speed_batch,
                   speed_repeats=f.speed_repeats, warmup=f.warmup,
-                  latency_runs=f.latency_runs)
+                  latency_runs=f.latency_runs, reference=f.reference)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {' '.join(str(e).split())}")
   print(markdown(results), end="")
@@ -492,5 +513,7 @@ if __name__ == "__main__":
   flags.DEFINE_integer("speed_repeats", 5, "Timed throughput calls.")
   flags.DEFINE_integer("warmup", 10, "Untimed batch-1 calls first.")
   flags.DEFINE_integer("latency_runs", 100, "Timed batch-1 calls.")
+  flags.DEFINE_string("reference", None, "Encoder label (e.g. teacher) "
+                      "whose balanced accuracy the others are divided by.")
   flags.mark_flags_as_required(["encoders", "out"])
   app.run(main)

@@ -74,6 +74,18 @@ def test_knn_equals_sklearn_and_numpy_votes():
   assert got["macro_f1"] == metrics.f1_score(ty, pred, average="macro")
 
 
+def test_kept_divides_by_the_reference_and_names_a_wrong_one():
+  def enc(acc):
+    return {"sets": {"palm": {r: {"balanced_accuracy": acc}
+                              for r in ("linear", "knn")}}}
+  results = {"teacher": enc(0.8), "student": enc(0.6)}
+  probe.add_kept(results, "teacher")
+  assert results["student"]["sets"]["palm"]["linear"]["kept"] == 0.6 / 0.8
+  assert results["teacher"]["sets"]["palm"]["knn"]["kept"] == 1.0
+  with pytest.raises(ValueError, match="not one of the encoders"):
+    probe.add_kept(results, "nope")
+
+
 def test_auc_is_null_when_the_test_split_lacks_a_class():
   y = np.array([0, 1, 0, 1])
   proba = np.full((4, 3), 1 / 3)
@@ -200,12 +212,13 @@ def test_run_writes_json_and_table(encoder_folder, tmp_path):
   results = probe.run([("tiny", encoder_folder)], ["pneumoniamnist"], out,
                       image_size=SIZE, batch_size=256, cs=(1.0,),
                       speed_batch=8, speed_repeats=1, warmup=1,
-                      latency_runs=3, root=str(DATA))
+                      latency_runs=3, root=str(DATA), reference="tiny")
   r = results["tiny"]["sets"]["pneumoniamnist"]
   assert (r["num_train"], r["num_test"], r["test_is_val"]) == (2428, 270,
                                                                 True)
   assert r["linear"]["C"] == 1.0 and r["embedding_dim"] == 16
   assert results["tiny"]["feature"] == "embedding"
+  assert r["linear"]["kept"] == 1.0 and r["knn"]["kept"] == 1.0
   for readout in ("linear", "knn"):
     assert 0 <= r[readout]["balanced_accuracy"] <= 1
   assert results["tiny"]["size"]["params"] == models.summary(
