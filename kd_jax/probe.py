@@ -68,8 +68,10 @@ collection) and GFLOPs of one image's eval forward as XLA counts them
 `kept`: each encoder's balanced accuracy divided by the reference's.
 
 Outputs in `--out`: `probe.json` (per encoder: model, feature, size,
-speed, and per set and read-out the scores and the chosen C) and
-`probe.md` (one table row per encoder and set).
+speed, and per set and read-out the scores and the chosen C),
+`probe.md` (one table row per encoder and set) and `probe.png` (per set,
+the linear probe's balanced accuracy against images/s, one labelled point
+per encoder).
 """
 import json
 import math
@@ -405,6 +407,29 @@ def add_kept(results: dict, reference: str) -> None:
                               if base else None)
 
 
+def plot(results: dict, path: str) -> None:
+  """probe.png: per set, linear balanced accuracy against throughput."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  sets = list(next(iter(results.values()))["sets"])
+  fig = Figure(figsize=(4.2 * len(sets), 3.4))
+  FigureCanvasAgg(fig)
+  axes = fig.subplots(1, len(sets), squeeze=False)[0]
+  for ax, name in zip(axes, sets):
+    for label, r in results.items():
+      x = r["speed"]["throughput_images_per_s"]
+      y = r["sets"][name]["linear"]["balanced_accuracy"]
+      ax.scatter([x], [y])
+      ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3),
+                  textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_title(name)
+    ax.set_xlabel("images/s")
+    ax.set_ylabel("linear probe balanced accuracy")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+
+
 def _cell(x, fmt="{:.3f}"):
   return "—" if x is None or (isinstance(x, float) and math.isnan(x)) \
       else fmt.format(x)
@@ -460,6 +485,7 @@ def run(encoders, set_names, out, *, image_size, model_config=None,
     json.dump(results, f, indent=1, default=str)
   with open(os.path.join(out, "probe.md"), "w") as f:
     f.write(markdown(results))
+  plot(results, os.path.join(out, "probe.png"))
   return results
 
 

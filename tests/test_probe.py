@@ -227,3 +227,5 @@ def test_run_writes_json_and_table(encoder_folder, tmp_path):
     assert json.load(f)["tiny"]["speed"]["latency_runs"] == 3
   with open(os.path.join(out, "probe.md")) as f:
     assert "| tiny | pneumoniamnist |" in f.read()
+  with open(os.path.join(out, "probe.png"), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
