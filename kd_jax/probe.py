@@ -490,11 +490,13 @@ def run(encoders, set_names, out, *, image_size, model_config=None,
 
 
 def main(argv):
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
   from kd_jax import convert  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
+  # Orbax logs every restore at INFO through absl: lines for its developers.
+  logging.set_verbosity(logging.WARNING)
   try:
     model = (dict(name=f.model, **convert.parse_model_args(f.model_args))
              if f.model else None)
