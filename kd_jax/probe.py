@@ -38,8 +38,8 @@ Splits: the probe trains on the registry's train split and is scored on its
 test split, which for these sets is the registry's val split (the official
 test splits are not in the shared folder; the JSON says `test_is_val`).
 The linear probe's C is chosen on a seeded stratified `--val_fraction` of
-the train split (highest balanced accuracy, the smallest C on a tie), then
-refit on the whole train split.
+the train split (highest balanced accuracy; on a tie, as on a separable
+val split, the lowest log-loss), then refit on the whole train split.
 
 Read-outs, fitted on the encoder's float32 embeddings:
 
@@ -273,21 +273,24 @@ def _val_split(y, fraction, seed):
 
 def linear_probe(train_x, train_y, test_x, num_classes, *, cs=DEFAULT_CS,
                  val_fraction=0.2, seed=0) -> tuple:
-  """(predictions, probabilities, chosen C, {C: val balanced accuracy}) of
-  the logistic-regression probe (module docstring)."""
+  """(predictions, probabilities, chosen C, {C: (val balanced accuracy, val
+  log-loss)}) of the logistic-regression probe (module docstring)."""
   from sklearn import metrics  # pylint: disable=g-import-not-at-top
   cs = tuple(float(c) for c in cs)
-  val_acc = {}
+  val = {}
   if len(cs) > 1:
-    fit, val = _val_split(train_y, val_fraction, seed)
+    fit, held = _val_split(train_y, val_fraction, seed)
     for c in cs:
       m = _linear(c, seed).fit(train_x[fit], train_y[fit])
-      val_acc[c] = float(metrics.balanced_accuracy_score(
-          train_y[val], m.predict(train_x[val])))
-  best = max(cs, key=lambda c: (val_acc.get(c, 0.0), -c))
+      proba = _full_proba(m, train_x[held], num_classes)
+      val[c] = (float(metrics.balanced_accuracy_score(
+          train_y[held], m.predict(train_x[held]))),
+                float(metrics.log_loss(train_y[held], proba,
+                                       labels=np.arange(num_classes))))
+  # Ties in accuracy (a separable val split) go to the lower log-loss.
+  best = max(cs, key=lambda c: (val[c][0], -val[c][1]) if val else 0)
   m = _linear(best, seed).fit(train_x, train_y)
-  return (m.predict(test_x), _full_proba(m, test_x, num_classes), best,
-          val_acc)
+  return (m.predict(test_x), _full_proba(m, test_x, num_classes), best, val)
 
 
 def knn_probe(train_x, train_y, test_x, num_classes, *, k=20) -> tuple:
@@ -377,14 +380,15 @@ def probe_encoder(module, variables, sets, *, feature="embedding",
     n_cls = ds.targets[label].num_classes
     train_x, train_y = extract(fn, variables, ds.train, label, batch_size)
     test_x, test_y = extract(fn, variables, ds.test, label, batch_size)
-    pred, proba, c, val_acc = linear_probe(train_x, train_y, test_x, n_cls,
+    pred, proba, c, val = linear_probe(train_x, train_y, test_x, n_cls,
                                            cs=cs, val_fraction=val_fraction,
                                            seed=seed)
     k_pred, k_proba = knn_probe(train_x, train_y, test_x, n_cls, k=k)
     out[name] = dict(
         linear=dict(scores(test_y, pred, proba, n_cls), C=c,
-                    val_balanced_accuracy={str(a): b
-                                           for a, b in val_acc.items()}),
+                    val_balanced_accuracy={str(a): b[0]
+                                           for a, b in val.items()},
+                    val_log_loss={str(a): b[1] for a, b in val.items()}),
         knn=dict(scores(test_y, k_pred, k_proba, n_cls),
                  k=min(k, len(train_x))),
         num_train=len(train_y), num_test=len(test_y),

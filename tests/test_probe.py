@@ -36,9 +36,23 @@ def _blobs(n, num_classes, dim, seed):
 def test_linear_probe_and_scores_equal_sklearn(num_classes):
   x, y = _blobs(120, num_classes, 6, seed=num_classes)
   tx, ty = _blobs(60, num_classes, 6, seed=10 + num_classes)
-  pred, proba, c, val_acc = probe.linear_probe(x, y, tx, num_classes,
-                                               cs=(0.01, 1.0), seed=0)
-  assert c in (0.01, 1.0) and set(val_acc) == {0.01, 1.0}
+  pred, proba, c, val = probe.linear_probe(x, y, tx, num_classes,
+                                           cs=(0.01, 1.0), seed=0)
+  assert set(val) == {0.01, 1.0}
+  # C is chosen on a stratified fifth of train: by balanced accuracy, then
+  # by log-loss, each recomputed here with scikit-learn.
+  fit, held = probe._val_split(y, 0.2, 0)  # pylint: disable=protected-access
+  assert sorted(np.bincount(y[held])) == sorted(np.bincount(y)[:] // 5)
+  want = {}
+  for cc in (0.01, 1.0):
+    sc = preprocessing.StandardScaler().fit(x[fit])
+    m = linear_model.LogisticRegression(C=cc, max_iter=2000, random_state=0)
+    m.fit(sc.transform(x[fit]), y[fit])
+    p_held = m.predict_proba(sc.transform(x[held]))
+    want[cc] = (metrics.balanced_accuracy_score(y[held], p_held.argmax(1)),
+                metrics.log_loss(y[held], p_held))
+    assert val[cc] == pytest.approx(want[cc], rel=1e-6)
+  assert c == max(want, key=lambda k: (want[k][0], -want[k][1]))
   # The same probe, by hand: standardise on train, fit at the chosen C.
   scaler = preprocessing.StandardScaler().fit(x)
   ref = linear_model.LogisticRegression(C=c, max_iter=2000, random_state=0)
