@@ -276,6 +276,8 @@ def linear_probe(train_x, train_y, test_x, num_classes, *, cs=DEFAULT_CS,
   """(predictions, probabilities, chosen C, {C: (val balanced accuracy, val
   log-loss)}) of the logistic-regression probe (module docstring)."""
   from sklearn import metrics  # pylint: disable=g-import-not-at-top
+  # float64: probabilities that sum to 1 as scikit-learn's metrics expect.
+  train_x, test_x = (np.asarray(a, np.float64) for a in (train_x, test_x))
   cs = tuple(float(c) for c in cs)
   val = {}
   if len(cs) > 1:
