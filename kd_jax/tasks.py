@@ -20,6 +20,11 @@ Without `config.heads`, the model has one output that reads the key "label"
     landmark        (B, 2) (u, v) in image units (kd_jax.data.targets);
                     mean and median error in original pixels and the
                     fraction within a few radii
+    embedding       (B, D): the one output of a run on unlabelled images (a
+                    data set that declares no targets: image_folder,
+                    shared_images); it reads no label and has no scores
+                    (read it out with `python -m kd_jax.probe`); only
+                    feature terms train it
 
 Scores are one flat dict: a single unnamed head's keys as they are
 (`mean_dice`), a named head's as `<head>/<key>` (`dr_grade/kappa`).
@@ -37,13 +42,14 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kd_jax.evaluate import metrics as metrics_lib
 
-KINDS = ("segmentation", "classification", "landmark")
+KINDS = ("segmentation", "classification", "landmark", "embedding")
 # The scalars logged under val/ while training, per kind.
 HEADLINE = {
     "segmentation": ("mean_dice", "mean_iou", "mean_iou_all",
                      "pixel_accuracy"),
     "classification": ("accuracy", "macro_f1", "auc", "kappa"),
     "landmark": ("mean_error_px", "median_error_px"),
+    "embedding": (),
 }
 # Losses that regress coordinates, and those that read class logits.
 REGRESSION_LOSSES = ("mse", "l1", "smooth_l1", "ensemble_l2")
@@ -72,10 +78,18 @@ Heads = Mapping[Optional[str], Head]
 def from_config(spec, targets: Mapping[str, Any]) -> dict:
   """{head name: Head} from `config.heads` and the data set's targets.
 
-  `spec` empty or None: one unnamed head reading "label". Raises ValueError
-  (one line) for a label key the data lacks or a kind without evaluation.
+  `spec` empty or None: one unnamed head reading "label", or, when the
+  data declares no targets (unlabelled images), one embedding head reading
+  nothing. Raises ValueError (one line) for a label key the data lacks or
+  a kind without evaluation.
   """
   spec = spec.to_dict() if hasattr(spec, "to_dict") else spec
+  if not targets:
+    if spec:
+      raise ValueError(f"config.heads names {sorted(spec)}, but the data "
+                       "set carries no labels (unlabelled images): drop "
+                       "config.heads")
+    return {None: Head(name=None, label=None, kind="embedding")}
   items = list(spec.items()) if spec else [(None, {})]
   heads = {}
   for name, h in items:
@@ -119,8 +133,10 @@ def labels(heads: Optional[Heads], batch):
   if heads is None:
     return batch["label"]
   if is_single(heads):
-    return batch[heads[None].label]
-  return {name: batch[h.label] for name, h in heads.items()}
+    h = heads[None]
+    return None if h.kind == "embedding" else batch[h.label]
+  return {name: batch[h.label] for name, h in heads.items()
+          if h.kind != "embedding"}
 
 
 def as_float32(outputs):
@@ -170,7 +186,9 @@ def check_outputs(heads: Heads, out, where: str = "the model") -> None:
     shape = tuple(outs[name].shape)
     what = ("the output" + ("" if name is None else f" {name!r}")
             + f" of {where}")
-    if h.kind == "landmark":
+    if h.kind == "embedding":
+      ok, want = len(shape) == 2, "(B, D)"
+    elif h.kind == "landmark":
       ok, want = len(shape) == 2 and shape[-1] == 2, "(B, 2)"
     elif h.kind == "classification":
       ok = len(shape) == 2 and shape[-1] == h.num_classes
@@ -204,6 +222,11 @@ def check_terms(heads: Heads, terms, where: str = "loss term") -> None:
         raise ValueError(f"{where} {name!r}: head={head!r}; name one of the "
                          f"run's heads {sorted(heads)}")
       h = heads[head]
+    if h.kind == "embedding":
+      raise ValueError(f"{where} {name!r}: {fn} needs labels or class "
+                       "logits, but the data is unlabelled (an embedding "
+                       "output); match features instead (embedding_cosine, "
+                       "embedding_l2, feature_map_cosine, hint_l2)")
     regression = fn in REGRESSION_LOSSES
     if regression and h.kind != "landmark":
       raise ValueError(f"{where} {name!r}: {fn} regresses coordinates, but "
@@ -235,6 +258,8 @@ def make_eval_step(predict, heads: Heads, mesh):
                                            batch["image"]))
     pieces = {}
     for name, h in heads.items():
+      if h.kind == "embedding":
+        continue  # Nothing to score without labels.
       if h.kind == "segmentation":
         label = batch[h.label]
         valid = batch["valid"].reshape((-1,) + (1,) * (label.ndim - 1))
@@ -249,7 +274,8 @@ def make_eval_step(predict, heads: Heads, mesh):
                  in_shardings=(rep, rep, NamedSharding(mesh, P("data"))),
                  out_shardings={n: rep if h.kind == "segmentation"
                                 else NamedSharding(mesh, P("data"))
-                                for n, h in heads.items()})
+                                for n, h in heads.items()
+                                if h.kind != "embedding"})
 
 
 def score(heads: Heads, pieces: Mapping, batches: Mapping) -> dict:
@@ -258,6 +284,8 @@ def score(heads: Heads, pieces: Mapping, batches: Mapping) -> dict:
   "orig_hw" for landmarks), valid examples only."""
   scores = {}
   for name, h in heads.items():
+    if h.kind == "embedding":
+      continue
     if h.kind == "segmentation":
       s = metrics_lib.segmentation_scores(pieces[name])
     elif h.kind == "classification":
@@ -285,6 +313,9 @@ def evaluate(eval_step, params, batch_stats, source, batch_size, mesh,
   """Every head's scores over a whole source (one pass, fixed-shape
   batches; padding examples are left out)."""
   from kd_jax import data  # grain, only to evaluate.
+  heads = {n: h for n, h in heads.items() if h.kind != "embedding"}
+  if not heads:
+    return {}  # An embedding output alone: nothing to score, no pass run.
   sums, outs, host = {}, {n: [] for n in heads}, {n: [] for n in heads}
   valid_all = []
   for batch in data.pipeline.eval_batches(source, batch_size=batch_size):

@@ -63,6 +63,35 @@ def test_attention_pool_shapes(src, grid, want):
   assert _out_shape(m, src) == want
 
 
+@pytest.mark.parametrize("kind", ["attention_pool", "resize_conv1x1"])
+@pytest.mark.parametrize("src,grid,want", [
+    # A ViT-L/16's 14×14 patch tokens at 224² onto an EfficientViT's 7×7
+    # last map, and that map onto the ViT's grid (as a map and as tokens).
+    ((2, 196, 40), (7, 7), (2, 7, 7, 24)),
+    ((2, 14, 14, 40), (7, 7), (2, 7, 7, 24)),
+    ((2, 7, 7, 40), (14, 14), (2, 14, 14, 24)),
+    ((2, 7, 7, 40), 196, (2, 196, 24)),
+])
+def test_grid_connectors_on_mismatched_grids(kind, src, grid, want):
+  kw = dict(hidden=32, num_heads=4) if kind == "attention_pool" else {}
+  m = cn.build_connector(kind, 24, grid=grid, **kw)
+  assert _out_shape(m, src) == want
+
+
+def test_resize_conv1x1_is_bilinear_resize_then_matmul():
+  from scipy import ndimage
+  x = np.random.default_rng(0).normal(size=(2, 7, 7, 5)).astype(np.float32)
+  m = cn.ResizeConv1x1(3, grid=(14, 14))
+  v = m.init(jax.random.key(0), x)
+  y = np.asarray(m.apply(v, x))
+  # Upsampling by 2 with half-pixel centres and edges held: scipy's zoom
+  # on the pixel grid (an independent implementation).
+  up = ndimage.zoom(x, (1, 2, 2, 1), order=1, mode="nearest", grid_mode=True)
+  kernel = np.asarray(v["params"]["conv"]["kernel"]).reshape(5, 3)
+  bias = np.asarray(v["params"]["conv"]["bias"])
+  np.testing.assert_allclose(y, up @ kernel + bias, rtol=1e-4, atol=1e-4)
+
+
 def test_attention_pool_params_do_not_depend_on_source_size():
   m = cn.AttentionPool(24, grid=(4, 4), hidden=32, num_heads=4)
   small = numpy_variables(m, jnp.ones((1, 3, 3, 8)))
@@ -105,7 +134,7 @@ def test_identity_passes_through_and_checks_width():
 
 def test_build_connector_kinds_and_errors():
   assert cn.connector_kinds() == ["attention_pool", "conv1x1", "identity",
-                                  "linear"]
+                                  "linear", "resize_conv1x1"]
   assert isinstance(cn.build_connector("conv1x1", 8, use_bn=True), cn.Conv1x1)
   assert isinstance(cn.build_connector("linear", 8), cn.Linear)
   assert isinstance(cn.build_connector("identity", 8), cn.Identity)

@@ -44,8 +44,8 @@ def idx(split):
 def test_every_name_is_registered_with_its_options():
   assert sorted(data.BUILDERS) == sorted([
       "synthetic", "synthetic_fundus", "acdc", "synapse", "idrid_grading",
-      "idrid_referable", "idrid_lesions", "drive", "palm", "pneumoniamnist", "totalseg",
-      "folder", "tfds"])
+      "idrid_referable", "idrid_lesions", "drive", "palm", "pneumoniamnist",
+      "totalseg", "folder", "tfds", "image_folder", "shared_images"])
   for name in data.BUILDERS:
     assert callable(data.BUILDERS[name]) and isinstance(
         data.options(name), dict)

@@ -23,6 +23,8 @@ the defaults, and calls the builder.
                     classes="synapse")
     folder          label: classification or segmentation    224
     tfds            label: classification or segmentation    native
+    image_folder    none (unlabelled images, any size)       224
+    shared_images   none (the shared sets' images pooled)    224
 
 Splits. Only training data is in the shared folder (its README): the
 official test splits are kept apart. The builders of the shared sets split
@@ -788,6 +790,91 @@ def _tfds(cfg) -> Datasets:
       description=f"tfds {cfg.dataset}: {text}; "
       + (f"test = {cfg.test_split} ({len(test)})" if cfg.test_split
          else "test = val"))
+
+
+# --------------------------------------------------------------------------
+# Unlabelled images: no targets, so the run's one output is an embedding
+# head (`kd_jax.tasks`) and a stage trains on feature terms alone.
+
+
+def _unlabelled_augment(cfg, size):
+  if not isinstance(cfg.augment, bool):
+    raise _bad(cfg, "augment", "True (DINO-style crops, flips and colour "
+               "jitter) or False")
+  return (transforms.dino_augment(size, int(cfg.channels)) if cfg.augment
+          else [])
+
+
+@_register("image_folder", image_dir="", image_size=224, channels=3,
+           augment=True, **_SPLIT)
+def _image_folder(cfg) -> Datasets:
+  """Every image under `image_dir` (recursively; any size, resized to
+  `image_size` on access), streamed from disk (sources.ImageFolderSource):
+  a seeded `val_fraction` is the val split, test = val. No labels. With
+  `augment`, training views are `transforms.dino_augment`."""
+  from kd_jax.data import sources
+  if not cfg.image_dir:
+    raise ValueError("data.image_dir is empty: set --config.data.image_dir "
+                     "to a folder of images (image_folder data set)")
+  size = _image_size(cfg)
+  if size is None:
+    raise _bad(cfg, "image_size", "a positive int or (H, W): the images "
+               "may have any size, the model sees one")
+  if cfg.channels not in (1, 3):
+    raise _bad(cfg, "channels", "1 (grey) or 3 (RGB)")
+  full = sources.ImageFolderSource(cfg.image_dir, channels=int(cfg.channels),
+                                   image_size=size)
+  train, val, text = _split(full, cfg)
+  return Datasets(
+      train=train, val=val, test=val, num_classes=0, class_names=(),
+      train_transforms=_unlabelled_augment(cfg, size), targets={},
+      description=f"image folder {cfg.image_dir} (unlabelled): {text}; "
+      "test = val")
+
+
+# The shared sets whose images `shared_images` pools by default.
+SHARED_IMAGE_SETS = ("acdc", "idrid_grading", "idrid_lesions", "drive",
+                     "palm", "pneumoniamnist")
+
+
+@_register("shared_images", sets=SHARED_IMAGE_SETS, root="", image_size=224,
+           channels=3, augment=True)
+def _shared_images(cfg) -> Datasets:
+  """The images of the shared sets `sets`, pooled without their labels
+  (`ImagePool`), each built at `image_size` with `channels` (grey images
+  repeated, colour ones to luminance): train = every set's train split, val =
+  every set's val split (test = val). Only train splits are trained on, so
+  the val splits the probes score (`kd_jax.probe`) stay unseen."""
+  sets = cfg.sets
+  if isinstance(sets, str):
+    sets = [s.strip() for s in sets.split(",") if s.strip()]
+  sets = tuple(sets)
+  if not sets or any(s not in SHARED_IMAGE_SETS for s in sets):
+    raise _bad(cfg, "sets", f"a non-empty subset of {list(SHARED_IMAGE_SETS)}")
+  if cfg.channels not in (1, 3):
+    raise _bad(cfg, "channels", "1 (grey) or 3 (RGB)")
+  size = _image_size(cfg)
+  if size is None or size[0] != size[1]:
+    raise _bad(cfg, "image_size", "a positive int (ACDC takes squares only)")
+  from kd_jax.data import sources
+  to_channels = functools.partial(_set_channels, channels=int(cfg.channels))
+  parts = {"train": [], "val": []}
+  for name in sets:
+    opts = dict(name=name, image_size=size[0], augment=False)
+    if "root" in OPTIONS[name]:
+      opts["root"] = cfg.root
+    built = build(opts)
+    for split in parts:
+      part = getattr(built, split)
+      if np.shape(part[0]["image"])[-1] != cfg.channels:
+        part = sources.MapSource(part, to_channels)
+      parts[split].append((f"{name}/{split}", part))
+  train, val = ImagePool(parts["train"]), ImagePool(parts["val"])
+  return Datasets(
+      train=train, val=val, test=val, num_classes=0, class_names=(),
+      train_transforms=_unlabelled_augment(cfg, size), targets={},
+      description=f"shared images (unlabelled): {train!r} train, "
+      f"{len(val)} val images; test = val")
 
 
 # --------------------------------------------------------------------------

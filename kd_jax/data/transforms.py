@@ -415,3 +415,66 @@ class NormalizeSlice(grain.transforms.Map):
 
   def map(self, element: Example) -> Example:
     return {**element, "image": normalize_slice(element["image"])}
+
+
+class RandomResizedCrop(grain.transforms.RandomMap):
+  """DINO's crop for unlabelled images: a random region resized to `size`,
+  mirrored left-right with probability 1/2 (`flip`).
+
+  As torchvision's `RandomResizedCrop`: up to 10 draws of an area fraction
+  uniform in `scale` and a log-uniform aspect ratio (w / h) in `ratio`; the
+  first whose box fits the image is taken at a uniform position; if none
+  fits, the largest centred box whose ratio is clipped to `ratio`. The
+  region is resized bilinearly (`resize_image`). Only "image" is read and
+  written: an unlabelled example has nothing else to move.
+  """
+
+  def __init__(self, size: Sequence[int], scale=(0.25, 1.0),
+               ratio=(3 / 4, 4 / 3), flip: bool = True):
+    self.size = (int(size[0]), int(size[1]))
+    if not 0 < scale[0] <= scale[1] <= 1:
+      raise ValueError(f"scale={scale!r}: expected 0 < low <= high <= 1")
+    if not 0 < ratio[0] <= ratio[1]:
+      raise ValueError(f"ratio={ratio!r}: expected 0 < low <= high")
+    self.scale = (float(scale[0]), float(scale[1]))
+    self.ratio = (float(ratio[0]), float(ratio[1]))
+    self.flip = flip
+
+  def box(self, h: int, w: int, rng: np.random.Generator):
+    """(top, left, height, width) of the region to crop."""
+    area = h * w
+    log_ratio = np.log(self.ratio)
+    for _ in range(10):
+      target = area * rng.uniform(*self.scale)
+      aspect = np.exp(rng.uniform(*log_ratio))
+      cw = int(round(np.sqrt(target * aspect)))
+      ch = int(round(np.sqrt(target / aspect)))
+      if 0 < cw <= w and 0 < ch <= h:
+        return (int(rng.integers(h - ch + 1)), int(rng.integers(w - cw + 1)),
+                ch, cw)
+    aspect = w / h
+    if aspect < self.ratio[0]:
+      cw, ch = w, int(round(w / self.ratio[0]))
+    elif aspect > self.ratio[1]:
+      ch, cw = h, int(round(h * self.ratio[1]))
+    else:
+      ch, cw = h, w
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+  def random_map(self, element: Example, rng: np.random.Generator) -> Example:
+    image = element["image"]
+    top, left, ch, cw = self.box(*image.shape[:2], rng)
+    out = resize_image(image[top:top + ch, left:left + cw], self.size)
+    if self.flip and rng.random() < 0.5:
+      out = out[:, ::-1]
+    return {**element, "image": np.ascontiguousarray(out)}
+
+
+def dino_augment(size: Sequence[int], channels: int = 3) -> list:
+  """The unlabelled student's views: `RandomResizedCrop` (scale 0.25-1,
+  flip) then `ColorJitter` (brightness and contrast 0.4, saturation 0.2
+  for colour images), DINO's global-crop recipe without blur and
+  solarisation."""
+  return [RandomResizedCrop(size),
+          ColorJitter(brightness=0.4, contrast=0.4,
+                      saturation=0.2 if channels == 3 else 0.0)]

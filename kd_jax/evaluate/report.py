@@ -190,7 +190,8 @@ def write_heads(workdir, config, datasets, results, heads):
                  f"{r['gflops']:.3f} | " + " | ".join(cells)
                  + f" | {r['images_per_s']:.0f} |")
   from kd_jax import train  # the report is written by train; no cycle at import
-  first = f"val/{columns[0]}"
+  # An embedding output (unlabelled images) has no validation score.
+  first = f"val/{columns[0]}" if columns else None
   curves = {}
   for name in names:
     hist = train.read_history(os.path.join(workdir, name))
@@ -199,7 +200,8 @@ def write_heads(workdir, config, datasets, results, heads):
         curves[f"{name}/{key}"] = hist[key]
   if curves:
     figures.training_curves(os.path.join(workdir, "curves.png"), curves)
-    lines += ["", f"Training loss and validation {columns[0]} per stage.",
+    lines += ["", "Training loss" + (f" and validation {columns[0]}"
+                                     if columns else "") + " per stage.",
               "", "![curves](curves.png)", ""]
   _save(workdir, lines, rows)
   return rows

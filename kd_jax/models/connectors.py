@@ -15,6 +15,7 @@ computation runs in `dtype`.
 | `"conv1x1"` | `Conv1x1` | width (optional BatchNorm) | (B, H, W, C) → (B, H, W, out); (B, L, C) → (B, L, out) |
 | `"linear"` | `Linear` | width | (..., C) → (..., out) |
 | `"attention_pool"` | `AttentionPool` | grid size and width | (B, H, W, C) or (B, L, C) → (B, h, w, out) or (B, l, out) |
+| `"resize_conv1x1"` | `ResizeConv1x1` | grid size (bilinear) and width | as `"attention_pool"` |
 | `"identity"` | `Identity` | nothing (checks the width) | x → x |
 
 `build_connector(kind, out_features, **kw)` builds one by name; configs name
@@ -24,6 +25,7 @@ import math
 from typing import Any, Optional, Sequence, Union
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 Dtype = Any
@@ -162,18 +164,6 @@ class AttentionPool(nn.Module):
   mlp_ratio: float = 2.0
   dtype: Dtype = jnp.float32
 
-  def _target_grid(self):
-    g = self.grid
-    if isinstance(g, int) and g > 0:
-      side = math.isqrt(g)
-      return ((side, side) if side * side == g else (1, g)), False
-    if (isinstance(g, (tuple, list)) and len(g) == 2
-        and all(isinstance(v, int) and v > 0 for v in g)):
-      return tuple(g), True
-    raise ValueError(
-        f"AttentionPool grid must be a positive int (number of tokens) or an "
-        f"(h, w) pair of positive ints; got {g!r}")
-
   @nn.compact
   def __call__(self, x, *, train: bool = False):
     del train  # No dropout or BatchNorm.
@@ -182,7 +172,7 @@ class AttentionPool(nn.Module):
       raise ValueError(
           f"AttentionPool hidden={self.hidden} must be divisible by 4 and by "
           f"num_heads={self.num_heads}")
-    (th, tw), as_map = self._target_grid()
+    (th, tw), as_map = _target_grid(self.grid, "AttentionPool")
     tokens, src_grid = _grid_of(x)
     b = tokens.shape[0]
 
@@ -208,8 +198,47 @@ class AttentionPool(nn.Module):
     return y.reshape(b, th, tw, self.out_features) if as_map else y
 
 
+def _target_grid(g, who):
+  """((h, w), as_map) of a connector's `grid` (see `AttentionPool`)."""
+  if isinstance(g, int) and g > 0:
+    side = math.isqrt(g)
+    return ((side, side) if side * side == g else (1, g)), False
+  if (isinstance(g, (tuple, list)) and len(g) == 2
+      and all(isinstance(v, int) and v > 0 for v in g)):
+    return tuple(g), True
+  raise ValueError(
+      f"{who} grid must be a positive int (number of tokens) or an (h, w) "
+      f"pair of positive ints; got {g!r}")
+
+
+class ResizeConv1x1(nn.Module):
+  """The plain baseline of `AttentionPool`: the student map resized
+  bilinearly to the teacher's grid (`jax.image.resize`, half-pixel
+  centres, antialiased when shrinking), then a 1×1 convolution to the
+  teacher's width. Input and `grid` as `AttentionPool`'s (NLD tokens are a
+  square grid when L is a perfect square, else a 1×L row)."""
+  out_features: int
+  grid: Union[int, Sequence[int]]
+  dtype: Dtype = jnp.float32
+  conv: ModuleDef = nn.Conv
+
+  @nn.compact
+  def __call__(self, x, *, train: bool = False):
+    del train
+    _check_map_or_tokens(x, "ResizeConv1x1")
+    (th, tw), as_map = _target_grid(self.grid, "ResizeConv1x1")
+    tokens, (h, w) = _grid_of(x)
+    b, _, c = tokens.shape
+    grid = tokens.reshape(b, h, w, c).astype(self.dtype)
+    grid = jax.image.resize(grid, (b, th, tw, c), "bilinear")
+    y = self.conv(self.out_features, (1, 1), dtype=self.dtype,
+                  name="conv")(grid)
+    return y if as_map else y.reshape(b, th * tw, self.out_features)
+
+
 _KINDS = {
     "conv1x1": Conv1x1,
+    "resize_conv1x1": ResizeConv1x1,
     "linear": Linear,
     "attention_pool": AttentionPool,
     "identity": Identity,
@@ -237,8 +266,8 @@ def build_connector(kind: str, out_features: int, **kw) -> nn.Module:
   if wrong:
     raise ValueError(
         f"connector {kind!r}: unknown arguments {wrong}; accepted: {accepted}")
-  if kind == "attention_pool" and "grid" not in kw:
+  if kind in ("attention_pool", "resize_conv1x1") and "grid" not in kw:
     raise ValueError(
-        "connector 'attention_pool' needs grid=(h, w) or grid=num_tokens: "
+        f"connector {kind!r} needs grid=(h, w) or grid=num_tokens: "
         "the teacher's grid size")
   return cls(out_features=out_features, **kw)

@@ -205,7 +205,8 @@ class EfficientViT(nn.Module):
   """EfficientViT-B classifier; see the module docstring.
 
   Attributes:
-    num_classes: classifier outputs (1000 for the published counts).
+    num_classes: classifier outputs (1000 for the published counts); 0
+      for no classifier (a distilled encoder: the output is "embedding").
     widths, depths: the five stages.
     head_dim: channels per attention head ("dim" in the paper's code).
     head_widths: the head's 1×1 conv and hidden Linear widths.
@@ -267,6 +268,8 @@ class EfficientViT(nn.Module):
     x = hswish(nn.LayerNorm(epsilon=1e-5, dtype=self.dtype,
                             name="head_ln")(x))
     features["embedding"] = x
+    if not self.num_classes:  # An encoder: the embedding is the output.
+      return x, features
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     logits = nn.Dense(self.num_classes, dtype=self.dtype,
                       name="classifier")(x)

@@ -11,7 +11,8 @@ names the file or key and the fix.
     medical     the shared real data sets (ACDC, IDRiD, DRIVE, PALM,
                 PneumoniaMNIST, TotalSegmentator CT)
     synapse     Synapse / TransUNet npz slices and h5 volumes
-    folder      FolderCsvSource (image folder + CSV of labels or masks)
+    folder      FolderCsvSource (image folder + CSV of labels or masks),
+                ImageFolderSource (a folder of unlabelled images)
     tfds_source TfdsSource (array_record TFDS data sets, no TensorFlow)
 
 `get_source(name, **kwargs)` builds one by name (for configs).
@@ -20,7 +21,7 @@ names the file or key and the fix.
 from kd_jax.data.sources.base import (ArraySource, MapSource, ResizedCache,
                                       Subset, load_npz, seeded_order, split,
                                       to_float_image)
-from kd_jax.data.sources.folder import FolderCsvSource
+from kd_jax.data.sources.folder import FolderCsvSource, ImageFolderSource
 from kd_jax.data.sources.medical import (ACDC_CLASSES, DATA_ENV, DME_RISKS,
                                          DR_GRADES, IDRID_LESIONS,
                                          IDRID_PHOTO_HW, PALM_CLASSES,
@@ -50,6 +51,7 @@ SOURCES = {
     "synapse": synapse_slices,
     "synapse_volumes": synapse_volumes,
     "folder_csv": FolderCsvSource,
+    "image_folder": ImageFolderSource,
     "tfds": TfdsSource,
 }
 

@@ -157,3 +157,49 @@ class FolderCsvSource:
   def __repr__(self) -> str:
     return (f"FolderCsvSource(n={len(self)}, task={self.task}, "
             f"num_classes={self.num_classes})")
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff",
+                    ".webp")
+
+
+class ImageFolderSource:
+  """Every image file under a folder (recursively, sorted by path), without
+  labels: examples are `{"image"}` alone, read with Pillow on access (RGB,
+  or grey with `channels=1`), scaled to [0, 1] and resized to `image_size`
+  (H, W) when given. Only the file list is held in memory. `image_paths`
+  lists the files (the pool's leak check compares them)."""
+
+  def __init__(self, image_dir: PathLike, *, channels: int = 3,
+               image_size: Sequence[int] | None = None):
+    from PIL import Image  # Only the folder sources need Pillow.
+    self._pil = Image
+    root = Path(image_dir)
+    if not root.is_dir():
+      raise data_error(str(root), "not a folder", "set data.image_dir to a "
+                       "folder of images")
+    if channels not in (1, 3):
+      raise ValueError(f"channels must be 1 or 3, got {channels}")
+    self.channels = channels
+    self.image_size = tuple(image_size) if image_size is not None else None
+    self.image_paths = sorted(
+        p for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not self.image_paths:
+      raise data_error(str(root), "holds no image files "
+                       f"({', '.join(IMAGE_EXTENSIONS)})",
+                       "point data.image_dir at a folder of images")
+
+  def __len__(self) -> int:
+    return len(self.image_paths)
+
+  def __getitem__(self, index: int) -> Example:
+    with self._pil.open(self.image_paths[int(index)]) as im:
+      image = np.asarray(im.convert("RGB" if self.channels == 3 else "L"))
+    image = to_float_image(image)
+    if self.image_size is not None:
+      image = transforms.resize_image(image, self.image_size)
+    return {"image": image}
+
+  def __repr__(self) -> str:
+    return f"ImageFolderSource(n={len(self)})"
