@@ -146,8 +146,10 @@ PAIRS = {
         student=dict(name="squeeze_unet", width=24), size=224,
         losses=dict(ce=dict(fn="cross_entropy"), dice=dict(fn="dice"),
                     kd=dict(fn="kd_kl", temperature=1.0)),
-        smoke=dict(teacher=dict(name="unet", width=4, depth=2),
-                   student=dict(name="squeeze_unet", width=4, depth=2), size=32)),
+        # The cheapest stand-ins (CI runs this pair's smoke): one level each.
+        smoke=dict(teacher=dict(name="unet", width=2, depth=1),
+                   student=dict(name="squeeze_unet", width=4, depth=1),
+                   size=16)),
     # Foundation-encoder distillation at full size: ViT-L/16 → EfficientViT-B1.
     "vit_l16_efficientvit_b1": dict(
         teacher=dict(name="vit_l16", image_size=None),
