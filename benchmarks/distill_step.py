@@ -7,6 +7,9 @@
     python benchmarks/distill_step.py --pair=vit_efficientvit
     python benchmarks/distill_step.py --pair=default --layers=cpu,flax \
         --torch_threads=0,1 --profile
+    python benchmarks/distill_step.py --pair=vit_l16_efficientvit_b1 \
+        --compute_dtype=bfloat16 --torch_modes=eager,compile --sequential \
+        --json=out.json          # one pair of benchmarks/gpu.py's run
     git worktree add --detach /tmp/kd_old <commit>   # an older kd_jax
     python benchmarks/distill_step.py --pair=default --layers=cpu,flax \
         --variant="1:tree=/tmp/kd_old KD_JAX_NATIVE=0"
@@ -60,14 +63,21 @@ would); 9 classes.
   `--teacher_cache` adds only the cached worker and compares it with the
   full distill step, and `mode=student` is refused.
   `--compute_dtype=bfloat16` sets `config.compute_dtype` (float32
-  parameters and loss). On an accelerator the summary gives MFU: XLA's
-  cost-analysis FLOPs per step / step time / the devices' dense peak
-  (PEAK_FLOPS, or `--peak_tflops`).
+  parameters and loss). On an accelerator `--devices=N` takes JAX's first
+  N devices (and CUDA_VISIBLE_DEVICES=0..N-1 unless set); the XLA:CPU
+  device-count flag is set on the CPU only. MFU (every row, both
+  frameworks) = model FLOPs per step / step time / the devices' dense peak
+  (PEAK_FLOPS by device name, or `--peak_tflops`; n/a on the CPU and on
+  unknown devices); model FLOPs = XLA's cost analysis of the lowered
+  teacher eval forward + 3 × the student's train forward.
 * PyTorch side: the twins in `benchmarks/torch_models.py` (NCHW), loaded
   with the kd_jax initial weights; `torch.optim.AdamW` + `clip_grad_norm_`
   + the same schedule. `--torch_threads=0,1` runs one worker per count
-  (0 = PyTorch's default, one per core); on the GPU when there is one,
-  with bf16 autocast for `--compute_dtype=bfloat16`. Parameter counts must equal
+  (0 = PyTorch's default, one per core) and `--torch_modes=eager,compile`
+  one per mode (compile: the forward and loss through torch.compile); on
+  the first GPU when there is one, with bf16 autocast for
+  `--compute_dtype=bfloat16`, channels_last, cudnn.benchmark, the fused
+  AdamW and TF32 matched to JAX's default precision. Parameter counts must equal
   kd_jax's (asserted), and the first-step losses are printed side by side:
   both sides compute the same thing.
 
@@ -77,12 +87,21 @@ framework. The workers start one after another; after the warm-up (compile
 + `--warmup` steps, excluded) they take turns, one round each (`--steps`
 steps and one sync at the end, like a training loop that syncs only to
 log), for `--rounds` rounds in rotating order, so the noise of a shared
-machine hits all of them alike. Printed as a markdown table per
-configuration: median time per step over the rounds, the range, images/s,
-speed relative to PyTorch (the fastest PyTorch row's time / this row's: >1
-means faster than PyTorch), the same ratio round by round (its median over
-the rounds: steadier when the machine's speed drifts), compile time, peak
-RSS and the part imports alone take. Then the images/s of kd_jax's grain training pipeline (synthetic
+machine hits all of them alike. With `--sequential` (an accelerator) each
+worker instead runs all its rounds and exits before the next starts, so
+no two hold a GPU's memory at once; `--worker_timeout` and `--time_budget`
+then bound each worker and the run (a worker past them is killed and its
+row says so), and `--json` writes every row after each worker. Peak
+device memory: JAX's `peak_bytes_in_use`, PyTorch's
+`max_memory_allocated`. `--smoke` swaps in the pair's tiny stand-ins.
+
+Printed as a markdown table per configuration: median time per step over
+the rounds, the range, images/s, speed relative to PyTorch (the fastest
+PyTorch row's time / this row's: >1 means faster than PyTorch), the same
+ratio round by round (its median over the rounds: steadier when the
+machine's speed drifts), MFU, peak device memory, compile time (PyTorch:
+its first step), peak RSS and the part imports alone take. Then the
+images/s of kd_jax's grain training pipeline (synthetic
 CT + augmentation, `data.pipeline.train_batches` + `iterate`) in the first
 epoch (each example rendered) and in later ones (examples served from
 memory), and the trainer's loop (step fed by that pipeline) with each.
