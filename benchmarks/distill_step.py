@@ -7,6 +7,9 @@
     python benchmarks/distill_step.py --pair=vit_efficientvit
     python benchmarks/distill_step.py --pair=default --layers=cpu,flax \
         --torch_threads=0,1 --profile
+    python benchmarks/distill_step.py --pair=vit_l16_efficientvit_b1 \
+        --compute_dtype=bfloat16 --torch_modes=eager,compile --sequential \
+        --json=out.json          # one pair of benchmarks/gpu.py's run
     git worktree add --detach /tmp/kd_old <commit>   # an older kd_jax
     python benchmarks/distill_step.py --pair=default --layers=cpu,flax \
         --variant="1:tree=/tmp/kd_old KD_JAX_NATIVE=0"
@@ -60,14 +63,21 @@ would); 9 classes.
   `--teacher_cache` adds only the cached worker and compares it with the
   full distill step, and `mode=student` is refused.
   `--compute_dtype=bfloat16` sets `config.compute_dtype` (float32
-  parameters and loss). On an accelerator the summary gives MFU: XLA's
-  cost-analysis FLOPs per step / step time / the devices' dense peak
-  (PEAK_FLOPS, or `--peak_tflops`).
+  parameters and loss). On an accelerator `--devices=N` takes JAX's first
+  N devices (and CUDA_VISIBLE_DEVICES=0..N-1 unless set); the XLA:CPU
+  device-count flag is set on the CPU only. MFU (every row, both
+  frameworks) = model FLOPs per step / step time / the devices' dense peak
+  (PEAK_FLOPS by device name, or `--peak_tflops`; n/a on the CPU and on
+  unknown devices); model FLOPs = XLA's cost analysis of the lowered
+  teacher eval forward + 3 × the student's train forward.
 * PyTorch side: the twins in `benchmarks/torch_models.py` (NCHW), loaded
   with the kd_jax initial weights; `torch.optim.AdamW` + `clip_grad_norm_`
   + the same schedule. `--torch_threads=0,1` runs one worker per count
-  (0 = PyTorch's default, one per core); on the GPU when there is one,
-  with bf16 autocast for `--compute_dtype=bfloat16`. Parameter counts must equal
+  (0 = PyTorch's default, one per core) and `--torch_modes=eager,compile`
+  one per mode (compile: the forward and loss through torch.compile); on
+  the first GPU when there is one, with bf16 autocast for
+  `--compute_dtype=bfloat16`, channels_last, cudnn.benchmark, the fused
+  AdamW and TF32 matched to JAX's default precision. Parameter counts must equal
   kd_jax's (asserted), and the first-step losses are printed side by side:
   both sides compute the same thing.
 
@@ -77,12 +87,21 @@ framework. The workers start one after another; after the warm-up (compile
 + `--warmup` steps, excluded) they take turns, one round each (`--steps`
 steps and one sync at the end, like a training loop that syncs only to
 log), for `--rounds` rounds in rotating order, so the noise of a shared
-machine hits all of them alike. Printed as a markdown table per
-configuration: median time per step over the rounds, the range, images/s,
-speed relative to PyTorch (the fastest PyTorch row's time / this row's: >1
-means faster than PyTorch), the same ratio round by round (its median over
-the rounds: steadier when the machine's speed drifts), compile time, peak
-RSS and the part imports alone take. Then the images/s of kd_jax's grain training pipeline (synthetic
+machine hits all of them alike. With `--sequential` (an accelerator) each
+worker instead runs all its rounds and exits before the next starts, so
+no two hold a GPU's memory at once; `--worker_timeout` and `--time_budget`
+then bound each worker and the run (a worker past them is killed and its
+row says so), and `--json` writes every row after each worker. Peak
+device memory: JAX's `peak_bytes_in_use`, PyTorch's
+`max_memory_allocated`. `--smoke` swaps in the pair's tiny stand-ins.
+
+Printed as a markdown table per configuration: median time per step over
+the rounds, the range, images/s, speed relative to PyTorch (the fastest
+PyTorch row's time / this row's: >1 means faster than PyTorch), the same
+ratio round by round (its median over the rounds: steadier when the
+machine's speed drifts), MFU, peak device memory, compile time (PyTorch:
+its first step), peak RSS and the part imports alone take. Then the
+images/s of kd_jax's grain training pipeline (synthetic
 CT + augmentation, `data.pipeline.train_batches` + `iterate`) in the first
 epoch (each example rendered) and in later ones (examples served from
 memory), and the trainer's loop (step fed by that pipeline) with each.
@@ -96,6 +115,7 @@ import argparse
 import collections
 import json
 import os
+import queue
 import re
 import resource
 import shutil
@@ -103,6 +123,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -135,7 +156,36 @@ PAIRS = {
         losses=dict(embedding=dict(fn="embedding_cosine", student="embedding",
                                    teacher="embedding", connector="linear")),
         student_only=False),
+    # The accelerator pairs (benchmarks/gpu.py). The seed's own setting
+    # (configs/distillo.py's full preset, kd arm): TransUNet R50-ViT-B/16 →
+    # SqueezeU-Net width 24 at 224², CE + Dice + KL (weights 1: the preset's
+    # 0.5 / 0.5 only scale the loss).
+    "distillo_full": dict(
+        teacher=dict(name="transunet_b16", image_size=None),
+        student=dict(name="squeeze_unet", width=24), size=224,
+        losses=dict(ce=dict(fn="cross_entropy"), dice=dict(fn="dice"),
+                    kd=dict(fn="kd_kl", temperature=1.0)),
+        # The cheapest stand-ins (CI runs this pair's smoke): one level each.
+        smoke=dict(teacher=dict(name="unet", width=2, depth=1),
+                   student=dict(name="squeeze_unet", width=4, depth=1),
+                   size=16)),
+    # Foundation-encoder distillation at full size: ViT-L/16 → EfficientViT-B1.
+    "vit_l16_efficientvit_b1": dict(
+        teacher=dict(name="vit_l16", image_size=None),
+        student=dict(name="efficientvit_b1"), size=224,
+        losses=dict(embedding=dict(fn="embedding_cosine", student="embedding",
+                                   teacher="embedding", connector="linear")),
+        student_only=False,
+        smoke=dict(teacher=dict(name="vit_tiny", image_size=None),
+                   student=dict(name="efficientvit_b0"), size=32)),
 }
+# `--smoke` swaps a pair's models and side for its `smoke` entry: tiny
+# models of the same families, so that benchmarks/gpu.py's whole run (every
+# arm, the JSON, the table) is checked on a CPU in seconds; it measures the
+# machinery, not the models.
+PAIRS["pspnet_resnet18"]["smoke"] = dict(
+    teacher=dict(name="pspnet_resnet18", width=8),
+    student=dict(name="pspnet_resnet18", width=4), size=64)
 NUM_CLASSES = 9  # The synthetic CT source's classes.
 REPLY = "@@"  # Prefix of a worker's reply line (libraries may print too).
 # What a kd_jax worker's step trains (`mode=` in --variant): the distill
@@ -144,12 +194,17 @@ REPLY = "@@"  # Prefix of a worker's reply line (libraries may print too).
 # outputs), or the student alone on CE + Dice (the config's baseline stage).
 MODES = {"distill": "", "cached": "teacher cache",
          "student": "student only (CE + Dice)"}
+# The PyTorch arms: eager, or the forward and loss through torch.compile.
+TORCH_MODES = {"eager": "eager", "compile": "torch.compile"}
 # Dense peak FLOP/s of one device, (bfloat16, float32), for MFU; float32 as
 # XLA runs it by default (TF32 tensor cores on NVIDIA, bf16 passes on TPU).
-# Matched by substring of `device_kind`, first match wins.
+# Matched as whole words of the device name (JAX's `device_kind`, PyTorch's
+# `get_device_name`), first match wins; any other device gets no MFU
+# ("n/a") rather than a guess. NVIDIA's datasheet figures without sparsity.
 PEAK_FLOPS = (
     ("H100 PCIe", 756e12, 378e12),
-    ("H100", 989e12, 495e12),
+    ("H100 NVL", 835e12, 418e12),
+    ("H100", 989e12, 495e12),  # SXM.
     ("H200", 989e12, 495e12),
     ("A100", 312e12, 156e12),
     ("L4", 121e12, 60e12),
@@ -163,7 +218,7 @@ PEAK_FLOPS = (
 def peak_flops(device_kind, dtype):
   """Dense peak FLOP/s of one device of this kind, or None (CPU, unknown)."""
   for key, bf16, f32 in PEAK_FLOPS:
-    if key in device_kind:
+    if re.search(r"(?<!\w)" + re.escape(key) + r"(?!\w)", device_kind or ""):
       return bf16 if dtype == "bfloat16" else f32
   return None
 
@@ -226,7 +281,40 @@ def parse_args(argv=None):
   p.add_argument("--torch_threads", default="0",
                  help="torch.set_num_threads per PyTorch worker, comma list "
                  "(0: PyTorch's default, one per core)")
+  p.add_argument("--torch_modes", default="eager",
+                 help="PyTorch arms, a comma list of eager and compile "
+                 "(torch.compile of the forward and loss), one worker per "
+                 "mode and --torch_threads count")
+  p.add_argument("--torch_compile_backend", default="inductor",
+                 help="torch.compile backend of the compile arm")
+  p.add_argument("--channels_last", default="auto",
+                 choices=("auto", "on", "off"),
+                 help="PyTorch models and images in channels_last (auto: on "
+                 "a GPU)")
   p.add_argument("--no_torch", action="store_true", help="kd_jax only")
+  p.add_argument("--sequential", action="store_true",
+                 help="each worker does its warm-up and all its rounds, "
+                 "then exits before the next starts (no two processes hold "
+                 "an accelerator's memory at once); default: interleaved "
+                 "rounds, for noisy shared CPUs")
+  p.add_argument("--smoke", action="store_true",
+                 help="the pair's tiny stand-in models and side (its "
+                 "`smoke` entry in PAIRS): checks the machinery on a CPU")
+  p.add_argument("--json", default="",
+                 help="also write the results (every row and field) to this "
+                 "JSON file, rewritten after each worker")
+  p.add_argument("--worker_timeout", type=float, default=0.0,
+                 help="seconds a worker may take, start to exit, before it "
+                 "is killed and its row reports the timeout (0: no limit; "
+                 "with --sequential only)")
+  p.add_argument("--time_budget", type=float, default=0.0,
+                 help="seconds for the whole run (with --sequential): a "
+                 "worker gets at most what is left, and workers left "
+                 "without time are reported as not run (0: no limit)")
+  p.add_argument("--loader_seconds", type=float, default=0.0,
+                 help="instead of --loader_batches' measure: the grain "
+                 "pipeline's images/s over the step's examples (held in "
+                 "memory, augmented, batched), timed for this many seconds")
   p.add_argument("--compile_cache", default="",
                  help="persistent compilation cache folder (default none: "
                  "the compile time is a cold compile)")
@@ -244,15 +332,31 @@ def parse_args(argv=None):
   p.add_argument("--worker_flags", default="", help=argparse.SUPPRESS)
   p.add_argument("--tmp", default="", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
+  if args.smoke and "smoke" not in PAIRS[args.pair]:
+    p.error(f"--smoke: pair {args.pair} has no smoke models; pairs with "
+            f"them: {', '.join(k for k, v in PAIRS.items() if 'smoke' in v)}")
   if args.size is None:
-    args.size = PAIRS[args.pair]["size"]
+    args.size = _spec(args.pair, args.smoke)["size"]
+  bad = set(args.torch_modes.split(",")) - set(TORCH_MODES) - {""}
+  if bad:
+    p.error(f"--torch_modes: {', '.join(sorted(bad))}; choose from "
+            f"{', '.join(TORCH_MODES)}")
+  if (args.worker_timeout or args.time_budget) and not args.sequential:
+    p.error("--worker_timeout and --time_budget need --sequential")
   return args
 
 
-def pair_config(pair, size, root=REPO):
-  """(config, teacher model cfg, student model cfg) of `pair`, from the
-  configs/default.py of the checkout at `root`. Needs only ml_collections,
-  so every process (and the parent) can call it."""
+def _spec(pair, smoke=False):
+  """The pair's PAIRS entry, with its smoke stand-ins swapped in."""
+  spec = PAIRS[pair]
+  return dict(spec, **spec["smoke"]) if smoke else spec
+
+
+def pair_config(pair, size, root=REPO, smoke=False):
+  """(config, teacher model cfg, student model cfg) of `pair` (its smoke
+  stand-ins with `smoke`), from the configs/default.py of the checkout at
+  `root`. Needs only ml_collections, so every process (and the parent) can
+  call it."""
   if root not in sys.path:
     sys.path.insert(0, root)
   from configs import default  # pylint: disable=import-outside-toplevel
@@ -263,7 +367,7 @@ def pair_config(pair, size, root=REPO):
   config = default.get_config()
   config.data.image_size = size
   stage = config.stages.distilled
-  spec = PAIRS[pair]
+  spec = _spec(pair, smoke)
   if spec["student"]:
     stage.model = sized(spec["student"])
     stage.teacher.model = sized(spec["teacher"])
@@ -295,6 +399,31 @@ def _unflatten(flat):
 
 def _peak_rss_mb():
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _accelerator_visible():
+  """Whether JAX will run on an accelerator here, decided before it starts:
+  JAX_PLATFORMS, else the device files kd_jax.accelerator knows (a tree
+  without that module is benchmarked as on the CPU)."""
+  platforms = os.environ.get("JAX_PLATFORMS", "").split(",")
+  if platforms[0].strip():
+    return platforms[0].strip() != "cpu"
+  try:
+    from kd_jax import accelerator  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return False
+  return any(os.path.exists(f)
+             for f in accelerator.NVIDIA_FILES + accelerator.TPU_FILES)
+
+
+def _restrict_accelerators(devices):
+  """Before a framework starts: only the first `devices` GPUs (unless
+  CUDA_VISIBLE_DEVICES already names some), and JAX taking GPU memory as it
+  needs it instead of 75 % up front, so that a JAX and a PyTorch worker
+  never fight over one GPU's memory and JAX's peak is its own."""
+  os.environ.setdefault("CUDA_VISIBLE_DEVICES",
+                        ",".join(str(i) for i in range(devices)))
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
 def _rss_mb():
@@ -348,10 +477,14 @@ class JaxWorker:
   def __init__(self, args, devices, extra_flags):
     opts = worker_options(extra_flags)
     root = opts["tree"] or REPO  # The parent put its kd_jax on PYTHONPATH.
-    # Before any jax import: the device count is fixed when jax starts.
+    host = not _accelerator_visible()
+    _restrict_accelerators(devices)
+    # Before jax starts its backends (importing it starts none): the count
+    # of virtual host devices is an XLA:CPU flag, set on the CPU only.
     os.environ["XLA_FLAGS"] = " ".join(
         f for f in (os.environ.get("XLA_FLAGS", ""),
-                    f"--xla_force_host_platform_device_count={devices}",
+                    f"--xla_force_host_platform_device_count={devices}"
+                    if host else "",
                     args.xla_flags, " ".join(opts["xla"])) if f)
     import jax  # pylint: disable=import-outside-toplevel
     import numpy as np  # pylint: disable=import-outside-toplevel
@@ -359,26 +492,39 @@ class JaxWorker:
     import kd_jax  # pylint: disable=import-outside-toplevel
     from kd_jax import data, train  # pylint: disable=import-outside-toplevel
 
-    try:  # A tree with kd_jax.runtime (kd_jax.main called it there) ...
-      from kd_jax import runtime  # pylint: disable=import-outside-toplevel
-      runtime.configure()
-    except ImportError:
-      pass
+    if host:
+      try:  # A tree with kd_jax.runtime (kd_jax.main called it there) ...
+        from kd_jax import runtime  # pylint: disable=import-outside-toplevel
+        runtime.configure()
+      except ImportError:
+        pass
     # ... but no persistent cache unless asked: the compile is measured cold.
     jax.config.update("jax_compilation_cache_dir", args.compile_cache or None)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     mode = opts["mode"]
+    if jax.default_backend() == "cpu" and not host:
+      raise SystemExit("an accelerator is visible but JAX runs on the CPU "
+                       "(a CPU-only jaxlib?); set JAX_PLATFORMS=cpu to "
+                       "benchmark the CPU")
+    if jax.default_backend() == "cpu":
+      assert jax.device_count() == devices, jax.devices()
+    elif jax.device_count() < devices:
+      raise SystemExit(f"--devices={devices}: JAX sees {jax.device_count()} "
+                       f"{jax.default_backend()} devices")
+    # The first N devices only: PyTorch's side runs on one.
+    self.devices = jax.devices()[:devices]
     # Imported libraries alone hold hundreds of MB: reported apart.
     info = dict(devices=devices, import_rss_mb=_rss_mb(), mode=mode,
-                platform=jax.devices()[0].platform,
-                device_kind=jax.devices()[0].device_kind)
-    if info["platform"] == "cpu":
-      assert jax.device_count() == devices, jax.devices()
-    else:  # An accelerator: its own devices, not virtual host ones.
-      devices = info["devices"] = jax.device_count()
+                platform=self.devices[0].platform,
+                device_kind=self.devices[0].device_kind,
+                # None: Precision.DEFAULT, which lets XLA run float32
+                # matmuls and convolutions on TF32 tensor cores on NVIDIA
+                # GPUs (Ampere and later); PyTorch's side is set to match.
+                matmul_precision=str(
+                    jax.config.jax_default_matmul_precision or "DEFAULT"))
     self.jax, self.data, self.train, self.args = jax, data, train, args
     self.mode = mode
-    config, _, _ = pair_config(args.pair, args.size, root)
+    config, _, _ = pair_config(args.pair, args.size, root, args.smoke)
     config.compute_dtype = args.compute_dtype
     if opts["layers"]:
       config.layers = opts["layers"]
@@ -394,7 +540,7 @@ class JaxWorker:
     self.method = method
     s = train.stage_config(config, stage)
     tx = train.make_optimizer(s["optimizer"], s["steps"])
-    mesh = self.mesh = train.make_mesh()
+    mesh = self.mesh = train.make_mesh(self.devices)
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     batch_file = os.path.join(args.tmp, "batch.npz")
     if not os.path.exists(batch_file):
@@ -466,13 +612,50 @@ class JaxWorker:
     self.step = lowered.compile()
     t2 = time.perf_counter()
     info.update(trace_s=t1 - t0, compile_s=t2 - t1,
-                gflop_per_step=cost_analysis_flops(self.step) / 1e9)
+                gflop_per_step=cost_analysis_flops(self.step) / 1e9,
+                **self._model_gflop(batch["image"]))
     losses = []
     for _ in range(max(args.warmup, 1)):
       self.state, metrics = self.step(self.state, self.batch, self.frozen)
       losses.append(float(metrics["loss"]))
     info.update(first_loss=losses[0])
     self.info = info
+
+  def _model_gflop(self, images):
+    """Model GFLOP of one step, from XLA's cost analysis of the lowered
+    forwards (before XLA's passes: the whole model, heads included, as
+    PyTorch runs it; a multiply-add counts 2): the frozen teacher's eval
+    forward, the student's train forward, and per step the teacher's once
+    plus the student's three times (forward + backward ≈ 3 forwards)."""
+    jax = self.jax
+    from kd_jax.methods import common  # pylint: disable=import-outside-toplevel
+
+    def flops(fn, *args):
+      shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                            args)
+      return cost_analysis_flops(jax.jit(fn).lower(*shapes)) / 1e9
+
+    key = self.method.model_key
+    student = flops(
+        lambda p, s, x: common.apply_train(self.method.model, p, s, x,
+                                           jax.random.key(0)),
+        self.state.params[key], self.state.batch_stats[key], images)
+    teacher = 0.0
+    if self.mode == "distill":
+      teacher = flops(
+          lambda f, x: common.apply_eval(self.method.teacher, f["params"],
+                                         f["batch_stats"], x),
+          self.frozen, images)
+    return dict(teacher_forward_gflop=teacher, student_forward_gflop=student,
+                model_gflop_per_step=teacher + 3 * student)
+
+  def peak_device_bytes(self):
+    """The largest peak of allocated bytes over this worker's devices since
+    it started (None where the runtime keeps no such count: the CPU)."""
+    stats = [d.memory_stats() for d in self.devices]
+    if not all(stats) or any("peak_bytes_in_use" not in m for m in stats):
+      return None
+    return max(m["peak_bytes_in_use"] for m in stats)
 
   def round(self, steps):
     t = time.perf_counter()
@@ -559,6 +742,27 @@ class JaxWorker:
       out[key] = self._loop(source, self.datasets.train_transforms, batches)
     return out
 
+  def loader_rate(self, seconds):
+    """Images/s of the trainer's grain pipeline (`train_batches` +
+    `iterate`: shuffle, the config's augmentation, batching, its threads)
+    over the step's examples held in memory, so that it measures the
+    pipeline and not the synthetic source's rendering; timed for `seconds`
+    after the first batch."""
+    held = _Held([self.datasets.train[i] for i in range(self.args.batch)])
+    ds = self.data.pipeline.train_batches(
+        held, batch_size=self.args.batch, seed=self.config.seed,
+        transforms=self.datasets.train_transforms)
+    it = self.data.pipeline.iterate(ds, 0)
+    next(it)  # Starts the threads.
+    batches, t = 0, time.perf_counter()
+    while not batches or time.perf_counter() - t < seconds:
+      next(it)
+      batches += 1
+    elapsed = time.perf_counter() - t
+    it.close()
+    return {"images_per_s": batches * self.args.batch / elapsed,
+            "batches": batches, "seconds": elapsed, "examples": len(held)}
+
   def _loop(self, source, transforms, batches, teacher_outputs=None):
     """Seconds per step of the trainer's loop fed by the grain pipeline."""
     ds = self.data.pipeline.train_batches(
@@ -578,6 +782,20 @@ class JaxWorker:
     return seconds
 
 
+class _Held:
+  """A random-access source over examples in memory; each access a copy
+  (a transform may write to its input)."""
+
+  def __init__(self, examples):
+    self.examples = examples
+
+  def __len__(self):
+    return len(self.examples)
+
+  def __getitem__(self, i):
+    return {k: v.copy() for k, v in self.examples[i].items()}
+
+
 def _thunk_kind(name):
   base = re.sub(r"\.\d+$", "", name)
   if base.startswith("ynn_fusion"):
@@ -592,10 +810,19 @@ def _thunk_kind(name):
 
 
 class TorchWorker:
-  """The PyTorch twins, eager, `threads` intra-op threads (0: default), on
-  the GPU when there is one; bf16 autocast with --compute_dtype=bfloat16."""
+  """The PyTorch twins, `threads` intra-op threads (0: default), eager or
+  with the forward and loss through torch.compile (`mode`), on the first GPU
+  when there is one, with bf16 autocast for --compute_dtype=bfloat16
+  (float32 parameters and loss, as on kd_jax's side).
 
-  def __init__(self, args, threads):
+  On a GPU it takes what a tuned PyTorch loop takes: models and images in
+  channels_last, cuDNN's autotuner (`cudnn.benchmark`), the fused AdamW, and
+  TF32 for float32 matmuls and convolutions, which is what JAX's default
+  precision (Precision.DEFAULT) gives float32 on these GPUs.
+  """
+
+  def __init__(self, args, threads, mode="eager"):
+    _restrict_accelerators(1)
     import numpy as np  # pylint: disable=import-outside-toplevel
     import torch  # pylint: disable=import-outside-toplevel
 
@@ -603,13 +830,27 @@ class TorchWorker:
       sys.path.insert(0, HERE)
     import torch_models as tm  # pylint: disable=import-outside-toplevel
 
-    info = dict(import_rss_mb=_rss_mb(),
+    info = dict(import_rss_mb=_rss_mb(), mode=mode,
                 version=torch.__version__.split("+")[0])
     if threads:
       torch.set_num_threads(threads)
     info["threads"] = torch.get_num_threads()
     self.torch, self.tm = torch, tm
-    config, t_cfg, s_cfg = pair_config(args.pair, args.size)
+    config, t_cfg, s_cfg = pair_config(args.pair, args.size, smoke=args.smoke)
+    self.device = "cuda" if torch.cuda.is_available() else "cpu"
+    cuda = self.device == "cuda"
+    if cuda:
+      torch.backends.cudnn.benchmark = True
+      torch.backends.cuda.matmul.allow_tf32 = True
+      torch.backends.cudnn.allow_tf32 = True
+    fmt = (torch.channels_last if args.channels_last == "on" or (
+        args.channels_last == "auto" and cuda) else torch.contiguous_format)
+    info.update(device=self.device, platform="gpu" if cuda else "cpu",
+                device_kind=(torch.cuda.get_device_name(0) if cuda
+                             else "cpu"),
+                channels_last=fmt == torch.channels_last, fused_adamw=cuda,
+                tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
+                tf32_cudnn=torch.backends.cudnn.allow_tf32)
 
     def build(cfg):
       cfg = dict(cfg)
@@ -622,14 +863,12 @@ class TorchWorker:
     init = _unflatten(dict(np.load(os.path.join(args.tmp, "init.npz"))))
     tm.load_flax_variables(self.teacher, init["teacher"])
     tm.load_flax_variables(self.student, init["student"])
-    self.device = "cuda" if torch.cuda.is_available() else "cpu"
-    info["device"] = self.device
-    self.teacher.to(self.device)
-    self.student.to(self.device)
+    self.teacher.to(self.device, memory_format=fmt)
+    self.student.to(self.device, memory_format=fmt)
     self.autocast = args.compute_dtype == "bfloat16"
     batch = _load_batch(args)
     self.images = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2)
-    self.images = self.images.contiguous().to(self.device)
+    self.images = self.images.to(self.device).contiguous(memory_format=fmt)
     self.labels = torch.from_numpy(batch["label"]).long().to(self.device)
 
     self.loss, connector = self._loss_fn(config.stages.distilled.losses,
@@ -641,7 +880,8 @@ class TorchWorker:
       self.trained += list(connector.parameters())
     opt = config.optimizer
     self.opt = torch.optim.AdamW(self.trained, lr=opt.lr,
-                                 weight_decay=opt.weight_decay)
+                                 weight_decay=opt.weight_decay,
+                                 fused=True if cuda else None)
     self.sched = torch.optim.lr_scheduler.LambdaLR(
         self.opt, _warmup_cosine(opt.warmup_steps, config.steps))
     self.grad_clip = opt.grad_clip
@@ -649,9 +889,30 @@ class TorchWorker:
                 params_student=tm.count_params(self.student),
                 params_connectors=(tm.count_params(connector)
                                    if connector is not None else 0))
-    losses = [self._step() for _ in range(max(args.warmup, 1))]
+    self.forward_loss = (self._forward_loss if mode == "eager" else
+                         torch.compile(self._forward_loss,
+                                       backend=args.torch_compile_backend))
+    # The first step (torch.compile's compiles, cuDNN's autotuning) apart.
+    t = time.perf_counter()
+    losses = [float(self._step())]
+    info["first_step_s"] = time.perf_counter() - t
+    if mode == "eager":
+      # The FLOPs PyTorch's counter sees in a step (matmuls, convolutions,
+      # attention; forwards and backwards): a check on the model FLOPs.
+      from torch.utils import flop_counter  # pylint: disable=import-outside-toplevel
+      with flop_counter.FlopCounterMode(display=False) as counter:
+        losses.append(self._step())
+      info["counted_gflop_per_step"] = counter.get_total_flops() / 1e9
+    losses += [self._step() for _ in range(max(args.warmup - 1, 0))]
     info.update(first_loss=float(losses[0]))
     self.info = info
+
+  def peak_device_bytes(self):
+    """Peak bytes PyTorch's allocator held on the GPU since the start (None
+    on the CPU)."""
+    if self.device != "cuda":
+      return None
+    return self.torch.cuda.max_memory_allocated()
 
   def _loss_fn(self, losses, connectors):
     """(loss of the student's and the teacher's (logits, features), the
@@ -684,13 +945,17 @@ class TorchWorker:
 
     return loss, connector
 
-  def _step(self):
+  def _forward_loss(self):
     torch = self.torch
     with torch.autocast(self.device, torch.bfloat16, enabled=self.autocast):
       with torch.no_grad():
         teacher = self.teacher(self.images)
       student = self.student(self.images)
-    loss = self.loss(student, teacher)
+    return self.loss(student, teacher)
+
+  def _step(self):
+    torch = self.torch
+    loss = self.forward_loss()
     self.opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(self.trained, self.grad_clip)
@@ -778,11 +1043,11 @@ def serve(args):
     out.write(REPLY + json.dumps(obj) + "\n")
     out.flush()
 
-  kind, n = args.worker.split(":")
+  kind, n, *mode = args.worker.split(":")
   if kind == "jax":
     worker = JaxWorker(args, int(n), args.worker_flags)
   else:
-    worker = TorchWorker(args, int(n))
+    worker = TorchWorker(args, int(n), *mode)
   send(worker.info)
   for line in sys.stdin:
     cmd = line.strip()
@@ -791,9 +1056,11 @@ def serve(args):
     elif cmd == "profile":
       send(worker.profile(args.steps))
     elif cmd == "rss":
-      send({"peak_rss_mb": _peak_rss_mb()})
+      send({"peak_rss_mb": _peak_rss_mb(),
+            "peak_device_bytes": worker.peak_device_bytes()})
     elif cmd == "loader":
-      send(worker.loader(args.loader_batches))
+      send(worker.loader_rate(args.loader_seconds) if args.loader_seconds
+           else worker.loader(args.loader_batches))
     elif cmd == "quit":
       send({})
       return
@@ -803,26 +1070,52 @@ def serve(args):
 # Parent: starts the workers, interleaves their rounds, prints the table.
 
 
-class Proc:
-  """A worker process and its pipe."""
+class WorkerError(RuntimeError):
+  """A worker died or ran past its time limit."""
 
-  def __init__(self, name, argv, env, cwd=None):
+
+class Proc:
+  """A worker process and its pipe; `deadline` (a time.monotonic() value)
+  bounds every wait for a reply: past it the worker is killed."""
+
+  def __init__(self, name, argv, env, cwd=None, deadline=None):
     self.name = name
     self.is_torch = any(a.startswith("--worker=torch") for a in argv)
+    self.deadline = deadline
     self.p = subprocess.Popen(
         [sys.executable, os.path.abspath(__file__)] + argv, env=env, cwd=cwd,
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    self.replies = queue.Queue()
+    threading.Thread(target=self._pump, daemon=True).start()
 
-  def read(self):
+  def _pump(self):
+    """Reply lines into the queue, then None when the worker's pipe ends."""
     for line in self.p.stdout:
       if line.startswith(REPLY):
-        return json.loads(line[len(REPLY):])
-    raise RuntimeError(f"worker {self.name!r} died (exit {self.p.wait()}); "
-                       "its traceback is above")
+        self.replies.put(json.loads(line[len(REPLY):]))
+    self.replies.put(None)
+
+  def read(self):
+    wait = (None if self.deadline is None
+            else max(self.deadline - time.monotonic(), 0.0))
+    try:
+      reply = self.replies.get(timeout=wait)
+    except queue.Empty:
+      self.p.kill()
+      self.p.wait()
+      raise WorkerError(f"worker {self.name!r} killed at its time limit") \
+          from None
+    if reply is None:
+      raise WorkerError(f"worker {self.name!r} died (exit {self.p.wait()}); "
+                        "its traceback is above")
+    return reply
 
   def ask(self, cmd):
-    self.p.stdin.write(cmd + "\n")
-    self.p.stdin.flush()
+    try:
+      self.p.stdin.write(cmd + "\n")
+      self.p.stdin.flush()
+    except BrokenPipeError:
+      pass  # It died: read() says so.
     return self.read()
 
 
@@ -882,7 +1175,8 @@ def main(argv=None):
 
 
 def _compare(args, jax_configs):
-  """Starts the workers, runs the interleaved rounds, prints the results."""
+  """Starts the workers, runs their rounds (interleaved, or each worker's
+  all at once with --sequential), prints the results."""
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep +
              os.environ.get("PYTHONPATH", ""))
   env.pop("JAX_COMPILATION_CACHE_DIR", None)  # Cold compiles unless asked.
@@ -892,10 +1186,26 @@ def _compare(args, jax_configs):
             f"--compute_dtype={args.compute_dtype}",
             f"--compile_cache={args.compile_cache}",
             f"--init_opt_level={args.init_opt_level}",
-            f"--loader_batches={args.loader_batches}", f"--tmp={args.tmp}"]
-  workers, infos = [], {}
+            f"--loader_batches={args.loader_batches}",
+            f"--loader_seconds={args.loader_seconds}",
+            f"--torch_compile_backend={args.torch_compile_backend}",
+            f"--channels_last={args.channels_last}",
+            f"--tmp={args.tmp}"] + ["--smoke"] * args.smoke
+  # (label, worker arguments, kd_jax options) of each worker, in start
+  # order: the first kd_jax worker writes the batch and the initial weights
+  # every worker uses.
+  specs = [(label, [f"--worker=jax:{n}", f"--worker_flags={flags}"], flags)
+           for label, n, flags in jax_configs]
+  if not args.no_torch:
+    specs += [(f"PyTorch {TORCH_MODES[m]}, {n or 'default'} threads",
+               [f"--worker=torch:{n}:{m}"], "")
+              for n in (int(x) for x in args.torch_threads.split(",") if x)
+              for m in args.torch_modes.split(",") if m]
+  run = _Run(args)
+  budget_end = (time.monotonic() + args.time_budget if args.time_budget
+                else None)
 
-  def start(name, extra, flags=""):
+  def start(label, extra, flags, deadline=None):
     t = time.perf_counter()
     opts = worker_options(flags)
     # A worker from another checkout imports its kd_jax and configs.
@@ -903,35 +1213,214 @@ def _compare(args, jax_configs):
     if opts["tree"]:
       tree_env["PYTHONPATH"] = opts["tree"] + os.pathsep + os.environ.get(
           "PYTHONPATH", "")
-    w = Proc(name, common + extra, tree_env, cwd=opts["tree"] or None)
+    w = Proc(label, common + extra, tree_env, cwd=opts["tree"] or None,
+             deadline=deadline)
     info = w.read()
     if "threads" in info:
-      n = info["threads"]
-      w.name = (f"PyTorch {info['version']} eager, {n} thread"
-                + "s" * (n > 1))
+      w.name = _torch_label(info)
     print(f"  started {w.name} in {time.perf_counter() - t:.0f} s",
           file=sys.stderr, flush=True)
-    workers.append(w)
-    infos[w.name] = info
+    run.add(w, info)
+    return w
 
-  # One after another, so compiles and warm-ups never overlap; the first
-  # kd_jax worker writes the batch and the initial weights every worker
-  # uses.
-  for name, n, flags in jax_configs:
-    start(name, [f"--worker=jax:{n}", f"--worker_flags={flags}"], flags)
-  if not args.no_torch:
-    for n in (int(x) for x in args.torch_threads.split(",") if x):
-      start("PyTorch", [f"--worker=torch:{n}"])
+  if args.sequential:
+    # Each worker alone, start to exit: no two hold an accelerator's memory.
+    for label, extra, flags in specs:
+      now = time.monotonic()
+      ends = [e for e in (budget_end, args.worker_timeout and
+                          now + args.worker_timeout) if e]
+      deadline = min(ends) if ends else None
+      if deadline is not None and deadline - now < 1:
+        run.fail(label, extra, "not run: the time budget was spent")
+        continue
+      w = None
+      try:
+        w = start(label, extra, flags, deadline)
+        for r in range(args.rounds):
+          run.times[w.name].append(w.ask("round")["step_s"])
+        _finish(args, run, w)
+      except WorkerError as e:
+        print(f"  {e}", file=sys.stderr, flush=True)
+        run.fail(w.name if w else label, extra, str(e))
+      if args.json:
+        run.write_json(args.json)
+  else:
+    workers = [start(*spec) for spec in specs]
+    for r in range(args.rounds):
+      k = r % len(workers)
+      for w in workers[k:] + workers[:k]:
+        run.times[w.name].append(w.ask("round")["step_s"])
+      print(f"  round {r + 1}: " + ", ".join(
+          f"{w.name} {run.times[w.name][-1] * 1e3:.0f} ms" for w in workers),
+            file=sys.stderr, flush=True)
+    for w in workers:
+      _finish(args, run, w)
+  if args.json:
+    run.write_json(args.json)
+  _report(args, run)
 
-  load = os.getloadavg()[0]
-  print(f"pair {args.pair}: batch {args.batch}, {args.size}x{args.size}, "
-        f"{args.rounds} rounds x {args.steps} steps, interleaved; "
-        f"{os.cpu_count()} CPUs, load average {load:.1f} at the start")
-  ref = infos[workers[0].name]
-  for w in workers:
-    i = infos[w.name]
+
+def _torch_label(info):
+  where = (f"{info['threads']} thread" + "s" * (info["threads"] > 1)
+           if info["device"] == "cpu" else info["device"])
+  return (f"PyTorch {info['version']} {TORCH_MODES[info['mode']]}, "
+          f"{where}")
+
+
+def _finish(args, run, w):
+  """A worker's profile, peak memory and loader measures; then it exits."""
+  if args.profile:
+    run.profiles[w.name] = w.ask("profile")
+  run.memory[w.name] = w.ask("rss")
+  info = run.infos[w.name]
+  if not w.is_torch and (args.loader_batches or args.loader_seconds):
+    if run.loader is None and info["mode"] == "distill":
+      run.loader = w.ask("loader")
+    elif info["mode"] != "distill" and not args.loader_seconds:
+      # The cache and student-only modes time their own (unaugmented)
+      # loops.
+      run.loops[w.name] = w.ask("loader")
+  w.ask("quit")
+  w.p.wait()
+
+
+class _Run:
+  """What the workers reported, by worker name, in start order."""
+
+  def __init__(self, args):
+    self.args = args
+    self.names, self.infos, self.errors = [], {}, {}
+    self.torch = set()
+    self.times = collections.defaultdict(list)
+    self.memory, self.profiles, self.loops = {}, {}, {}
+    self.loader = None
+    self.start_load = os.getloadavg()[0]
+
+  def add(self, w, info):
+    self.names.append(w.name)
+    self.infos[w.name] = info
+    if w.is_torch:
+      self.torch.add(w.name)
+
+  def fail(self, name, extra, error):
+    if name not in self.infos:
+      self.names.append(name)
+      self.infos[name] = {}
+      if any(a.startswith("--worker=torch") for a in extra):
+        self.torch.add(name)
+    self.errors[name] = error
+    self.times.pop(name, None)
+
+  def timed(self):
+    """Workers that finished their rounds."""
+    return [n for n in self.names if self.times.get(n)
+            and n not in self.errors]
+
+  def median(self, name):
+    return statistics.median(self.times[name])
+
+  def model_gflop(self, name):
+    """Model GFLOP per step of a worker's step: a kd_jax worker's own
+    count; PyTorch's the first full distill step's (the same models)."""
+    info = self.infos[name]
+    if "model_gflop_per_step" in info:
+      return info["model_gflop_per_step"]
+    for n in self.names:
+      i = self.infos[n]
+      if i.get("mode") == "distill" and "model_gflop_per_step" in i:
+        return i["model_gflop_per_step"]
+    return None
+
+  def mfu(self, name):
+    """Model FLOPs utilisation against the device's dense peak for the
+    compute dtype; None on the CPU, an unknown device or a failed worker."""
+    info = self.infos[name]
+    gflop = self.model_gflop(name)
+    if (name not in self.timed() or gflop is None
+        or info.get("platform", "cpu") == "cpu"):
+      return None
+    peak = (self.args.peak_tflops * 1e12 or
+            peak_flops(info["device_kind"], self.args.compute_dtype))
+    if not peak:
+      return None
+    return mfu(gflop * 1e9, self.median(name), peak, info.get("devices", 1))
+
+  def row(self, name):
+    """One worker's results as plain JSON values."""
+    info, timed = self.infos[name], name in self.timed()
+    mem = self.memory.get(name, {})
+    peak = mem.get("peak_device_bytes")
+    compile_s = (info["trace_s"] + info["compile_s"] if "compile_s" in info
+                 else info.get("first_step_s"))
+    keep = ("platform", "device_kind", "devices", "params_teacher",
+            "params_student", "params_connectors", "first_loss", "version",
+            "threads", "layers", "matmul_precision", "channels_last",
+            "fused_adamw", "tf32_matmul", "tf32_cudnn",
+            "counted_gflop_per_step", "gflop_per_step", "init_s")
+    out = dict(name=name,
+               framework="pytorch" if name in self.torch else "kd_jax",
+               mode=info.get("mode"), error=self.errors.get(name),
+               step_ms=self.median(name) * 1e3 if timed else None,
+               step_ms_min=min(self.times[name]) * 1e3 if timed else None,
+               step_ms_max=max(self.times[name]) * 1e3 if timed else None,
+               images_per_s=(self.args.batch / self.median(name) if timed
+                             else None),
+               model_gflop_per_step=self.model_gflop(name) if info else None,
+               mfu=self.mfu(name) if info else None,
+               peak_device_mb=peak / 2**20 if peak is not None else None,
+               peak_rss_mb=mem.get("peak_rss_mb"), compile_s=compile_s)
+    out.update({k: info[k] for k in keep if k in info})
+    return out
+
+  def summary(self):
+    """The run as one JSON-able dict: settings, model FLOPs, every
+    worker's row, the loader and its images/s over the fastest kd_jax
+    step's."""
+    args = self.args
+    _, t_cfg, s_cfg = pair_config(args.pair, args.size, smoke=args.smoke)
+    rows = [self.row(n) for n in self.names]
+    first = next((self.infos[n] for n in self.names
+                  if "model_gflop_per_step" in self.infos[n]), {})
+    steps = [r["images_per_s"] for r in rows
+             if r["framework"] == "kd_jax" and r["images_per_s"]]
+    loader = dict(self.loader) if self.loader else None
+    if loader and "images_per_s" in loader and steps:
+      loader["over_step"] = loader["images_per_s"] / max(steps)
+    return dict(
+        pair=args.pair, smoke=args.smoke, size=args.size, batch=args.batch,
+        compute_dtype=args.compute_dtype, rounds=args.rounds,
+        steps=args.steps, sequential=args.sequential, teacher=t_cfg,
+        student=s_cfg,
+        flops_source=("XLA cost analysis of kd_jax's lowered forwards: "
+                      "teacher eval forward + 3 x student train forward"),
+        teacher_forward_gflop=first.get("teacher_forward_gflop"),
+        student_forward_gflop=first.get("student_forward_gflop"),
+        model_gflop_per_step=first.get("model_gflop_per_step"),
+        rows=rows, loader=loader)
+
+  def write_json(self, path):
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+      json.dump(self.summary(), f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def _report(args, run):
+  """The markdown table and the lines after it."""
+  load, end_load = run.start_load, os.getloadavg()[0]
+  print(f"pair {args.pair}{' (smoke stand-ins)' * args.smoke}: batch "
+        f"{args.batch}, {args.size}x{args.size}, {args.compute_dtype}, "
+        f"{args.rounds} rounds x {args.steps} steps, "
+        f"{'sequential' if args.sequential else 'interleaved'}; "
+        f"{os.cpu_count()} CPUs, load average {load:.1f} at the start, "
+        f"{end_load:.1f} at the end" + (
+            " (above the CPU count: other processes share the cores, expect "
+            "noise)" if max(load, end_load) > (os.cpu_count() or 1) else ""))
+  names = [n for n in run.names if run.infos[n]]
+  ref = names[0] if names else None
+  for name in names:
+    i = run.infos[name]
     conn = i.get("params_connectors", 0)
-    print(f"  {w.name}: params teacher {i['params_teacher']:,}, student "
+    print(f"  {name}: params teacher {i['params_teacher']:,}, student "
           f"{i['params_student']:,}" + (f", connectors {conn:,}" if conn
                                         else "") +
           f"; first-step loss {i['first_loss']:.5f}" + (
@@ -939,65 +1428,47 @@ def _compare(args, jax_configs):
               if "kd_jax" in i else ""))
     # Same architectures: the parameter counts must be equal (the
     # student-only step has no teacher and no connectors).
-    assert i["params_student"] == ref["params_student"] and (
+    r = run.infos[ref]
+    assert i["params_student"] == r["params_student"] and (
         i.get("mode") == "student" or
-        (i["params_teacher"], conn) == (ref["params_teacher"],
-                                        ref.get("params_connectors", 0))), (
-            f"parameter counts differ: {w.name} {i} vs {workers[0].name} "
-            f"{ref}")
-
-  times = {w.name: [] for w in workers}
-  for r in range(args.rounds):
-    k = r % len(workers)
-    for w in workers[k:] + workers[:k]:
-      times[w.name].append(w.ask("round")["step_s"])
-    print(f"  round {r + 1}: " + ", ".join(
-        f"{w.name} {times[w.name][-1] * 1e3:.0f} ms" for w in workers),
-          file=sys.stderr, flush=True)
-  profiles = {w.name: w.ask("profile") for w in workers} if args.profile \
-      else {}
-  rss = {w.name: w.ask("rss")["peak_rss_mb"] for w in workers}
-  loader = workers[0].ask("loader") if args.loader_batches else None
-  # The cache and student-only modes time their own (unaugmented) loops.
-  loops = {w.name: w.ask("loader") for w in workers[1:]
-           if infos[w.name].get("mode", "distill") != "distill"
-           and args.loader_batches}
-  for w in workers:
-    w.ask("quit")
-    w.p.wait()
-
-  end_load = os.getloadavg()[0]
-  print(f"load average {end_load:.1f} at the end" + (
-      " (above the CPU count: other processes share the cores, expect noise)"
-      if max(load, end_load) > (os.cpu_count() or 1) else ""))
-  med = {k: statistics.median(v) for k, v in times.items()}
-  torch_times = [med[w.name] for w in workers if w.is_torch]
-  best_torch = min(torch_times) if torch_times else None
+        (i["params_teacher"], conn) == (r["params_teacher"],
+                                        r.get("params_connectors", 0))), (
+            f"parameter counts differ: {name} {i} vs {ref} {r}")
+  timed = run.timed()
+  med = {n: run.median(n) for n in timed}
   # The same ratio round by round (the workers of a round ran within a
   # second of each other), its median: steadier than the ratio of medians
-  # when the machine's speed drifts during the run.
-  ref = min((w.name for w in workers if w.is_torch), key=med.get,
-            default=None)
+  # when the machine's speed drifts during the run. With --sequential the
+  # rounds of two workers are minutes apart: the ratio of medians only.
+  torch_rows = [n for n in timed if n in run.torch]
+  best = min(torch_rows, key=med.get, default=None)
 
   def per_round(base, name):  # Median of base's time / name's, by round.
-    return statistics.median(a / b for a, b in zip(times[base], times[name]))
+    return statistics.median(a / b for a, b in zip(run.times[base],
+                                                   run.times[name]))
 
   print()
   columns = ["configuration", "step (ms, median)", "min–max (ms)",
-             "images/s", "speed vs PyTorch", "per round", "compile (s)",
+             "images/s", "speed vs PyTorch", "per round", "MFU",
+             "peak device memory (MB)", "compile / first step (s)",
              "peak RSS (MB)", "imports' RSS (MB)"]
   print("| " + " | ".join(columns) + " |")
   print("|---|" + "---:|" * (len(columns) - 1))
-  for w in workers:
-    i, t = infos[w.name], med[w.name]
-    speed = f"{best_torch / t:.2f}×" if best_torch else "–"
-    by_round = "–" if ref is None else f"{per_round(ref, w.name):.2f}×"
-    compile_s = (f"{i['trace_s'] + i['compile_s']:.1f}" if "compile_s" in i
-                 else "–")
-    print(f"| {w.name} | {t * 1e3:.0f} | {min(times[w.name]) * 1e3:.0f}–"
-          f"{max(times[w.name]) * 1e3:.0f} | {args.batch / t:.0f} | {speed} "
-          f"| {by_round} | {compile_s} | {rss[w.name]:.0f} | "
-          f"{i['import_rss_mb']:.0f} |")
+  for name in run.names:
+    if name in run.errors:
+      print(f"| {name} | {run.errors[name]} |" + " – |" * (len(columns) - 2))
+      continue
+    r, i, t = run.row(name), run.infos[name], med[name]
+    speed = f"{med[best] / t:.2f}×" if best else "–"
+    by_round = ("–" if best is None or args.sequential
+                else f"{per_round(best, name):.2f}×")
+    print(f"| {name} | {t * 1e3:.0f} | {r['step_ms_min']:.0f}–"
+          f"{r['step_ms_max']:.0f} | {args.batch / t:.0f} | {speed} "
+          f"| {by_round} | {_fmt(r['mfu'], '.1%')} | "
+          f"{_fmt(r['peak_device_mb'], '.0f')} | "
+          f"{_fmt(r['compile_s'], '.1f')} | "
+          f"{_fmt(r['peak_rss_mb'], '.0f')} | {i['import_rss_mb']:.0f} |")
+
   def extra_row(name, step_s=None, images_per_s=None):
     """A loader or train-loop row: step time, images/s and speed vs
     PyTorch where they apply, '–' in every other column."""
@@ -1005,11 +1476,17 @@ def _compare(args, jax_configs):
     if step_s is not None:
       images_per_s = args.batch / step_s
       cells[0] = f"{step_s * 1e3:.0f}"
-      cells[3] = f"{best_torch / step_s:.2f}×" if best_torch else "–"
+      cells[3] = f"{med[best] / step_s:.2f}×" if best else "–"
     cells[2] = f"{images_per_s:.0f}"
     print(f"| {name} | " + " | ".join(cells) + " |")
 
-  if loader is not None:
+  loader = run.loader
+  if loader is not None and "batches" in loader:
+    extra_row(f"grain loader (train_batches + iterate): the step's "
+              f"{loader['examples']} examples from memory, augmented, "
+              f"{loader['batches']} batches in {loader['seconds']:.1f} s",
+              images_per_s=loader["images_per_s"])
+  elif loader is not None:
     extra_row("grain loader, 4 threads: synthetic CT + augment, first epoch "
               "(each example rendered)", images_per_s=loader["images_per_s"])
     extra_row("grain loader, 4 threads: synthetic CT + augment, later epochs "
@@ -1018,9 +1495,9 @@ def _compare(args, jax_configs):
               images_per_s=loader["cached_images_per_s"])
     for key, what in (("loop_rendered_s", "first epoch"),
                       ("loop_cached_s", "later epochs")):
-      extra_row(f"{workers[0].name}, train loop: step + loader ({what})",
+      extra_row(f"{names[0]}, train loop: step + loader ({what})",
                 loader[key])
-  for name, loop in loops.items():
+  for name, loop in run.loops.items():
     built = (f"; cache of {loop['num_train']} examples built in "
              f"{loop['cache_build_s']:.1f} s" if "cache_build_s" in loop
              else "")
@@ -1029,13 +1506,14 @@ def _compare(args, jax_configs):
   print()
   # An A/B of kd_jax workers (variants, device counts, modes) cancels the
   # drift the same way: each against the first, round by round.
-  jax_workers = [w.name for w in workers if not w.is_torch]
-  for name in jax_workers[1:]:
-    faster = sum(a > b for a, b in zip(times[jax_workers[0]], times[name]))
-    print(f"{name} against {jax_workers[0]}, per round: "
-          f"{per_round(jax_workers[0], name):.3f}× (faster in {faster} of "
+  jax_rows = [n for n in timed if n not in run.torch]
+  for name in jax_rows[1:] if not args.sequential else []:
+    faster = sum(a > b for a, b in zip(run.times[jax_rows[0]],
+                                       run.times[name]))
+    print(f"{name} against {jax_rows[0]}, per round: "
+          f"{per_round(jax_rows[0], name):.3f}× (faster in {faster} of "
           f"{args.rounds} rounds)")
-  by_mode = {infos[w.name].get("mode"): w.name for w in reversed(workers)}
+  by_mode = {run.infos[n].get("mode"): n for n in reversed(jax_rows)}
   if "cached" in by_mode and "student" in by_mode:
     cached, student = med[by_mode["cached"]], med[by_mode["student"]]
     line = (f"teacher cache: cached step / student-only step = "
@@ -1043,42 +1521,49 @@ def _compare(args, jax_configs):
     if "distill" in by_mode:
       line += (f"; full distill step / student-only = "
                f"{med[by_mode['distill']] / student:.2f}×")
-    names = (by_mode["cached"], by_mode["student"])
-    if all(n in loops for n in names):
-      ratio = (loops[names[0]]["loop_unaugmented_s"] /
-               loops[names[1]]["loop_unaugmented_s"])
+    pair = (by_mode["cached"], by_mode["student"])
+    if all(n in run.loops for n in pair):
+      ratio = (run.loops[pair[0]]["loop_unaugmented_s"] /
+               run.loops[pair[1]]["loop_unaugmented_s"])
       line += f"; in the train loop (an epoch from the cache) {ratio:.2f}×"
     print(line)
   elif "cached" in by_mode and "distill" in by_mode:  # No student-only step.
     print(f"teacher cache: cached step / full distill step = "
           f"{med[by_mode['cached']] / med[by_mode['distill']]:.2f}× (this "
           "pair has no student-only step)")
-  for w in workers:
-    i = infos[w.name]
+  for name in timed:
+    i = run.infos[name]
+    gflop = run.model_gflop(name)
+    peak = (args.peak_tflops * 1e12 or
+            peak_flops(i["device_kind"], args.compute_dtype))
+    util = (f"MFU {run.mfu(name):.1%} of {peak / 1e12:.0f} TFLOP/s × "
+            f"{i.get('devices', 1)} ({i['device_kind']}, "
+            f"{args.compute_dtype})" if run.mfu(name) is not None else
+            "MFU n/a (CPU: no peak figure)" if i["platform"] == "cpu" else
+            f"MFU n/a (no peak figure for {i['device_kind']!r}: give "
+            "--peak_tflops)")
+    line = (f"{name}: model {_fmt(gflop, '.2f')} GFLOP/step "
+            f"({_fmt(gflop and gflop / med[name], '.1f')} GFLOP/s, {util})")
     if "compile_s" in i:
       # cost_analysis counts one device's share of an SPMD program.
-      gflop = i["gflop_per_step"] * i["devices"]
-      peak = (args.peak_tflops * 1e12 or
-              peak_flops(i["device_kind"], args.compute_dtype))
-      if i["platform"] == "cpu":
-        util = "MFU – (CPU: no peak figure)"
-      elif peak:
-        util = (f"MFU {mfu(gflop * 1e9, med[w.name], peak, i['devices']):.1%}"
-                f" of {peak / 1e12:.0f} TFLOP/s × {i['devices']} "
-                f"({i['device_kind']}, {args.compute_dtype})")
-      else:
-        util = (f"MFU – (no peak figure for {i['device_kind']!r}: give "
-                "--peak_tflops)")
-      print(f"{w.name}: XLA cost analysis {gflop:.2f} GFLOP/step"
-            f" ({gflop / med[w.name]:.1f} GFLOP/s, {util}); step trace "
-            f"{i['trace_s']:.1f} s + compile {i['compile_s']:.1f} s; "
-            f"init (compile + run, XLA backend level "
-            f"{i['init_opt_level']}) {i['init_s']:.1f} s")
-  for name, prof in profiles.items():
+      line += (f"; XLA cost analysis of the compiled step "
+               f"{i['gflop_per_step'] * i['devices']:.2f} GFLOP; step trace "
+               f"{i['trace_s']:.1f} s + compile {i['compile_s']:.1f} s; init "
+               f"(compile + run, XLA backend level {i['init_opt_level']}) "
+               f"{i['init_s']:.1f} s")
+    if "counted_gflop_per_step" in i:
+      line += (f"; PyTorch's FlopCounterMode counts "
+               f"{i['counted_gflop_per_step']:.2f} GFLOP in a step")
+    print(line)
+  for name, prof in run.profiles.items():
     print(f"\n{name}: profiled round {prof['wall_ms']:.0f} ms/step "
           "(wall); top entries, ms/step summed over threads:")
     for kind, ms, count in prof["rows"]:
       print(f"  {ms:8.1f}  {count:5d}×  {kind}")
+
+
+def _fmt(value, spec):
+  return "n/a" if value is None else format(value, spec)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ outputs and the same loss. Skipped when torch is not installed (it is the
 `bench` extra).
 """
 import functools
+import json
 import os
+import subprocess
 import sys
 
 import flax.linen as nn
@@ -20,6 +22,7 @@ torch = pytest.importorskip("torch")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), "benchmarks"))
 import distill_step  # noqa: E402  pylint: disable=wrong-import-position
+import gpu  # noqa: E402  pylint: disable=wrong-import-position
 import torch_models  # noqa: E402  pylint: disable=wrong-import-position
 
 from kd_jax import losses, models  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -354,3 +357,140 @@ def test_resnet_backbone_twin_matches_on_tiny_maps():
     assert feats[key].shape[1] <= 2
     np.testing.assert_allclose(t_feats[key].permute(0, 2, 3, 1).numpy(),
                                feats[key], rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------
+# benchmarks/gpu.py: the prepared GPU benchmark, its smoke mode on the CPU.
+
+ROW_FIELDS = ("name", "framework", "mode", "error", "step_ms", "step_ms_min",
+              "step_ms_max", "images_per_s", "model_gflop_per_step", "mfu",
+              "peak_device_mb", "peak_rss_mb", "compile_s", "device_kind",
+              "platform", "params_teacher", "params_student", "first_loss")
+
+
+def _smoke(tmp_path, pairs):
+  """benchmarks/gpu.py --smoke over `pairs`, in its own process as on the
+  device machine; its JSON report."""
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+       os.environ.get("PYTHONPATH", "")]), JAX_PLATFORMS="cpu")
+  subprocess.run([sys.executable, gpu.__file__, "--smoke", "--budget=900",
+                  f"--out={tmp_path}", f"--pairs={','.join(pairs)}"],
+                 env=env, check=True, timeout=1200)
+  with open(tmp_path / "gpu_bench.json", encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _check_report(report, tmp_path, pairs):
+  """Every pair, every arm and field; no MFU or device memory on the CPU;
+  the loader and every arm measured; the table written."""
+  assert [p["pair"] for p in report["pairs"]] == list(pairs)
+  for p in report["pairs"]:
+    assert p["status"] == "ok" and p["smoke"], p
+    assert p["model_gflop_per_step"] == pytest.approx(
+        p["teacher_forward_gflop"] + 3 * p["student_forward_gflop"])
+    assert p["teacher_forward_gflop"] > 0 and p["student_forward_gflop"] > 0
+    assert p["loader"]["images_per_s"] > 0
+    assert p["loader"]["over_step"] > 0
+    rows = p["rows"]
+    assert [(r["framework"], r["mode"]) for r in rows] == [
+        ("kd_jax", "distill"), ("pytorch", "eager"), ("pytorch", "compile")]
+    for r in rows:
+      assert set(ROW_FIELDS) <= set(r), set(ROW_FIELDS) - set(r)
+      assert r["error"] is None, r
+      assert r["images_per_s"] > 0 and r["step_ms"] > 0
+      assert r["step_ms_min"] <= r["step_ms"] <= r["step_ms_max"]
+      assert r["platform"] == "cpu" and r["mfu"] is None
+      assert r["peak_device_mb"] is None and r["peak_rss_mb"] > 0
+      assert r["model_gflop_per_step"] == p["model_gflop_per_step"]
+      # The twins are the same networks (asserted by the run too).
+      assert (r["params_teacher"], r["params_student"]) == (
+          rows[0]["params_teacher"], rows[0]["params_student"])
+    assert rows[1]["channels_last"] and rows[1]["counted_gflop_per_step"] > 0
+  table = (tmp_path / "gpu_bench.md").read_text()
+  for p in pairs:
+    assert table.count(f"| {p} ") == 3  # One line per arm.
+  assert "n/a" in table
+
+
+def test_gpu_smoke_one_pair(tmp_path):
+  """The whole machinery on the cheapest pair (CI time: the three pairs
+  take minutes on a 2-core CPU, see the slow test below)."""
+  _check_report(_smoke(tmp_path, ["distillo_full"]), tmp_path,
+                ["distillo_full"])
+
+
+@pytest.mark.slow
+def test_gpu_smoke_every_pair(tmp_path):
+  pairs = [s[0] for s in gpu.SUITE]
+  _check_report(_smoke(tmp_path, pairs), tmp_path, pairs)
+
+
+def test_gpu_suite_sizes_and_caps():
+  """The issue's sizes, bf16, one device, every arm; a worker's timeout
+  within its pair's cap; smoke runs keep the pair's stand-in side."""
+  assert {p: (size, batch) for p, size, batch in gpu.SUITE} == {
+      "distillo_full": (224, 64), "pspnet_resnet18": (512, 16),
+      "vit_l16_efficientvit_b1": (224, 64)}
+  argv = gpu.pair_argv("pspnet_resnet18", 512, 16, 100.0, False, "x.json")
+  args = distill_step.parse_args(argv)
+  assert (args.size, args.batch, args.compute_dtype, args.devices,
+          args.torch_modes, args.sequential) == (
+              512, 16, "bfloat16", "1", "eager,compile", True)
+  assert args.time_budget == 100 and args.worker_timeout == 60
+  smoke = distill_step.parse_args(gpu.pair_argv("pspnet_resnet18", 512, 16,
+                                                100.0, True, "x.json"))
+  assert (smoke.size, smoke.batch, smoke.smoke) == (64, 2, True)
+  for pair, _, _ in gpu.SUITE:  # Every GPU pair has smoke stand-ins.
+    assert distill_step.parse_args([f"--pair={pair}", "--smoke"]).smoke
+
+
+def test_distill_step_refuses_bad_gpu_options():
+  with pytest.raises(SystemExit):  # No smoke models for this pair.
+    distill_step.parse_args(["--pair=default", "--smoke"])
+  with pytest.raises(SystemExit):  # Time limits need one worker at a time.
+    distill_step.parse_args(["--worker_timeout=10"])
+  with pytest.raises(SystemExit):
+    distill_step.parse_args(["--torch_modes=eager,jit"])
+
+
+def test_peaks_match_whole_device_names():
+  """MFU only for a device in the table: L40S is not an L4, a v5p not a v5
+  lite, and a CPU has none."""
+  peak = distill_step.peak_flops
+  assert peak("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
+  assert peak("NVIDIA H100 NVL", "bfloat16") == 835e12
+  assert peak("NVIDIA H200", "bfloat16") == 989e12
+  assert peak("NVIDIA A100-SXM4-80GB", "float32") == 156e12
+  assert peak("NVIDIA L4", "bfloat16") == 121e12
+  assert peak("NVIDIA L40S", "bfloat16") is None
+  assert peak("TPU v5p", "bfloat16") is None
+  assert peak("cpu", "bfloat16") is None
+
+
+def test_gpu_table_reports_failed_and_unrun_arms():
+  """A pair whose run died before any worker, and an arm that timed out,
+  stay in the table with their reason; MFU and memory print as n/a."""
+  ok = dict(name="kd_jax jit, 1 device", framework="kd_jax", error=None,
+            step_ms=50.0, images_per_s=1280.0, mfu=0.41,
+            peak_device_mb=2048.0, compile_s=30.0, device_kind="NVIDIA H100")
+  slow = dict(ok, name="PyTorch torch.compile", framework="pytorch",
+              error="worker killed at its time limit", step_ms=None)
+  eager = dict(ok, name="PyTorch eager", framework="pytorch", step_ms=100.0,
+               images_per_s=640.0, mfu=None, peak_device_mb=None)
+  report = dict(smoke=False, budget_s=420, elapsed_s=400, pairs=[
+      dict(pair="vit_l16_efficientvit_b1", size=224, batch=64, status="ok",
+           seconds=150, rows=[ok, eager, slow], loader=dict(
+               images_per_s=640.0), model_gflop_per_step=8000.0,
+           teacher_forward_gflop=7700.0, student_forward_gflop=100.0,
+           teacher=dict(name="vit_l16"), student=dict(name="efficientvit_b1")),
+      dict(pair="pspnet_resnet18", size=512, batch=16, status="exit 1",
+           seconds=3, rows=[])])
+  table = gpu.markdown(report)
+  lines = table.splitlines()
+  assert "| 50.0 | 1280 | 2.00× | 41.0% | 2.0 | 30 | 640 | 0.50× |" in (
+      lines[2])
+  assert "| 100.0 | 640 | 1.00× | n/a | n/a |" in lines[3]
+  assert "worker killed at its time limit" in lines[4]
+  assert "pspnet_resnet18 512² ×16 | exit 1 |" in lines[5]
+  assert "model 8000.0 GFLOP/step" in table
