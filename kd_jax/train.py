@@ -573,6 +573,11 @@ def validate(config, workdir, datasets, cache=None) -> None:
   if not isinstance(config.get("shard_student", False), bool):
     raise ConfigError(f"config.shard_student={config.shard_student!r}: give "
                       "True or False")
+  if config.get("shard_student") and jax.process_count() > 1:
+    # The report gathers the state on each process's first device.
+    raise ConfigError("shard_student runs in one process only; with several"
+                      " processes set --config.shard_student=False (the "
+                      "teacher is still sliced over mesh.fsdp)")
   from kd_jax import checks  # pylint: disable=g-import-not-at-top
   checks.run_values(config, workdir)
   order = list(config.stage_order)
