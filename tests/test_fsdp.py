@@ -13,6 +13,7 @@ runs every check and prints one JSON line; the tests assert on it.
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -86,7 +87,7 @@ def _pieces(stage="distilled"):
   return method, tx, batch, state, frozen
 
 
-def _run(pieces, mesh_shape, shard_student):
+def _run(pieces, mesh_shape, shard_student, export=False):
   """Losses of STEPS distill steps on a (data, fsdp) mesh, and what the
   arrays and the compiled step look like on it."""
   import jax  # pylint: disable=import-outside-toplevel
@@ -122,6 +123,13 @@ def _run(pieces, mesh_shape, shard_student):
   sizes = dict(frozen_bytes=per_device_bytes(frozen),
                state_bytes=per_device_bytes(state),
                arg_bytes=per_device_bytes((state, gbatch, frozen)))
+  if export:  # The sliced step's CUDA and TPU lowering, as test_lowering's.
+    text = jax.export.export(step, platforms=("cuda", "tpu"))(
+        state, gbatch, frozen).mlir_module()
+    sizes["custom_calls"] = sorted(set(re.findall(r"custom_call\s*@(\w+)",
+                                                  text)))
+    sizes["custom_call"] = "stablehlo.custom_call" in text
+    sizes["f64"] = bool(re.search(r"\bf64\b", text))
   losses = []
   for _ in range(STEPS):
     state, m = compiled(state, gbatch, frozen)
@@ -195,7 +203,7 @@ def main(parts):
   results = {}
   if "ci" in parts:
     results["replicated"] = _run(pieces, (DEVICES, 1), False)
-    results["fsdp"] = _run(pieces, (1, DEVICES), True)
+    results["fsdp"] = _run(pieces, (1, DEVICES), True, export=True)
     with tempfile.TemporaryDirectory() as tmp:
       results["restore"] = _restore_onto_fsdp(pieces,
                                               os.path.join(tmp, "ckpt"))
@@ -308,6 +316,12 @@ def test_student_and_optimizer_state_are_sliced_with_shard_student(results):
   assert len(sliced) % 3 == 0 and sliced
   assert (sum(math.prod(x["shape"]) for x in sliced)
           > 0.5 * sum(math.prod(x["shape"]) for x in leaves))
+
+
+def test_sliced_step_lowers_without_custom_call_or_float64(results):
+  assert results["fsdp"]["custom_calls"] == []
+  assert not results["fsdp"]["custom_call"]
+  assert not results["fsdp"]["f64"]
 
 
 def test_losses_equal_the_replicated_run(results):
