@@ -3,8 +3,7 @@ shard_student, the student and its optimizer state) sliced over `fsdp`
 give the replicated run's losses; each device holds 1/8 of every sliced
 array, and the compiled step's per-device argument size falls by what the
 slices say. Also: a replicated checkpoint restores onto the fsdp mesh, and
-`config.remat` gives the same loss and gradients with less temporary
-memory.
+`config.remat` gives the same loss and gradients.
 
 One subprocess (this file run as a script, with
 XLA_FLAGS=--xla_force_host_platform_device_count=8 set before jax starts)
