@@ -2,8 +2,10 @@
 from setuptools import find_packages, setup
 
 INSTALL_REQUIRES = [
-    "jax>=0.4.30",
-    "flax>=0.10",
+    # The versions tested (STACK.md: jax 0.10.2, flax 0.12.8); flax 0.12
+    # itself requires jax >= 0.10, so no older jax installs beside it.
+    "jax>=0.10",
+    "flax>=0.12",
     "optax>=0.2.3",
     "orbax-checkpoint>=0.6",
     "tensorflow-datasets>=4.9.6",

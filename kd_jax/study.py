@@ -424,7 +424,7 @@ def run(config, workdir: str, **records) -> dict:
   seeds = list(study.seeds)
   if not seeds:
     raise train.ConfigError("study.seeds is empty")
-  mesh = train.make_mesh()
+  mesh = train.mesh_from_config(config)
   size = (int(config.data.image_size),) * 2
   input_shape = (1, *size, datasets.train[0]["image"].shape[-1])
   os.makedirs(workdir, exist_ok=True)
@@ -514,7 +514,7 @@ def run_heads(config, workdir: str, datasets, heads, **records) -> dict:
         f"study.fidelity={reference!r}: name a stage of stage_order "
         f"{list(config.stage_order)} (the one the others are scored against) "
         "in a run with one classifier head, or drop it")
-  mesh = train.make_mesh()
+  mesh = train.mesh_from_config(config)
   example = datasets.train[0]["image"]
   os.makedirs(workdir, exist_ok=True)
   per_seed, timings, model_info, references = {}, {}, {}, {}

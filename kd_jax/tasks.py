@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from kd_jax import sharding
 from kd_jax.evaluate import metrics as metrics_lib
 
 KINDS = ("segmentation", "classification", "landmark", "embedding")
@@ -270,10 +271,10 @@ def make_eval_step(predict, heads: Heads, mesh):
     return pieces
 
   rep = NamedSharding(mesh, P())
-  return jax.jit(eval_step,
-                 in_shardings=(rep, rep, NamedSharding(mesh, P("data"))),
-                 out_shardings={n: rep if h.kind == "segmentation"
-                                else NamedSharding(mesh, P("data"))
+  split = sharding.batch_sharding(mesh)
+  # Parameters where they lie: replicated, or sliced over `fsdp`.
+  return jax.jit(eval_step, in_shardings=(None, None, split),
+                 out_shardings={n: rep if h.kind == "segmentation" else split
                                 for n, h in heads.items()
                                 if h.kind != "embedding"})
 

@@ -7,9 +7,11 @@ A distillation stage names its teacher as an earlier stage or a checkpoint
 folder. After the stages, `report.md` compares every stage's model on the
 test split.
 
-The step is jitted once with explicit shardings over a `Mesh` of all devices:
-the batch is split on the `data` axis, the state and the frozen teacher are
-replicated, and the state is donated.
+The step is jitted once with explicit shardings over a (`data`, `fsdp`)
+`Mesh` of all devices (`kd_jax.sharding`): the batch is split over every
+device, the frozen teacher is sliced over `fsdp` (replicated when
+`config.mesh.fsdp` is 1), the state is replicated or, with
+`config.shard_student`, sliced like the teacher; the state is donated.
 """
 import contextlib
 import functools
@@ -31,7 +33,8 @@ import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from kd_jax import checkpoint, cpu_layers, data, methods, models, tasks
+from kd_jax import (checkpoint, cpu_layers, data, methods, models, sharding,
+                    tasks)
 
 
 @flax.struct.dataclass
@@ -76,9 +79,22 @@ def initialize_processes(environ=None) -> bool:
   return False
 
 
-def make_mesh(devices=None) -> Mesh:
-  devices = jax.devices() if devices is None else devices
-  return Mesh(np.asarray(devices), ("data",))
+def make_mesh(devices=None, fsdp: int = 1) -> Mesh:
+  """The (data, fsdp) mesh (`kd_jax.sharding.make_mesh`); a size that does
+  not divide the device count is a ConfigError."""
+  try:
+    return sharding.make_mesh(devices, fsdp)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
+def mesh_from_config(config) -> Mesh:
+  """The run's mesh: `config.mesh.fsdp` devices per fsdp group (default
+  1), the rest on `data`."""
+  try:
+    return sharding.mesh_from_config(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 SCHEDULES = ("cosine", "poly", "plateau")
@@ -189,7 +205,33 @@ def watched(metrics) -> list[str]:
           if k.split("/")[-1] in ("loss", "grad_norm")]
 
 
-def make_train_step(method, tx, skip_nonfinite=False):
+# `config.remat`: what the backward pass keeps of the forward (jax's
+# checkpoint policies); the rest it computes again. True keeps the outputs
+# of every convolution and matmul and recomputes norms, activations and
+# the like from them.
+REMAT_POLICIES = {
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable":
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def remat_policy(config):
+  """The checkpoint policy of `config.remat` (False/absent: None, no
+  rematerialisation; True: "dots_saveable"; or a name in
+  REMAT_POLICIES)."""
+  value = config.get("remat", False)
+  if value is False or value is None:
+    return None
+  name = "dots_saveable" if value is True else value
+  if name not in REMAT_POLICIES:
+    raise ConfigError(f"config.remat={value!r}: give False, True or one of "
+                      f"{sorted(REMAT_POLICIES)}")
+  return REMAT_POLICIES[name]
+
+
+def make_train_step(method, tx, skip_nonfinite=False, remat=None):
   """The pure train step: (state, batch, frozen) -> (state, metrics).
 
   `tx` is an optax transformation or the stage's `make_optimizers`. The
@@ -200,10 +242,16 @@ def make_train_step(method, tx, skip_nonfinite=False):
   With `skip_nonfinite`, a step with a non-finite `watched` metric leaves
   params, batch_stats and optimizer state as they were (only `step`
   advances, so the data and the random keys stay where an unskipped run's
-  are) and reports `skipped` = 1 in its metrics."""
+  are) and reports `skipped` = 1 in its metrics.
+
+  `remat` (a `REMAT_POLICIES` policy) rematerialises the differentiated
+  forward: the update is handed `remat=` and wraps its objective in
+  `jax.checkpoint` with it."""
   opt = _as_groups(tx)
   update = getattr(method, "update", None) or functools.partial(
       methods.default_update, method)
+  if remat is not None:
+    update = functools.partial(update, remat=remat)
 
   def train_step(state, batch, frozen):
     batch = data.pipeline.decode(batch)  # The image as float32 again.
@@ -226,12 +274,18 @@ def make_train_step(method, tx, skip_nonfinite=False):
   return train_step
 
 
-def jit_train_step(train_step, mesh: Mesh):
-  """jit with the batch on the `data` axis, everything else replicated."""
+def jit_train_step(train_step, mesh: Mesh, state_shardings=None,
+                   frozen_shardings=None):
+  """jit with the batch split over every device; the state and the frozen
+  variables on their shardings (`kd_jax.sharding`; default replicated).
+  The metrics are replicated."""
   rep = NamedSharding(mesh, P())
-  batch = NamedSharding(mesh, P("data"))
-  return jax.jit(train_step, in_shardings=(rep, batch, rep),
-                 out_shardings=(rep, rep), donate_argnums=(0,))
+  return jax.jit(train_step,
+                 in_shardings=(state_shardings or rep,
+                               sharding.batch_sharding(mesh),
+                               frozen_shardings or rep),
+                 out_shardings=(state_shardings or rep, rep),
+                 donate_argnums=(0,))
 
 
 def make_eval_step(method, heads, mesh: Mesh):
@@ -241,10 +295,11 @@ def make_eval_step(method, heads, mesh: Mesh):
 
 
 def to_global(batch, mesh: Mesh):
-  """This process's numpy batch → global jax arrays sharded on `data`."""
-  sharding = NamedSharding(mesh, P("data"))
+  """This process's numpy batch → global jax arrays split over every
+  device."""
+  split = sharding.batch_sharding(mesh)
   return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+      lambda x: jax.make_array_from_process_local_data(split, x), batch)
 
 
 def evaluate(eval_step, state, source, batch_size, mesh, heads) -> dict:
@@ -323,11 +378,11 @@ def build_teacher_cache(method, frozen, source, *, transforms, batch_size,
   for every example of `source` (one process), as host numpy arrays with
   the examples on the leading axis, in order: the `teacher_outputs` of
   `data.pipeline.train_batches`. One jitted eval-mode
-  forward per batch, the batch sharded on `data`."""
-  fn = jax.jit(method.teacher_outputs,
-               in_shardings=(NamedSharding(mesh, P()),
-                             NamedSharding(mesh, P("data"))),
-               out_shardings=NamedSharding(mesh, P("data")))
+  forward per batch, the batch split over every device, the teacher where
+  `frozen` lies (replicated or sliced over `fsdp`)."""
+  split = sharding.batch_sharding(mesh)
+  fn = jax.jit(method.teacher_outputs, in_shardings=(None, split),
+               out_shardings=split)
   parts = []
   for batch in data.pipeline.eval_batches(source, batch_size=batch_size,
                                           transforms=transforms):
@@ -498,7 +553,8 @@ def run_heads(config, datasets) -> dict:
 CONFIG_KEYS = {"seed", "compute_dtype", "layers", "batch_size", "steps",
                "epochs", "log_every", "eval_every", "checkpoint_every",
                "optimizer", "data", "heads", "stage_order", "stages",
-               "teacher_cache", "study", "on_nonfinite", "max_skipped_steps"}
+               "teacher_cache", "study", "on_nonfinite", "max_skipped_steps",
+               "mesh", "shard_student", "remat"}
 
 
 def validate(config, workdir, datasets, cache=None) -> None:
@@ -513,6 +569,16 @@ def validate(config, workdir, datasets, cache=None) -> None:
     raise ConfigError(f"config.layers={config.layers!r}; choose one of "
                       f"{list(LAYERS)}")
   nonfinite_policy(config)
+  mesh_from_config(config)  # Its size divides the device count.
+  remat_policy(config)
+  if not isinstance(config.get("shard_student", False), bool):
+    raise ConfigError(f"config.shard_student={config.shard_student!r}: give "
+                      "True or False")
+  if config.get("shard_student") and jax.process_count() > 1:
+    # The report gathers the state on each process's first device.
+    raise ConfigError("shard_student runs in one process only; with several"
+                      " processes set --config.shard_student=False (the "
+                      "teacher is still sliced over mesh.fsdp)")
   from kd_jax import checks  # pylint: disable=g-import-not-at-top
   checks.run_values(config, workdir)
   order = list(config.stage_order)
@@ -915,7 +981,7 @@ def train_stage(config, name: str, workdir: str, datasets, mesh=None):
 
 
 def _train_stage(config, name, workdir, datasets, mesh):
-  mesh = make_mesh() if mesh is None else mesh
+  mesh = mesh_from_config(config) if mesh is None else mesh
   stage_dir = os.path.join(workdir, name)
   order = list(config.stage_order)
   where = (f"stage {order.index(name) + 1}/{len(order)} {name}"
@@ -929,8 +995,8 @@ def _train_stage(config, name, workdir, datasets, mesh):
   method, frozen = build_method(config, name, workdir, datasets.num_classes,
                                 heads=heads)
   tx = make_optimizers(method, s)
-  rep = NamedSharding(mesh, P())
-  frozen = jax.device_put(frozen, rep)
+  frozen_shardings = sharding.fsdp_shardings(frozen, mesh)
+  frozen = jax.device_put(frozen, frozen_shardings)
 
   make_batches = functools.partial(
       data.pipeline.train_batches, datasets.train,
@@ -948,8 +1014,10 @@ def _train_stage(config, name, workdir, datasets, mesh):
   rng = jax.random.key(s["seed"])
   init = functools.partial(init_state, method, tx, rng)
   abstract = jax.eval_shape(init, example)  # Also checks the stage's wiring.
-  abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), abstract)
+  state_shardings = sharding.state_shardings(
+      abstract, mesh, bool(config.get("shard_student", False)))
+  # Restored onto these shardings whatever mesh the checkpoint was saved on.
+  abstract = sharding.with_shardings(abstract, state_shardings)
 
   mngr = checkpoint.manager(os.path.join(stage_dir, "checkpoints"),
                             save_every=config.checkpoint_every)
@@ -959,7 +1027,7 @@ def _train_stage(config, name, workdir, datasets, mesh):
     mngr.close()
     raise ConfigError(f"stage {name!r}: {e}") from None
   if state is None:
-    state = jax.jit(init, out_shardings=rep)(example)
+    state = jax.jit(init, out_shardings=state_shardings)(example)
   start = int(state.step)
   if start >= steps:
     logging.info("%s: finished at step %d", where, start)
@@ -977,8 +1045,10 @@ def _train_stage(config, name, workdir, datasets, mesh):
   # clu's writers import TensorFlow (~10 s): only when a stage trains.
   from clu import metric_writers, periodic_actions
 
-  step_fn = jit_train_step(make_train_step(
-      method, tx, skip_nonfinite=mode == "skip"), mesh)
+  step_fn = jit_train_step(
+      make_train_step(method, tx, skip_nonfinite=mode == "skip",
+                      remat=remat_policy(config)),
+      mesh, state_shardings, frozen_shardings)
   eval_step = make_eval_step(method, heads, mesh)
   writer = metric_writers.create_default_writer(
       stage_dir, just_logging=jax.process_index() > 0)
@@ -1110,7 +1180,7 @@ def train_and_evaluate(config, workdir: str, *, restart=False,
 def _train_and_evaluate(config, workdir, datasets, cache):
   from kd_jax.evaluate import explain, report  # matplotlib only to report
 
-  mesh = make_mesh()
+  mesh = mesh_from_config(config)
   heads = run_heads(config, datasets)
   segmentation = tasks.is_segmentation(heads)
   results = {}

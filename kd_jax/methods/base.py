@@ -30,9 +30,11 @@ every group takes one gradient step of `loss_fn`, `common.default_update`):
       param_groups = {"student": ("student", "connectors"),
                       "critic": ("critic",)}
       def update(self, opt, params, batch_stats, opt_state, frozen, batch,
-                 rng): ...   # -> (params, batch_stats, opt_state, metrics);
-                             # opt.apply(group, grads, ...) updates a group,
-                             # metrics hold `loss` and `grad_norm`
+                 rng, remat=None): ...
+          # -> (params, batch_stats, opt_state, metrics); opt.apply(group,
+          # grads, ...) updates a group, metrics hold `loss` and
+          # `grad_norm`; `remat` (config.remat) is a jax.checkpoint policy
+          # to wrap the differentiated objective in, or None
 
 The stage's `optimizers=dict(<group>=dict(...))` sets a group's optimizer
 over the stage's `optimizer` (`kd_jax.train.make_optimizers`).
