@@ -40,10 +40,12 @@ def get_config():
                           momentum=0.9, warmup_steps=30, grad_clip=1.0)
   config.data = dict(name="synthetic", image_size=64, num_train=512,
                      num_val=64, num_test=256, seed=0, augment=True)
-  # Distill stages: compute the teacher's outputs once per training example
-  # and reuse them every epoch (needs data.augment=False: a random view per
-  # epoch would need a new teacher forward).
-  config.teacher_cache = False
+  # Distill stages: read the teacher's outputs for each example's view of
+  # each epoch from a cache on disk (kd_jax.teacher_cache) instead of running
+  # the teacher every step: None (off), "auto" or a folder.
+  config.teacher_cache = ml_collections.config_dict.placeholder(str)
+  config.teacher_cache_dtype = "float32"
+  config.teacher_cache_top_k = 0
   # A non-finite loss or gradient stops the stage ("stop"), or its update
   # is skipped up to max_skipped_steps times ("skip").
   config.on_nonfinite = "stop"

@@ -31,12 +31,6 @@ def _process_shard(ds, shard_index, shard_count):
   return ds[shard_index::shard_count], shard_count
 
 
-def random_transforms(transforms: Sequence) -> list[str]:
-  """Names of the transforms that draw random numbers (grain RandomMaps)."""
-  return [type(t).__name__ for t in transforms
-          if isinstance(t, grain.transforms.RandomMap)]
-
-
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
   """The example indices of epoch `epoch`, in stream order: a permutation
   of range(n) drawn from (seed, epoch) alone."""
