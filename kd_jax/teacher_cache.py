@@ -10,13 +10,12 @@ same thing; a step fed from the cache runs the student alone.
     python -m kd_jax.teacher_cache --config=configs/x.py --workdir=runs/x
     python -m kd_jax.main ... --config.teacher_cache=auto
 
-`config.teacher_cache`: unset (None or "": the teacher runs in every
-step), "auto" (the
-folder `$KD_JAX_CACHE/<teacher>-<key>`, or `<workdir>/teacher_cache/
-<teacher>-<key>` without that variable; <key> hashes the manifest, so every
-stage asking the same thing shares one folder and anything else gets its
-own), or a folder path (refused if it holds a cache built for anything
-else). `config.teacher_cache_dtype` ("float32", "bfloat16" or "float16") is
+`config.teacher_cache`: unset (None or "": the teacher runs in every step),
+"auto" (the folder `$KD_JAX_CACHE/<teacher>-<key>`, or
+`<workdir>/teacher_cache/<teacher>-<key>` without that variable; <key>
+hashes the manifest, so every stage asking the same thing shares one folder
+and anything else gets its own), or a folder path (refused if it holds a
+cache built for anything else). `config.teacher_cache_dtype` ("float32", "bfloat16" or "float16") is
 the stored type (read back as float32); `config.teacher_cache_top_k` (0 =
 dense) keeps only the k largest logits of classification heads.
 
@@ -511,3 +510,71 @@ def for_stage(config, name, workdir, method, frozen, datasets,
               epochs_needed(steps, config.batch_size, len(datasets.train)),
               batch_size=config.batch_size // jax.process_count(), log=log)
   return cache
+
+
+def build_for_run(config, workdir, stages=None, log=print) -> dict:
+  """Builds the cache of every distill stage of `config` (or of `stages`)
+  whose teacher is trained: {stage: cache folder}. An unset
+  `config.teacher_cache` builds the "auto" folder."""
+  if not config.get("teacher_cache"):
+    with config.unlocked():
+      config.teacher_cache = "auto"
+  try:
+    datasets = data.build(config.data)
+  except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+    raise train.ConfigError(f"data: {e}") from None
+  cache = {}
+  train.validate(config, workdir, datasets, cache)
+  order = list(config.stage_order)
+  for name in stages or order:
+    if name not in order:
+      raise train.ConfigError(f"--stage={name}: not a stage of stage_order "
+                              f"{order}")
+  done = {}
+  for name in stages or order:
+    ds = train.stage_datasets(config, name, datasets, cache)
+    method, _ = train.build_method(config, name, workdir, ds.num_classes,
+                                   load_teacher=False,
+                                   heads=train.run_heads(config, ds))
+    if not wanted(config, method):
+      continue
+    try:
+      method, frozen = train.build_method(config, name, workdir,
+                                          ds.num_classes,
+                                          heads=train.run_heads(config, ds))
+    except FileNotFoundError as e:
+      if stages:
+        raise train.ConfigError(f"stage {name!r}: {e}") from None
+      log(f"stage {name}: its teacher is not trained yet ({e}); skipped")
+      continue
+    done[name] = for_stage(config, name, workdir, method, frozen, ds,
+                           log=log).folder
+    log(f"stage {name}: teacher cache complete in {done[name]}")
+  return done
+
+
+def _command():
+  """`python -m kd_jax.teacher_cache --config=... --workdir=...
+  [--stage=name]`: the caches of a run's distill stages, built ahead of
+  training (the flags of `kd_jax.main`)."""
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from kd_jax import main  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_multi_string("stage", None, "Only these stages (default: "
+                            "every distill stage whose teacher is trained).")
+
+  def run(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    main.quiet_console()
+    try:
+      train.initialize_processes()
+      build_for_run(main.FLAGS.config, main.FLAGS.workdir,
+                    main.FLAGS.stage)
+    except train.ConfigError as e:
+      raise SystemExit(f"error: {e}") from None
+
+  app.run(run, flags_parser=main.parse_flags)
+
+
+if __name__ == "__main__":
+  _command()

@@ -431,3 +431,20 @@ def test_bytes_per_example_from_shapes():
   # bottleneck 4·4·16 (width 4·2² at 16/2²), two bytes each, + the index.
   assert teacher_cache.bytes_per_example(m) == 8 + 2 * (
       16 * 16 * 9 + 16 * 16 * 4 + 4 * 4 * 16)
+
+
+@pytest.mark.slow
+def test_command_builds_ahead_and_training_runs_no_teacher(
+    teacher_dir, tmp_path, monkeypatch):
+  """`python -m kd_jax.teacher_cache`'s body on a run whose teacher stage
+  is trained: the distill stage then trains on the cache alone."""
+  monkeypatch.setenv("KD_JAX_CACHE", str(tmp_path / "root"))
+  c = cache_config(None)
+  workdir = os.path.dirname(teacher_dir)
+  built = teacher_cache.build_for_run(c, workdir, ["distilled"])
+  assert list(built) == ["distilled"] and c.teacher_cache == "auto"
+  before = teacher_cache.forwards
+  _, state = train.train_stage(c, "distilled", workdir, data.build(c.data))
+  assert teacher_cache.forwards == before and int(state.step) == 4
+  with pytest.raises(train.ConfigError, match="--stage=nope: not a stage"):
+    teacher_cache.build_for_run(c, workdir, ["nope"])
