@@ -3,8 +3,8 @@
     python benchmarks/teacher_cache.py                 # all three parts
     python benchmarks/teacher_cache.py --parts=sizes   # or study, steps
 
-- **study**: a tiny distillation study on synthetic CT (16 px... see
-  `tiny_study_config`): 3 arms (KD; KD + hint; KD + attention transfer) ×
+- **study**: a tiny distillation study on synthetic CT
+  (`tiny_study_config`): 3 arms (KD; KD + hint; KD + attention transfer) ×
   2 seeds distil one trained teacher, once with the teacher live in every
   step and once with `teacher_cache="auto"` (one cache per seed, shared by
   that seed's arms). Prints the teacher forwards (examples through the
@@ -52,7 +52,7 @@ RECIPES = [("configs/default.py", None), ("configs/distillo.py", "kd"),
 
 def tiny_study_config(steps):
   """configs/default.py at 32 px, 24 training examples, batch 8: a UNet
-  teacher (width 16, depth 3) ~20× the student's (width 4, depth 2) cost."""
+  teacher of width 16 (~16× the FLOPs of the width-4 student), depth 2."""
   from configs import default  # pylint: disable=g-import-not-at-top
   c = default.get_config()
   c.batch_size = 8
@@ -69,12 +69,12 @@ def tiny_study_config(steps):
   c.stages.teacher.steps = 4
   for name in ("teacher",):
     c.stages[name].model.width = 16
-    c.stages[name].model.depth = 3
+    c.stages[name].model.depth = 2
   for name in ("baseline", "distilled"):
     c.stages[name].model.width = 4
     c.stages[name].model.depth = 2
   c.stages.distilled.teacher.model.width = 16
-  c.stages.distilled.teacher.model.depth = 3
+  c.stages.distilled.teacher.model.depth = 2
   base = c.stages.distilled.to_dict()
   task = dict(ce=dict(fn="cross_entropy"), dice=dict(fn="dice"))
   for arm, terms in ARMS.items():

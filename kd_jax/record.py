@@ -34,10 +34,12 @@ RECORD_FILE = "run_record.json"
 SET_ASIDE = "set_aside"
 # Run-wide keys that change how a run is watched or saved, not its result.
 # `epochs` is a config's own reference its `steps` are computed from (the
-# resolved steps are recorded); `study` holds kd_jax.study's read-out.
+# resolved steps are recorded); `study` holds kd_jax.study's read-out;
+# `teacher_cache` is where the teacher's outputs come from (a float32 cache
+# holds the live teacher's; its dtype and top-k are defining).
 NOT_DEFINING = frozenset({"log_every", "eval_every", "checkpoint_every",
                           "on_nonfinite", "max_skipped_steps", "epochs",
-                          "study"})
+                          "study", "teacher_cache"})
 # Run-wide keys recorded through each stage's resolved settings.
 _IN_STAGE = frozenset({"stages", "stage_order", "steps", "seed", "optimizer",
                        "data"})

@@ -43,7 +43,6 @@ probabilities of the top-k classes are then the teacher's own and the
 others their mean; at T ≠ 1 this is an approximation, so a top-k cache
 changes the loss, and only a dense cache replays the live teacher exactly.
 """
-import contextlib
 import functools
 import hashlib
 import json
@@ -66,6 +65,9 @@ DTYPES = {"float32": np.float32, "float16": np.float16,
 # The smallest probability mass left to the classes outside the top k (so
 # their logit stays finite when the teacher put all its mass on the top k).
 MIN_REST = 1e-12
+
+# Epochs whose files a reader keeps open at once.
+OPEN_EPOCHS = 3
 
 # Examples the teacher has been run on by `TeacherCache.build` in this
 # process (read by tests and benchmarks to count teacher forwards).
@@ -370,6 +372,10 @@ class TeacherCache:
         self._open[epoch] = {
             f[:-4]: np.load(os.path.join(folder, f), mmap_mode="r")
             for f in os.listdir(folder) if f.endswith(".npy")}
+        # Each open memory map holds a file descriptor: only the epochs the
+        # stream is reading now (a batch may straddle two) stay open.
+        while len(self._open) > OPEN_EPOCHS:
+          del self._open[next(iter(self._open))]
       return self._open[epoch]
 
   def outputs(self, epoch: int, index: int):
