@@ -88,8 +88,8 @@ def study(steps, root):
   teacher_dir = os.path.join(root, "teacher_run")
   train.train_stage(c, "teacher", teacher_dir, ds)
   rows, totals = [], {}
+  os.environ["KD_JAX_CACHE"] = os.path.join(root, "cache")
   for cache in (None, "auto"):
-    os.environ["KD_JAX_CACHE"] = os.path.join(root, "cache")
     for seed in SEEDS:
       for arm in ARMS:
         cfg = tiny_study_config(steps)
@@ -115,6 +115,21 @@ def study(steps, root):
     print(f"| **{k}, all 6 runs** | | | **{n}** | **{w:.1f}** |")
 
 
+def _random_like(tree, rng):
+  """Arrays of `tree`'s shapes: parameters ~ N(0, 0.1²), batch variances
+  1, optimizer state, integers and key data 0."""
+  def fill(path, x):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.key(0)
+    where = jax.tree_util.keystr(path)
+    if not jnp.issubdtype(x.dtype, jnp.floating) or "opt_state" in where:
+      return jnp.zeros(x.shape, x.dtype)  # Adam's moments start at 0.
+    if "var" in where:
+      return jnp.ones(x.shape, x.dtype)
+    return jnp.asarray(rng.normal(0, 0.1, x.shape), x.dtype)
+  return jax.tree_util.tree_map_with_path(fill, tree)
+
+
 def _step_fns(c, ds):
   """{name: (jitted step, state, batch, frozen)} for the three steps."""
   mesh = train.make_mesh()
@@ -130,15 +145,18 @@ def _step_fns(c, ds):
     s = train.stage_config(c, stage)
     tx = train.make_optimizers(method, s)
     example = jnp.asarray(batch["image"][:1])
-    state = jax.jit(lambda x, m=method, t=tx: train.init_state(
-        m, t, jax.random.key(0), x))(example)
+    rng = np.random.default_rng(0)
+    # Shapes from the method's own init, values drawn in numpy: an init
+    # compile takes minutes on a loaded 2-core CPU.
+    state = _random_like(jax.eval_shape(lambda x, m=method, t=tx: (
+        train.init_state(m, t, jax.random.key(0), x)), example), rng)
     frozen = {}
     b = dict(batch)
     if stage != "baseline":
-      v = jax.jit(lambda x, m=method: m.teacher.init(
-          jax.random.key(1), x, train=False))(example)
-      frozen = {"params": v["params"], "batch_stats": v.get("batch_stats",
-                                                            {})}
+      frozen = _random_like(jax.eval_shape(lambda x, m=method: m.teacher.init(
+          jax.random.key(1), x, train=False), example), rng)
+      frozen = {"params": frozen["params"],
+                "batch_stats": frozen.get("batch_stats", {})}
       if name == "cached":
         b["teacher"] = jax.tree.map(np.asarray, jax.jit(
             method.teacher_outputs)(frozen, b["image"]))
