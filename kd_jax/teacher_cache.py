@@ -270,7 +270,11 @@ class TeacherCache:
                                NamedSharding(mesh, P("data"))),
                  out_shardings=NamedSharding(mesh, P("data")))
     frozen = jax.device_put(jax.device_get(frozen), NamedSharding(mesh, P()))
-    forward = functools.partial(self._forward, fn, frozen)
+    # This process's devices only (with several processes, a numpy input
+    # would be taken for a global one).
+    rows = NamedSharding(mesh, P("data"))
+    forward = functools.partial(self._forward, lambda f, x: fn(
+        f, jax.device_put(x, rows)), frozen)
     for epoch in todo:
       self._write_epoch(epoch, source, transforms, batch_size, forward)
       if log:
