@@ -461,6 +461,14 @@ def check(config, name, method, datasets) -> None:
     raise train.ConfigError(
         f"stage {name!r}: teacher_cache caches one teacher's outputs, not "
         "an ensemble's; leave --config.teacher_cache unset")
+  if jax.process_count() > 1:
+    # The per-process shards are built and read as one process would
+    # (tests/test_teacher_cache.py simulates two), but a real several-
+    # process run of the builder is not yet checked.
+    raise train.ConfigError(
+        f"stage {name!r}: teacher_cache is not yet supported with several "
+        "processes; leave --config.teacher_cache unset, or build and train "
+        "in one process")
   if datasets.unlabelled is not None:
     raise train.ConfigError(
         f"stage {name!r}: teacher_cache covers the labelled training set "
