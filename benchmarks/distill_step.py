@@ -55,10 +55,10 @@ would); 9 classes.
   worker draws its own, so its first-step loss may differ.
   `--teacher_cache` adds two workers: the step
   fed a teacher cache (`config.teacher_cache`: the batch carries the
-  teacher outputs, built by `train.build_teacher_cache`) and the student
+  teacher outputs, computed once before the loop) and the student
   trained alone (CE + Dice), and prints their ratio; each also times its
-  train loop over unaugmented examples (the cache needs
-  `data.augment=False`), the cached one after building the cache. A pair
+  train loop over unaugmented examples (each epoch's view is the
+  example itself), the cached one after building the cache. A pair
   without a per-pixel student (vit_efficientvit) has no student-only step:
   `--teacher_cache` adds only the cached worker and compares it with the
   full distill step, and `mode=student` is refused.
@@ -187,6 +187,22 @@ PAIRS["pspnet_resnet18"]["smoke"] = dict(
     teacher=dict(name="pspnet_resnet18", width=8),
     student=dict(name="pspnet_resnet18", width=4), size=64)
 NUM_CLASSES = 9  # The synthetic CT source's classes.
+def _teacher_outputs(jax, method, frozen, images, batch):
+  """`method.teacher_outputs` of every image, `batch` at a time, as host
+  arrays (what a teacher cache holds for unaugmented examples)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  fn = jax.jit(method.teacher_outputs)
+  images = np.stack(images)
+  parts = []
+  for start in range(0, len(images), batch):
+    chunk = images[start:start + batch]
+    pad = batch - len(chunk)
+    padded = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)])
+    parts.append(jax.tree.map(lambda x, n=len(chunk): np.asarray(x)[:n],
+                              fn(frozen, padded)))
+  return jax.tree.map(lambda *x: np.concatenate(x), *parts)
+
+
 REPLY = "@@"  # Prefix of a worker's reply line (libraries may print too).
 # What a kd_jax worker's step trains (`mode=` in --variant): the distill
 # step (teacher forward + student forward/backward + update), the same step
@@ -576,11 +592,9 @@ class JaxWorker:
     self.frozen = {"params": teacher["params"],
                    "batch_stats": teacher.get("batch_stats", {})}
     if mode == "cached":
-      # The teacher cache's batches carry the teacher outputs (computed
-      # here by the trainer's own cache builder over the step's examples).
-      batch["teacher"] = train.build_teacher_cache(
-          method, self.frozen, [{"image": x} for x in batch["image"]],
-          transforms=(), batch_size=args.batch, mesh=mesh)
+      # The teacher cache's batches carry the teacher outputs.
+      batch["teacher"] = _teacher_outputs(jax, method, self.frozen,
+                                          batch["image"], args.batch)
     elif mode == "student":
       self.frozen = {}
     self.batch = train.to_global(batch, mesh)
@@ -729,9 +743,9 @@ class JaxWorker:
       teacher = None
       if self.mode == "cached":
         t = time.perf_counter()
-        teacher = self.train.build_teacher_cache(
-            self.method, self.frozen, cached, transforms=(),
-            batch_size=self.args.batch, mesh=self.mesh)
+        teacher = _teacher_outputs(
+            self.jax, self.method, self.frozen,
+            [x["image"] for x in cached], self.args.batch)
         out["cache_build_s"] = time.perf_counter() - t
       out["loop_unaugmented_s"] = self._loop(cached, (), batches, teacher)
       return out
@@ -765,6 +779,13 @@ class JaxWorker:
 
   def _loop(self, source, transforms, batches, teacher_outputs=None):
     """Seconds per step of the trainer's loop fed by the grain pipeline."""
+    if teacher_outputs is not None and hasattr(self.data.pipeline,
+                                               "example_view"):
+      # kd_jax's pipeline reads a cache by (epoch, example index); without
+      # transforms every epoch's view is the example itself.
+      outputs = teacher_outputs
+      teacher_outputs = lambda e, i: self.jax.tree.map(lambda x: x[i],
+                                                       outputs)
     ds = self.data.pipeline.train_batches(
         source, batch_size=self.args.batch, seed=self.config.seed,
         transforms=transforms, teacher_outputs=teacher_outputs)

@@ -44,10 +44,12 @@ def get_config():
   # --config.data.workers=8 --config.data.transfer_dtype=uint8.
   config.data.workers = 0
   config.data.transfer_dtype = "float32"
-  # Distill stages: compute the teacher's outputs once per training example
-  # and reuse them every epoch (needs data.augment=False: a random view per
-  # epoch would need a new teacher forward).
-  config.teacher_cache = False
+  # Distill stages: read the teacher's outputs for each example's view of
+  # each epoch from a cache on disk (kd_jax.teacher_cache) instead of running
+  # the teacher every step: None (off), "auto" or a folder.
+  config.teacher_cache = ml_collections.config_dict.placeholder(str)
+  config.teacher_cache_dtype = "float32"
+  config.teacher_cache_top_k = 0
   # A non-finite loss or gradient stops the stage ("stop"), or its update
   # is skipped up to max_skipped_steps times ("skip").
   config.on_nonfinite = "stop"

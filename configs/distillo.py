@@ -143,6 +143,10 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   # uint8: ACDC's slices are z-scored).
   config.data.workers = 0
   config.data.transfer_dtype = "float32"
+  # "auto" or a folder: the teacher's outputs from kd_jax.teacher_cache.
+  config.teacher_cache = ml_collections.config_dict.placeholder(str)
+  config.teacher_cache_dtype = "float32"
+  config.teacher_cache_top_k = 0
 
   teacher = p["teacher"]
   student = dict(name="squeeze_unet", width=24)

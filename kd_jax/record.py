@@ -35,12 +35,15 @@ SET_ASIDE = "set_aside"
 # Run-wide keys that change how a run is watched or saved, not its result.
 # `epochs` is a config's own reference its `steps` are computed from (the
 # resolved steps are recorded); `study` holds kd_jax.study's read-out;
+# `teacher_cache` is where the teacher's outputs come from (a float32 cache
+# holds the live teacher's; its dtype and top-k are defining).
 # `mesh`, `shard_student` and `remat` say where arrays live and what the
 # backward recomputes (the same numbers to float rounding), so a run may
 # resume on another mesh.
 NOT_DEFINING = frozenset({"log_every", "eval_every", "checkpoint_every",
                           "on_nonfinite", "max_skipped_steps", "epochs",
-                          "study", "mesh", "shard_student", "remat"})
+                          "study", "mesh", "shard_student", "remat",
+                          "teacher_cache"})
 # Data options that change how batches are read, not which: the same
 # batches come with 0 or N loader workers.
 NOT_DEFINING_DATA = frozenset({"data.workers"})

@@ -310,89 +310,6 @@ def evaluate(eval_step, state, source, batch_size, mesh, heads) -> dict:
 
 
 # ----------------------------------------------------------------------------
-# Teacher cache (`config.teacher_cache`): a frozen teacher's outputs depend
-# only on the (deterministically transformed) example, so they are computed
-# once per training example before the stage and carried by the batches; the
-# step then runs the student alone. A random augmentation draws another view
-# of the example every epoch (grain seeds it by the position in the repeated,
-# reshuffled stream, not by the example), so no per-example key covers it:
-# the cache is refused then.
-
-# The cache lives in host memory: refuse one larger than this share of the
-# memory available when the run starts.
-TEACHER_CACHE_MAX_MEMORY_FRACTION = 0.5
-
-
-def _available_memory_bytes() -> int:
-  with open("/proc/meminfo", encoding="ascii") as f:
-    for line in f:
-      if line.startswith("MemAvailable:"):
-        return int(line.split()[1]) * 1024
-  return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def teacher_output_bytes(method, example) -> int:
-  """Bytes of the teacher outputs `method`'s loss reads, per example (shapes
-  only: nothing is computed)."""
-  variables = jax.eval_shape(functools.partial(method.teacher.init,
-                                               train=False),
-                             jax.random.key(0), example)
-  frozen = {"params": variables["params"],
-            "batch_stats": variables.get("batch_stats", {})}
-  out = jax.eval_shape(method.teacher_outputs, frozen, example)
-  return sum(x.size * x.dtype.itemsize
-             for x in jax.tree.leaves(out)) // example.shape[0]
-
-
-def check_teacher_cache(datasets, per_example_bytes: int) -> None:
-  """Raises ConfigError when the teacher cache would be wrong or too big."""
-  random = data.pipeline.random_transforms(datasets.train_transforms)
-  if random:
-    raise ConfigError(
-        "teacher_cache=True reuses each training example's teacher outputs "
-        "on every epoch, but data.augment=True gives the example a new random"
-        f" view every epoch ({', '.join(random)}), so the cached outputs "
-        "would be those of another image: set --config.data.augment=False "
-        "to cache the teacher, or --config.teacher_cache=False to keep the "
-        "augmentation")
-  n = -(-len(datasets.train) // jax.process_count())
-  need, free = n * per_example_bytes, _available_memory_bytes()
-  if need > TEACHER_CACHE_MAX_MEMORY_FRACTION * free:
-    raise ConfigError(
-        f"teacher_cache: the teacher outputs of {n} training examples take "
-        f"{need / 2**30:.2f} GiB, more than "
-        f"{TEACHER_CACHE_MAX_MEMORY_FRACTION:.0%} of the {free / 2**30:.1f} "
-        "GiB of available host memory: set --config.teacher_cache=False, or "
-        "distil fewer or smaller teacher features")
-
-
-def _process_local(x: jax.Array) -> np.ndarray:
-  """This process's rows of an array sharded on its leading axis."""
-  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
-  return np.concatenate([np.asarray(s.data) for s in shards])
-
-
-def build_teacher_cache(method, frozen, source, *, transforms, batch_size,
-                        mesh) -> Any:
-  """The teacher outputs `method`'s loss reads (`method.teacher_outputs`)
-  for every example of `source` (one process), as host numpy arrays with
-  the examples on the leading axis, in order: the `teacher_outputs` of
-  `data.pipeline.train_batches`. One jitted eval-mode
-  forward per batch, the batch split over every device, the teacher where
-  `frozen` lies (replicated or sliced over `fsdp`)."""
-  split = sharding.batch_sharding(mesh)
-  fn = jax.jit(method.teacher_outputs, in_shardings=(None, split),
-               out_shardings=split)
-  parts = []
-  for batch in data.pipeline.eval_batches(source, batch_size=batch_size,
-                                          transforms=transforms):
-    out = fn(frozen, to_global(batch["image"], mesh))
-    parts.append(jax.tree.map(lambda x, v=batch["valid"]: _process_local(x)[v],
-                              out))
-  return jax.tree.map(lambda *x: np.concatenate(x), *parts)
-
-
-# ----------------------------------------------------------------------------
 # Stages.
 
 
@@ -553,7 +470,8 @@ def run_heads(config, datasets) -> dict:
 CONFIG_KEYS = {"seed", "compute_dtype", "layers", "batch_size", "steps",
                "epochs", "log_every", "eval_every", "checkpoint_every",
                "optimizer", "data", "heads", "stage_order", "stages",
-               "teacher_cache", "study", "on_nonfinite", "max_skipped_steps",
+               "teacher_cache", "teacher_cache_dtype", "teacher_cache_top_k",
+               "study", "on_nonfinite", "max_skipped_steps",
                "mesh", "shard_student", "remat"}
 
 
@@ -579,7 +497,7 @@ def validate(config, workdir, datasets, cache=None) -> None:
     raise ConfigError("shard_student runs in one process only; with several"
                       " processes set --config.shard_student=False (the "
                       "teacher is still sliced over mesh.fsdp)")
-  from kd_jax import checks  # pylint: disable=g-import-not-at-top
+  from kd_jax import checks, teacher_cache  # pylint: disable=g-import-not-at-top
   checks.run_values(config, workdir)
   order = list(config.stage_order)
   unknown = [n for n in order if n not in config.stages]
@@ -626,16 +544,8 @@ def validate(config, workdir, datasets, cache=None) -> None:
       raise
     except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
       raise ConfigError(f"stage {name!r}: {e}") from None
-    if config.get("teacher_cache") and hasattr(method, "teacher_outputs"):
-      if getattr(method, "ensemble", False):
-        raise ConfigError(f"stage {name!r}: teacher_cache caches one "
-                          "teacher's outputs, not an ensemble's; set "
-                          "--config.teacher_cache=False")
-      if jax.process_count() > 1:
-        raise ConfigError(f"stage {name!r}: teacher_cache is one process's "
-                          "host memory; with several processes set "
-                          "--config.teacher_cache=False")
-      check_teacher_cache(ds, teacher_output_bytes(method, example))
+    if teacher_cache.wanted(config, method):
+      teacher_cache.check(config, name, method, ds)
 
 
 def stage_datasets(config, name, datasets, cache=None):
@@ -989,7 +899,7 @@ def _train_stage(config, name, workdir, datasets, mesh):
   mode, max_skipped = nonfinite_policy(config)
   s = stage_config(config, name)
   steps = s["steps"]
-  from kd_jax import record  # pylint: disable=g-import-not-at-top
+  from kd_jax import record, teacher_cache  # pylint: disable=g-import-not-at-top
   record.ensure(config, name, workdir)  # Its checkpoints are of this config.
   heads = run_heads(config, datasets)
   method, frozen = build_method(config, name, workdir, datasets.num_classes,
@@ -1007,10 +917,6 @@ def _train_stage(config, name, workdir, datasets, mesh):
          if datasets.unlabelled is not None else {}))
   train_ds = make_batches()
   example = jnp.asarray(train_ds[0]["image"][:1])
-  use_cache = config.get("teacher_cache") and hasattr(method,
-                                                      "teacher_outputs")
-  if use_cache:
-    check_teacher_cache(datasets, teacher_output_bytes(method, example))
   rng = jax.random.key(s["seed"])
   init = functools.partial(init_state, method, tx, rng)
   abstract = jax.eval_shape(init, example)  # Also checks the stage's wiring.
@@ -1034,13 +940,13 @@ def _train_stage(config, name, workdir, datasets, mesh):
     mngr.close()
     return method, state
   logging.info("%s: %s from step %d of %d", where, s["method"], start, steps)
-  if use_cache:
+  if teacher_cache.wanted(config, method):
     t = time.perf_counter()
-    train_ds = make_batches(teacher_outputs=build_teacher_cache(
-        method, frozen, datasets.train, transforms=datasets.train_transforms,
-        batch_size=config.batch_size, mesh=mesh))
-    logging.info("stage %s: teacher outputs cached in %.1f s", name,
-                 time.perf_counter() - t)
+    cache = teacher_cache.for_stage(config, name, workdir, method, frozen,
+                                    datasets, log=logging.info)
+    train_ds = make_batches(teacher_outputs=cache.outputs)
+    logging.info("stage %s: teacher cache %s ready in %.1f s", name,
+                 cache.folder, time.perf_counter() - t)
 
   # clu's writers import TensorFlow (~10 s): only when a stage trains.
   from clu import metric_writers, periodic_actions

@@ -33,7 +33,7 @@ def tiny_config(steps=4):
                      power=0.9)
   c.data = dict(name="synthetic", image_size=IMAGE, num_train=6, num_val=2,
                 num_test=2, seed=0, augment=False)
-  c.teacher_cache = False
+  c.teacher_cache = None
   net = dict(name="unet", width=2, depth=2)
   task = dict(ce=dict(fn="cross_entropy"))
   c.stage_order = ("teacher", "skd")

@@ -224,7 +224,7 @@ def tiny_config(csv, steps=4):
   c.optimizer = dict(name="adamw", lr=1e-3, weight_decay=0.0,
                      warmup_steps=0, grad_clip=0.0)
   c.data = dict(name="folder", csv=csv, image_size=SIZE, val_fraction=0.34)
-  c.teacher_cache = False
+  c.teacher_cache = None
   c.stage_order = ("teacher", "medtex")
   c.stages = dict(
       teacher=dict(method="supervised", model=dict(TEACHER),

@@ -37,7 +37,7 @@ CONFIG = textwrap.dedent("""
       # the other 8 -- as many eval batches each all the same.
       c.data = dict(name="synthetic", image_size=16, num_train=32,
                     num_val=17, num_test=17, seed=0, augment=True)
-      c.teacher_cache = False
+      c.teacher_cache = None
       c.stage_order = ("teacher",)
       c.stages = dict(teacher=dict(
           method="supervised", model=dict(name="unet", width=4, depth=2),

@@ -181,3 +181,50 @@ def test_device_prefetch_keeps_two_batches_put_ahead():
   next(prefetch)
   prefetch.close()
   assert closed == [True] and not prefetch.queue
+
+
+def test_augmented_view_is_a_function_of_seed_epoch_and_example(source):
+  """Every row of every batch is `example_view(seed, epoch, index)` of the
+  example the stream puts there, whatever the batch size; epochs give
+  other views of one example."""
+  aug = [transforms.RandomScaleCrop(scale_range=(0.7, 1.4)),
+         transforms.SegmentationAugment()]
+  for batch_size in (2, 5):
+    ds = pipeline.train_batches(source, batch_size=batch_size, seed=4,
+                                transforms=aug)
+    for step in range(7):  # Past the first epoch of 10 examples.
+      for row in range(batch_size):
+        p = step * batch_size + row
+        epoch, index = pipeline.stream_position(p, 10, 4)
+        assert epoch == p // 10
+        assert sorted(pipeline.epoch_order(4, epoch, 10)) == list(range(10))
+        want = pipeline.example_view(source, 4, epoch, index, aug)
+        np.testing.assert_array_equal(ds[step]["image"][row], want["image"])
+        np.testing.assert_array_equal(ds[step]["label"][row], want["label"])
+  assert not np.array_equal(
+      pipeline.example_view(source, 4, 0, 3, aug)["image"],
+      pipeline.example_view(source, 4, 1, 3, aug)["image"])
+
+
+@pytest.mark.parametrize("shards", [1, 2, 3])
+def test_process_examples_are_those_each_process_reads(source, shards):
+  batch_size = 2 * shards
+  for epoch in (0, 1, 2):
+    got = []
+    for p in range(shards):
+      mine = pipeline.process_examples(10, 5, epoch, batch_size, p, shards)
+      ds = pipeline.train_batches(source, batch_size=batch_size, seed=5,
+                                  shard_index=p, shard_count=shards)
+      rows = batch_size // shards
+      read = set()
+      for step in range(30 // batch_size + 1):
+        for r in range(rows):
+          position = (step * shards + p) * rows + r
+          if position // 10 == epoch:
+            read.add(pipeline.stream_position(position, 10, 5)[1])
+            np.testing.assert_array_equal(
+                ds[step]["image"][r],
+                source[pipeline.stream_position(position, 10, 5)[1]]["image"])
+      assert sorted(read) == list(mine)
+      got += list(mine)
+    assert sorted(got) == list(range(10))

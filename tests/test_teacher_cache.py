@@ -1,28 +1,41 @@
-"""config.teacher_cache: the teacher's outputs computed once per example.
+"""kd_jax.teacher_cache: the teacher's outputs for every example's view of
+every epoch, stored once on disk.
 
-A cached run must train exactly like an uncached one (same batches, same
-losses), resume exactly, and be refused when a random augmentation would
-make the cached outputs belong to another view of the image.
+A step fed from the cache must see what the live teacher gives on the same
+augmented view (loss and gradients equal), a cached run must train and
+resume exactly like an uncached one, a killed build must resume to the same
+bytes, a partial cache must never be read, and a cache built for anything
+else must be refused in one line.
 """
+import json
 import os
 import signal
+import socket
+import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
-from kd_jax import checkpoint, data, train
+from kd_jax import checkpoint, data, teacher_cache, train
+from kd_jax.data import pipeline, synthetic, transforms
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from tests.test_train import tiny_config  # noqa: E402
 
+# Flips, rotations and scale-crops, each drawn per (seed, epoch, example).
+AUGMENT = [transforms.RandomScaleCrop(scale_range=(0.75, 1.3), pad_label=0),
+           transforms.SegmentationAugment(max_rotation_deg=20.0)]
+
 
 def cache_config(cache, steps=4):
   c = tiny_config(steps=steps)
   c.log_every = 1
-  c.data.augment = False
+  c.data.augment = True  # Flips and rotations: a new view every epoch.
   c.teacher_cache = cache
   c.stages.teacher.steps = 2
   # Logit and feature terms: the cache holds both kinds of outputs.
@@ -36,9 +49,18 @@ def cache_config(cache, steps=4):
 
 
 @pytest.fixture(scope="module")
+def cache_root(tmp_path_factory):
+  """$KD_JAX_CACHE for the module: "auto" caches of every run land here."""
+  root = str(tmp_path_factory.mktemp("cache_root"))
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv("KD_JAX_CACHE", root)
+    yield root
+
+
+@pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
   """A trained (2-step) teacher stage in a workdir of its own."""
-  c = cache_config(False)
+  c = cache_config(None)
   workdir = str(tmp_path_factory.mktemp("teacher"))
   train.train_stage(c, "teacher", workdir, data.build(c.data))
   return os.path.join(workdir, "teacher")
@@ -54,117 +76,43 @@ def _distil(cache, teacher_dir, workdir, steps=4):
   return c, ds, jax.device_get(state)
 
 
+# Whole runs through the trainer (slow: ~60 s here; the step-level tests
+# below check the same equalities in CI).
 @pytest.fixture(scope="module")
-def uncached_and_cached(teacher_dir, tmp_path_factory):
+def uncached_and_cached(teacher_dir, cache_root, tmp_path_factory):
   runs = {}
-  for cache in (False, True):
+  for cache in (None, "auto"):
     workdir = str(tmp_path_factory.mktemp(f"cache_{cache}"))
+    before = teacher_cache.forwards
     _, _, state = _distil(cache, teacher_dir, workdir)
     runs[cache] = (state, train.read_history(os.path.join(workdir,
-                                                          "distilled")))
+                                                          "distilled")),
+                   teacher_cache.forwards - before)
   return runs
 
 
-def test_cached_and_uncached_losses_are_equal(uncached_and_cached):
-  (plain, h_plain), (cached, h_cached) = (uncached_and_cached[False],
-                                          uncached_and_cached[True])
+@pytest.mark.slow
+def test_cached_and_uncached_runs_are_equal_with_augmentation(
+    uncached_and_cached):
+  (plain, h_plain, _), (cached, h_cached, built) = (
+      uncached_and_cached[None], uncached_and_cached["auto"])
+  # 4 steps of 4 over 12 examples reach into 2 epochs, 12 views each.
+  assert built == 24
   for key in ("train/loss", "train/kd", "train/hint", "train/at",
               "train/ce"):
     assert h_plain[key][0] == h_cached[key][0] == [1, 2, 3, 4]
     np.testing.assert_allclose(h_cached[key][1], h_plain[key][1], rtol=1e-5,
-                               atol=1e-5)
+                               atol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
                plain.params, cached.params)
 
 
-def test_cache_holds_each_examples_teacher_outputs(teacher_dir):
-  """Against the teacher applied to one example at a time, in source order."""
-  c = cache_config(True)
-  c.stages.distilled.teacher.checkpoint = teacher_dir
-  ds = data.build(c.data)
-  method, _ = train.build_method(c, "distilled", "", ds.num_classes,
-                                 load_teacher=False)
-  frozen = checkpoint.load_model_variables(teacher_dir)
-  cache = train.build_teacher_cache(
-      method, frozen, ds.train, transforms=ds.train_transforms,
-      batch_size=8, mesh=train.make_mesh())  # 12 examples: one padded batch.
-  assert set(cache) == {"logits", "features"}
-  assert set(cache["features"]) == {"bottleneck", "enc1"}
-  for i in (0, 7, 11):
-    logits, feats = method.teacher.apply(
-        frozen, ds.train[i]["image"][None], train=False)
-    np.testing.assert_allclose(cache["logits"][i], logits[0], atol=1e-5)
-    np.testing.assert_allclose(cache["features"]["enc1"][i], feats["enc1"][0],
-                               atol=1e-5)
-  assert cache["logits"].shape[0] == len(ds.train)
-
-
-def test_batches_carry_the_outputs_of_their_own_examples():
-  """A stand-in cache (each example's image mean) must travel with its
-  example through the shuffle and across epochs."""
-  ds = data.build(cache_config(True).data)
-  means = np.asarray([ds.train[i]["image"].mean() for i in range(len(ds.train))])
-  batches = data.pipeline.train_batches(ds.train, batch_size=4, seed=3,
-                                        teacher_outputs={"m": means})
-  plain = data.pipeline.train_batches(ds.train, batch_size=4, seed=3)
-  for step in (0, 2, 5, 9):  # 3 batches per epoch: several epochs.
-    b = batches[step]
-    np.testing.assert_array_equal(b["image"], plain[step]["image"])
-    np.testing.assert_allclose(b["teacher"]["m"], b["image"].mean((1, 2, 3)),
-                               rtol=1e-6)
-
-
-def test_cached_loss_never_touches_the_teacher(teacher_dir):
-  c = cache_config(True)
-  ds = data.build(c.data)
-  method, _ = train.build_method(c, "distilled", "", ds.num_classes,
-                                 load_teacher=False)
-  frozen = checkpoint.load_model_variables(teacher_dir)
-  batch = data.pipeline.train_batches(ds.train, batch_size=4, seed=0)[0]
-  variables = method.init(jax.random.key(0), batch["image"][:1])
-  rng = jax.random.key(1)
-  loss, _ = method.loss_fn(variables["params"], variables["batch_stats"],
-                           frozen, batch, rng)
-  cached = dict(batch, teacher=method.teacher_outputs(frozen, batch["image"]))
-  cached_loss, _ = method.loss_fn(variables["params"],
-                                  variables["batch_stats"], None, cached, rng)
-  np.testing.assert_allclose(cached_loss, loss, rtol=1e-6)
-
-
-def test_refused_with_random_augmentation(tmp_path):
-  c = cache_config(True)
-  c.data.augment = True
-  with pytest.raises(train.ConfigError) as e:
-    train.validate(c, str(tmp_path), data.build(c.data))
-  msg = str(e.value)
-  assert "teacher_cache" in msg and "data.augment" in msg
-  assert "--config.data.augment=False" in msg
-  assert "--config.teacher_cache=False" in msg
-
-
-def test_refused_when_too_big_for_host_memory(tmp_path, monkeypatch):
-  c = cache_config(True)
-  monkeypatch.setattr(train, "TEACHER_CACHE_MAX_MEMORY_FRACTION", 1e-9)
-  with pytest.raises(train.ConfigError, match="teacher_cache: the teacher "
-                     "outputs of 12 training examples take"):
-    train.validate(c, str(tmp_path), data.build(c.data))
-
-
-def test_per_example_bytes_from_shapes_only():
-  c = cache_config(True)
-  ds = data.build(c.data)
-  method, _ = train.build_method(c, "distilled", "", ds.num_classes,
-                                 load_teacher=False)
-  example = np.zeros((2, 16, 16, 1), np.float32)
-  # Teacher width 4, depth 2 on 16²: logits 16·16·9, enc1 16·16·4,
-  # bottleneck 4·4·16 (width 4·2² at 16/2²), float32.
-  expected = 4 * (16 * 16 * 9 + 16 * 16 * 4 + 4 * 4 * 16)
-  assert train.teacher_output_bytes(method, example) == expected
-
-
-def test_resume_with_cache_is_exact(teacher_dir, uncached_and_cached,
-                                    tmp_path, monkeypatch):
-  reference, _ = uncached_and_cached[True]
+@pytest.mark.slow
+def test_resume_with_cache_is_exact_and_runs_no_teacher(
+    teacher_dir, uncached_and_cached, tmp_path, monkeypatch):
+  """Another run asking the same thing ("auto": the same folder) reads the
+  first run's cache: no teacher forward, through an interruption too."""
+  reference, _, _ = uncached_and_cached["auto"]
   real_save = checkpoint.save
 
   def save_then_sigterm(mngr, step, state, force=False):
@@ -173,13 +121,330 @@ def test_resume_with_cache_is_exact(teacher_dir, uncached_and_cached,
       os.kill(os.getpid(), signal.SIGTERM)
     return out
 
+  before = teacher_cache.forwards
   monkeypatch.setattr(checkpoint, "save", save_then_sigterm)
   with pytest.raises(SystemExit, match="SIGTERM at step 2"):
-    _distil(True, teacher_dir, str(tmp_path))
+    _distil("auto", teacher_dir, str(tmp_path))
   monkeypatch.setattr(checkpoint, "save", real_save)
-  _, _, resumed = _distil(True, teacher_dir, str(tmp_path))
+  _, _, resumed = _distil("auto", teacher_dir, str(tmp_path))
+  assert teacher_cache.forwards == before
   assert int(resumed.step) == 4
   jax.tree.map(np.testing.assert_array_equal, reference.params,
                resumed.params)
   jax.tree.map(np.testing.assert_array_equal, reference.opt_state,
                resumed.opt_state)
+
+
+# ----------------------------------------------------------------------------
+# One step, live teacher vs cache.
+
+
+def _random_like(shapes, rng):
+  """Parameters ~ N(0, 0.3²) and batch statistics in [0.5, 1.5]."""
+  return {
+      "params": jax.tree.map(lambda x: rng.normal(0, 0.3, x.shape).astype(
+          np.float32), shapes["params"]),
+      "batch_stats": jax.tree.map(lambda x: rng.uniform(
+          0.5, 1.5, x.shape).astype(np.float32), shapes.get("batch_stats",
+                                                            {}))}
+
+
+@pytest.fixture(scope="module")
+def distill_parts():
+  """The distill method (logit KD + feature terms), a teacher (initialised,
+  not trained), the tiny training set, and a value-and-grad of its loss
+  (jitted once)."""
+  c = cache_config(None)
+  ds = data.build(c.data)
+  method, _ = train.build_method(c, "distilled", "", ds.num_classes,
+                                 load_teacher=False)
+  example = ds.train[0]["image"][None]
+  # Random weights drawn in numpy (an init compile costs ~10 s here); the
+  # shapes come from the method's own init (which also builds it).
+  rng = np.random.default_rng(2)
+  variables = _random_like(jax.eval_shape(method.init, jax.random.key(0),
+                                          example), rng)
+  frozen = _random_like(jax.eval_shape(lambda x: method.teacher.init(
+      jax.random.key(2), x, train=False), example), rng)
+
+  @jax.jit
+  def value_and_grad(frozen, batch):
+    fn = lambda p: method.loss_fn(p, variables["batch_stats"], frozen, batch,
+                                  jax.random.key(1))[0]
+    return jax.value_and_grad(fn)(variables["params"])
+
+  return method, frozen, ds.train, value_and_grad
+
+
+def _cache_for(method, frozen, source, folder, dtype, epochs=2, seed=5):
+  m = teacher_cache.manifest(
+      teacher_model={"name": "unet"}, teacher_variables=frozen,
+      data_options={"name": "synthetic"}, examples=len(source),
+      transforms=AUGMENT, input_shape=(16, 16, 1), seed=seed,
+      outputs=jax.eval_shape(method.teacher_outputs, frozen,
+                             jnp.zeros((1, 16, 16, 1))), dtype=dtype)
+  cache = teacher_cache.TeacherCache(folder, m)
+  cache.build(method, frozen, source, AUGMENT, epochs, batch_size=5)
+  return cache
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_step_from_cache_equals_live_teacher(distill_parts, tmp_path, dtype):
+  """Loss and gradients of the step on an augmented batch (flip, rotation,
+  scale-crop) crossing into the second epoch: from a float32 cache as from
+  the live teacher to 1e-6; from a bfloat16 cache as from the live teacher's
+  outputs rounded to bfloat16."""
+  method, frozen, source, value_and_grad = distill_parts
+  cache = _cache_for(method, frozen, source, str(tmp_path), dtype)
+  live = pipeline.train_batches(source, batch_size=8, seed=5,
+                                transforms=AUGMENT)[1]  # Rows 8..15: 2 epochs.
+  cached = pipeline.train_batches(source, batch_size=8, seed=5,
+                                  transforms=AUGMENT,
+                                  teacher_outputs=cache.outputs)[1]
+  np.testing.assert_array_equal(cached["image"], live["image"])
+  assert set(cached["teacher"]) == {"logits", "features"}
+  if dtype == "float32":
+    loss, grads = value_and_grad(frozen, live)  # The teacher runs in the step.
+  else:
+    teacher = jax.tree.map(
+        lambda x: np.asarray(x).astype(ml_dtypes.bfloat16).astype(np.float32),
+        method.teacher_outputs(frozen, live["image"]))
+    loss, grads = value_and_grad(frozen, dict(live, teacher=teacher))
+  # `frozen` is passed (one compile for both) but unread: the batch has it.
+  c_loss, c_grads = value_and_grad(frozen, cached)
+  np.testing.assert_allclose(c_loss, loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6,
+                                                       atol=1e-7),
+               c_grads, grads)
+
+
+def test_auto_folder_is_shared_by_stages_asking_the_same(
+    distill_parts, tmp_path, monkeypatch):
+  """Two distill stages of one teacher, data and seed (other loss weights)
+  share the "auto" folder: the second builds nothing; another seed gets a
+  folder of its own."""
+  monkeypatch.setenv("KD_JAX_CACHE", str(tmp_path / "root"))
+  c = cache_config("auto", steps=3)
+  again = c.stages.distilled.to_dict()
+  again["losses"]["kd"]["weight"] = 0.5
+  c.stages["again"] = again
+  ds = data.build(c.data)
+  method, frozen, _, _ = distill_parts
+  before = teacher_cache.forwards
+  first = teacher_cache.for_stage(c, "distilled", "", method, frozen, ds)
+  assert teacher_cache.forwards - before == 12  # 3·4 rows: one epoch.
+  second = teacher_cache.for_stage(c, "again", "", method, frozen, ds)
+  assert teacher_cache.forwards - before == 12
+  assert second.folder == first.folder
+  assert first.folder.startswith(str(tmp_path / "root"))
+  c.stages.again.seed = 11
+  assert teacher_cache.stage_manifest(c, "again", method, frozen, ds)[
+      "seed"] == 11
+  assert teacher_cache.auto_folder(teacher_cache.stage_manifest(
+      c, "again", method, frozen, ds), "") != first.folder
+
+
+# ----------------------------------------------------------------------------
+# Storage, with a linear stand-in teacher (the cache only sees
+# `teacher_outputs`).
+
+
+class LinearTeacher:
+  """Classification logits (B, 12) and a pooled feature of an image."""
+
+  def teacher_outputs(self, frozen, images):
+    x = images.reshape(images.shape[0], -1)
+    return {"logits": x @ frozen["w"],
+            "features": {"mean": jnp.mean(images, axis=(1, 2))}}
+
+
+@pytest.fixture(scope="module")
+def linear():
+  source = synthetic.SyntheticCT(10, size=16, seed=0)
+  frozen = {"w": np.random.default_rng(0).normal(
+      size=(256, 12)).astype(np.float32) / 4}
+  return LinearTeacher(), frozen, source
+
+
+def _linear_manifest(linear, **kw):
+  method, frozen, source = linear
+  return teacher_cache.manifest(
+      teacher_model={"name": "linear"}, teacher_variables=frozen,
+      data_options={"name": "synthetic"}, examples=len(source),
+      transforms=AUGMENT, input_shape=(16, 16, 1), seed=2,
+      outputs=jax.eval_shape(method.teacher_outputs, frozen,
+                             jnp.zeros((1, 16, 16, 1))), **kw)
+
+
+def _files(folder):
+  out = {}
+  for base, _, names in os.walk(folder):
+    for n in names:
+      with open(os.path.join(base, n), "rb") as f:
+        out[os.path.relpath(os.path.join(base, n), folder)] = f.read()
+  return out
+
+
+def test_killed_build_resumes_to_the_same_bytes(linear, tmp_path,
+                                                monkeypatch):
+  method, frozen, source = linear
+  m = _linear_manifest(linear)
+  whole = teacher_cache.TeacherCache(str(tmp_path / "whole"), m)
+  whole.build(method, frozen, source, AUGMENT, 3, batch_size=4)
+
+  folder = str(tmp_path / "killed")
+  cache = teacher_cache.TeacherCache(folder, m)
+  cache.build(method, frozen, source, AUGMENT, 1, batch_size=4)
+  # What a killed build leaves: a temporary folder of a dead process.
+  dead = subprocess.Popen(["true"])
+  dead.wait()
+  leftover = os.path.join(cache.shard, f"epoch-1.tmp-{socket.gethostname()}-"
+                          f"{dead.pid}-0")
+  os.makedirs(leftover)
+  np.save(os.path.join(leftover, "index.npy"), np.arange(10))
+  real, calls = teacher_cache.TeacherCache._forward, []
+
+  def dies_midway(self, *args):
+    calls.append(1)
+    if len(calls) == 2:  # Epoch 1's second batch.
+      raise KeyboardInterrupt
+    return real(self, *args)
+
+  monkeypatch.setattr(teacher_cache.TeacherCache, "_forward", dies_midway)
+  with pytest.raises(KeyboardInterrupt):
+    cache.build(method, frozen, source, AUGMENT, 3, batch_size=4)
+  monkeypatch.undo()
+  assert cache.missing(3) == [1, 2]
+  assert not os.path.exists(leftover)
+  # A partial epoch is never read.
+  with pytest.raises(FileNotFoundError, match="no complete epoch 1"):
+    teacher_cache.TeacherCache(folder, m).outputs(1, 0)
+  assert cache.build(method, frozen, source, AUGMENT, 3, batch_size=4) == 2
+  assert _files(folder) == _files(str(tmp_path / "whole"))
+
+
+def test_cache_holds_each_views_outputs(linear, tmp_path):
+  """Against the teacher on `example_view`, one example at a time; float16
+  storage within float16 rounding."""
+  method, frozen, source = linear
+  cache = teacher_cache.TeacherCache(
+      str(tmp_path), _linear_manifest(linear, dtype="float16"))
+  cache.build(method, frozen, source, AUGMENT, 2, batch_size=3)
+  for epoch, index in ((0, 0), (0, 9), (1, 4)):
+    x = pipeline.example_view(source, 2, epoch, index, AUGMENT)["image"]
+    want = method.teacher_outputs(frozen, x[None])
+    got = cache.outputs(epoch, index)
+    assert got["logits"].dtype == np.float32
+    np.testing.assert_array_equal(
+        got["logits"], np.asarray(want["logits"][0]).astype(np.float16))
+    np.testing.assert_array_equal(
+        got["features"]["mean"],
+        np.asarray(want["features"]["mean"][0]).astype(np.float16))
+
+
+def test_top_k_logits_keep_the_teachers_top_k_probabilities(linear,
+                                                            tmp_path):
+  """k = 3 of 12 classes: the stored classes keep their logits, so their
+  softmax probabilities (T = 1) are the teacher's; the other 9 share the
+  rest equally."""
+  method, frozen, source = linear
+  m = _linear_manifest(linear, top_k=3)
+  cache = teacher_cache.TeacherCache(str(tmp_path), m)
+  cache.build(method, frozen, source, AUGMENT, 1, batch_size=4)
+  for index in (0, 5):
+    x = pipeline.example_view(source, 2, 0, index, AUGMENT)["image"]
+    z = np.asarray(method.teacher_outputs(frozen, x[None])["logits"][0],
+                   np.float64)
+    p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    top = np.argsort(-z)[:3]
+    dense = cache.outputs(0, index)["logits"].astype(np.float64)
+    q = np.exp(dense - dense.max()) / np.exp(dense - dense.max()).sum()
+    np.testing.assert_allclose(dense[top], z[top], rtol=1e-6)
+    np.testing.assert_allclose(q[top], p[top], rtol=1e-5)
+    rest = np.setdiff1d(np.arange(12), top)
+    np.testing.assert_allclose(q[rest], (1 - p[top].sum()) / 9, rtol=1e-5)
+  assert teacher_cache.bytes_per_example(m) == 8 + 3 * 4 + 3 * 2 + 4 + 4
+
+
+def test_another_manifest_is_refused_in_one_line(linear, tmp_path):
+  method, frozen, _ = linear
+  folder = str(tmp_path)
+  teacher_cache.TeacherCache(folder, _linear_manifest(linear))
+  other = dict(frozen, w=frozen["w"] + 1)
+  m = _linear_manifest((method, other, linear[2]), dtype="bfloat16")
+  m["data"]["transforms"] = teacher_cache.transform_spec(AUGMENT[1:])
+  with pytest.raises(ValueError) as e:
+    teacher_cache.TeacherCache(folder, m)
+  msg = str(e.value)
+  assert "\n" not in msg and folder in msg
+  assert "another data.transforms, dtype, teacher.variables " in msg
+  with open(os.path.join(folder, "manifest.json")) as f:
+    assert json.load(f) == _linear_manifest(linear)  # Left as it was.
+
+
+def test_each_process_stores_and_reads_its_own_examples(linear, tmp_path):
+  """Two processes (simulated): each builds its shard (the examples its
+  rows of the global batches hold) and its batches carry their outputs."""
+  method, frozen, source = linear
+  m = _linear_manifest(linear, shard_count=2, rows_per_process=3)
+  for p in (0, 1):
+    cache = teacher_cache.TeacherCache(str(tmp_path), m, shard_index=p)
+    cache.build(method, frozen, source, AUGMENT, 2, batch_size=4)
+    ds = pipeline.train_batches(source, batch_size=6, seed=2,
+                                transforms=AUGMENT, shard_index=p,
+                                shard_count=2, teacher_outputs=cache.outputs)
+    for step in (0, 1, 2):  # Stream rows 0..17: epochs 0 and 1.
+      b = ds[step]
+      want = method.teacher_outputs(frozen, b["image"])
+      np.testing.assert_allclose(b["teacher"]["logits"], want["logits"],
+                                 rtol=1e-5, atol=1e-5)
+    assert len(cache.examples(0)) in (4, 6)
+  sizes = [len(teacher_cache.TeacherCache(str(tmp_path), m, p).examples(0))
+           for p in (0, 1)]
+  assert sum(sizes) == 10
+
+
+def test_config_values():
+  c = cache_config("auto")
+  ds = data.build(c.data)
+  method, _ = train.build_method(c, "distilled", "", ds.num_classes,
+                                 load_teacher=False)
+  c.teacher_cache_dtype = "int8"
+  with pytest.raises(train.ConfigError, match="teacher_cache_dtype='int8'"):
+    teacher_cache.check(c, "distilled", method, ds)
+
+
+def test_bytes_per_example_from_shapes():
+  c = cache_config("auto")
+  ds = data.build(c.data)
+  method, _ = train.build_method(c, "distilled", "", ds.num_classes,
+                                 load_teacher=False)
+  example = jnp.zeros((1, 16, 16, 1))
+  variables = jax.eval_shape(lambda x: method.teacher.init(
+      jax.random.key(0), x, train=False), example)
+  out = jax.eval_shape(method.teacher_outputs, variables, example)
+  m = teacher_cache.manifest(
+      teacher_model={}, teacher_variables={}, data_options={}, examples=12,
+      transforms=(), input_shape=(16, 16, 1), seed=0, outputs=out,
+      dtype="bfloat16")
+  # Teacher width 4, depth 2 on 16²: logits 16·16·9, enc1 16·16·4,
+  # bottleneck 4·4·16 (width 4·2² at 16/2²), two bytes each, + the index.
+  assert teacher_cache.bytes_per_example(m) == 8 + 2 * (
+      16 * 16 * 9 + 16 * 16 * 4 + 4 * 4 * 16)
+
+
+@pytest.mark.slow
+def test_command_builds_ahead_and_training_runs_no_teacher(
+    teacher_dir, tmp_path, monkeypatch):
+  """`python -m kd_jax.teacher_cache`'s body on a run whose teacher stage
+  is trained: the distill stage then trains on the cache alone."""
+  monkeypatch.setenv("KD_JAX_CACHE", str(tmp_path / "root"))
+  c = cache_config(None)
+  workdir = os.path.dirname(teacher_dir)
+  built = teacher_cache.build_for_run(c, workdir, ["distilled"])
+  assert list(built) == ["distilled"] and c.teacher_cache == "auto"
+  before = teacher_cache.forwards
+  _, state = train.train_stage(c, "distilled", workdir, data.build(c.data))
+  assert teacher_cache.forwards == before and int(state.step) == 4
+  with pytest.raises(train.ConfigError, match="--stage=nope: not a stage"):
+    teacher_cache.build_for_run(c, workdir, ["nope"])

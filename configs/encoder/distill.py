@@ -89,6 +89,11 @@ def _base(batch_size, steps, lr):
   config.eval_every = steps
   config.checkpoint_every = 250
   config.on_nonfinite = "stop"
+  # "auto" or a folder: the teacher's outputs per augmented view from
+  # kd_jax.teacher_cache (the ViT-L forward paid once for every arm).
+  config.teacher_cache = ml_collections.config_dict.placeholder(str)
+  config.teacher_cache_dtype = "float32"
+  config.teacher_cache_top_k = 0
   config.optimizer = dict(name="adamw", lr=lr, weight_decay=0.05,
                           momentum=0.9, warmup_steps=steps // 20,
                           grad_clip=1.0)

@@ -109,7 +109,10 @@ def get_config(arg=None):
   config.checkpoint_every = 100
   config.on_nonfinite = "stop"
   config.max_skipped_steps = 10
-  config.teacher_cache = False
+  # "auto" or a folder: the teacher's outputs from kd_jax.teacher_cache.
+  config.teacher_cache = ml_collections.config_dict.placeholder(str)
+  config.teacher_cache_dtype = "float32"
+  config.teacher_cache_top_k = 0
   # Adam 1e-3 (the paper), no decay of the weights.
   config.optimizer = dict(name="adamw", lr=1e-3, weight_decay=0.0,
                           momentum=0.9, warmup_steps=0, grad_clip=0.0)

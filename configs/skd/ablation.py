@@ -83,7 +83,10 @@ def get_config(arg=None):
   config.checkpoint_every = 2000 if paper else 300
   config.on_nonfinite = "stop"
   config.max_skipped_steps = 10
-  config.teacher_cache = False
+  # "auto" or a folder: the teacher's outputs from kd_jax.teacher_cache.
+  config.teacher_cache = ml_collections.config_dict.placeholder(str)
+  config.teacher_cache_dtype = "float32"
+  config.teacher_cache_top_k = 0
   if paper:
     config.optimizer = dict(name="sgd", lr=0.01, momentum=0.9,
                             weight_decay=5e-4, warmup_steps=0, grad_clip=0.0,

@@ -1,9 +1,12 @@
 """grain pipelines: random-access source → shard → shuffle → transforms → batch.
 
 Training batches come from an infinite `grain.MapDataset` indexed by step:
-batch `s` is a pure function of (source, seed, s), reshuffled every epoch and
-augmented with a per-example random stream. Resuming at step `s` is therefore
-just `dataset[s:]`: an interrupted run sees exactly the batches an
+batch `s` is a pure function of (source, seed, s). The stream's position p
+is example `epoch_order(seed, e)[p % n]` of epoch e = p // n, and its
+augmented view a pure function of (seed, epoch, example index)
+(`example_view`), so a stored teacher output can be matched to the exact
+view it belongs to (`kd_jax.teacher_cache`). Resuming at step `s` is
+therefore just `dataset[s:]`: an interrupted run sees exactly the batches an
 uninterrupted one would.
 
 With an unlabelled pool (semi-supervised distillation), batch `s` is the
@@ -40,19 +43,76 @@ def _process_shard(ds, shard_index, shard_count):
   return ds[shard_index::shard_count], shard_count
 
 
-def random_transforms(transforms: Sequence) -> list[str]:
-  """Names of the transforms that draw random numbers (grain RandomMaps)."""
-  return [type(t).__name__ for t in transforms
-          if isinstance(t, grain.transforms.RandomMap)]
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+  """The example indices of epoch `epoch`, in stream order: a permutation
+  of range(n) drawn from (seed, epoch) alone."""
+  return _epoch_order(int(seed), int(epoch), int(n))
 
 
-def _epochs(ds, seed, transforms):
-  """Shuffled anew every epoch, repeated forever, then transformed."""
-  ds = ds.seed(seed).shuffle().repeat(None)
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed, epoch, n):
+  order = np.random.default_rng(np.random.SeedSequence(
+      [seed, 0, epoch])).permutation(n)
+  order.flags.writeable = False
+  return order
+
+
+def view_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+  """The generator the random transforms draw example `index`'s view of
+  epoch `epoch` from (a stream of its own per (seed, epoch, index))."""
+  return np.random.Generator(np.random.Philox(np.random.SeedSequence(
+      [int(seed), 1, int(epoch), int(index)])))
+
+
+def example_view(source, seed: int, epoch: int, index: int,
+                 transforms: Sequence = ()) -> dict:
+  """Example `index` of `source` as epoch `epoch` of a run with data seed
+  `seed` sees it: the transforms in order, each RandomMap drawing from
+  `view_rng(seed, epoch, index)`. What the training stream holds, whatever
+  the step, the batch size or the number of processes."""
+  example = source[int(index)]
+  rng = None
   for t in transforms:
-    ds = ds.random_map(t) if isinstance(t, grain.transforms.RandomMap) \
-        else ds.map(t)
-  return ds
+    if isinstance(t, grain.transforms.RandomMap):
+      rng = view_rng(seed, epoch, index) if rng is None else rng
+      example = t.random_map(example, rng)
+    else:
+      example = t.map(example)
+  return example
+
+
+def stream_position(position: int, n: int, seed: int) -> tuple[int, int]:
+  """(epoch, example index) of position `position` of the training stream
+  over a source of `n` examples."""
+  epoch, j = divmod(int(position), n)
+  return epoch, int(epoch_order(seed, epoch, n)[j])
+
+
+def process_examples(n: int, seed: int, epoch: int, batch_size: int,
+                     shard_index: int, shard_count: int) -> np.ndarray:
+  """The example indices (sorted) whose epoch-`epoch` views process
+  `shard_index` of `shard_count` reads from `train_batches` with this
+  global `batch_size` (its pieces of the global batches, no pool)."""
+  rows = batch_size // shard_count
+  position = np.arange(epoch * n, (epoch + 1) * n)
+  mine = (position // rows) % shard_count == shard_index
+  return np.sort(epoch_order(seed, epoch, n)[mine])
+
+
+def _epochs(source, seed, transforms, teacher_outputs=None):
+  """The training stream: position p is example `epoch_order(seed, e)[p %
+  n]` of epoch e = p // n, seen as `example_view(seed, e, i)`, with
+  `teacher_outputs(e, i)` under "teacher" when given. Infinite."""
+  n = len(source)
+
+  def at(position, _):
+    epoch, index = stream_position(position, n, seed)
+    example = example_view(source, seed, epoch, index, transforms)
+    if teacher_outputs is not None:
+      example = dict(example, teacher=teacher_outputs(epoch, index))
+    return example
+
+  return grain.MapDataset.range(n).repeat(None).map_with_index(at)
 
 
 def _image_only(example):
@@ -94,12 +154,10 @@ def train_batches(source, *, batch_size: int, seed: int,
   its `batch_size // shard_count` rows of it: the global batches are the
   same for any number of processes.
 
-  `teacher_outputs` (a teacher cache: a pytree of arrays whose leading axis
-  runs over the source, in order, as
-  `kd_jax.train.build_teacher_cache` makes them) puts example i's outputs
-  under the key "teacher" of example i. They were computed on the
-  transformed image, so the transforms must be deterministic: a RandomMap
-  is refused.
+  `teacher_outputs` (a teacher cache's reader, `(epoch, index) -> pytree`,
+  e.g. `kd_jax.teacher_cache.TeacherCache.outputs`) puts the teacher's
+  outputs for the view epoch e shows of example i (`example_view`) under
+  the key "teacher" of that example.
 
   `unlabelled` (a random-access source with "image", e.g.
   `Datasets.unlabelled`) mixes `unlabelled_per_batch` (k) pool examples into
@@ -138,24 +196,11 @@ def train_batches(source, *, batch_size: int, seed: int,
                        "data.unlabelled.sources")
   else:
     k = 0
-  if teacher_outputs is not None:
-    if random_transforms(transforms):
-      raise ValueError("cached teacher outputs need deterministic transforms:"
-                       " a random augmentation gives each epoch another view")
-    sizes = {len(x) for x in jax.tree.leaves(teacher_outputs)}
-    if sizes != {len(ds)}:
-      raise ValueError(f"teacher cache of {sorted(sizes)} examples for a "
-                       f"source of {len(ds)}")
-    # grain's repeat and shuffle index parents past their length (epoch e
-    # reads i + e·n): the example is i mod n.
-    n = len(ds)
-    ds = ds.map_with_index(lambda i, ex: dict(ex, teacher=jax.tree.map(
-        lambda x: x[i % n], teacher_outputs)))
   # One stream of examples for the whole run, cut into per-process pieces
   # of each global batch: process p reads pieces p, p + P, p + 2P, ..., so
   # global batch s is the stream's [s·B, (s+1)·B) whatever the number of
-  # processes (and its augmentation the same, drawn per stream position).
-  ds = _epochs(ds, seed, transforms).batch(
+  # processes (and its augmentation the same, drawn per (epoch, example)).
+  ds = _epochs(ds, seed, transforms, teacher_outputs).batch(
       (batch_size - k) // shard_count, drop_remainder=True)
   ds = ds[shard_index::shard_count] if shard_count > 1 else ds
   if unlabelled is None:

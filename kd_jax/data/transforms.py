@@ -311,9 +311,9 @@ class RandomScaleCrop(grain.transforms.RandomMap):
   labels are ignored there), randomly cropped to `crop_size`, and mirrored
   left-right with probability 1/2 when `flip`. `crop_size=None` crops back
   to the example's own size, so a set of one image size keeps its shape.
-  Like every RandomMap here, the draws come from the generator grain seeds
-  per (seed, position in the repeated, shuffled stream), so a view is a pure
-  function of (seed, epoch, index).
+  Like every RandomMap here, the draws come from the generator the training
+  pipeline seeds per (data seed, epoch, example index)
+  (`kd_jax.data.pipeline.view_rng`), so a view is a pure function of them.
   """
 
   def __init__(self, crop_size: Sequence[int] | None = None,

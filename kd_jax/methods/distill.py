@@ -16,7 +16,7 @@ the first step, with a message that lists the names each model offers.
 
 The teacher's part is `teacher_outputs` (float32, eval mode, only what the
 terms read). A batch may carry them precomputed under the key "teacher"
-(`config.teacher_cache`, see `kd_jax.train.build_teacher_cache`); the loss
+(`config.teacher_cache`, see `kd_jax.teacher_cache`); the loss
 then reads them instead of running the teacher: one code path either way.
 """
 import functools

@@ -1,0 +1,598 @@
+"""The teacher cache: a frozen teacher's outputs, computed once, on disk.
+
+A distillation step needs the teacher's outputs for the exact view of each
+example it trains on. Views are a pure function of (data seed, epoch,
+example index) (`kd_jax.data.pipeline.example_view`), so the outputs of
+`method.teacher_outputs` for every example's epoch-e view can be computed
+once, stored, and replayed by every later run, arm and seed that asks the
+same thing; a step fed from the cache runs the student alone.
+
+    python -m kd_jax.teacher_cache --config=configs/x.py --workdir=runs/x
+    python -m kd_jax.main ... --config.teacher_cache=auto
+
+`config.teacher_cache`: unset (None or "": the teacher runs in every step),
+"auto" (the folder `$KD_JAX_CACHE/<teacher>-<key>`, or
+`<workdir>/teacher_cache/<teacher>-<key>` without that variable; <key>
+hashes the manifest, so every stage asking the same thing shares one folder
+and anything else gets its own), or a folder path (refused if it holds a
+cache built for anything else). `config.teacher_cache_dtype` ("float32", "bfloat16" or "float16") is
+the stored type (read back as float32); `config.teacher_cache_top_k` (0 =
+dense) keeps only the k largest logits of classification heads.
+
+Layout of a cache folder:
+
+    manifest.json                 what the outputs are of (`manifest`)
+    shard-<p>-of-<P>/epoch-<e>/   process p's examples of epoch e, complete:
+        index.npy                 their example indices (sorted)
+        <output>.npy              one row per example (`.npy`, memory-mapped)
+
+An epoch is written into a temporary folder, every file fsynced, then
+renamed into place: an `epoch-<e>` folder is complete by construction, a
+killed build leaves only a temporary folder (removed and redone by the next
+build), and a reader opens complete epochs only. A cache grows: a later run
+that trains for more epochs adds the epochs it lacks.
+
+Top-k logits (`teacher_cache_top_k=k`, leaves of "logits" shaped (C,) per
+example with C > k) store the k largest logits, their class indices and the
+logsumexp of all C logits. They are read back as dense logits: the k stored
+values at their classes and, at every other class, the one value c that
+gives those classes together the probability the teacher's softmax gave
+them, (C - k)·exp(c - lse) = 1 - Σ_topk exp(z_j - lse) (TinyViT's scheme:
+the remaining mass spread evenly). At temperature 1 the target
+probabilities of the top-k classes are then the teacher's own and the
+others their mean; at T ≠ 1 this is an approximation, so a top-k cache
+changes the loss, and only a dense cache replays the live teacher exactly.
+"""
+import functools
+import hashlib
+import json
+import os
+import shutil
+import socket
+import threading
+import uuid
+
+import jax
+import ml_dtypes
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from kd_jax import data, train
+
+FORMAT = 1
+DTYPES = {"float32": np.float32, "float16": np.float16,
+          "bfloat16": ml_dtypes.bfloat16}
+# The smallest probability mass left to the classes outside the top k (so
+# their logit stays finite when the teacher put all its mass on the top k).
+MIN_REST = 1e-12
+
+# Epochs whose files a reader keeps open at once.
+OPEN_EPOCHS = 3
+
+# Examples the teacher has been run on by `TeacherCache.build` in this
+# process (read by tests and benchmarks to count teacher forwards).
+forwards = 0
+
+
+def _plain(tree):
+  """JSON's view of `tree` (tuples → lists, numpy scalars → numbers), so a
+  manifest compares equal to itself read back."""
+  def default(x):
+    if isinstance(x, np.ndarray):
+      return x.tolist()
+    if isinstance(x, (np.integer, np.floating, np.bool_)):
+      return x.item()
+    return repr(x)
+  return json.loads(json.dumps(tree, sort_keys=True, default=default))
+
+
+def variables_digest(variables) -> str:
+  """sha256 of a variables pytree: every leaf's path, dtype, shape, bytes."""
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
+    leaf = np.asarray(leaf)
+    h.update(f"{jax.tree_util.keystr(path)} {leaf.dtype} {leaf.shape}"
+             .encode())
+    h.update(np.ascontiguousarray(leaf).tobytes())
+  return h.hexdigest()
+
+
+def transform_spec(transforms) -> list:
+  """The transforms in order, each its class and settings."""
+  return _plain([dict(vars(t), **{"class": type(t).__name__})
+                 for t in transforms])
+
+
+def _names(spec) -> list[str]:
+  return [jax.tree_util.keystr(p, simple=True, separator=".")
+          for p, _ in jax.tree_util.tree_flatten_with_path(spec)[0]]
+
+
+def _is_top_k(name, shape, top_k) -> bool:
+  """Whether output `name` of per-example `shape` is stored as top-k."""
+  return bool(top_k) and name.split(".")[0] == "logits" and (
+      len(shape) == 1 and shape[0] > top_k)
+
+
+def _stored(name, shape, dtype, top_k) -> dict:
+  """{file stem: (per-example shape, numpy dtype on disk)} of output `name`
+  of per-example `shape` (bfloat16 is stored as its uint16 bits)."""
+  dtype = np.uint16 if dtype == "bfloat16" else DTYPES[dtype]
+  if _is_top_k(name, shape, top_k):
+    index = np.int16 if shape[0] <= np.iinfo(np.int16).max else np.int32
+    return {f"{name}.values": ((top_k,), dtype),
+            f"{name}.indices": ((top_k,), index),
+            f"{name}.lse": ((), np.float32)}
+  return {name: (tuple(shape), dtype)}
+
+
+def manifest(*, teacher_model, teacher_variables, data_options, examples,
+             transforms, input_shape, seed, outputs, dtype="float32",
+             top_k=0, shard_count=1, rows_per_process=None) -> dict:
+  """What a cache holds, as JSON: the teacher (its model config and the
+  digest of its variables), the data (options, number of examples, the
+  transforms with their settings, the input shape), the data seed, the
+  outputs the loss reads (name → per-example shape), the stored dtype and
+  top-k, and the per-process layout (several processes: each stores the
+  examples it reads, which depend on its rows of the global batch)."""
+  if dtype not in DTYPES:
+    raise ValueError(f"teacher_cache_dtype={dtype!r}; choose one of "
+                     f"{sorted(DTYPES)}")
+  if (not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool)
+      or top_k < 0):
+    raise ValueError(f"teacher_cache_top_k={top_k!r}; expected an int >= 0 "
+                     "(0 stores dense logits)")
+  shapes = {n: list(x.shape[1:]) for n, x in zip(
+      _names(outputs), jax.tree.leaves(outputs))}
+  return _plain(dict(
+      format=FORMAT,
+      teacher=dict(model=teacher_model,
+                   variables=variables_digest(teacher_variables)),
+      data=dict(options=data_options, examples=int(examples),
+                transforms=transform_spec(transforms),
+                input_shape=list(input_shape)),
+      seed=int(seed), outputs=shapes, dtype=dtype, top_k=int(top_k),
+      layout=dict(shards=int(shard_count),
+                  rows_per_process=(None if shard_count == 1
+                                    else int(rows_per_process)))))
+
+
+def manifest_key(m: dict) -> str:
+  return hashlib.sha256(json.dumps(m, sort_keys=True).encode()).hexdigest()
+
+
+def auto_folder(m: dict, workdir: str) -> str:
+  """The folder of `teacher_cache="auto"`: under `$KD_JAX_CACHE`, else
+  `<workdir>/teacher_cache`, named by the teacher and the manifest's key."""
+  root = os.environ.get("KD_JAX_CACHE") or os.path.join(workdir,
+                                                        "teacher_cache")
+  name = str(m["teacher"]["model"].get("name", "teacher"))
+  return os.path.join(root, f"{name}-{manifest_key(m)[:16]}")
+
+
+def _differences(a, b, prefix="") -> list[str]:
+  if isinstance(a, dict) and isinstance(b, dict):
+    out = []
+    for k in sorted(set(a) | set(b)):
+      if a.get(k) != b.get(k):
+        out += _differences(a.get(k), b.get(k), f"{prefix}{k}.")
+    return out
+  return [prefix.rstrip(".")]
+
+
+def _fsync(path):
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def _write_atomic(path, text):
+  tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+  with open(tmp, "w") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+  _fsync(os.path.dirname(path))
+
+
+class TeacherCache:
+  """One cache folder, for process `shard_index` of `shard_count`."""
+
+  def __init__(self, folder: str, m: dict, shard_index: int = 0):
+    """Opens (or starts) the cache at `folder` for manifest `m`; a folder
+    holding another manifest is refused (ValueError, one line naming the
+    fields that differ)."""
+    self.folder, self.manifest = folder, m
+    self.shard_index = int(shard_index)
+    self.shard_count = m["layout"]["shards"]
+    path = os.path.join(folder, "manifest.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        stored = json.load(f)
+      if stored != m:
+        raise ValueError(
+            f"teacher cache {folder} was built for another "
+            f"{', '.join(_differences(m, stored))} (its manifest.json "
+            "differs there): set --config.teacher_cache=auto, another "
+            "folder, or delete that one")
+    else:
+      os.makedirs(folder, exist_ok=True)
+      _write_atomic(path, json.dumps(m, indent=1, sort_keys=True))
+    self.shard = os.path.join(
+        folder, f"shard-{self.shard_index}-of-{self.shard_count}")
+    os.makedirs(self.shard, exist_ok=True)
+    self._lock = threading.Lock()
+    self._open = {}
+
+  # -- layout ----------------------------------------------------------------
+
+  def epoch_folder(self, epoch: int) -> str:
+    return os.path.join(self.shard, f"epoch-{int(epoch)}")
+
+  def complete(self, epoch: int) -> bool:
+    return os.path.isdir(self.epoch_folder(epoch))
+
+  def missing(self, epochs: int) -> list[int]:
+    """The epochs of range(epochs) not yet complete in this shard."""
+    return [e for e in range(epochs) if not self.complete(e)]
+
+  def examples(self, epoch: int) -> np.ndarray:
+    """The example indices this process reads in `epoch` (sorted)."""
+    m = self.manifest
+    n = m["data"]["examples"]
+    if self.shard_count == 1:
+      return np.arange(n)
+    rows = m["layout"]["rows_per_process"]
+    return data.pipeline.process_examples(
+        n, m["seed"], epoch, rows * self.shard_count, self.shard_index,
+        self.shard_count)
+
+  # -- writing ---------------------------------------------------------------
+
+  def build(self, method, frozen, source, transforms, epochs: int, *,
+            batch_size: int = 32, log=None) -> int:
+    """Computes and stores every missing epoch of range(epochs); returns
+    the number of epochs it wrote. `frozen` is the teacher's variables
+    (host or device arrays); one jitted forward per `batch_size` examples
+    over this process's devices."""
+    self._clean()
+    todo = self.missing(epochs)
+    if not todo:
+      return 0
+    devices = jax.local_devices()
+    mesh = Mesh(np.array(devices), ("data",))
+    batch_size = -(-batch_size // len(devices)) * len(devices)
+    fn = jax.jit(method.teacher_outputs,
+                 in_shardings=(NamedSharding(mesh, P()),
+                               NamedSharding(mesh, P("data"))),
+                 out_shardings=NamedSharding(mesh, P("data")))
+    frozen = jax.device_put(jax.device_get(frozen), NamedSharding(mesh, P()))
+    # This process's devices only (with several processes, a numpy input
+    # would be taken for a global one).
+    rows = NamedSharding(mesh, P("data"))
+    forward = functools.partial(self._forward, lambda f, x: fn(
+        f, jax.device_put(x, rows)), frozen)
+    for epoch in todo:
+      self._write_epoch(epoch, source, transforms, batch_size, forward)
+      if log:
+        log(f"teacher cache: epoch {epoch + 1}/{epochs} of shard "
+            f"{self.shard_index} written to {self.folder}")
+    return len(todo)
+
+  def _forward(self, fn, frozen, images):
+    global forwards
+    forwards += len(images)
+    return jax.tree.map(np.asarray, fn(frozen, images))
+
+  def _write_epoch(self, epoch, source, transforms, batch_size, forward):
+    m = self.manifest
+    names = list(m["outputs"])
+    index = self.examples(epoch)
+    tmp = (f"{self.epoch_folder(epoch)}.tmp-{socket.gethostname()}-"
+           f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    os.makedirs(tmp)
+    try:
+      arrays = {}
+      for name in names:
+        for stem, (shape, dtype) in _stored(name, m["outputs"][name],
+                                            m["dtype"], m["top_k"]).items():
+          arrays[stem] = np.lib.format.open_memmap(
+              os.path.join(tmp, f"{stem}.npy"), mode="w+", dtype=dtype,
+              shape=(len(index),) + tuple(shape))
+      for start in range(0, len(index), batch_size):
+        rows = index[start:start + batch_size]
+        images = np.stack([data.pipeline.example_view(
+            source, m["seed"], epoch, i, transforms)["image"] for i in rows])
+        pad = batch_size - len(rows)  # One shape: one compile.
+        if pad:
+          images = np.concatenate([images, np.repeat(images[-1:], pad, 0)])
+        out = forward(images)
+        for name, leaf in zip(_names(out), jax.tree.leaves(out)):
+          self._store(arrays, name, leaf[:len(rows)],
+                      slice(start, start + len(rows)))
+      for a in arrays.values():
+        a.flush()
+      del arrays
+      np.save(os.path.join(tmp, "index.npy"), index.astype(np.int64))
+      for f in os.listdir(tmp):
+        _fsync(os.path.join(tmp, f))
+      _fsync(tmp)
+      try:
+        os.rename(tmp, self.epoch_folder(epoch))
+      except OSError:
+        if not self.complete(epoch):  # Not another build that finished first.
+          raise
+      _fsync(self.shard)
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)
+
+  def _clean(self):
+    """Removes the temporary folders of killed builds on this host (their
+    process is gone; a live build's are left alone)."""
+    host = socket.gethostname()
+    for f in os.listdir(self.shard):
+      tag = f.partition(".tmp-")[2].rsplit("-", 2)
+      if len(tag) == 3 and tag[0] == host and not _alive(int(tag[1])):
+        shutil.rmtree(os.path.join(self.shard, f), ignore_errors=True)
+
+  def _store(self, arrays, name, leaf, rows):
+    shape = tuple(self.manifest["outputs"][name])
+    k = self.manifest["top_k"]
+    leaf = np.asarray(leaf, np.float32)
+    if leaf.shape[1:] != shape:
+      raise ValueError(f"teacher output {name} is {leaf.shape[1:]}, the "
+                       f"cache's manifest says {shape}")
+    if _is_top_k(name, shape, k):
+      top = np.argsort(-leaf, axis=-1, kind="stable")[:, :k]
+      values = np.take_along_axis(leaf, top, -1)
+      peak = leaf.max(-1, keepdims=True)
+      lse = peak[:, 0] + np.log(np.exp(leaf - peak).sum(-1))
+      self._put(arrays[f"{name}.values"], rows, values)
+      arrays[f"{name}.indices"][rows] = top
+      arrays[f"{name}.lse"][rows] = lse
+    else:
+      self._put(arrays[name], rows, leaf)
+
+  def _put(self, array, rows, values):
+    if self.manifest["dtype"] == "bfloat16":
+      array[rows] = values.astype(ml_dtypes.bfloat16).view(np.uint16)
+    else:
+      array[rows] = values.astype(array.dtype)
+
+  # -- reading ---------------------------------------------------------------
+
+  def _epoch(self, epoch):
+    with self._lock:
+      if epoch not in self._open:
+        folder = self.epoch_folder(epoch)
+        if not os.path.isdir(folder):
+          raise FileNotFoundError(
+              f"teacher cache {self.folder} has no complete epoch {epoch} "
+              f"for process {self.shard_index}: build it first "
+              "(python -m kd_jax.teacher_cache)")
+        self._open[epoch] = {
+            f[:-4]: np.load(os.path.join(folder, f), mmap_mode="r")
+            for f in os.listdir(folder) if f.endswith(".npy")}
+        # Each open memory map holds a file descriptor: only the epochs the
+        # stream is reading now (a batch may straddle two) stay open.
+        while len(self._open) > OPEN_EPOCHS:
+          del self._open[next(iter(self._open))]
+      return self._open[epoch]
+
+  def outputs(self, epoch: int, index: int):
+    """Example `index`'s teacher outputs for its epoch-`epoch` view, as
+    float32 numpy arrays in the pytree `method.teacher_outputs` returns."""
+    files = self._epoch(int(epoch))
+    row = int(np.searchsorted(files["index"], index))
+    if row >= len(files["index"]) or files["index"][row] != index:
+      raise KeyError(f"teacher cache {self.folder}: example {index} of epoch "
+                     f"{epoch} is not in process {self.shard_index}'s shard")
+    out = {}
+    for name, shape in self.manifest["outputs"].items():
+      value = (self._dense_top_k(files, name, shape[0], row)
+               if _is_top_k(name, shape, self.manifest["top_k"])
+               else self._get(files[name][row]))
+      node = out
+      *parents, leaf = name.split(".")
+      for p in parents:
+        node = node.setdefault(p, {})
+      node[leaf] = value
+    return out
+
+  def _get(self, stored):
+    if self.manifest["dtype"] == "bfloat16":
+      stored = np.asarray(stored).view(ml_dtypes.bfloat16)
+    return np.asarray(stored, np.float32)
+
+  def _dense_top_k(self, files, name, classes, row):
+    values = self._get(files[f"{name}.values"][row])
+    lse = float(files[f"{name}.lse"][row])
+    kept = float(np.exp(values.astype(np.float64) - lse).sum())
+    rest = max(1.0 - kept, MIN_REST)
+    fill = lse + np.log(rest) - np.log(classes - len(values))
+    dense = np.full((classes,), fill, np.float32)
+    dense[files[f"{name}.indices"][row]] = values
+    return dense
+
+
+def bytes_per_example(m: dict) -> int:
+  """Bytes one example's outputs take on disk for one epoch (index incl.)."""
+  total = 8  # Its entry in index.npy.
+  for name, shape in m["outputs"].items():
+    for shape_, dtype in _stored(name, shape, m["dtype"],
+                                 m["top_k"]).values():
+      total += int(np.prod(shape_, dtype=np.int64)) * np.dtype(dtype).itemsize
+  return total
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+# ----------------------------------------------------------------------------
+# A stage's cache (`config.teacher_cache`).
+
+
+def wanted(config, method) -> bool:
+  """Whether the stage of `method` reads its teacher from a cache."""
+  return bool(config.get("teacher_cache")) and hasattr(method,
+                                                       "teacher_outputs")
+
+
+def check(config, name, method, datasets) -> None:
+  """Raises train.ConfigError when stage `name` cannot use the cache."""
+  setting = config.get("teacher_cache")
+  if not isinstance(setting, str) or setting.lower() in (
+      "true", "false", "yes", "no", "1", "0", "none"):
+    raise train.ConfigError(
+        f"teacher_cache={setting!r}: set --config.teacher_cache=auto (a "
+        "folder shared by every stage asking the same thing) or a folder "
+        "path, or leave it unset (no cache)")
+  if getattr(method, "ensemble", False):
+    raise train.ConfigError(
+        f"stage {name!r}: teacher_cache caches one teacher's outputs, not "
+        "an ensemble's; leave --config.teacher_cache unset")
+  if jax.process_count() > 1:
+    # The per-process shards are built and read as one process would
+    # (tests/test_teacher_cache.py simulates two), but a real several-
+    # process run of the builder is not yet checked.
+    raise train.ConfigError(
+        f"stage {name!r}: teacher_cache is not yet supported with several "
+        "processes; leave --config.teacher_cache unset, or build and train "
+        "in one process")
+  if datasets.unlabelled is not None:
+    raise train.ConfigError(
+        f"stage {name!r}: teacher_cache covers the labelled training set "
+        "only, and this stage mixes in an unlabelled pool; "
+        "leave --config.teacher_cache unset")
+  try:
+    manifest(outputs={}, teacher_model={}, teacher_variables={},
+             data_options={}, examples=0, transforms=(), input_shape=(),
+             seed=0, dtype=config.get("teacher_cache_dtype", "float32"),
+             top_k=config.get("teacher_cache_top_k", 0))
+  except ValueError as e:
+    raise train.ConfigError(f"stage {name!r}: {e}") from None
+
+
+def epochs_needed(steps: int, batch_size: int, examples: int) -> int:
+  """Epochs of the stream that `steps` global batches reach into."""
+  return -(-steps * batch_size // examples)
+
+
+def stage_manifest(config, name, method, frozen, datasets) -> dict:
+  """The manifest of stage `name`'s cache (`frozen`: the teacher's
+  variables)."""
+  s = train.stage_config(config, name)
+  source, transforms = datasets.train, datasets.train_transforms
+  image = np.asarray(data.pipeline.example_view(
+      source, s["seed"], 0, 0, transforms)["image"])
+  outputs = jax.eval_shape(method.teacher_outputs, frozen,
+                           jax.ShapeDtypeStruct((1,) + image.shape,
+                                                image.dtype))
+  shards = jax.process_count()
+  return manifest(
+      teacher_model=dict(_plain(s["teacher"]["model"]),
+                         compute_dtype=config.get("compute_dtype"),
+                         layers=config.get("layers")),
+      teacher_variables=frozen,
+      data_options=train.stage_data(config, name), examples=len(source),
+      transforms=transforms, input_shape=image.shape + (str(image.dtype),),
+      seed=s["seed"], outputs=outputs,
+      dtype=config.get("teacher_cache_dtype", "float32"),
+      top_k=config.get("teacher_cache_top_k", 0), shard_count=shards,
+      rows_per_process=config.batch_size // shards)
+
+
+def for_stage(config, name, workdir, method, frozen, datasets,
+              log=None) -> TeacherCache:
+  """Stage `name`'s cache with every epoch its steps read, built where
+  missing (`frozen`: the teacher's variables)."""
+  m = stage_manifest(config, name, method, frozen, datasets)
+  setting = config.teacher_cache
+  folder = auto_folder(m, workdir) if setting == "auto" else setting
+  try:
+    cache = TeacherCache(folder, m, jax.process_index())
+  except ValueError as e:
+    raise train.ConfigError(f"stage {name!r}: {e}") from None
+  steps = train.stage_config(config, name)["steps"]
+  cache.build(method, frozen, datasets.train, datasets.train_transforms,
+              epochs_needed(steps, config.batch_size, len(datasets.train)),
+              batch_size=config.batch_size // jax.process_count(), log=log)
+  return cache
+
+
+def build_for_run(config, workdir, stages=None, log=print) -> dict:
+  """Builds the cache of every distill stage of `config` (or of `stages`)
+  whose teacher is trained: {stage: cache folder}. An unset
+  `config.teacher_cache` builds the "auto" folder."""
+  if not config.get("teacher_cache"):
+    with config.unlocked():
+      config.teacher_cache = "auto"
+  try:
+    datasets = data.build(config.data)
+  except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+    raise train.ConfigError(f"data: {e}") from None
+  cache = {}
+  train.validate(config, workdir, datasets, cache)
+  order = list(config.stage_order)
+  for name in stages or order:
+    if name not in order:
+      raise train.ConfigError(f"--stage={name}: not a stage of stage_order "
+                              f"{order}")
+  done = {}
+  for name in stages or order:
+    ds = train.stage_datasets(config, name, datasets, cache)
+    method, _ = train.build_method(config, name, workdir, ds.num_classes,
+                                   load_teacher=False,
+                                   heads=train.run_heads(config, ds))
+    if not wanted(config, method):
+      continue
+    try:
+      method, frozen = train.build_method(config, name, workdir,
+                                          ds.num_classes,
+                                          heads=train.run_heads(config, ds))
+    except FileNotFoundError as e:
+      if stages:
+        raise train.ConfigError(f"stage {name!r}: {e}") from None
+      log(f"stage {name}: its teacher is not trained yet ({e}); skipped")
+      continue
+    done[name] = for_stage(config, name, workdir, method, frozen, ds,
+                           log=log).folder
+    log(f"stage {name}: teacher cache complete in {done[name]}")
+  return done
+
+
+def _command():
+  """`python -m kd_jax.teacher_cache --config=... --workdir=...
+  [--stage=name]`: the caches of a run's distill stages, built ahead of
+  training (the flags of `kd_jax.main`)."""
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from kd_jax import main  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_multi_string("stage", None, "Only these stages (default: "
+                            "every distill stage whose teacher is trained).")
+
+  def run(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    main.quiet_console()
+    try:
+      train.initialize_processes()
+      build_for_run(main.FLAGS.config, main.FLAGS.workdir,
+                    main.FLAGS.stage)
+    except train.ConfigError as e:
+      raise SystemExit(f"error: {e}") from None
+
+  app.run(run, flags_parser=main.parse_flags)
+
+
+if __name__ == "__main__":
+  _command()
