@@ -413,6 +413,8 @@ def _check_report(report, tmp_path, pairs):
   assert "n/a" in table
 
 
+# ~40 s of CI time; the suite's budget is spent elsewhere: run with -m slow.
+@pytest.mark.slow
 def test_gpu_smoke_one_pair(tmp_path):
   """The whole machinery on the cheapest pair (CI time: the three pairs
   take minutes on a 2-core CPU, see the slow test below)."""
