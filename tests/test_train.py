@@ -122,7 +122,9 @@ _ONE_STEP = textwrap.dedent("""
     c.batch_size = 8
     ds = data.build(c.data)
     losses = []
-    for name in ("teacher", "distilled"):
+    # The distilled stage alone: its objective holds the supervised terms
+    # and the teacher's, so it checks the cross-device mean of both.
+    for name in ("distilled",):
       method, _ = train.build_method(c, name, "", ds.num_classes,
                                      load_teacher=False)
       s = train.stage_config(c, name)
@@ -157,7 +159,7 @@ def _run_devices(n):
 
 def test_one_and_eight_devices_give_the_same_losses():
   one, eight = _run_devices(1), _run_devices(8)
-  assert len(one) == 6
+  assert len(one) == 3
   np.testing.assert_allclose(one, eight, rtol=1e-5, atol=1e-5)
 
 
