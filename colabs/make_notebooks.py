@@ -521,10 +521,11 @@ loss and Wasserstein estimate over training, and each stage's mIoU over
 all classes (background included, the paper's) beside the foreground mIoU.
 
 Data, in this order: ACDC (or DRIVE, `DATASET` below) from `KD_JAX_DATA`
-(or the repository's `../shared/data`) when it is there; else your own
-data: set `OWN_DATA` to a segmentation folder (a CSV listing image and mask
-paths, `kd_jax.data.options("folder")`), e.g. on a mounted Google Drive;
-else the synthetic CT slices, so the notebook always runs.
+(or the repository's `../shared/data`) when it is there. Your own data:
+where it is absent, set `OWN_DATA` to a segmentation folder (a CSV
+listing image and mask paths, `kd_jax.data.options("folder")`), e.g. on a
+mounted Google Drive; else the synthetic CT slices, so the notebook always
+runs.
 
 Time: about 25 minutes on a 2-core CPU runtime (estimate: five stages at
 64×64, the cpu preset's width-16 teacher for 300 steps and 150 steps per
@@ -677,10 +678,11 @@ each explanation with the lesions (`kd_jax.evaluate.lesion_iou`).
 
 Data, in this order: PALM (pathologic myopia or not; or IDRiD referable
 DR, `DATASET` below) from `KD_JAX_DATA` (or the repository's
-`../shared/data`) when it is there; else your own data: set `OWN_CSV` to a
-CSV of image paths and 0 / 1 labels (`kd_jax.data.options("folder")`),
-e.g. on a mounted Google Drive; else generated fundus photographs written
-as PNG files and a CSV in that same form (label: DR grade ≥ 2).
+`../shared/data`) when it is there. Your own data: where it is absent,
+set `OWN_CSV` to a CSV of image paths and 0 / 1 labels
+(`kd_jax.data.options("folder")`), e.g. on a mounted Google Drive; else
+generated fundus photographs written as PNG files and a CSV in that same
+form (label: DR grade ≥ 2).
 
 Time: about 10 minutes on a 2-core CPU runtime (estimate: six stages of
 200 steps at 112×112, batch 16); an estimated 2 minutes on a TPU runtime
@@ -797,11 +799,11 @@ labelled set, its size and speed).
 
 Data, in this order: the shared sets' images without labels
 (`shared_images`) and PALM / PneumoniaMNIST for the probes, from
-`KD_JAX_DATA` (or the repository's `../shared/data`) when it is there;
-else your own: `OWN_IMAGES` (a folder of unlabelled images of any size) and
-`OWN_CSV` (a CSV of image paths and class labels, for the cpu teacher and
-the probe), e.g. on a mounted Google Drive; else generated fundus
-photographs written as PNG files and a CSV in that same form.
+`KD_JAX_DATA` (or the repository's `../shared/data`) when it is there.
+Your own data: where it is absent, `OWN_IMAGES` (a folder of unlabelled
+images of any size) and `OWN_CSV` (a CSV of image paths and class labels,
+for the cpu teacher and the probe), e.g. on a mounted Google Drive; else
+generated fundus photographs written as PNG files and a CSV in that form.
 
 Time: about 15 minutes on a 2-core CPU runtime (estimate: the teacher and
 three arms of 300 steps at 64×64, batch 32); an estimated 3 minutes on a
