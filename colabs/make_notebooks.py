@@ -102,12 +102,17 @@ from kd_jax import train
 config = load_config("default")
 # Notebook budget: 600 teacher and 300 steps per student (the command's
 # default is 1600 / 800).
-config.steps = 4 if TINY else 300
-config.stages.teacher.steps = 4 if TINY else 600
-config.log_every, config.eval_every = (2, 4) if TINY else (100, 300)
+config.steps = 2 if TINY else 300
+config.stages.teacher.steps = 2 if TINY else 600
+config.log_every, config.eval_every = (1, 2) if TINY else (100, 300)
 config.checkpoint_every = config.eval_every
-if TINY:
-  config.data.update(image_size=16, num_train=16, num_val=8, num_test=8)
+if TINY:  # The smoke run: narrow, shallow UNets on 16×16 slices.
+  config.data.update(image_size=16, num_train=8, num_val=4, num_test=4)
+  config.batch_size = 4
+  stages = config.stages
+  for model in (stages.teacher.model, stages.baseline.model,
+                stages.distilled.model, stages.distilled.teacher.model):
+    model.update(width=4, depth=2)
 # bf16 compute (float32 parameters) on a TPU; the batch is split over its
 # cores, so it must be a multiple of their number.
 config.compute_dtype = "bfloat16" if ON_TPU else "float32"
@@ -500,11 +505,442 @@ with open(os.path.join(run, "report.md")) as f:
   display(Markdown(f.read()))'''),
 ]
 
+SKD = [
+    md('''
+# Structured KD: PSPNet-ResNet101 → PSPNet-ResNet18 on ACDC
+
+What it does: the structured knowledge distillation recipe
+(`configs/skd/ablation.py`, Liu et al., CVPR 2019) at a notebook budget: a
+PSPNet-ResNet101 teacher, the PSPNet-ResNet18 student alone, and the
+student distilled pixel-wise (`pixel`), pixel-wise + pair-wise
+(`pixel_pair`) and pixel-wise + pair-wise + holistic (`skd`: a WGAN-GP
+critic on image ⊕ class probabilities, trained in turn with the student by
+method `adversarial`), trained and scored by
+`kd_jax.train.train_and_evaluate`; then the report table, the critic's
+loss and Wasserstein estimate over training, and each stage's mIoU over
+all classes (background included, the paper's) beside the foreground mIoU.
+
+Data, in this order: ACDC (or DRIVE, `DATASET` below) from `KD_JAX_DATA`
+(or the repository's `../shared/data`) when it is there. Your own data:
+where it is absent, set `OWN_DATA` to a segmentation folder (a CSV
+listing image and mask paths, `kd_jax.data.options("folder")`), e.g. on a
+mounted Google Drive; else the synthetic CT slices, so the notebook always
+runs.
+
+Time: about 25 minutes on a 2-core CPU runtime (estimate: five stages at
+64×64, the cpu preset's width-16 teacher for 300 steps and 150 steps per
+student); an estimated 3–5 minutes on a TPU runtime with bf16 compute (not
+measured). `configs/skd/ablation.py:paper` is the paper's 512×512 setting
+(40k iterations, for a TPU or GPU).
+'''),
+    code(SETUP),
+    code(BUDGET + '''
+DATASET = "acdc"  # or "drive" (vessels), when the shared data is there
+# Your own data when the shared data is absent, e.g. dict(name="folder",
+# csv="/content/drive/MyDrive/seg/train.csv", mask_column="mask",
+# num_classes=3) (mount the drive first: google.colab.drive.mount).
+OWN_DATA = None
+
+root = os.environ.get("KD_JAX_DATA") or os.path.join(REPO, "..", "shared",
+                                                     "data")
+if os.path.isdir(os.path.join(root, DATASET)):
+  data_config = dict(name=DATASET, root=root)
+  if DATASET == "acdc" and TINY:  # The first slices and volume only.
+    data_config.update(max_train=8, max_volumes=1)
+elif OWN_DATA:
+  data_config = dict(OWN_DATA)
+else:
+  data_config = dict(name="synthetic", num_train=8 if TINY else 512,
+                     num_val=2 if TINY else 32, num_test=2 if TINY else 64)
+print("data:", data_config)'''),
+    code('''
+from kd_jax import train
+
+config = load_config("skd/ablation",
+                     "cpu,drive" if data_config["name"] == "drive" else "cpu")
+# The critic needs 64×64 at least: the smoke run keeps the size.
+if data_config["name"] in ("acdc", "drive"):  # the paper's scale + crop
+  config.data.update(data_config, image_size=64)
+else:  # flips and a small rotation
+  config.data = dict(data_config, image_size=64, augment=True)
+if TINY:
+  # The smoke run (a PSPNet's compiles alone take minutes on a CPU): tiny
+  # one-level UNets for the two PSPNets (no auxiliary head, so no aux term;
+  # the pair-wise term on their bottleneck), a small critic, and only the
+  # teacher and skd stages.
+  config.stage_order = ("teacher", "skd")
+  teacher, skd = config.stages.teacher, config.stages.skd
+  teacher.model = skd.teacher.model = dict(name="unet", width=8, depth=1)
+  skd.model = dict(name="unet", width=4, depth=1)
+  del teacher.losses["aux"], skd.losses["aux"]
+  skd.losses.pair.update(student="bottleneck", teacher="bottleneck")
+  skd.critic.model.conv_dim = 4
+else:
+  config.stage_order = ("teacher", "student", "pixel", "pixel_pair", "skd")
+# Notebook budget: 300 teacher steps and 150 per student (the cpu preset:
+# 1200 and 600).
+config.steps = 2 if TINY else 150
+config.stages.teacher.steps = 2 if TINY else 300
+config.log_every = 1 if TINY else 10
+config.eval_every = config.checkpoint_every = 2 if TINY else 150
+config.batch_size = 2 if TINY else config.batch_size
+# bf16 compute (float32 parameters) on a TPU; the batch is split over its
+# cores, so it must be a multiple of their number.
+config.compute_dtype = "bfloat16" if ON_TPU else "float32"
+config.batch_size = max(config.batch_size, jax.device_count())
+run = os.path.join(WORKDIR, "skd")
+results = train.train_and_evaluate(config, run)'''),
+    code('''
+from IPython.display import Image, Markdown, display
+
+with open(os.path.join(run, "report.md")) as f:
+  display(Markdown(f.read().split("Test examples:")[0]))
+display(Image(os.path.join(run, "predictions.png")))'''),
+    md('''
+## The holistic term: the critic over training
+
+The critic D scores image ⊕ class probabilities: the teacher's map is
+"real", the student's "fake". Its loss is E[D(fake)] − E[D(real)] plus the
+gradient penalty; `critic/wasserstein` = E[D(real)] − E[D(fake)] is its
+estimate of the Wasserstein distance between the two, which the student's
+holistic term (`wgan_generator`, −E[D(fake)]) pushes down. Every stage logs
+its terms to `<run>/<stage>/history.jsonl`.
+'''),
+    code('''
+from kd_jax.evaluate import figures
+
+history = train.read_history(os.path.join(run, "skd"))
+figures.training_curves(None, {
+    k: history[k] for k in ("train/critic/loss", "train/critic/wasserstein",
+                            "train/critic/gradient_penalty", "train/holistic")
+    if k in history}, log_scale=())'''),
+    md('''
+## mIoU over all classes vs the foreground
+
+The paper's mIoU averages every class, background included
+(`mean_iou_all`); medical tables usually average the foreground organs only
+(`mean_iou`). Background is most of each image, so the first is the higher.
+'''),
+    code('''
+import matplotlib.pyplot as plt
+import numpy as np
+
+stages = list(results)
+x = np.arange(len(stages))
+fig, ax = plt.subplots(figsize=(1.6 * len(stages) + 2, 3))
+for i, (key, label) in enumerate([("mean_iou_all", "mIoU, all classes"),
+                                  ("mean_iou", "mIoU, foreground")]):
+  ax.bar(x + (i - 0.5) * 0.4, [float(results[s]["scores"][key])
+                               for s in stages], 0.4, label=label)
+ax.set_xticks(x, stages)
+ax.set_ylabel("test mIoU")
+ax.legend()
+plt.show()'''),
+]
+
+# Writes generated fundus photographs (kd_jax.data.synthetic) as PNG files
+# and a CSV: the synthetic default takes the path of one's own files.
+SYNTHETIC_FUNDUS_FILES = '''
+def write_synthetic_fundus(folder, n, size):
+  \"\"\"n generated fundus images as PNGs in `folder` and labels.csv (image,
+  label = referable DR: grade >= 2, grade); returns the CSV's path.\"\"\"
+  import numpy as np
+  from PIL import Image as PILImage
+  from kd_jax.data import synthetic
+
+  os.makedirs(folder, exist_ok=True)
+  rows = ["image,label,grade"]
+  for i in range(n):
+    ex = synthetic.render_fundus(np.random.default_rng([0, i]), size)
+    PILImage.fromarray(np.uint8(ex["image"] * 255)).save(
+        os.path.join(folder, f"{i:04d}.png"))
+    rows.append(f"{i:04d}.png,{int(ex['dr_grade'] >= 2)},{ex['dr_grade']}")
+  path = os.path.join(folder, "labels.csv")
+  with open(path, "w") as f:
+    f.write("\\n".join(rows) + "\\n")
+  return path'''
+
+MEDTEX = [
+    md('''
+# MED-TEX: transfer and explain with less data
+
+What it does: the MED-TEX recipe (`configs/medtex/medtex.py`, Nguyen-Duc et
+al., ISBI 2022) at a notebook budget: a CNN teacher trained on the labels,
+then, on a quarter of the training images (`FRACTION`), the tiny student
+alone, the student distilled from the teacher's soft targets (`kd`, with
+VID on four block pairs: `vid`), and an explainer + student pair trained
+together on X' = Θ ⊙ X (`med_ex`, and with VID: `med_tex`), trained and
+scored by `kd_jax.train.train_and_evaluate`; then the report table
+(accuracy, F1, AUC, fidelity to the teacher), each stage's explanation
+over validation images (Θ of the explainer stages, the others' saliency and
+Grad-CAM), and, where IDRiD's lesion masks are there, the top-K overlap of
+each explanation with the lesions (`kd_jax.evaluate.lesion_iou`).
+
+Data, in this order: PALM (pathologic myopia or not; or IDRiD referable
+DR, `DATASET` below) from `KD_JAX_DATA` (or the repository's
+`../shared/data`) when it is there. Your own data: where it is absent,
+set `OWN_CSV` to a CSV of image paths and 0 / 1 labels
+(`kd_jax.data.options("folder")`), e.g. on a mounted Google Drive; else
+generated fundus photographs written as PNG files and a CSV in that same
+form (label: DR grade ≥ 2).
+
+Time: about 10 minutes on a 2-core CPU runtime (estimate: six stages of
+200 steps at 112×112, batch 16); an estimated 2 minutes on a TPU runtime
+with bf16 compute (not measured). `configs/medtex/medtex.py:full` is the
+paper's 224×224 setting (for a TPU or GPU).
+'''),
+    code(SETUP),
+    code(BUDGET + '''
+DATASET = "palm"  # or "idrid" (referable DR), when the shared data is there
+FRACTION = 0.25  # of the training split for every stage but the teacher
+# Your own data when the shared data is absent: a CSV with columns image
+# (paths, relative to the CSV's folder) and label (0 / 1).
+OWN_CSV = ""
+''' + SYNTHETIC_FUNDUS_FILES + '''
+
+
+SIZE = 32 if TINY else 112
+root = os.environ.get("KD_JAX_DATA") or os.path.join(REPO, "..", "shared",
+                                                     "data")
+use_shared = os.path.isdir(os.path.join(root, DATASET))
+if use_shared:
+  data_config = None  # the config's own: palm or idrid_referable
+elif OWN_CSV:
+  data_config = dict(name="folder", csv=OWN_CSV, num_classes=2)
+else:
+  csv = write_synthetic_fundus(os.path.join(WORKDIR, "synthetic_fundus"),
+                               n=24 if TINY else 400, size=SIZE)
+  data_config = dict(name="folder", csv=csv, num_classes=2)
+print("data:", f"{DATASET} from {os.path.abspath(root)}" if use_shared
+      else data_config)'''),
+    code('''
+from kd_jax import train
+
+config = load_config("medtex/medtex", f"cpu,{FRACTION},{DATASET}")
+if use_shared:
+  config.data.update(root=root, image_size=SIZE)
+else:
+  config.data = dict(data_config, image_size=SIZE, workers=0)
+if TINY:  # The smoke run: the teacher and MED-EX (MED-TEX without VID).
+  config.stage_order = ("teacher", "med_ex")
+  config.batch_size = 4
+else:
+  config.stage_order = ("teacher", "student", "kd", "vid", "med_ex",
+                        "med_tex")
+# Notebook budget: 200 steps a stage (the cpu preset: 600).
+config.steps = 2 if TINY else 200
+config.log_every = config.eval_every = config.checkpoint_every = (
+    2 if TINY else 50)
+# bf16 compute (float32 parameters) on a TPU; the batch is split over its
+# cores, so it must be a multiple of their number.
+config.compute_dtype = "bfloat16" if ON_TPU else "float32"
+config.batch_size = max(config.batch_size, jax.device_count())
+run = os.path.join(WORKDIR, "medtex")
+results = train.train_and_evaluate(config, run)'''),
+    code('''
+from IPython.display import Image, Markdown, display
+
+with open(os.path.join(run, "report.md")) as f:
+  display(Markdown(f.read()))'''),
+    md('''
+## The explanations
+
+MED-TEX's explainer gives a mask Θ ∈ [0, 1] per image: the student sees
+only Θ ⊙ X, so Θ shows what it needs. The stages without an explainer are
+explained post hoc by saliency and Grad-CAM of the positive class
+(`kd_jax.evaluate.lesion_iou.stage_maps`).
+'''),
+    code('''
+import numpy as np
+from kd_jax import data, export
+from kd_jax.evaluate import figures, lesion_iou
+
+ds = data.build(config.data)
+images = np.stack([ds.val[i]["image"] for i in range(min(4, len(ds.val)))])
+maps = {}
+for stage in config.stage_order:
+  method, variables = export.restore_stage(config, run, stage, ds)
+  for kind, m in lesion_iou.stage_maps(method, variables, images,
+                                       batch=len(images)).items():
+    maps[f"{stage}\\n{kind}"] = m
+figures.explanation_grid(None, images, maps)'''),
+    md('''
+## Top-K overlap with IDRiD's lesions
+
+Where the shared data holds IDRiD's lesion masks (part A), the top K
+pixels of each explanation are compared with the lesions (MA, HE, EX, SE)
+for k = 1…6 (K = k·32·32 pixels of a 224² image, scaled to the input):
+Dice (the paper's "IoU") and Jaccard.
+'''),
+    code('''
+lesions = os.path.join(root, "idrid", "segmentation_512_train.npz")
+if use_shared and os.path.isfile(lesions):
+  scores = lesion_iou.evaluate(config, run, max_images=4 if TINY else 0)
+  out = os.path.join(run, "lesion_iou")
+  display(Image(os.path.join(out, "lesion_iou.png")))
+  display(Image(os.path.join(out, "overlays.png")))
+else:
+  print("no IDRiD lesion masks here: top-K overlap skipped")'''),
+]
+
+ENCODER = [
+    md('''
+# Foundation-encoder distillation: ViT → EfficientViT, then linear probes
+
+What it does: the encoder recipe (`configs/encoder/distill.py`) at a
+notebook budget: a ViT teacher (the cpu preset's small ViT, trained here
+with labels; or your own ViT-L/16 converted by `python -m kd_jax.convert`,
+`PRESET = "paper"`) distilled into EfficientViT-B0 on unlabelled images by
+`kd_jax.train.train_and_evaluate`, one stage per arm (global: [CLS] ↔
+pooled student through a linear projection; dense: the student's last map
+↔ the teacher's patch grid through attention pooling; both); then each
+frozen encoder read out by `kd_jax.probe` (a linear probe and k-NN on a
+labelled set, its size and speed).
+
+Data, in this order: the shared sets' images without labels
+(`shared_images`) and PALM / PneumoniaMNIST for the probes, from
+`KD_JAX_DATA` (or the repository's `../shared/data`) when it is there.
+Your own data: where it is absent, `OWN_IMAGES` (a folder of unlabelled
+images of any size) and `OWN_CSV` (a CSV of image paths and class labels,
+for the cpu teacher and the probe), e.g. on a mounted Google Drive; else
+generated fundus photographs written as PNG files and a CSV in that form.
+
+Time: about 15 minutes on a 2-core CPU runtime (estimate: the teacher and
+three arms of 300 steps at 64×64, batch 32); an estimated 3 minutes on a
+TPU runtime with bf16 compute (not measured); the paper preset (224²,
+20,000 steps) is for a TPU.
+'''),
+    code(SETUP),
+    code(BUDGET + '''
+PRESET = "cpu"  # "paper": your ViT-L/16 (TEACHER) at 224², for a TPU
+TEACHER = ""  # paper: the folder `python -m kd_jax.convert` wrote
+# Your own data when the shared data is absent: unlabelled images, and a
+# CSV (columns image, label) for the cpu teacher and the probe.
+OWN_IMAGES, OWN_CSV = "", ""
+''' + SYNTHETIC_FUNDUS_FILES + '''
+
+
+SIZE = 32 if TINY else (224 if PRESET == "paper" else 64)
+root = os.environ.get("KD_JAX_DATA") or os.path.join(REPO, "..", "shared",
+                                                     "data")
+use_shared = os.path.isdir(os.path.join(root, "palm"))
+if use_shared:
+  # The smoke run pools PALM's images only.
+  unlabelled = dict(name="shared_images", root=root,
+                    **(dict(sets=("palm",)) if TINY else {}))
+  labelled = dict(name="palm", root=root, num_classes=3)
+  probe_sets = ("palm",) if TINY else ("palm", "pneumoniamnist")
+elif OWN_IMAGES:
+  unlabelled = dict(name="image_folder", image_dir=OWN_IMAGES)
+  labelled, probe_sets = dict(name="folder", csv=OWN_CSV), None
+else:
+  csv = write_synthetic_fundus(os.path.join(WORKDIR, "synthetic_fundus"),
+                               n=24 if TINY else 600, size=SIZE)
+  unlabelled = dict(name="image_folder", image_dir=os.path.dirname(csv))
+  labelled, probe_sets = dict(name="folder", csv=csv), None
+print("distil on:", unlabelled, "\\nlabelled:", labelled)'''),
+    md('''
+## The teacher
+
+The cpu preset's teacher is a small ViT (8×8 patches, LayerScale) trained
+here with labels; the paper preset takes your converted ViT-L/16 instead.
+'''),
+    code('''
+from kd_jax import data, train
+
+run = os.path.join(WORKDIR, "encoder")
+TINY_VIT = dict(width=32, depth=1, num_heads=2)  # the smoke run's teacher
+if PRESET == "cpu":
+  tconfig = load_config("encoder/distill", "teacher_cpu")
+  tconfig.data = dict(labelled, image_size=SIZE, augment=True, workers=0)
+  num_classes = data.build(tconfig.data).num_classes
+  tconfig.stages.teacher.model.update(image_size=SIZE,
+                                      num_classes=num_classes,
+                                      **(TINY_VIT if TINY else {}))
+  tconfig.steps = 2 if TINY else 300
+  tconfig.batch_size = 4 if TINY else tconfig.batch_size
+  tconfig.log_every = tconfig.eval_every = tconfig.checkpoint_every = (
+      2 if TINY else 100)
+  tconfig.compute_dtype = "bfloat16" if ON_TPU else "float32"
+  tconfig.batch_size = max(tconfig.batch_size, jax.device_count())
+  train.train_and_evaluate(tconfig, os.path.join(run, "vit_teacher"))
+  TEACHER = os.path.join(run, "vit_teacher", "teacher")'''),
+    md('''
+## Distil on unlabelled images
+
+No labels: the run's one output is an embedding head, and each arm is a
+`distill` stage with feature terms only (`docs/encoder.md`).
+'''),
+    code('''
+config = load_config("encoder/distill", PRESET)
+config.data = dict(unlabelled, image_size=SIZE, augment=True, workers=0)
+config.stage_order = (("global_cos",) if TINY else
+                      ("global_cos", "dense_attn", "global_dense"))
+for arm in config.stage_order:
+  stage = config.stages[arm]
+  if PRESET == "cpu":
+    stage.teacher.model.update(image_size=SIZE, num_classes=num_classes,
+                               **(TINY_VIT if TINY else {}))
+    if "dense" in stage.losses:  # the teacher's patch grid at this size
+      stage.losses.dense.connector.grid = (SIZE // 8, SIZE // 8)
+  if TINY:  # a narrow, shallow EfficientViT
+    stage.model.update(widths=(4, 8, 8, 16, 16), depths=(1, 1, 1, 1, 1),
+                       head_widths=(32, 32))
+# One reference: this sets every arm's teacher folder.
+config.stages[config.stage_order[0]].teacher.checkpoint = TEACHER
+config.steps = 2 if TINY else 300
+config.batch_size = 4 if TINY else config.batch_size
+config.log_every = config.eval_every = config.checkpoint_every = (
+    2 if TINY else 100)
+config.compute_dtype = "bfloat16" if ON_TPU else "float32"
+config.batch_size = max(config.batch_size, jax.device_count())
+results = train.train_and_evaluate(config, run)'''),
+    md('''
+## Linear probes, k-NN, size and speed
+
+`kd_jax.probe` reads each encoder frozen: the teacher's pooled patch
+tokens and each student's mean-pooled last map (`stage4`; the dense arms
+never train the student's head), a logistic-regression probe and a cosine
+k-NN fitted on the labelled set's train split and scored on its test
+split; `kept` is the balanced accuracy relative to the teacher's.
+'''),
+    code('''
+from IPython.display import Image, Markdown, display
+from kd_jax import probe
+
+if probe_sets:
+  sets = {n: probe.build_set(n, SIZE, root) for n in probe_sets}
+else:
+  sets = {"own": (data.build(dict(labelled, image_size=SIZE)), "label")}
+shape = (SIZE, SIZE, 3)
+readout = {}
+for label, folder in [("teacher", TEACHER)] + [
+    (arm, os.path.join(run, arm)) for arm in config.stage_order]:
+  module, variables, _ = probe.load_encoder(folder, image_size=SIZE)
+  feature = probe.pick_feature(module, variables, shape, ("stage4", "tokens"))
+  fn = probe.forward(module, feature)
+  readout[label] = dict(
+      size=probe.size(module, shape),
+      speed=probe.speed(fn, variables, shape, batch=8 if TINY else 256,
+                        repeats=1 if TINY else 5, warmup=1 if TINY else 10,
+                        runs=2 if TINY else 100),
+      sets=probe.probe_encoder(module, variables, sets, feature=feature,
+                               batch_size=8 if TINY else 64,
+                               k=3 if TINY else 20))
+probe.add_kept(readout, "teacher")
+display(Markdown(probe.markdown(readout)))
+probe.plot(readout, os.path.join(run, "probe.png"))
+display(Image(os.path.join(run, "probe.png")))'''),
+]
+
 NOTEBOOKS = {
     "quickstart.ipynb": QUICKSTART,
     "compose_your_own_loss.ipynb": COMPOSE,
     "distillo_acdc.ipynb": DISTILLO,
     "fundus_multitask.ipynb": FUNDUS,
+    "structured_kd.ipynb": SKD,
+    "medtex_explain.ipynb": MEDTEX,
+    "encoder_distill.ipynb": ENCODER,
 }
 
 

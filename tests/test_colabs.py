@@ -77,6 +77,10 @@ def test_notebook_runs_top_to_bottom(name, tmp_path, monkeypatch):
   monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
       p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  # The older threefry lowering: the same random bits' role (the smoke run
+  # checks that cells run, not values), and ~4× faster compiles of the
+  # jitted inits on XLA:CPU (a PSPNet-ResNet18's: 30 s → 7 s of CPU).
+  monkeypatch.setenv("JAX_THREEFRY_PARTITIONABLE", "0")
   monkeypatch.delenv("XLA_FLAGS", raising=False)
   nb = _read(name)
   nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
@@ -87,9 +91,9 @@ def test_notebook_runs_top_to_bottom(name, tmp_path, monkeypatch):
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
                    for o in c.outputs)
     assert re.search(r"student mean Dice (\d\.\d+|nan)", text), text[-2000:]
-  else:
-    assert len(runs) == 1 and os.path.isfile(tmp_path / runs[0] /
-                                             "report.md"), runs
+  else:  # One run folder (beside it, maybe generated data files).
+    reports = [d for d in runs if os.path.isfile(tmp_path / d / "report.md")]
+    assert len(reports) == 1, runs
   if name == "quickstart.ipynb":
     text = "".join(o.get("text", "") for o in nb.cells[6].outputs)
     difference = float(re.search(r"max difference: (\S+)", text).group(1))

@@ -187,6 +187,11 @@ def test_default_cam_feature_segmenter_and_classifier():
       (1, 64, 64, 9), {"cnn.root": (1, 32, 32, 16),
                        "decoder.block3": (1, 64, 64, 8),
                        "decoder.block2": (1, 32, 32, 16)}) == "decoder.block3"
+  # PSPNet: its auxiliary logits (full size, consumed by nothing) are not
+  # a feature map; the largest map of the network is.
+  assert explain.default_cam_feature(
+      (1, 64, 64, 4), {"aux_logits": (1, 64, 64, 4), "stem": (1, 32, 32, 8),
+                       "head": (1, 8, 8, 16)}) == "stem"
   # Classifier: the last, lowest-resolution map.
   assert explain.default_cam_feature((1, 5), feats) == "bottleneck"
   with pytest.raises(ValueError, match="no NHWC feature map.*embedding"):

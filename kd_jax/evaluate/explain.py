@@ -242,9 +242,12 @@ def default_cam_feature(logits_shape, feature_shapes: dict) -> str:
   class evidence has been assembled ("dec1" of the UNets, "decoder.block3" of
   TransUNet); a classifier's is its last, lowest-resolution map, as in the
   Grad-CAM paper. Ties go to the name sorted last; maps whose name starts
-  with "dec" win over encoder maps of the same size.
+  with "dec" win over encoder maps of the same size. Side outputs named
+  "*logits" (PSPNet's "aux_logits") are left out: nothing in the network
+  consumes them, so they have no Grad-CAM.
   """
-  maps = {k: s for k, s in feature_shapes.items() if len(s) == 4}
+  maps = {k: s for k, s in feature_shapes.items()
+          if len(s) == 4 and not k.endswith("logits")}
   if not maps:
     raise ValueError("the model returns no NHWC feature map for Grad-CAM; "
                      f"its features: {sorted(feature_shapes)}")
