@@ -1078,7 +1078,7 @@ def host_copy(tree):
   collective, so every process calls it)."""
   if jax.process_count() == 1:
     return jax.device_get(tree)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils
   return multihost_utils.process_allgather(tree, tiled=True)
 
 

@@ -228,4 +228,5 @@ def test_remat_on_a_model_without_it_is_a_config_error():
                      match=r"config.remat=True: model 'medtex_student' has no "
                      r"per-block remat \(models with it: \[.*'unet'"):
     train.check_remat(c, "medtex_student")
-  train.check_remat(ml_collections.ConfigDict({"remat": False}), "medtex_student")
+  off = ml_collections.ConfigDict({"remat": False})
+  train.check_remat(off, "medtex_student")

@@ -132,8 +132,9 @@ class SqueezeUNet(nn.Module):
   remat: Any = False
 
   def _fire(self, ch, name, up=False):
-    return checkpointed(Fire, self.remat)(ch, max(ch // self.squeeze_ratio, 4), up, self.dtype,
-                self.conv, self.norm, self.conv_transpose, name=name)
+    return checkpointed(Fire, self.remat)(
+        ch, max(ch // self.squeeze_ratio, 4), up, self.dtype, self.conv,
+        self.norm, self.conv_transpose, name=name)
 
   @nn.compact
   def __call__(self, x, *, train: bool):
