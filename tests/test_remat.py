@@ -45,9 +45,10 @@ FAMILIES = {
 # PReLU between its modules and its decoder.
 MAX_KEPT = dict(resnet18=0.6, multitask_resnet18=0.6, pspnet_resnet18=0.65,
                 espnet_c=0.8)
-# Compiled for values (two compiles each, ~5-20 s on a busy 2-core CPU):
-# a CNN and a transformer with dropout in CI, the rest slow.
-COMPILED = ("unet", "vit_tiny")
+# Compiled for values (two compiles each, 10-40 s on a busy 2-core CPU):
+# in CI a transformer with dropout (the recomputed block must draw the same
+# masks), the rest slow.
+COMPILED = ("vit_tiny",)
 
 
 def _variables(model, shape, seed=0):
@@ -135,12 +136,15 @@ def test_dots_saveable_keeps_between_nothing_and_everything():
   assert kept[0] > kept[1] > kept[2]
 
 
-def _values(name):
-  """(loss, gradients, new batch statistics) of family `name` at batch 2,
-  without and with remat. (At 64² the deepest BatchNorms still see 8
-  values; over fewer their statistics amplify float rounding past 1e-6.)"""
+def _values(name, side):
+  """(loss, gradients, new batch statistics) of family `name` at batch 2
+  and `side`², without and with remat. (ResNet's and EfficientViT's
+  deepest BatchNorms need 64² to see 8 values; over fewer their statistics
+  amplify float rounding past 1e-6.)"""
   fields, shape = FAMILIES[name]
-  shape = (2,) + shape[1:]
+  shape = (2, side, side, shape[-1])
+  if "image_size" in fields:
+    fields = dict(fields, image_size=side)
   x = jnp.asarray(np.random.default_rng(1).standard_normal(shape),
                   jnp.float32)
   out = {}
@@ -168,7 +172,7 @@ def _check_equal(values, tol=1e-6):
 
 @pytest.mark.parametrize("name", COMPILED)
 def test_remat_gives_the_same_loss_gradients_and_statistics(name):
-  _check_equal(_values(name))
+  _check_equal(_values(name, 32))
 
 
 @pytest.mark.slow
@@ -177,7 +181,7 @@ def test_remat_gives_the_same_values_in_every_family(name):
   # Deeper nets whose BatchNorms see few values (8 at ResNet's last stage)
   # differ by float32 rounding of a few 1e-6 where XLA fuses the
   # recomputed blocks differently.
-  _check_equal(_values(name), tol=1e-5)
+  _check_equal(_values(name, 64), tol=1e-5)
 
 
 @pytest.mark.parametrize("value,field", [
