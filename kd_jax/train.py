@@ -205,33 +205,43 @@ def watched(metrics) -> list[str]:
           if k.split("/")[-1] in ("loss", "grad_norm")]
 
 
-# `config.remat`: what the backward pass keeps of the forward (jax's
-# checkpoint policies); the rest it computes again. True keeps the outputs
-# of every convolution and matmul and recomputes norms, activations and
-# the like from them.
+# `config.remat`: each block of a model that offers it (a `remat` field,
+# `kd_jax.models.remat`) keeps only its input for the backward pass and
+# recomputes its inside there. True keeps nothing else; a policy name keeps
+# what it names (matmul and convolution outputs, ...).
 REMAT_POLICIES = {
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims_saveable":
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "nothing_saveable": True,
 }
 
 
 def remat_policy(config):
-  """The checkpoint policy of `config.remat` (False/absent: None, no
-  rematerialisation; True: "dots_saveable"; or a name in
-  REMAT_POLICIES)."""
+  """The models' `remat` field from `config.remat`: False (absent or
+  False), True (True or "nothing_saveable") or a jax.checkpoint policy (a
+  name in REMAT_POLICIES)."""
   value = config.get("remat", False)
-  if value is False or value is None:
-    return None
-  name = "dots_saveable" if value is True else value
-  if name not in REMAT_POLICIES:
+  if value is False or value is None or value is True:
+    return bool(value)
+  if not isinstance(value, str) or value not in REMAT_POLICIES:
     raise ConfigError(f"config.remat={value!r}: give False, True or one of "
                       f"{sorted(REMAT_POLICIES)}")
-  return REMAT_POLICIES[name]
+  return REMAT_POLICIES[value]
 
 
-def make_train_step(method, tx, skip_nonfinite=False, remat=None):
+def check_remat(config, model_name):
+  """A ConfigError when `config.remat` is on and the trained model
+  `model_name` has no `remat` field (it would change nothing)."""
+  if remat_policy(config) is not False and not models.accepts(model_name,
+                                                               "remat"):
+    offer = [n for n in models.names() if models.accepts(n, "remat")]
+    raise ConfigError(f"config.remat={config.remat!r}: model {model_name!r} "
+                      f"has no per-block remat (models with it: {offer}); "
+                      "set --config.remat=False")
+
+
+def make_train_step(method, tx, skip_nonfinite=False):
   """The pure train step: (state, batch, frozen) -> (state, metrics).
 
   `tx` is an optax transformation or the stage's `make_optimizers`. The
@@ -242,16 +252,10 @@ def make_train_step(method, tx, skip_nonfinite=False, remat=None):
   With `skip_nonfinite`, a step with a non-finite `watched` metric leaves
   params, batch_stats and optimizer state as they were (only `step`
   advances, so the data and the random keys stay where an unskipped run's
-  are) and reports `skipped` = 1 in its metrics.
-
-  `remat` (a `REMAT_POLICIES` policy) rematerialises the differentiated
-  forward: the update is handed `remat=` and wraps its objective in
-  `jax.checkpoint` with it."""
+  are) and reports `skipped` = 1 in its metrics."""
   opt = _as_groups(tx)
   update = getattr(method, "update", None) or functools.partial(
       methods.default_update, method)
-  if remat is not None:
-    update = functools.partial(update, remat=remat)
 
   def train_step(state, batch, frozen):
     batch = data.pipeline.decode(batch)  # The image as float32 again.
@@ -292,6 +296,24 @@ def make_eval_step(method, heads, mesh: Mesh):
   """Jitted (params, batch_stats, batch) -> per-head pieces of the scores
   (`kd_jax.tasks.make_eval_step`)."""
   return tasks.make_eval_step(method.predict, heads, mesh)
+
+
+def make_images_step(method, mesh: Mesh):
+  """(state, images) -> the method's `eval_images` as numpy arrays, jitted
+  once; None when the method logs no images. `images` (a few fixed val
+  images, the same numpy array on every process) go whole to every device,
+  and so do the results."""
+  if not hasattr(method, "eval_images"):
+    return None
+  whole = NamedSharding(mesh, P())
+  step = jax.jit(method.eval_images, out_shardings=whole)
+
+  def images_step(state, images):
+    images = jax.make_array_from_callback(images.shape, whole,
+                                          lambda index: images[index])
+    return jax.device_get(step(state.params, state.batch_stats, images))
+
+  return images_step
 
 
 def to_global(batch, mesh: Mesh):
@@ -373,10 +395,12 @@ def stage_data(config, name) -> dict:
 LAYERS = ("flax", "cpu")
 
 
-def _build_model(model_cfg, num_classes, dtype, layers="flax"):
+def _build_model(model_cfg, num_classes, dtype, layers="flax", remat=False):
   """The flax module of `model_cfg` (`dict(name=..., **fields)`) in `dtype`,
   with the data's `num_classes` when its constructor takes one and the config
-  does not set it, and kd_jax.cpu_layers' forms when `layers == "cpu"`."""
+  does not set it, kd_jax.cpu_layers' forms when `layers == "cpu"`, and
+  `remat` (`remat_policy`) in its `remat` field when it has one and
+  `remat` is on."""
   if not hasattr(model_cfg, "keys") or not model_cfg.get("name"):
     raise ValueError(f"a model is dict(name=<model>, ...); got "
                      f"{model_cfg!r}; models: {', '.join(models.names())}")
@@ -384,6 +408,8 @@ def _build_model(model_cfg, num_classes, dtype, layers="flax"):
   name = cfg.pop("name")
   if models.accepts(name, "num_classes"):
     cfg.setdefault("num_classes", num_classes)
+  if remat is not False and models.accepts(name, "remat"):
+    cfg.setdefault("remat", remat)
   model = models.build(name, dtype=dtype, **cfg)
   return cpu_layers.apply(model) if layers == "cpu" else model
 
@@ -435,7 +461,8 @@ def build_context(config, name, workdir, num_classes, load_frozen=True,
       build_model=functools.partial(
           _build_model, num_classes=num_classes,
           dtype=jnp.dtype(config.compute_dtype),
-          layers=config.get("layers", "flax")),
+          layers=config.get("layers", "flax"),
+          remat=remat_policy(config)),
       stage=name, workdir=workdir,
       earlier_stages=tuple(order[:order.index(name)] if name in order
                            else order),
@@ -492,11 +519,6 @@ def validate(config, workdir, datasets, cache=None) -> None:
   if not isinstance(config.get("shard_student", False), bool):
     raise ConfigError(f"config.shard_student={config.shard_student!r}: give "
                       "True or False")
-  if config.get("shard_student") and jax.process_count() > 1:
-    # The report gathers the state on each process's first device.
-    raise ConfigError("shard_student runs in one process only; with several"
-                      " processes set --config.shard_student=False (the "
-                      "teacher is still sliced over mesh.fsdp)")
   from kd_jax import checks, teacher_cache  # pylint: disable=g-import-not-at-top
   checks.run_values(config, workdir)
   order = list(config.stage_order)
@@ -522,6 +544,7 @@ def validate(config, workdir, datasets, cache=None) -> None:
       # teacher stage, a checkpoint folder, ...).
       methods.check(s, ctx)
       method, _ = methods.from_config(s, ctx)
+      check_remat(config, s["model"]["name"])
       out, feats = jax.eval_shape(functools.partial(
           method.model.init_with_output, train=False),
                                   jax.random.key(0), example)[0]
@@ -940,6 +963,12 @@ def _train_stage(config, name, workdir, datasets, mesh):
     mngr.close()
     return method, state
   logging.info("%s: %s from step %d of %d", where, s["method"], start, steps)
+  if config.get("shard_student"):
+    sliced = sum(not sh.is_fully_replicated
+                 for sh in jax.tree.leaves(state_shardings.params))
+    logging.info("%s: %d of %d parameter arrays sliced over fsdp=%d", where,
+                 sliced, len(jax.tree.leaves(state_shardings.params)),
+                 mesh.shape["fsdp"])
   if teacher_cache.wanted(config, method):
     t = time.perf_counter()
     cache = teacher_cache.for_stage(config, name, workdir, method, frozen,
@@ -952,10 +981,10 @@ def _train_stage(config, name, workdir, datasets, mesh):
   from clu import metric_writers, periodic_actions
 
   step_fn = jit_train_step(
-      make_train_step(method, tx, skip_nonfinite=mode == "skip",
-                      remat=remat_policy(config)),
+      make_train_step(method, tx, skip_nonfinite=mode == "skip"),
       mesh, state_shardings, frozen_shardings)
   eval_step = make_eval_step(method, heads, mesh)
+  images_step = make_images_step(method, mesh)
   writer = metric_writers.create_default_writer(
       stage_dir, just_logging=jax.process_index() > 0)
   if start == 0:
@@ -969,7 +998,7 @@ def _train_stage(config, name, workdir, datasets, mesh):
 
   # A few fixed val images for a method's image summaries (MED-TEX: Θ).
   shown = (np.stack([datasets.val[i]["image"] for i in range(
-      min(4, len(datasets.val)))]) if hasattr(method, "eval_images") else None)
+      min(4, len(datasets.val)))]) if images_step else None)
   history = _StepMetrics(name, mode, max_skipped, last_checkpoint)
   clock = (start, time.perf_counter())
   bar = _ProgressBar(where, steps, sys.stderr)
@@ -1003,8 +1032,7 @@ def _train_stage(config, name, workdir, datasets, mesh):
           scalars = {f"val/{k}": v for k, v in headline.items()}
           writer.write_scalars(step, scalars)
           if shown is not None:
-            writer.write_images(step, method.eval_images(
-                state.params, state.batch_stats, shown))
+            writer.write_images(step, images_step(state, shown))
           _append_history(stage_dir, step, scalars)
           line.append("val " + _terms(headline))
         if log:
@@ -1042,6 +1070,16 @@ def _train_stage(config, name, workdir, datasets, mesh):
     raise SystemExit(f"stopped by SIGTERM at step {int(state.step)} of stage "
                      f"{name}; rerun with the same --workdir to resume")
   return method, state
+
+
+def host_copy(tree):
+  """`tree`'s global arrays as whole numpy arrays on every process
+  (arrays sliced over devices of several processes gathered first; a
+  collective, so every process calls it)."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils
+  return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def measure_throughput(predict, state, images, repeats=5) -> float:
@@ -1099,11 +1137,12 @@ def _train_and_evaluate(config, workdir, datasets, cache):
     eval_step = make_eval_step(method, heads, mesh)
     scores = evaluate(eval_step, state, datasets.test, config.batch_size,
                       mesh, heads)
-    # What follows runs on this process's first device, on a local copy of
-    # the (replicated) state: no step of it is a collective, so process 0
-    # alone may run the report's predictions.
+    # What follows runs on this process's first device, on a whole local
+    # copy of the state (gathered when shard_student slices it): no step of
+    # it is a collective, so process 0 alone may run the report's
+    # predictions.
     local = jax.local_devices()[0]
-    state = jax.device_put(jax.device_get(state), local)
+    state = jax.device_put(host_copy(state), local)
     images = jax.device_put(
         np.stack([datasets.test[i % len(datasets.test)]["image"]
                   for i in range(config.batch_size)]), local)

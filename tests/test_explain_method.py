@@ -180,16 +180,22 @@ def test_eval_images_put_theta_under_the_images(pieces, grads):
   method, v, _ = grads
   p, s = v["params"], v["batch_stats"]
   x = np.asarray(images) * 1.4 - 0.2  # Values outside [0, 1] clip.
-  grid = method.eval_images(p, s, x)["theta"]
-  assert grid.shape == (1, 2 * SIZE, 4 * SIZE, 3)
+  eager = method.eval_images(p, s, x)["theta"]
+  # What the trainer logs: the same function, jitted once.
+  state = train.TrainState(step=0, params=p, batch_stats=s, opt_state=None,
+                           rng=None)
+  logged = train.make_images_step(method, train.make_mesh())(state, x)
+  assert set(logged) == {"theta"} and isinstance(logged["theta"], np.ndarray)
   mask = np.asarray(method.explain(p, s, x)[1]).mean(-1)
-  for i in range(4):
-    cols = slice(i * SIZE, (i + 1) * SIZE)
-    np.testing.assert_allclose(grid[0, :SIZE, cols], np.clip(x[i], 0, 1),
-                               rtol=1e-6)
-    for c in range(3):
-      np.testing.assert_allclose(grid[0, SIZE:, cols, c], mask[i],
-                                 rtol=1e-5, atol=1e-7)
+  for grid in (np.asarray(eager), logged["theta"]):
+    assert grid.shape == (1, 2 * SIZE, 4 * SIZE, 3)
+    for i in range(4):
+      cols = slice(i * SIZE, (i + 1) * SIZE)
+      np.testing.assert_allclose(grid[0, :SIZE, cols], np.clip(x[i], 0, 1),
+                                 rtol=1e-6)
+      for c in range(3):
+        np.testing.assert_allclose(grid[0, SIZE:, cols, c], mask[i],
+                                   rtol=1e-5, atol=1e-7)
 
 
 # ----------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 shard_student, the student and its optimizer state) sliced over `fsdp`
 give the replicated run's losses; each device holds 1/8 of every sliced
 array, and the compiled step's per-device argument size falls by what the
-slices say. Also: a replicated checkpoint restores onto the fsdp mesh, and
-`config.remat` gives the same loss and gradients.
+slices say. Also: a replicated checkpoint restores onto the fsdp mesh
+(config.remat: tests/test_remat.py).
 
 One subprocess (this file run as a script, with
 XLA_FLAGS=--xla_force_host_platform_device_count=8 set before jax starts)
@@ -165,37 +165,6 @@ def _restore_onto_fsdp(pieces, tmp):
               params=len(jax.tree.leaves(restored.params)))
 
 
-def _remat():
-  """Loss and gradients of the student's objective with and without
-  `jax.checkpoint` (config.remat's policy), and each compiled function's
-  temporary memory; one device."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import optax  # pylint: disable=import-outside-toplevel
-  from kd_jax import train  # pylint: disable=import-outside-toplevel
-
-  method, _, batch, state, frozen = _pieces("baseline")
-  out = {}
-  for name in ("none", "dots_saveable"):
-    policy = train.REMAT_POLICIES.get(name)
-
-    def grads(params, policy=policy):
-      def loss_fn(p):
-        return method.loss_fn(p, state.batch_stats, frozen, batch,
-                              jax.random.key(1))[0]
-      if policy is not None:
-        loss_fn = jax.checkpoint(loss_fn, policy=policy)
-      return jax.value_and_grad(loss_fn)(params)
-
-    compiled = jax.jit(grads).lower(state.params).compile()
-    loss, g = compiled(state.params)
-    out[name] = dict(loss=float(loss),
-                     temp=int(compiled.memory_analysis().temp_size_in_bytes),
-                     grads=[np.asarray(x).ravel()[:64].tolist()
-                            for x in jax.tree.leaves(g)],
-                     grad_norm=float(optax.global_norm(g)))
-  return out
-
-
 def main(parts):
   import tempfile  # pylint: disable=import-outside-toplevel
   pieces = _pieces()
@@ -206,7 +175,6 @@ def main(parts):
     with tempfile.TemporaryDirectory() as tmp:
       results["restore"] = _restore_onto_fsdp(pieces,
                                               os.path.join(tmp, "ckpt"))
-    results["remat"] = _remat()
   if "2x4" in parts:
     results["replicated"] = _run(pieces, (DEVICES, 1), False)
     results["fsdp_2x4"] = _run(pieces, (2, 4), False)
@@ -404,15 +372,6 @@ def test_replicated_checkpoint_restores_onto_the_fsdp_mesh(results):
   r = results["restore"]
   assert r["equal"]
   assert 0 < r["sliced_params"] < r["params"]
-
-
-def test_remat_gives_the_same_loss_and_gradients(results):
-  plain, remat = results["remat"]["none"], results["remat"]["dots_saveable"]
-  np.testing.assert_allclose(remat["loss"], plain["loss"], rtol=1e-6)
-  np.testing.assert_allclose(remat["grad_norm"], plain["grad_norm"],
-                             rtol=1e-6)
-  for a, b in zip(remat["grads"], plain["grads"]):
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
 if __name__ == "__main__":

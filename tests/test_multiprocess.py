@@ -3,6 +3,7 @@ same parameters as one process on 8 devices, a validation split that does
 not divide evenly (17 examples), and a SIGTERM to one process stopping both
 at the same step, from which a rerun resumes."""
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -42,6 +43,7 @@ CONFIG = textwrap.dedent("""
       c.stages = dict(teacher=dict(
           method="supervised", model=dict(name="unet", width=4, depth=2),
           losses=dict(ce=dict(fn="cross_entropy"), dice=dict(fn="dice"))))
+      {extra}
       return c
 """)
 
@@ -87,9 +89,9 @@ def _params(workdir):
       os.path.join(workdir, "teacher"))["params"])
 
 
-def _config(tmp_path, steps):
+def _config(tmp_path, steps, extra=""):
   path = tmp_path / f"config_{steps}.py"
-  path.write_text(CONFIG.format(steps=steps))
+  path.write_text(CONFIG.format(steps=steps, extra=extra))
   return str(path)
 
 
@@ -151,3 +153,31 @@ def test_sigterm_to_one_process_stops_both_at_one_step(one_process,
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
                                                        atol=1e-6),
                _params(one_process), _params(workdir))
+
+
+@pytest.mark.slow
+def test_student_sliced_over_both_processes_saves_and_resumes(one_process,
+                                                              tmp_path):
+  """shard_student on an fsdp axis of all 8 devices: each process holds
+  half of every sliced array. Its checkpoints (written by both) hold the
+  one-process run's parameters, and a rerun without the last one resumes
+  from the sliced step-4 checkpoint to the same end."""
+  config = _config(tmp_path, 6, "c.mesh = dict(fsdp=8); "
+                   "c.shard_student = True")
+  workdir = str(tmp_path / "run")
+  results = _wait(_launch(config, workdir, 2, 4))
+  for rc, text in results:
+    assert rc == 0, text[-2000:]
+  sliced = results[0][1].split(" parameter arrays sliced over fsdp=8")[0]
+  assert int(sliced.split()[-3]) > 0, sliced[-200:]
+  check = lambda: jax.tree.map(  # noqa: E731
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+      _params(one_process), _params(workdir))
+  check()
+  assert os.path.exists(os.path.join(workdir, "report.md"))
+  folder = os.path.join(workdir, "teacher", "checkpoints")
+  shutil.rmtree(os.path.join(folder, "6"))
+  results = _wait(_launch(config, workdir, 2, 4))
+  for rc, text in results:
+    assert rc == 0 and "from step 4 of 6" in text, text[-2000:]
+  check()

@@ -154,8 +154,7 @@ class Adversarial(Distill):
                              discriminator_input(images, probs),
                              train=False)[0]
 
-  def update(self, opt, params, batch_stats, opt_state, frozen, batch, rng,
-             remat=None):
+  def update(self, opt, params, batch_stats, opt_state, frozen, batch, rng):
     s_rng, c_rng = jax.random.split(rng)
     images = batch["image"].astype(jnp.float32)
     c_stats = batch_stats["critic"]
@@ -170,8 +169,6 @@ class Adversarial(Distill):
       metrics = dict(metrics, total=total, **{self.holistic_name: holistic})
       return total, (stats, metrics, fake, teacher)
 
-    if remat is not None:  # The student's side: the large one.
-      student_objective = jax.checkpoint(student_objective, policy=remat)
     (loss, (stats, metrics, fake, teacher)), grads = jax.value_and_grad(
         student_objective, has_aux=True)(opt.part(params, "student"))
     params, opt_state = opt.apply("student", grads, opt_state, params, loss)

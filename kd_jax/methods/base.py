@@ -30,11 +30,10 @@ every group takes one gradient step of `loss_fn`, `common.default_update`):
       param_groups = {"student": ("student", "connectors"),
                       "critic": ("critic",)}
       def update(self, opt, params, batch_stats, opt_state, frozen, batch,
-                 rng, remat=None): ...
+                 rng): ...
           # -> (params, batch_stats, opt_state, metrics); opt.apply(group,
           # grads, ...) updates a group, metrics hold `loss` and
-          # `grad_norm`; `remat` (config.remat) is a jax.checkpoint policy
-          # to wrap the differentiated objective in, or None
+          # `grad_norm`
 
 The stage's `optimizers=dict(<group>=dict(...))` sets a group's optimizer
 over the stage's `optimizer` (`kd_jax.train.make_optimizers`).
@@ -49,7 +48,8 @@ otherwise (MED-TEX deploys explainer + student):
 
 A method may return images to log at each evaluation (clu's
 `writer.write_images`, e.g. MED-TEX's masks Θ) for a few fixed val images
-(N, H, W, C), eval mode:
+(N, H, W, C), eval mode; a pure function of arrays, which the trainer jits
+once (`train.make_images_step`):
 
       def eval_images(self, params, batch_stats, images):
         ...   # -> {name: (n, h, w, 1 or 3) float array in [0, 1]}

@@ -86,17 +86,13 @@ class ParamGroups:
 
 
 def default_update(method, opt: ParamGroups, params, batch_stats, opt_state,
-                   frozen, batch, rng, remat=None):
+                   frozen, batch, rng):
   """One gradient step of every group on `method.loss_fn`: the update of
   every method that has no `update` of its own. Returns (params,
-  batch_stats, opt_state, metrics) with `loss` and `grad_norm` in metrics.
-  `remat`: a `jax.checkpoint` policy for the loss's forward, or None."""
+  batch_stats, opt_state, metrics) with `loss` and `grad_norm` in metrics."""
 
   def loss_fn(p):
     return method.loss_fn(p, batch_stats, frozen, batch, rng)
-
-  if remat is not None:
-    loss_fn = jax.checkpoint(loss_fn, policy=remat)
 
   (loss, (batch_stats, metrics)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(params)

@@ -48,7 +48,6 @@ it gives the prediction and Θ. `predict` is the student's logits on X'.
 """
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from kd_jax import losses, tasks
 from kd_jax.methods import common
@@ -185,8 +184,7 @@ class Explain(Distill):
   def eval_images(self, params, batch_stats, images):
     """{"theta": one (1, 2H, N·W, 3) grid}: the N images on top, their
     masks Θ (mean over channels, grey) below; logged at each evaluation
-    (eager: a few images at eval steps are not worth a compile)."""
-    images = jnp.asarray(images)
+    (jitted once by the trainer, `train.make_images_step`)."""
     mask = self.explain(params, batch_stats, images)[1].astype(jnp.float32)
     mask = jnp.broadcast_to(mask.mean(-1, keepdims=True),
                             images.shape[:3] + (3,))
@@ -194,4 +192,4 @@ class Explain(Distill):
     if rgb.shape[-1] == 1:
       rgb = jnp.broadcast_to(rgb, mask.shape)
     rows = [jnp.concatenate(list(a[..., :3]), axis=1) for a in (rgb, mask)]
-    return {"theta": np.asarray(jnp.concatenate(rows, axis=0)[None])}
+    return {"theta": jnp.concatenate(rows, axis=0)[None]}

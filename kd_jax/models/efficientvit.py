@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 
 from kd_jax.models.registry import register
+from kd_jax.models.remat import checkpointed
 
 ModuleDef = Any
 
@@ -99,7 +100,7 @@ class DSConv(nn.Module):
   norm: ModuleDef = nn.BatchNorm
 
   @nn.compact
-  def __call__(self, x, *, train: bool):
+  def __call__(self, x, train: bool):
     c = x.shape[-1]
     layers = dict(conv=self.conv, norm=self.norm)
     x = ConvNormAct(c, 3, groups=c, act=hswish, dtype=self.dtype,
@@ -120,7 +121,7 @@ class MBConv(nn.Module):
   norm: ModuleDef = nn.BatchNorm
 
   @nn.compact
-  def __call__(self, x, *, train: bool):
+  def __call__(self, x, train: bool):
     mid = round(x.shape[-1] * self.expand_ratio)
     fn = self.fewer_norm
     layers = dict(conv=self.conv, norm=self.norm)
@@ -192,7 +193,7 @@ class EfficientViTModule(nn.Module):
   norm: ModuleDef = nn.BatchNorm
 
   @nn.compact
-  def __call__(self, x, *, train: bool):
+  def __call__(self, x, train: bool):
     c = x.shape[-1]
     layers = dict(conv=self.conv, norm=self.norm)
     x = x + LiteMLA(c, self.head_dim, dtype=self.dtype, name="context",
@@ -213,6 +214,7 @@ class EfficientViT(nn.Module):
     expand_ratio: MBConv expansion.
     dropout_rate: dropout before the final Linear, active only when `train`.
     conv, norm: the convolution and BatchNorm layers (flax's by default).
+    remat: rematerialise each stage block (`kd_jax.models.remat`).
   """
   num_classes: int = 1000
   widths: Sequence[int] = (8, 16, 32, 64, 128)
@@ -224,6 +226,7 @@ class EfficientViT(nn.Module):
   dtype: Any = jnp.float32
   conv: ModuleDef = nn.Conv
   norm: ModuleDef = nn.BatchNorm
+  remat: Any = False  # Each stage block (kd_jax.models.remat).
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -233,31 +236,31 @@ class EfficientViT(nn.Module):
           f"32; got shape {tuple(x.shape)}")
     x = x.astype(self.dtype)
     layers = dict(conv=self.conv, norm=self.norm)
+    ds_conv, mb_conv, vit_module = (checkpointed(b, self.remat) for b in (
+        DSConv, MBConv, EfficientViTModule))
     features = {}
     w0 = self.widths[0]
     x = ConvNormAct(w0, 3, 2, act=hswish, dtype=self.dtype, name="stem",
                     **layers)(x, train=train)
     for i in range(self.depths[0]):
-      x = x + DSConv(w0, self.dtype, name=f"stage0_ds{i}", **layers)(
-          x, train=train)
+      x = x + ds_conv(w0, self.dtype, name=f"stage0_ds{i}", **layers)(
+          x, train)
     features["stage0"] = x
 
     for s in (1, 2):
       for i in range(self.depths[s]):
-        y = MBConv(self.widths[s], 2 if i == 0 else 1, self.expand_ratio,
-                   dtype=self.dtype, name=f"stage{s}_mb{i}", **layers)(
-                       x, train=train)
+        y = mb_conv(self.widths[s], 2 if i == 0 else 1, self.expand_ratio,
+                    dtype=self.dtype, name=f"stage{s}_mb{i}", **layers)(
+                        x, train)
         x = y if i == 0 else x + y
       features[f"stage{s}"] = x
 
     for s in (3, 4):
-      x = MBConv(self.widths[s], 2, self.expand_ratio, fewer_norm=True,
-                 dtype=self.dtype, name=f"stage{s}_down", **layers)(
-                     x, train=train)
+      x = mb_conv(self.widths[s], 2, self.expand_ratio, fewer_norm=True,
+                  dtype=self.dtype, name=f"stage{s}_down", **layers)(x, train)
       for i in range(self.depths[s]):
-        x = EfficientViTModule(self.head_dim, self.expand_ratio, self.dtype,
-                               name=f"stage{s}_vit{i}", **layers)(
-                                   x, train=train)
+        x = vit_module(self.head_dim, self.expand_ratio, self.dtype,
+                       name=f"stage{s}_vit{i}", **layers)(x, train)
       features[f"stage{s}"] = x
 
     h0, h1 = self.head_widths

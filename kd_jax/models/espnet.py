@@ -42,6 +42,7 @@ import jax.numpy as jnp
 
 from kd_jax.models.pspnet import resize_bilinear
 from kd_jax.models.registry import register
+from kd_jax.models.remat import checkpointed
 
 ModuleDef = Any
 
@@ -86,7 +87,7 @@ class ESP(nn.Module):
   norm: ModuleDef = nn.BatchNorm
 
   @nn.compact
-  def __call__(self, x, *, train: bool):
+  def __call__(self, x, train: bool):
     d = self.dtype
     n = self.features // 5
     n1 = self.features - 4 * n
@@ -121,11 +122,13 @@ class ESPNet(nn.Module):
   conv: ModuleDef = nn.Conv
   norm: ModuleDef = nn.BatchNorm
   conv_transpose: ModuleDef = nn.ConvTranspose
+  remat: Any = False  # Each ESP module (kd_jax.models.remat).
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     d = self.dtype
     layers = dict(conv=self.conv, norm=self.norm)
+    esp = checkpointed(ESP, self.remat)
     size = x.shape[1:3]
     if size[0] % 8 or size[1] % 8:
       raise ValueError(f"ESPNet needs H, W divisible by 8, got {size}")
@@ -139,20 +142,20 @@ class ESPNet(nn.Module):
                   "level1_cat", norm=self.norm)
     feats["level1"] = l1
     # Level 2 (H/4).
-    down2 = ESP(64, downsample=True, dtype=d, name="level2_down", **layers)(
-        l1, train=train)
+    down2 = esp(64, downsample=True, dtype=d, name="level2_down", **layers)(
+        l1, train)
     y = down2
     for i in range(self.p):
-      y = ESP(64, dtype=d, name=f"level2_{i}", **layers)(y, train=train)
+      y = esp(64, dtype=d, name=f"level2_{i}", **layers)(y, train)
     l2 = bn_prelu(jnp.concatenate([y, down2, img4.astype(y.dtype)], -1),
                   train, d, "level2_cat", norm=self.norm)
     feats["level2"] = l2
     # Level 3 (H/8).
-    down3 = ESP(128, downsample=True, dtype=d, name="level3_down", **layers)(
-        l2, train=train)
+    down3 = esp(128, downsample=True, dtype=d, name="level3_down", **layers)(
+        l2, train)
     y = down3
     for i in range(self.q):
-      y = ESP(128, dtype=d, name=f"level3_{i}", **layers)(y, train=train)
+      y = esp(128, dtype=d, name=f"level3_{i}", **layers)(y, train)
     l3 = bn_prelu(jnp.concatenate([down3, y], -1), train, d, "level3_cat",
                   norm=self.norm)
     feats["level3"] = feats["head"] = l3
@@ -174,8 +177,8 @@ class ESPNet(nn.Module):
     z = jnp.concatenate(
         [conv(self.conv, c, 1, dtype=d, name="dec2_proj")(l2), z], -1)
     z = bn_prelu(z, train, d, "dec2_cat", norm=self.norm)
-    z = ESP(c, residual=False, dtype=d, name="dec2_esp", **layers)(
-        z, train=train)
+    z = esp(c, residual=False, dtype=d, name="dec2_esp", **layers)(
+        z, train)
     z = bn_prelu(up(z, "dec2_up"), train, d, "dec2_up", norm=self.norm)
     z = conv(self.conv, c, 3, dtype=d, name="dec1_conv")(
         jnp.concatenate([z, l1], -1))

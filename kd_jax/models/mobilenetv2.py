@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from kd_jax.models import resnet
 from kd_jax.models.pspnet import SegHead, resize_bilinear
 from kd_jax.models.registry import register
+from kd_jax.models.remat import checkpointed
 
 ModuleDef = Any
 
@@ -112,7 +113,7 @@ class InvertedResidual(nn.Module):
   norm: ModuleDef = nn.BatchNorm
 
   @nn.compact
-  def __call__(self, x, *, train: bool):
+  def __call__(self, x, train: bool):
     c_in, d = x.shape[-1], self.dtype
     layers = dict(conv=self.conv, norm=self.norm)
     y = x
@@ -143,11 +144,13 @@ class MobileNetV2(nn.Module):
   dtype: Any = jnp.float32
   conv: ModuleDef = nn.Conv
   norm: ModuleDef = nn.BatchNorm
+  remat: Any = False  # Each inverted residual (kd_jax.models.remat).
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     d = self.dtype
     layers = dict(conv=self.conv, norm=self.norm)
+    block = checkpointed(InvertedResidual, self.remat)
     feats = {}
     x = ConvBN(make_divisible(32 * self.width), 3, 2, dtype=d,
                name="stem", **layers)(x, train=train)
@@ -155,10 +158,8 @@ class MobileNetV2(nn.Module):
     for i, ((t, c, n, _), (s, dil)) in enumerate(
         zip(SETTINGS, _dilations(self.output_stride))):
       for j in range(n):
-        x = InvertedResidual(make_divisible(c * self.width), t,
-                             s if j == 0 else 1, dil, dtype=d,
-                             name=f"stage{i + 1}_{j}", **layers)(x,
-                                                                 train=train)
+        x = block(make_divisible(c * self.width), t, s if j == 0 else 1,
+                  dil, dtype=d, name=f"stage{i + 1}_{j}", **layers)(x, train)
       feats[f"stage{i + 1}"] = x
     if self.last_conv:
       x = ConvBN(make_divisible(1280 * max(1.0, self.width)), dtype=d,
@@ -186,6 +187,7 @@ class MobileNetV2Seg(nn.Module):
   dtype: Any = jnp.float32
   conv: ModuleDef = nn.Conv
   norm: ModuleDef = nn.BatchNorm
+  remat: Any = False  # The trunk's blocks (kd_jax.models.remat).
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -193,7 +195,8 @@ class MobileNetV2Seg(nn.Module):
     layers = dict(conv=self.conv, norm=self.norm)
     _, feats = MobileNetV2(num_classes=None, width=self.width,
                            output_stride=8, last_conv=False, dtype=self.dtype,
-                           name="backbone", **layers)(x, train=train)
+                           name="backbone", remat=self.remat, **layers)(
+                               x, train=train)
     feats = dict(feats)
     y, feats["head"] = SegHead(self.num_classes, self.head_channels,
                                self.dropout, dtype=self.dtype,

@@ -60,6 +60,7 @@ class MultiTask(nn.Module):
   conv: ModuleDef = nn.Conv
   norm: ModuleDef = nn.BatchNorm
   pool: Callable = nn.max_pool  # ResNet trunks' stem pool
+  remat: Any = False  # The trunk's blocks (kd_jax.models.remat).
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -67,11 +68,13 @@ class MultiTask(nn.Module):
     layers = dict(conv=self.conv, norm=self.norm)
     if self.trunk == "mobilenetv2":
       body = mobilenetv2.MobileNetV2(num_classes=None, width=self.width,
-                                     dtype=d, name="trunk", **layers)
+                                     dtype=d, name="trunk", remat=self.remat,
+                                     **layers)
     else:
       body = resnet.resnet_by_name(self.trunk, num_classes=None,
                                    width=int(round(64 * self.width)), dtype=d,
-                                   name="trunk", pool=self.pool, **layers)
+                                   name="trunk", pool=self.pool,
+                                   remat=self.remat, **layers)
     _, feats = body(x, train=train)
     sizes = dict(dr_grade=self.grade_classes, dme_risk=self.risk_classes,
                  fovea=2, optic_disc=2)

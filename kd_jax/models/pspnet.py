@@ -152,6 +152,7 @@ class PSPNet(nn.Module):
   conv: ModuleDef = nn.Conv
   norm: ModuleDef = nn.BatchNorm
   pool: Callable = nn.max_pool
+  remat: Any = False  # The backbone's blocks (kd_jax.models.remat).
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -162,7 +163,8 @@ class PSPNet(nn.Module):
     _, feats = resnet.resnet_by_name(
         self.backbone, num_classes=None, output_stride=8,
         deep_stem=self.deep_stem, width=self.width, dtype=d,
-        name="backbone", pool=self.pool, **layers)(x, train=train)
+        name="backbone", pool=self.pool, remat=self.remat, **layers)(
+            x, train=train)
     feats = dict(feats)
     y = PyramidPooling(self.head_channels or ch[3] // 4, self.bins, dtype=d,
                        name="ppm", **layers)(feats["layer4"], train=train)
@@ -206,6 +208,7 @@ class ResNet18Seg(nn.Module):
   conv: ModuleDef = nn.Conv
   norm: ModuleDef = nn.BatchNorm
   pool: Callable = nn.max_pool
+  remat: Any = False  # The backbone's blocks (kd_jax.models.remat).
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -214,7 +217,7 @@ class ResNet18Seg(nn.Module):
     _, feats = resnet.ResNet18(
         num_classes=None, output_stride=8, deep_stem=self.deep_stem,
         width=self.width, dtype=self.dtype, name="backbone", pool=self.pool,
-        **layers)(x, train=train)
+        remat=self.remat, **layers)(x, train=train)
     feats = dict(feats)
     y, feats["head"] = SegHead(self.num_classes, self.head_channels,
                                self.dropout, dtype=self.dtype,

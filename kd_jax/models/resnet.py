@@ -29,7 +29,8 @@ Features (NHWC, H×W the input size, s = output_stride):
   "embedding": (N, C4) global average of "layer4"
 Channel figures are for width 64.
 
-Layers are module fields (`conv`, `norm`, `pool`), flax's own by default.
+Layers are module fields (`conv`, `norm`, `pool`), flax's own by default;
+`remat` rematerialises each residual block (`kd_jax.models.remat`).
 """
 from typing import Any, Callable, Optional, Sequence
 
@@ -37,6 +38,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from kd_jax.models.registry import register
+from kd_jax.models.remat import checkpointed
 
 DEFAULT_INPUT = {
     "resnet18": (224, 224, 3),
@@ -85,7 +87,7 @@ class BasicBlock(nn.Module):
   expansion = 1
 
   @nn.compact
-  def __call__(self, x, *, train: bool):
+  def __call__(self, x, train: bool):
     d = self.dtype
     y = conv(self.conv, self.features, 3, stride=self.stride,
              dilation=self.dilation, dtype=d, name="conv1")(x)
@@ -107,7 +109,7 @@ class Bottleneck(nn.Module):
   expansion = 4
 
   @nn.compact
-  def __call__(self, x, *, train: bool):
+  def __call__(self, x, train: bool):
     d = self.dtype
     y = conv(self.conv, self.features, 1, dtype=d, name="conv1")(x)
     y = nn.relu(batch_norm(self.norm, train, dtype=d, name="bn1")(y))
@@ -153,11 +155,14 @@ class ResNet(nn.Module):
   conv: ModuleDef = nn.Conv
   norm: ModuleDef = nn.BatchNorm
   pool: Callable = nn.max_pool
+  remat: Any = False
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     d, w = self.dtype, self.width
-    block_cls = {"basic": BasicBlock, "bottleneck": Bottleneck}[self.block]
+    block_cls = checkpointed(
+        {"basic": BasicBlock, "bottleneck": Bottleneck}[self.block],
+        self.remat)
     feats = {}
     if self.deep_stem:
       for i, ch in enumerate((w, w, 2 * w)):
@@ -176,7 +181,7 @@ class ResNet(nn.Module):
       for j in range(n):
         x = block_cls(w * 2**i, stride=stride if j == 0 else 1,
                       dilation=dilation, dtype=d, conv=self.conv,
-                      norm=self.norm, name=f"layer{i + 1}_{j}")(x, train=train)
+                      norm=self.norm, name=f"layer{i + 1}_{j}")(x, train)
       feats[f"layer{i + 1}"] = x
     feats["embedding"] = jnp.mean(x, axis=(1, 2))
     logits = None

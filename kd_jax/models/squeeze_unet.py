@@ -40,6 +40,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from kd_jax.models.registry import register
+from kd_jax.models.remat import checkpointed
 
 # Registered name → default (H, W, C): Synapse CT slices.
 DEFAULT_INPUT = {"squeeze_unet": (224, 224, 1)}
@@ -85,7 +86,7 @@ class Fire(nn.Module):
   conv_transpose: ModuleDef = nn.ConvTranspose
 
   @nn.compact
-  def __call__(self, x, *, train: bool):
+  def __call__(self, x, train: bool):
     x = ConvBNReLU(self.squeeze, 1, self.dtype, self.conv, self.norm,
                    name="squeeze")(x, train=train)
     half = self.features // 2
@@ -116,6 +117,7 @@ class SqueezeUNet(nn.Module):
     squeeze_ratio: a fire module squeezes to `features // squeeze_ratio`
       channels (8 in SqueezeNet's fire2: 16 squeeze for 128 out).
     dropout_rate: dropout on the bottleneck, active only when `train`.
+    remat: rematerialise each fire module (`kd_jax.models.remat`).
   """
   num_classes: int = 9
   width: int = 24
@@ -127,10 +129,12 @@ class SqueezeUNet(nn.Module):
   norm: ModuleDef = nn.BatchNorm
   conv_transpose: ModuleDef = nn.ConvTranspose
   pool: Callable = nn.max_pool
+  remat: Any = False
 
   def _fire(self, ch, name, up=False):
-    return Fire(ch, max(ch // self.squeeze_ratio, 4), up, self.dtype,
-                self.conv, self.norm, self.conv_transpose, name=name)
+    return checkpointed(Fire, self.remat)(
+        ch, max(ch // self.squeeze_ratio, 4), up, self.dtype, self.conv,
+        self.norm, self.conv_transpose, name=name)
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -147,27 +151,27 @@ class SqueezeUNet(nn.Module):
       if i == 0:
         x = ConvBNReLU(ch, 3, self.dtype, self.conv, self.norm,
                        name="stem")(x, train=train)
-        x = self._fire(ch, "enc1_fire1")(x, train=train)
+        x = self._fire(ch, "enc1_fire1")(x, train)
       else:
         x = self.pool(x, (2, 2), strides=(2, 2))
-        x = self._fire(ch, f"enc{i + 1}_fire1")(x, train=train)
-        x = self._fire(ch, f"enc{i + 1}_fire2")(x, train=train)
+        x = self._fire(ch, f"enc{i + 1}_fire1")(x, train)
+        x = self._fire(ch, f"enc{i + 1}_fire2")(x, train)
       features[f"enc{i + 1}"] = x
       skips.append(x)
 
     ch = self.width * side
     x = self.pool(x, (2, 2), strides=(2, 2))
-    x = self._fire(ch, "bottleneck_fire1")(x, train=train)
-    x = self._fire(ch, "bottleneck_fire2")(x, train=train)
+    x = self._fire(ch, "bottleneck_fire1")(x, train)
+    x = self._fire(ch, "bottleneck_fire2")(x, train)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     features["bottleneck"] = x
     features["embedding"] = jnp.mean(x, axis=(1, 2))
 
     for i in reversed(range(self.depth)):
       ch = self.width * 2**i
-      x = self._fire(ch, f"dec{i + 1}_up", up=True)(x, train=train)
+      x = self._fire(ch, f"dec{i + 1}_up", up=True)(x, train)
       x = jnp.concatenate([x, skips[i]], axis=-1)
-      x = self._fire(ch, f"dec{i + 1}_fire")(x, train=train)
+      x = self._fire(ch, f"dec{i + 1}_fire")(x, train)
       features[f"dec{i + 1}"] = x
 
     logits = self.conv(self.num_classes, (1, 1), dtype=self.dtype,

@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 
 from kd_jax.models.registry import register
+from kd_jax.models.remat import checkpointed
 from kd_jax.models.vit import Block, resize_pos_embed
 
 DEFAULT_INPUT = {
@@ -128,7 +129,7 @@ class ConvBNReLU(nn.Module):
   norm: ModuleDef = nn.BatchNorm
 
   @nn.compact
-  def __call__(self, x, *, train: bool):
+  def __call__(self, x, train: bool):
     x = self.conv(self.features, (3, 3), padding=1, use_bias=False,
                   dtype=self.dtype, name="conv")(x)
     x = self.norm(use_running_average=not train, momentum=0.9,
@@ -153,6 +154,8 @@ class TransUNet(nn.Module):
     head_channels: width of the conv after the tokens ("conv_more").
     decoder_channels: the four decoder blocks' widths.
     dropout_rate: ViT embedding and MLP dropout (0.1).
+    remat: rematerialise each trunk unit, transformer block and decoder
+      conv (`kd_jax.models.remat`).
   """
   num_classes: int = 9
   resnet_blocks: Sequence[int] = (3, 4, 9)
@@ -170,6 +173,7 @@ class TransUNet(nn.Module):
   norm: ModuleDef = nn.BatchNorm
   std_conv: ModuleDef = StdConv
   pool: Callable = nn.max_pool
+  remat: Any = False
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -187,6 +191,7 @@ class TransUNet(nn.Module):
     features = {}
 
     # ResNetV2 trunk.
+    unit = checkpointed(Bottleneck, self.remat, takes_train=False)
     w = self.resnet_width
     x = _std_conv(self.std_conv, w, 7, 2, self.dtype, name="root_conv")(x)
     x = nn.relu(_gn(w, self.dtype, "root_gn")(x))
@@ -195,8 +200,8 @@ class TransUNet(nn.Module):
     for s, units in enumerate(self.resnet_blocks):
       out, mid = w * 4 * 2**s, w * 2**s
       for u in range(units):
-        x = Bottleneck(out, mid, 2 if (u == 0 and s > 0) else 1, self.dtype,
-                       self.std_conv, name=f"block{s + 1}_unit{u + 1}")(x)
+        x = unit(out, mid, 2 if (u == 0 and s > 0) else 1, self.dtype,
+                 self.std_conv, name=f"block{s + 1}_unit{u + 1}")(x)
       features[f"cnn.block{s + 1}"] = x
     skips = [features["cnn.block2"], features["cnn.block1"],
              features["cnn.root"]]
@@ -211,9 +216,10 @@ class TransUNet(nn.Module):
                      (1, g0 * g0, self.hidden), jnp.float32)
     x = x + resize_pos_embed(pos, (gh, gw), "bilinear").astype(self.dtype)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    block = checkpointed(Block, self.remat)
     for i in range(self.depth):
-      x = Block(self.num_heads, self.mlp_dim, None, self.dropout_rate,
-                dtype=self.dtype, name=f"encoder_block{i}")(x, train=train)
+      x = block(self.num_heads, self.mlp_dim, None, self.dropout_rate,
+                dtype=self.dtype, name=f"encoder_block{i}")(x, train)
       features[f"encoder.block{i}"] = x
     x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="encoder_norm")(x)
     features["encoder"] = x
@@ -222,15 +228,15 @@ class TransUNet(nn.Module):
     features["bottleneck"] = x
 
     # Cascaded upsampler.
-    cbr = partial(ConvBNReLU, dtype=self.dtype, conv=self.conv,
-                  norm=self.norm)
-    x = cbr(self.head_channels, name="conv_more")(x, train=train)
+    cbr = partial(checkpointed(ConvBNReLU, self.remat), dtype=self.dtype,
+                  conv=self.conv, norm=self.norm)
+    x = cbr(self.head_channels, name="conv_more")(x, train)
     for i, ch in enumerate(self.decoder_channels):
       x = _upsample2(x)
       if i < len(skips):
         x = jnp.concatenate([x, skips[i].astype(x.dtype)], axis=-1)
-      x = cbr(ch, name=f"decoder{i}_conv1")(x, train=train)
-      x = cbr(ch, name=f"decoder{i}_conv2")(x, train=train)
+      x = cbr(ch, name=f"decoder{i}_conv1")(x, train)
+      x = cbr(ch, name=f"decoder{i}_conv2")(x, train)
       features[f"decoder.block{i}"] = x
     logits = self.conv(self.num_classes, (3, 3), padding=1, dtype=self.dtype,
                   name="segmentation_head")(x)

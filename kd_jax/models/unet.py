@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from kd_jax.models.registry import register
+from kd_jax.models.remat import checkpointed
 
 DEFAULT_INPUT = {"unet": (128, 128, 1)}
 DEFAULT_KWARGS = {"unet": {"num_classes": 9}}
@@ -38,7 +39,7 @@ class ConvBlock(nn.Module):
   norm: ModuleDef = nn.BatchNorm
 
   @nn.compact
-  def __call__(self, x, *, train: bool):
+  def __call__(self, x, train: bool):
     for _ in range(2):
       x = self.conv(self.features, (3, 3), use_bias=False,
                     dtype=self.dtype)(x)
@@ -58,6 +59,7 @@ class UNet(nn.Module):
   norm: ModuleDef = nn.BatchNorm
   conv_transpose: ModuleDef = nn.ConvTranspose
   pool: Callable = nn.max_pool
+  remat: Any = False
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -68,16 +70,16 @@ class UNet(nn.Module):
           f"by {side}, got {x.shape[1:3]}; resize or crop the input, or lower "
           "depth")
     x = x.astype(self.dtype)
-    block = partial(ConvBlock, dtype=self.dtype, conv=self.conv,
-                    norm=self.norm)
+    block = partial(checkpointed(ConvBlock, self.remat), dtype=self.dtype,
+                    conv=self.conv, norm=self.norm)
     features = {}
     skips = []
     for i in range(self.depth):
-      x = block(self.width * 2**i, name=f"enc{i + 1}")(x, train=train)
+      x = block(self.width * 2**i, name=f"enc{i + 1}")(x, train)
       features[f"enc{i + 1}"] = x
       skips.append(x)
       x = self.pool(x, (2, 2), strides=(2, 2))
-    x = block(self.width * 2**self.depth, name="bottleneck")(x, train=train)
+    x = block(self.width * 2**self.depth, name="bottleneck")(x, train)
     features["bottleneck"] = x
     features["embedding"] = jnp.mean(x, axis=(1, 2))
     for i in reversed(range(self.depth)):
@@ -85,7 +87,7 @@ class UNet(nn.Module):
       x = self.conv_transpose(ch, (2, 2), strides=(2, 2), dtype=self.dtype,
                               name=f"up{i + 1}")(x)
       x = jnp.concatenate([x, skips[i]], axis=-1)
-      x = block(ch, name=f"dec{i + 1}")(x, train=train)
+      x = block(ch, name=f"dec{i + 1}")(x, train)
       features[f"dec{i + 1}"] = x
     logits = self.conv(self.num_classes, (1, 1), dtype=self.dtype,
                   name="head")(x)

@@ -52,6 +52,7 @@ import jax
 import jax.numpy as jnp
 
 from kd_jax.models.registry import register
+from kd_jax.models.remat import checkpointed
 
 ModuleDef = Any
 
@@ -117,7 +118,7 @@ class Block(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, train: bool):
+  def __call__(self, x, train: bool):
     def scale(y, name):
       if self.layerscale is None:
         return y
@@ -167,6 +168,7 @@ class ViT(nn.Module):
     layerscale: LayerScale initial value (None disables it).
     dropout_rate: MLP dropout (0 in DINOv2).
     conv: the patch embedding's convolution layer (flax's by default).
+    remat: rematerialise each block (`kd_jax.models.remat`).
   """
   num_classes: int = 0
   width: int = 768
@@ -180,6 +182,7 @@ class ViT(nn.Module):
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
   conv: ModuleDef = nn.Conv
+  remat: Any = False
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -212,10 +215,11 @@ class ViT(nn.Module):
                                       ).astype(self.dtype), x[:, 1:]], axis=1)
 
     features = {}
+    block = checkpointed(Block, self.remat)
     for i in range(self.depth):
-      x = Block(self.num_heads, int(self.width * self.mlp_ratio),
+      x = block(self.num_heads, int(self.width * self.mlp_ratio),
                 self.layerscale, self.dropout_rate, dtype=self.dtype,
-                name=f"block{i}")(x, train=train)
+                name=f"block{i}")(x, train)
       features[f"block{i}"] = x
     x = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name="norm")(x)
 
