@@ -32,6 +32,14 @@ killed build leaves only a temporary folder (removed and redone by the next
 build), and a reader opens complete epochs only. A cache grows: a later run
 that trains for more epochs adds the epochs it lacks.
 
+Several processes build a cache together on the run's mesh (the teacher
+sliced as training slices it, `kd_jax.sharding`): each computes and writes
+its own shard only (the examples its rows of the global batches hold), they
+first agree on the epochs missing from any shard (all redo those, so a
+build killed between two processes' renames is completed), and none returns
+before every shard is written. The manifest records the layout, so a folder
+built by another number of processes (or rows per process) is refused.
+
 Top-k logits (`teacher_cache_top_k=k`, leaves of "logits" shaped (C,) per
 example with C > k) store the k largest logits, their class indices and the
 logsumexp of all C logits. They are read back as dense logits: the k stored
@@ -226,15 +234,13 @@ def _layout(m: dict) -> str:
 
 
 def _place(tree, shardings):
-  """`tree` on `shardings`: an array already there stays, one on this
-  process's devices or on the host is sliced from its host copy (with
-  several processes the same in each)."""
+  """`tree` on `shardings` (a no-op for arrays already there). With
+  several processes a host array, or one on this process's devices, is
+  sliced from its host copy (the same in every process)."""
   def put(x, s):
-    if isinstance(x, jax.Array):
-      if x.sharding.is_equivalent_to(s, x.ndim):
-        return x
-      if not x.is_fully_addressable:
-        return jax.device_put(x, s)
+    if jax.process_count() == 1 or (isinstance(x, jax.Array)
+                                    and not x.is_fully_addressable):
+      return jax.device_put(x, s)
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, s, lambda i: x[i])
   return jax.tree.map(put, tree, shardings)
