@@ -32,6 +32,14 @@ killed build leaves only a temporary folder (removed and redone by the next
 build), and a reader opens complete epochs only. A cache grows: a later run
 that trains for more epochs adds the epochs it lacks.
 
+Several processes build a cache together on the run's mesh (the teacher
+sliced as training slices it, `kd_jax.sharding`): each computes and writes
+its own shard only (the examples its rows of the global batches hold), they
+first agree on the epochs missing from any shard (all redo those, so a
+build killed between two processes' renames is completed), and none returns
+before every shard is written. The manifest records the layout, so a folder
+built by another number of processes (or rows per process) is refused.
+
 Top-k logits (`teacher_cache_top_k=k`, leaves of "logits" shaped (C,) per
 example with C > k) store the k largest logits, their class indices and the
 logsumexp of all C logits. They are read back as dense logits: the k stored
@@ -55,9 +63,10 @@ import uuid
 import jax
 import ml_dtypes
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
-from kd_jax import data, train
+from kd_jax import data, sharding, train
 
 FORMAT = 1
 DTYPES = {"float32": np.float32, "float16": np.float16,
@@ -86,11 +95,29 @@ def _plain(tree):
   return json.loads(json.dumps(tree, sort_keys=True, default=default))
 
 
+def _whole(x) -> np.ndarray:
+  """The whole value of `x` on this host: a numpy copy of an array of this
+  process, assembled from this process's slices of an array over several
+  (the teacher's FSDP groups lie within one process's devices,
+  `sharding.make_mesh`), gathered from the others only where they do not
+  cover it."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(x)
+  out = np.empty(x.shape, x.dtype)
+  covered = np.zeros(x.shape, bool)
+  for s in x.addressable_shards:
+    out[s.index] = np.asarray(s.data)
+    covered[s.index] = True
+  if covered.all():
+    return out
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def variables_digest(variables) -> str:
   """sha256 of a variables pytree: every leaf's path, dtype, shape, bytes."""
   h = hashlib.sha256()
   for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
-    leaf = np.asarray(leaf)
+    leaf = _whole(leaf)
     h.update(f"{jax.tree_util.keystr(path)} {leaf.dtype} {leaf.shape}"
              .encode())
     h.update(np.ascontiguousarray(leaf).tobytes())
@@ -198,6 +225,56 @@ def _write_atomic(path, text):
   _fsync(os.path.dirname(path))
 
 
+def _layout(m: dict) -> str:
+  layout = m["layout"]
+  if layout["shards"] == 1:
+    return "1 process"
+  return (f"{layout['shards']} processes of {layout['rows_per_process']} "
+          "rows each")
+
+
+def _place(tree, shardings):
+  """`tree` on `shardings` (a no-op for arrays already there). With
+  several processes a host array, or one on this process's devices, is
+  sliced from its host copy (the same in every process)."""
+  def put(x, s):
+    if jax.process_count() == 1 or (isinstance(x, jax.Array)
+                                    and not x.is_fully_addressable):
+      return jax.device_put(x, s)
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, s, lambda i: x[i])
+  return jax.tree.map(put, tree, shardings)
+
+
+def _local_rows(x) -> np.ndarray:
+  """This process's rows of `x` (split on its leading axis over the
+  mesh), in order: what it fed in."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  pieces = {s.index[0].start or 0: s.data for s in x.addressable_shards}
+  return np.concatenate([np.asarray(pieces[k]) for k in sorted(pieces)])
+
+
+def _teacher_forward(method, frozen, mesh: Mesh):
+  """(forward, its jitted function, the teacher placed on `mesh`):
+  `forward(images)` runs `method.teacher_outputs` on this process's
+  `images` (numpy, a multiple of its devices) split over the mesh's
+  devices, with the teacher FSDP-sliced as in training
+  (`sharding.fsdp_shardings`), and returns its rows of the outputs (numpy).
+  """
+  frozen_shardings = sharding.fsdp_shardings(frozen, mesh)
+  frozen = _place(frozen, frozen_shardings)
+  rows = sharding.batch_sharding(mesh)
+  fn = jax.jit(method.teacher_outputs, in_shardings=(frozen_shardings, rows),
+               out_shardings=rows)
+
+  def forward(images):
+    out = fn(frozen, jax.make_array_from_process_local_data(rows, images))
+    return jax.tree.map(_local_rows, out)
+
+  return forward, fn, frozen
+
+
 class TeacherCache:
   """One cache folder, for process `shard_index` of `shard_count`."""
 
@@ -213,9 +290,18 @@ class TeacherCache:
       with open(path) as f:
         stored = json.load(f)
       if stored != m:
+        differs = _differences(m, stored)
+        if all(d.startswith("layout") for d in differs):
+          # The same outputs, cut into other per-process shards.
+          raise ValueError(
+              f"teacher cache {folder} was built by {_layout(stored)} and "
+              f"this run is {_layout(m)}: run with "
+              f"{stored['layout']['shards']} process(es) at that batch size,"
+              " or set --config.teacher_cache=auto or another folder (a "
+              "cache per process layout)")
         raise ValueError(
             f"teacher cache {folder} was built for another "
-            f"{', '.join(_differences(m, stored))} (its manifest.json "
+            f"{', '.join(differs)} (its manifest.json "
             "differs there): set --config.teacher_cache=auto, another "
             "folder, or delete that one")
     else:
@@ -239,55 +325,83 @@ class TeacherCache:
     """The epochs of range(epochs) not yet complete in this shard."""
     return [e for e in range(epochs) if not self.complete(e)]
 
-  def examples(self, epoch: int) -> np.ndarray:
-    """The example indices this process reads in `epoch` (sorted)."""
+  def examples(self, epoch: int, shard: int | None = None) -> np.ndarray:
+    """The example indices process `shard` (default: this one) reads in
+    `epoch` (sorted)."""
     m = self.manifest
     n = m["data"]["examples"]
     if self.shard_count == 1:
       return np.arange(n)
     rows = m["layout"]["rows_per_process"]
     return data.pipeline.process_examples(
-        n, m["seed"], epoch, rows * self.shard_count, self.shard_index,
-        self.shard_count)
+        n, m["seed"], epoch, rows * self.shard_count,
+        self.shard_index if shard is None else shard, self.shard_count)
 
   # -- writing ---------------------------------------------------------------
 
   def build(self, method, frozen, source, transforms, epochs: int, *,
-            batch_size: int = 32, log=None) -> int:
+            mesh: Mesh | None = None, batch_size: int = 32, log=None) -> int:
     """Computes and stores every missing epoch of range(epochs); returns
     the number of epochs it wrote. `frozen` is the teacher's variables
-    (host or device arrays); one jitted forward per `batch_size` examples
-    over this process's devices."""
+    (host arrays, or arrays on `mesh`).
+
+    `mesh` is the run's (data, fsdp) mesh (default: every device, fsdp 1):
+    the teacher is placed on it as training places it (`kd_jax.sharding`:
+    FSDP slices when fsdp > 1, kept sliced in the forward) and each jitted
+    forward's batch, `batch_size` examples of this process (rounded up to
+    a multiple of its devices), is split over its devices. A mesh over
+    several processes makes the build collective: every process calls it
+    at once, for its own shard; they write the epochs missing from any
+    shard, run as many forwards each, and return once all are written."""
+    mesh = sharding.make_mesh() if mesh is None else mesh
+    several = len({d.process_index for d in mesh.devices.flat}) > 1
+    if several and (self.shard_index, self.shard_count) != (
+        jax.process_index(), jax.process_count()):
+      raise ValueError(
+          f"teacher cache {self.folder}: shard {self.shard_index} of "
+          f"{self.shard_count} built by process {jax.process_index()} of "
+          f"{jax.process_count()}; open it with shard_index="
+          "jax.process_index() and a manifest of jax.process_count() shards")
     self._clean()
-    todo = self.missing(epochs)
+    todo = self._missing_anywhere(epochs, several)
     if not todo:
       return 0
-    devices = jax.local_devices()
-    mesh = Mesh(np.array(devices), ("data",))
-    batch_size = -(-batch_size // len(devices)) * len(devices)
-    fn = jax.jit(method.teacher_outputs,
-                 in_shardings=(NamedSharding(mesh, P()),
-                               NamedSharding(mesh, P("data"))),
-                 out_shardings=NamedSharding(mesh, P("data")))
-    frozen = jax.device_put(jax.device_get(frozen), NamedSharding(mesh, P()))
-    # This process's devices only (with several processes, a numpy input
-    # would be taken for a global one).
-    rows = NamedSharding(mesh, P("data"))
-    forward = functools.partial(self._forward, lambda f, x: fn(
-        f, jax.device_put(x, rows)), frozen)
+    local = len(mesh.local_devices)
+    batch_size = -(-batch_size // local) * local
+    forward = functools.partial(self._forward,
+                                _teacher_forward(method, frozen, mesh)[0])
     for epoch in todo:
-      self._write_epoch(epoch, source, transforms, batch_size, forward)
+      shards = range(self.shard_count) if several else [self.shard_index]
+      # As many forwards in every process: each is one collective step.
+      calls = max(-(-len(self.examples(epoch, p)) // batch_size)
+                  for p in shards)
+      self._write_epoch(epoch, source, transforms, batch_size, forward,
+                        calls)
       if log:
         log(f"teacher cache: epoch {epoch + 1}/{epochs} of shard "
             f"{self.shard_index} written to {self.folder}")
+    if several:  # No process trains before every shard is complete.
+      multihost_utils.sync_global_devices("kd_jax teacher cache built")
     return len(todo)
 
-  def _forward(self, fn, frozen, images):
+  def _missing_anywhere(self, epochs, several) -> list[int]:
+    """The epochs of range(epochs) missing from this shard or, with
+    several processes, from any process's shard (each process sees its
+    own: the folder need not be shared). A build killed between two
+    processes' renames is redone by all, so every process writes (or
+    finds) the same epochs."""
+    missing = np.array([not self.complete(e) for e in range(epochs)], bool)
+    if several and epochs:
+      missing = np.asarray(multihost_utils.process_allgather(missing)).any(0)
+    return [e for e in range(epochs) if missing[e]]
+
+  def _forward(self, forward, images):
     global forwards
     forwards += len(images)
-    return jax.tree.map(np.asarray, fn(frozen, images))
+    return forward(images)
 
-  def _write_epoch(self, epoch, source, transforms, batch_size, forward):
+  def _write_epoch(self, epoch, source, transforms, batch_size, forward,
+                   calls):
     m = self.manifest
     names = list(m["outputs"])
     index = self.examples(epoch)
@@ -302,14 +416,19 @@ class TeacherCache:
           arrays[stem] = np.lib.format.open_memmap(
               os.path.join(tmp, f"{stem}.npy"), mode="w+", dtype=dtype,
               shape=(len(index),) + tuple(shape))
-      for start in range(0, len(index), batch_size):
+      for start in range(0, calls * batch_size, batch_size):
         rows = index[start:start + batch_size]
+        # A process with fewer examples than the others runs on a view of
+        # example 0 (discarded) to join their forwards.
         images = np.stack([data.pipeline.example_view(
-            source, m["seed"], epoch, i, transforms)["image"] for i in rows])
-        pad = batch_size - len(rows)  # One shape: one compile.
+            source, m["seed"], epoch, i, transforms)["image"]
+                           for i in (rows if len(rows) else [0])])
+        pad = batch_size - len(images)  # One shape: one compile.
         if pad:
           images = np.concatenate([images, np.repeat(images[-1:], pad, 0)])
         out = forward(images)
+        if not len(rows):
+          continue
         for name, leaf in zip(_names(out), jax.tree.leaves(out)):
           self._store(arrays, name, leaf[:len(rows)],
                       slice(start, start + len(rows)))
@@ -461,14 +580,6 @@ def check(config, name, method, datasets) -> None:
     raise train.ConfigError(
         f"stage {name!r}: teacher_cache caches one teacher's outputs, not "
         "an ensemble's; leave --config.teacher_cache unset")
-  if jax.process_count() > 1:
-    # The per-process shards are built and read as one process would
-    # (tests/test_teacher_cache.py simulates two), but a real several-
-    # process run of the builder is not yet checked.
-    raise train.ConfigError(
-        f"stage {name!r}: teacher_cache is not yet supported with several "
-        "processes; leave --config.teacher_cache unset, or build and train "
-        "in one process")
   if datasets.unlabelled is not None:
     raise train.ConfigError(
         f"stage {name!r}: teacher_cache covers the labelled training set "
@@ -512,10 +623,12 @@ def stage_manifest(config, name, method, frozen, datasets) -> dict:
       rows_per_process=config.batch_size // shards)
 
 
-def for_stage(config, name, workdir, method, frozen, datasets,
-              log=None) -> TeacherCache:
+def for_stage(config, name, workdir, method, frozen, datasets, log=None,
+              mesh=None) -> TeacherCache:
   """Stage `name`'s cache with every epoch its steps read, built where
-  missing (`frozen`: the teacher's variables)."""
+  missing on the run's `mesh` (default `config.mesh`'s) (`frozen`: the
+  teacher's variables). With several processes every process calls it:
+  each builds and reads its own shard."""
   m = stage_manifest(config, name, method, frozen, datasets)
   setting = config.teacher_cache
   folder = auto_folder(m, workdir) if setting == "auto" else setting
@@ -526,6 +639,7 @@ def for_stage(config, name, workdir, method, frozen, datasets,
   steps = train.stage_config(config, name)["steps"]
   cache.build(method, frozen, datasets.train, datasets.train_transforms,
               epochs_needed(steps, config.batch_size, len(datasets.train)),
+              mesh=train.mesh_from_config(config) if mesh is None else mesh,
               batch_size=config.batch_size // jax.process_count(), log=log)
   return cache
 

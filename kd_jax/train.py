@@ -972,7 +972,7 @@ def _train_stage(config, name, workdir, datasets, mesh):
   if teacher_cache.wanted(config, method):
     t = time.perf_counter()
     cache = teacher_cache.for_stage(config, name, workdir, method, frozen,
-                                    datasets, log=logging.info)
+                                    datasets, log=logging.info, mesh=mesh)
     train_ds = make_batches(teacher_outputs=cache.outputs)
     logging.info("stage %s: teacher cache %s ready in %.1f s", name,
                  cache.folder, time.perf_counter() - t)

@@ -176,7 +176,8 @@ def distill_parts():
   return method, frozen, ds.train, value_and_grad
 
 
-def _cache_for(method, frozen, source, folder, dtype, epochs=2, seed=5):
+def _cache_for(method, frozen, source, folder, dtype, epochs=2, seed=5,
+               mesh=None):
   m = teacher_cache.manifest(
       teacher_model={"name": "unet"}, teacher_variables=frozen,
       data_options={"name": "synthetic"}, examples=len(source),
@@ -184,7 +185,8 @@ def _cache_for(method, frozen, source, folder, dtype, epochs=2, seed=5):
       outputs=jax.eval_shape(method.teacher_outputs, frozen,
                              jnp.zeros((1, 16, 16, 1))), dtype=dtype)
   cache = teacher_cache.TeacherCache(folder, m)
-  cache.build(method, frozen, source, AUGMENT, epochs, batch_size=5)
+  cache.build(method, frozen, source, AUGMENT, epochs, batch_size=5,
+              mesh=mesh)
   return cache
 
 
@@ -402,6 +404,108 @@ def test_each_process_stores_and_reads_its_own_examples(linear, tmp_path):
   sizes = [len(teacher_cache.TeacherCache(str(tmp_path), m, p).examples(0))
            for p in (0, 1)]
   assert sum(sizes) == 10
+
+
+def test_cache_of_another_process_layout_is_refused_in_one_line(linear,
+                                                               tmp_path):
+  folder = str(tmp_path)
+  teacher_cache.TeacherCache(folder, _linear_manifest(
+      linear, shard_count=2, rows_per_process=3))
+  with pytest.raises(ValueError) as e:
+    teacher_cache.TeacherCache(folder, _linear_manifest(linear))
+  msg = str(e.value)
+  assert "\n" not in msg and folder in msg
+  assert ("built by 2 processes of 3 rows each and this run is 1 process: "
+          "run with 2 process(es)") in msg
+  assert "--config.teacher_cache=auto" in msg
+
+
+# ----------------------------------------------------------------------------
+# The build on the run's mesh: 8 virtual devices in a subprocess (XLA_FLAGS
+# must be set before jax starts).
+
+
+def fsdp_builds(out):
+  """Builds 2 epochs of the distill teacher's cache (kernels of 8-16
+  channels: most of its bytes sliced) on (data, fsdp) meshes of fsdp 1, 2
+  and 4 over 8 devices; writes each cache's arrays and what the build's
+  jitted forward took for the teacher to `out` (npz and json)."""
+  c = cache_config(None)
+  c.stages.distilled.teacher.model.width = 8
+  ds = data.build(c.data)
+  method, _ = train.build_method(c, "distilled", "", ds.num_classes,
+                                 load_teacher=False)
+  example = ds.train[0]["image"][None]
+  frozen = _random_like(jax.eval_shape(lambda x: method.teacher.init(
+      jax.random.key(2), x, train=False), example), np.random.default_rng(3))
+  arrays, report = {}, {}
+  real, built = teacher_cache._teacher_forward, []
+
+  def spy(*args):  # The build's own forward, as it ran.
+    built.append(real(*args))
+    return built[-1]
+
+  teacher_cache._teacher_forward = spy
+  for fsdp in (1, 2, 4):
+    mesh = train.make_mesh(fsdp=fsdp)
+    folder = os.path.join(os.path.dirname(out), f"fsdp{fsdp}")
+    cache = _cache_for(method, frozen, ds.train, folder, "float32",
+                       mesh=mesh)
+    for epoch in (0, 1):
+      for f in os.listdir(cache.epoch_folder(epoch)):
+        arrays[f"{fsdp}/{epoch}/{f}"] = np.load(os.path.join(
+            cache.epoch_folder(epoch), f))
+    _, fn, placed = built.pop()
+    images = jax.ShapeDtypeStruct((8,) + example.shape[1:], example.dtype)
+    taken = jax.tree.leaves(fn.lower(placed, images).compile(
+    ).input_shardings[0][0])
+    report[fsdp] = [
+        dict(size=int(x.size), spec=[str(a) for a in sh.spec],
+             piece=int(x.addressable_shards[0].data.size))
+        for x, sh in zip(jax.tree.leaves(placed), taken)]
+  np.savez(out + ".npz", **arrays)
+  with open(out + ".json", "w") as f:
+    json.dump(report, f)
+
+
+@pytest.fixture(scope="module")
+def fsdp_results(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("fsdp") / "out")
+  env = dict(os.environ, PYTHONPATH=ROOT,
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  run = subprocess.run(
+      [sys.executable, "-c", "import sys; from tests import "
+       "test_teacher_cache as t; t.fsdp_builds(sys.argv[1])", out],
+      env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  with open(out + ".json") as f:
+    report = {int(k): v for k, v in json.load(f).items()}
+  return dict(np.load(out + ".npz")), report
+
+
+def test_cache_built_on_fsdp_mesh_equals_the_replicated_one(fsdp_results):
+  arrays, _ = fsdp_results
+  names = sorted(k.split("/", 1)[1] for k in arrays if k.startswith("1/"))
+  assert "0/index.npy" in names and "1/logits.npy" in names
+  for fsdp in (2, 4):
+    assert sorted(k.split("/", 1)[1] for k in arrays
+                  if k.startswith(f"{fsdp}/")) == names
+    for name in names:
+      np.testing.assert_allclose(arrays[f"{fsdp}/{name}"],
+                                 arrays[f"1/{name}"], rtol=1e-6, atol=1e-6,
+                                 err_msg=f"fsdp={fsdp} {name}")
+
+
+def test_teacher_stays_sliced_while_building(fsdp_results):
+  """With fsdp=N the forward takes each large teacher array as N slices
+  (one per device of a group), as training holds it; fsdp=1 whole."""
+  _, report = fsdp_results
+  assert all(x["spec"] == [] and x["piece"] == x["size"] for x in report[1])
+  for fsdp in (2, 4):
+    sliced = [x for x in report[fsdp] if "fsdp" in x["spec"]]
+    assert sum(x["size"] for x in sliced) > 0.8 * sum(
+        x["size"] for x in report[fsdp])
+    assert all(x["piece"] * fsdp == x["size"] for x in sliced)
 
 
 def test_config_values():
