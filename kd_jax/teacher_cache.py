@@ -13,9 +13,16 @@ same thing; a step fed from the cache runs the student alone.
 `config.teacher_cache`: unset (None or "": the teacher runs in every step),
 "auto" (the folder `$KD_JAX_CACHE/<teacher>-<key>`, or
 `<workdir>/teacher_cache/<teacher>-<key>` without that variable; <key>
-hashes the manifest, so every stage asking the same thing shares one folder
-and anything else gets its own), or a folder path (refused if it holds a
-cache built for anything else). `config.teacher_cache_dtype` ("float32", "bfloat16" or "float16") is
+hashes the manifest but for its outputs, so every stage of one teacher,
+data, transforms and seed shares one folder), or a folder path (refused if
+it holds a cache built for anything else).
+
+A cache holds the union of the outputs that the run's stages of one teacher,
+data and seed read (`stage_outputs`: logits for one arm, a feature for
+another, both written by the first build), and serves any stage whose
+outputs are among them. A stage asking for outputs that an existing cache
+lacks is refused for a folder path; "auto" then gives it a folder of its
+own (`<teacher>-<key>-<outputs key>`). `config.teacher_cache_dtype` ("float32", "bfloat16" or "float16") is
 the stored type (read back as float32); `config.teacher_cache_top_k` (0 =
 dense) keeps only the k largest logits of classification heads.
 
@@ -161,13 +168,45 @@ def manifest_key(m: dict) -> str:
   return hashlib.sha256(json.dumps(m, sort_keys=True).encode()).hexdigest()
 
 
+def _but_outputs(m: dict) -> dict:
+  return {k: v for k, v in m.items() if k != "outputs"}
+
+
+def refusal(m: dict, stored: dict) -> list[str]:
+  """What keeps a cache of manifest `stored` from serving request `m`: the
+  fields that differ (outputs aside) and each requested output it lacks or
+  holds in another shape; [] when it serves `m`."""
+  out = _differences(_but_outputs(m), _but_outputs(stored))
+  return out + [f"outputs.{n}" for n, shape in m["outputs"].items()
+                if stored["outputs"].get(n) != shape]
+
+
+def _read_manifest(folder):
+  path = os.path.join(folder, "manifest.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
 def auto_folder(m: dict, workdir: str) -> str:
   """The folder of `teacher_cache="auto"`: under `$KD_JAX_CACHE`, else
-  `<workdir>/teacher_cache`, named by the teacher and the manifest's key."""
+  `<workdir>/teacher_cache`, named by the teacher and the key of the
+  manifest but for its outputs; the first such folder (or one of its
+  `-<outputs key>` siblings) that serves `m`, else a new one."""
   root = os.environ.get("KD_JAX_CACHE") or os.path.join(workdir,
                                                         "teacher_cache")
   name = str(m["teacher"]["model"].get("name", "teacher"))
-  return os.path.join(root, f"{name}-{manifest_key(m)[:16]}")
+  base = os.path.join(root, f"{name}-{manifest_key(_but_outputs(m))[:16]}")
+  own = f"{base}-{manifest_key(m['outputs'])[:8]}"
+  siblings = sorted(os.path.join(root, f) for f in (
+      os.listdir(root) if os.path.isdir(root) else ())
+                    if os.path.join(root, f).startswith(base + "-"))
+  for folder in [base] + siblings:
+    stored = _read_manifest(folder)
+    if stored is not None and not refusal(m, stored):
+      return folder
+  return base if _read_manifest(base) is None else own
 
 
 def _differences(a, b, prefix="") -> list[str]:
@@ -202,25 +241,29 @@ class TeacherCache:
   """One cache folder, for process `shard_index` of `shard_count`."""
 
   def __init__(self, folder: str, m: dict, shard_index: int = 0):
-    """Opens (or starts) the cache at `folder` for manifest `m`; a folder
-    holding another manifest is refused (ValueError, one line naming the
-    fields that differ)."""
-    self.folder, self.manifest = folder, m
-    self.shard_index = int(shard_index)
-    self.shard_count = m["layout"]["shards"]
-    path = os.path.join(folder, "manifest.json")
-    if os.path.exists(path):
-      with open(path) as f:
-        stored = json.load(f)
-      if stored != m:
+    """Opens (or starts) the cache at `folder` for manifest `m`. A folder
+    whose manifest equals `m` but for holding more outputs serves `m`'s
+    (`self.manifest` is the stored one, `self.served` the outputs read
+    back); any other is refused (ValueError, one line naming the fields
+    that differ)."""
+    stored = _read_manifest(folder)
+    if stored is not None:
+      differ = refusal(m, stored)
+      if differ:
         raise ValueError(
             f"teacher cache {folder} was built for another "
-            f"{', '.join(_differences(m, stored))} (its manifest.json "
-            "differs there): set --config.teacher_cache=auto, another "
-            "folder, or delete that one")
+            f"{', '.join(differ)} (its manifest.json differs there): set "
+            "--config.teacher_cache=auto, another folder, or delete that "
+            "one")
     else:
       os.makedirs(folder, exist_ok=True)
-      _write_atomic(path, json.dumps(m, indent=1, sort_keys=True))
+      _write_atomic(os.path.join(folder, "manifest.json"),
+                    json.dumps(m, indent=1, sort_keys=True))
+      stored = m
+    self.folder, self.manifest = folder, stored
+    self.served = dict(m["outputs"])
+    self.shard_index = int(shard_index)
+    self.shard_count = stored["layout"]["shards"]
     self.shard = os.path.join(
         folder, f"shard-{self.shard_index}-of-{self.shard_count}")
     os.makedirs(self.shard, exist_ok=True)
@@ -391,7 +434,7 @@ class TeacherCache:
       raise KeyError(f"teacher cache {self.folder}: example {index} of epoch "
                      f"{epoch} is not in process {self.shard_index}'s shard")
     out = {}
-    for name, shape in self.manifest["outputs"].items():
+    for name, shape in self.served.items():
       value = (self._dense_top_k(files, name, shape[0], row)
                if _is_top_k(name, shape, self.manifest["top_k"])
                else self._get(files[name][row]))
@@ -443,9 +486,11 @@ def _alive(pid: int) -> bool:
 
 
 def wanted(config, method) -> bool:
-  """Whether the stage of `method` reads its teacher from a cache."""
-  return bool(config.get("teacher_cache")) and hasattr(method,
-                                                       "teacher_outputs")
+  """Whether the stage of `method` reads its teacher from a cache (its
+  method names the teacher outputs it reads and computes any of them:
+  `teacher_output_names`, `teacher_outputs(frozen, images, outputs)`)."""
+  return bool(config.get("teacher_cache")) and hasattr(
+      method, "teacher_output_names")
 
 
 def check(config, name, method, datasets) -> None:
@@ -457,10 +502,6 @@ def check(config, name, method, datasets) -> None:
         f"teacher_cache={setting!r}: set --config.teacher_cache=auto (a "
         "folder shared by every stage asking the same thing) or a folder "
         "path, or leave it unset (no cache)")
-  if getattr(method, "ensemble", False):
-    raise train.ConfigError(
-        f"stage {name!r}: teacher_cache caches one teacher's outputs, not "
-        "an ensemble's; leave --config.teacher_cache unset")
   if jax.process_count() > 1:
     # The per-process shards are built and read as one process would
     # (tests/test_teacher_cache.py simulates two), but a real several-
@@ -488,19 +529,69 @@ def epochs_needed(steps: int, batch_size: int, examples: int) -> int:
   return -(-steps * batch_size // examples)
 
 
+def _shared_by(s) -> tuple:
+  """What stages reading one cache have in common: the teacher (its model
+  and where its variables come from), the data and the seed."""
+  return (s.get("teacher"), s.get("teachers"), s["data"], s["seed"])
+
+
+def stage_outputs(config, name, method, datasets) -> list[str]:
+  """The outputs stage `name`'s cache holds: the union of those that the
+  stages of `config.stage_order` distilling the same teacher on the same
+  data with the same seed read (one build serves them all)."""
+  names = set(method.teacher_output_names())
+  shared = _shared_by(train.stage_config(config, name))
+  heads = train.run_heads(config, datasets)
+  for other in config.stage_order:
+    if other == name or _shared_by(train.stage_config(config, other)) != (
+        shared):
+      continue
+    peer, _ = train.build_method(config, other, "", datasets.num_classes,
+                                 load_teacher=False, heads=heads)
+    names |= set(getattr(peer, "teacher_output_names", list)())
+  return sorted(names)
+
+
+def _teacher_model(s) -> dict:
+  """The teacher's model config (an ensemble's: its members')."""
+  if s.get("teachers"):
+    members = [_plain(t["model"]) for t in s["teachers"]]
+    return dict(name=f"ensemble-{members[0].get('name', 'teacher')}",
+                members=members)
+  return _plain(s["teacher"]["model"])
+
+
+def _group(name: str) -> str:
+  """The `teacher_outputs` name ("logits", "features.<name>") of a stored
+  output ("logits.<head>" for a head of several)."""
+  parts = name.split(".")
+  return "logits" if parts[0] == "logits" else ".".join(parts[:2])
+
+
+class _Outputs:
+  """A method's teacher giving the outputs `names` (a cache's)."""
+
+  def __init__(self, method, names):
+    self.method, self.names = method, list(names)
+
+  def teacher_outputs(self, frozen, images):
+    return self.method.teacher_outputs(frozen, images, outputs=self.names)
+
+
 def stage_manifest(config, name, method, frozen, datasets) -> dict:
   """The manifest of stage `name`'s cache (`frozen`: the teacher's
-  variables)."""
+  variables), its outputs those of `stage_outputs`."""
   s = train.stage_config(config, name)
   source, transforms = datasets.train, datasets.train_transforms
   image = np.asarray(data.pipeline.example_view(
       source, s["seed"], 0, 0, transforms)["image"])
-  outputs = jax.eval_shape(method.teacher_outputs, frozen,
+  forward = _Outputs(method, stage_outputs(config, name, method, datasets))
+  outputs = jax.eval_shape(forward.teacher_outputs, frozen,
                            jax.ShapeDtypeStruct((1,) + image.shape,
                                                 image.dtype))
   shards = jax.process_count()
   return manifest(
-      teacher_model=dict(_plain(s["teacher"]["model"]),
+      teacher_model=dict(_teacher_model(s),
                          compute_dtype=config.get("compute_dtype"),
                          layers=config.get("layers")),
       teacher_variables=frozen,
@@ -515,7 +606,8 @@ def stage_manifest(config, name, method, frozen, datasets) -> dict:
 def for_stage(config, name, workdir, method, frozen, datasets,
               log=None) -> TeacherCache:
   """Stage `name`'s cache with every epoch its steps read, built where
-  missing (`frozen`: the teacher's variables)."""
+  missing (`frozen`: the teacher's variables); its reader gives the
+  outputs `method` reads."""
   m = stage_manifest(config, name, method, frozen, datasets)
   setting = config.teacher_cache
   folder = auto_folder(m, workdir) if setting == "auto" else setting
@@ -523,8 +615,15 @@ def for_stage(config, name, workdir, method, frozen, datasets,
     cache = TeacherCache(folder, m, jax.process_index())
   except ValueError as e:
     raise train.ConfigError(f"stage {name!r}: {e}") from None
+  reads = set(method.teacher_output_names())
+  cache.served = {n: shape for n, shape in m["outputs"].items()
+                  if _group(n) in reads}
   steps = train.stage_config(config, name)["steps"]
-  cache.build(method, frozen, datasets.train, datasets.train_transforms,
+  # Epochs are built with every output the folder holds (maybe more than
+  # this run's stages read: an earlier run's union).
+  cache.build(_Outputs(method, sorted({_group(n) for n in cache.manifest[
+      "outputs"]})), frozen,
+              datasets.train, datasets.train_transforms,
               epochs_needed(steps, config.batch_size, len(datasets.train)),
               batch_size=config.batch_size // jax.process_count(), log=log)
   return cache
