@@ -244,6 +244,71 @@ def test_auto_folder_is_shared_by_stages_asking_the_same(
       c, "again", method, frozen, ds), "") != first.folder
 
 
+def test_stages_reading_different_outputs_share_one_build(
+    distill_parts, tmp_path, monkeypatch):
+  """A logits-only stage and a logits + features stage of one teacher, data
+  and seed: the first build stores the union, the second stage builds
+  nothing and each reads its own outputs; a later run of another config
+  reading a subset is served by that folder too."""
+  monkeypatch.setenv("KD_JAX_CACHE", str(tmp_path))
+  c = cache_config("auto", steps=3)
+  logits_only = c.stages.distilled.to_dict()
+  logits_only["losses"] = dict(ce=dict(fn="cross_entropy"),
+                               kd=dict(fn="kd_kl", temperature=2.0))
+  c.stages["logits_only"] = logits_only
+  c.stage_order = tuple(c.stage_order) + ("logits_only",)
+  ds = data.build(c.data)
+  method, frozen, _, _ = distill_parts  # Stage "distilled"'s.
+  kd_only, _ = train.build_method(c, "logits_only", "", ds.num_classes,
+                                  load_teacher=False)
+  before = teacher_cache.forwards
+  first = teacher_cache.for_stage(c, "logits_only", "", kd_only, frozen, ds)
+  assert teacher_cache.forwards - before == 12  # 3·4 rows: one epoch.
+  assert sorted(first.manifest["outputs"]) == [
+      "features.bottleneck", "features.enc1", "logits"]
+  second = teacher_cache.for_stage(c, "distilled", "", method, frozen, ds)
+  assert teacher_cache.forwards - before == 12
+  assert second.folder == first.folder
+  x = pipeline.example_view(ds.train, 0, 0, 3, ds.train_transforms)["image"]
+  want = jax.tree.map(lambda a: np.asarray(a[0]), method.teacher_outputs(
+      frozen, x[None]))
+  assert set(first.outputs(0, 3)) == {"logits"}
+  got = second.outputs(0, 3)
+  assert set(got) == {"logits", "features"}
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       atol=1e-6), got, want)
+  # Another run whose config has the logits-only stage alone.
+  alone = cache_config("auto", steps=3)
+  alone.stages.distilled.losses = logits_only["losses"]
+  third = teacher_cache.for_stage(alone, "distilled", "", kd_only, frozen, ds)
+  assert third.folder == first.folder
+  assert teacher_cache.forwards - before == 12
+
+
+def test_a_cache_serves_subsets_and_refuses_what_it_lacks(linear, tmp_path,
+                                                          monkeypatch):
+  method, frozen, _ = linear
+  full = _linear_manifest(linear)
+  logits = dict(full, outputs={"logits": full["outputs"]["logits"]})
+  folder = str(tmp_path / "c")
+  teacher_cache.TeacherCache(folder, full)
+  assert teacher_cache.TeacherCache(folder, logits).served == {
+      "logits": [12]}
+  more = dict(full, outputs=dict(full["outputs"], **{"features.max": [1]}))
+  with pytest.raises(ValueError, match=r"another outputs\.features\.max "):
+    teacher_cache.TeacherCache(folder, more)
+  # "auto": the serving folder, else a folder of the request's own.
+  monkeypatch.setenv("KD_JAX_CACHE", str(tmp_path / "root"))
+  base = teacher_cache.auto_folder(full, "")
+  teacher_cache.TeacherCache(base, full)
+  assert teacher_cache.auto_folder(logits, "") == base
+  own = teacher_cache.auto_folder(more, "")
+  assert own.startswith(base + "-")
+  teacher_cache.TeacherCache(own, more)
+  assert teacher_cache.auto_folder(more, "") == own
+  assert teacher_cache.auto_folder(dict(full, seed=9), "") != base
+
+
 # ----------------------------------------------------------------------------
 # Storage, with a linear stand-in teacher (the cache only sees
 # `teacher_outputs`).
