@@ -425,19 +425,30 @@ class TeacherCache:
           del self._open[next(iter(self._open))]
       return self._open[epoch]
 
-  def outputs(self, epoch: int, index: int):
-    """Example `index`'s teacher outputs for its epoch-`epoch` view, as
-    float32 numpy arrays in the pytree `method.teacher_outputs` returns."""
-    files = self._epoch(int(epoch))
-    row = int(np.searchsorted(files["index"], index))
-    if row >= len(files["index"]) or files["index"][row] != index:
-      raise KeyError(f"teacher cache {self.folder}: example {index} of epoch "
-                     f"{epoch} is not in process {self.shard_index}'s shard")
+  def batch_outputs(self, epochs, indices):
+    """The teacher outputs of examples `indices`, each for its view of
+    epoch `epochs[i]`, stacked on a leading axis in the pytree of
+    `method.teacher_outputs` (a batch reader for
+    `data.pipeline.train_batches`): one fancy-index per stored array and
+    epoch. Dense outputs keep the stored dtype, so float16 and bfloat16
+    travel to the device as such and are cast there
+    (`data.pipeline.decode`); top-k logits come back dense, float32."""
+    epochs = np.asarray(epochs, np.int64)
+    indices = np.asarray(indices, np.int64)
+    flat = {}
+    for epoch in np.unique(epochs):
+      mine = np.flatnonzero(epochs == epoch)
+      files = self._epoch(int(epoch))
+      rows = self._rows(files, indices[mine], epoch)
+      for name, shape in self.served.items():
+        part = (self._dense_top_k(files, name, shape[0], rows)
+                if _is_top_k(name, shape, self.manifest["top_k"])
+                else self._read(files[name], rows))
+        if name not in flat:
+          flat[name] = np.empty((len(indices),) + part.shape[1:], part.dtype)
+        flat[name][mine] = part
     out = {}
-    for name, shape in self.served.items():
-      value = (self._dense_top_k(files, name, shape[0], row)
-               if _is_top_k(name, shape, self.manifest["top_k"])
-               else self._get(files[name][row]))
+    for name, value in flat.items():
       node = out
       *parents, leaf = name.split(".")
       for p in parents:
@@ -445,19 +456,38 @@ class TeacherCache:
       node[leaf] = value
     return out
 
-  def _get(self, stored):
-    if self.manifest["dtype"] == "bfloat16":
-      stored = np.asarray(stored).view(ml_dtypes.bfloat16)
-    return np.asarray(stored, np.float32)
+  def outputs(self, epoch: int, index: int):
+    """Example `index`'s teacher outputs for its epoch-`epoch` view, as
+    float32 numpy arrays in the pytree `method.teacher_outputs` returns."""
+    return jax.tree.map(lambda x: np.asarray(x[0], np.float32),
+                        self.batch_outputs([epoch], [index]))
 
-  def _dense_top_k(self, files, name, classes, row):
-    values = self._get(files[f"{name}.values"][row])
-    lse = float(files[f"{name}.lse"][row])
-    kept = float(np.exp(values.astype(np.float64) - lse).sum())
-    rest = max(1.0 - kept, MIN_REST)
-    fill = lse + np.log(rest) - np.log(classes - len(values))
-    dense = np.full((classes,), fill, np.float32)
-    dense[files[f"{name}.indices"][row]] = values
+  def _rows(self, files, indices, epoch):
+    """The rows of examples `indices` in an epoch's files."""
+    stored = files["index"]
+    rows = np.searchsorted(stored, indices)
+    found = stored[np.minimum(rows, len(stored) - 1)] == indices
+    if not found.all():
+      raise KeyError(f"teacher cache {self.folder}: example "
+                     f"{indices[~found][0]} of epoch {epoch} is not in "
+                     f"process {self.shard_index}'s shard")
+    return rows
+
+  def _read(self, array, rows):
+    out = array[rows]  # A copy of those rows out of the memory map.
+    if self.manifest["dtype"] == "bfloat16":
+      out = out.view(ml_dtypes.bfloat16)
+    return out
+
+  def _dense_top_k(self, files, name, classes, rows):
+    values = self._read(files[f"{name}.values"], rows).astype(np.float32)
+    lse = np.asarray(files[f"{name}.lse"][rows], np.float64)
+    kept = np.exp(values.astype(np.float64) - lse[:, None]).sum(-1)
+    rest = np.maximum(1.0 - kept, MIN_REST)
+    fill = lse + np.log(rest) - np.log(classes - values.shape[1])
+    dense = np.repeat(fill.astype(np.float32)[:, None], classes, axis=1)
+    np.put_along_axis(dense, np.asarray(files[f"{name}.indices"][rows],
+                                        np.int64), values, axis=1)
     return dense
 
 

@@ -169,6 +169,7 @@ def distill_parts():
 
   @jax.jit
   def value_and_grad(frozen, batch):
+    batch = pipeline.decode(batch)  # As the train step: cached outputs float32.
     fn = lambda p: method.loss_fn(p, variables["batch_stats"], frozen, batch,
                                   jax.random.key(1))[0]
     return jax.value_and_grad(fn)(variables["params"])
@@ -200,15 +201,16 @@ def test_step_from_cache_equals_live_teacher(distill_parts, tmp_path, dtype):
                                 transforms=AUGMENT)[1]  # Rows 8..15: 2 epochs.
   cached = pipeline.train_batches(source, batch_size=8, seed=5,
                                   transforms=AUGMENT,
-                                  teacher_outputs=cache.outputs)[1]
+                                  teacher_outputs=cache.batch_outputs)[1]
   np.testing.assert_array_equal(cached["image"], live["image"])
   assert set(cached["teacher"]) == {"logits", "features"}
   if dtype == "float32":
     loss, grads = value_and_grad(frozen, live)  # The teacher runs in the step.
   else:
-    teacher = jax.tree.map(
-        lambda x: np.asarray(x).astype(ml_dtypes.bfloat16).astype(np.float32),
-        method.teacher_outputs(frozen, live["image"]))
+    # The cache's outputs travel in bfloat16; the step casts them.
+    assert cached["teacher"]["logits"].dtype == ml_dtypes.bfloat16
+    teacher = jax.tree.map(lambda x: np.asarray(x).astype(ml_dtypes.bfloat16),
+                           method.teacher_outputs(frozen, live["image"]))
     loss, grads = value_and_grad(frozen, dict(live, teacher=teacher))
   # `frozen` is passed (one compile for both) but unread: the batch has it.
   c_loss, c_grads = value_and_grad(frozen, cached)
@@ -457,7 +459,7 @@ def test_each_process_stores_and_reads_its_own_examples(linear, tmp_path):
     cache.build(method, frozen, source, AUGMENT, 2, batch_size=4)
     ds = pipeline.train_batches(source, batch_size=6, seed=2,
                                 transforms=AUGMENT, shard_index=p,
-                                shard_count=2, teacher_outputs=cache.outputs)
+                                shard_count=2, teacher_outputs=cache.batch_outputs)
     for step in (0, 1, 2):  # Stream rows 0..17: epochs 0 and 1.
       b = ds[step]
       want = method.teacher_outputs(frozen, b["image"])

@@ -185,7 +185,7 @@ def recipe(request, tmp_path_factory):
   cache.build(method, frozen, source, AUGMENT, 2, batch_size=3)
   live, cached = (pipeline.train_batches(
       source, batch_size=BATCH, seed=SEED, transforms=AUGMENT,
-      teacher_outputs=outputs)[1] for outputs in (None, cache.outputs))
+      teacher_outputs=outputs)[1] for outputs in (None, cache.batch_outputs))
   outputs = jax.jit(method.teacher_outputs, compiler_options=FAST)(
       frozen, live["image"])
   step = jax.jit(train.make_train_step(method, tx), compiler_options=FAST)
