@@ -121,7 +121,8 @@ def get_config(arg=None):
   config.data.workers = 0
   config.data.transfer_dtype = "float32"
   # "auto" or a folder: the members' stacked outputs from
-  # kd_jax.teacher_cache (not for kd_unlabelled: its pool is not cached).
+  # kd_jax.teacher_cache (refused by the idrid preset's kd_unlabelled
+  # stage: its unlabelled pool is not cached).
   config.teacher_cache = ml_collections.config_dict.placeholder(str)
   config.teacher_cache_dtype = "float32"
   config.teacher_cache_top_k = 0

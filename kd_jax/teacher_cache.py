@@ -22,9 +22,13 @@ data and seed read (`stage_outputs`: logits for one arm, a feature for
 another, both written by the first build), and serves any stage whose
 outputs are among them. A stage asking for outputs that an existing cache
 lacks is refused for a folder path; "auto" then gives it a folder of its
-own (`<teacher>-<key>-<outputs key>`). `config.teacher_cache_dtype` ("float32", "bfloat16" or "float16") is
-the stored type (read back as float32); `config.teacher_cache_top_k` (0 =
-dense) keeps only the k largest logits of classification heads.
+own (`<teacher>-<key>-<outputs key>`). An ensemble's cache holds its
+members' logits stacked per example.
+
+`config.teacher_cache_dtype` ("float32", "bfloat16" or "float16") is the
+stored type (a batch keeps it on its way to the device and is cast to
+float32 in the step, `data.pipeline.decode`); `config.teacher_cache_top_k`
+(0 = dense) keeps only the k largest logits of classification heads.
 
 Layout of a cache folder:
 
