@@ -440,7 +440,8 @@ class TeacherCache:
     epochs = np.asarray(epochs, np.int64)
     indices = np.asarray(indices, np.int64)
     flat = {}
-    for epoch in np.unique(epochs):
+    parts = np.unique(epochs)
+    for epoch in parts:
       mine = np.flatnonzero(epochs == epoch)
       files = self._epoch(int(epoch))
       rows = self._rows(files, indices[mine], epoch)
@@ -448,6 +449,9 @@ class TeacherCache:
         part = (self._dense_top_k(files, name, shape[0], rows)
                 if _is_top_k(name, shape, self.manifest["top_k"])
                 else self._read(files[name], rows))
+        if len(parts) == 1:  # The whole batch in one gather.
+          flat[name] = part
+          continue
         if name not in flat:
           flat[name] = np.empty((len(indices),) + part.shape[1:], part.dtype)
         flat[name][mine] = part
@@ -478,7 +482,9 @@ class TeacherCache:
     return rows
 
   def _read(self, array, rows):
-    out = array[rows]  # A copy of those rows out of the memory map.
+    # A copy of those rows out of the memory map (a plain ndarray: numpy's
+    # memmap subclass costs more per call than the copy itself).
+    out = np.asarray(array)[rows]
     if self.manifest["dtype"] == "bfloat16":
       out = out.view(ml_dtypes.bfloat16)
     return out
