@@ -6,13 +6,17 @@
 - **study**: a tiny distillation study on synthetic CT
   (`tiny_study_config`): 3 arms (KD at T=4; KD at T=2; KD + hint) ×
   2 seeds distil one trained teacher, once with the teacher live in every
-  step and once with `teacher_cache="auto"` (one cache per seed, shared by
-  that seed's arms). Prints the teacher forwards (examples through the
-  teacher) and the wall time of every run, cache builds included.
+  step and once with `teacher_cache="auto"` (one cache per seed, holding
+  the union of the outputs the arms read, shared by that seed's arms).
+  Prints the teacher forwards (examples through the teacher) and the wall
+  time of every run, cache builds included.
 - **steps**: seconds per jitted step, interleaved rounds: the distill step
-  with the live teacher, the same step fed the teacher outputs of a cache,
-  and the student alone (the "baseline" stage: CE + Dice). The goal is a
-  cached step within 1.1× the student-only step.
+  with the live teacher, the same step fed the teacher outputs of a cache
+  (KD + hint, and KD alone), and the student alone (the "baseline" stage:
+  CE + Dice). The goal is a cached step within 1.1× the student-only step.
+  Then the host's side, also interleaved: milliseconds to assemble one
+  batch (augmented views) without a cache and with the cached outputs of
+  KD + hint read with it, stored in float32 and in bfloat16.
 - **sizes**: bytes on disk per example and epoch of every distill stage of
   the recipe configs, from shapes alone (`jax.eval_shape`), for float32,
   bfloat16 and bfloat16 with top-10 logits.
@@ -35,8 +39,8 @@ import numpy as np  # noqa: E402
 
 from kd_jax import data, teacher_cache, train  # noqa: E402
 
-# Two arms read the teacher's logits alone (they share one cache per seed);
-# the third also reads a teacher feature, so it needs a cache of its own.
+# Two arms read the teacher's logits alone, the third also a teacher
+# feature: one cache per seed holds both (the union of the arms' outputs).
 ARMS = {
     "kd_t4": dict(kd=dict(fn="kd_kl", temperature=4.0)),
     "kd_t2": dict(kd=dict(fn="kd_kl", temperature=2.0, weight=0.5)),
@@ -94,10 +98,12 @@ def study(steps, root):
       for arm in ARMS:
         cfg = tiny_study_config(steps)
         cfg.teacher_cache = cache
-        cfg.stages[arm].seed = seed
-        cfg.stages[arm].teacher.stage = ""
-        cfg.stages[arm].teacher.checkpoint = os.path.join(teacher_dir,
-                                                          "teacher")
+        cfg.stage_order = tuple(ARMS)  # A study of the arms.
+        for name in ARMS:
+          cfg.stages[name].seed = seed
+          cfg.stages[name].teacher.stage = ""
+          cfg.stages[name].teacher.checkpoint = os.path.join(teacher_dir,
+                                                             "teacher")
         workdir = os.path.join(root, f"{cache}_{seed}_{arm}")
         before, t = teacher_cache.forwards, time.perf_counter()
         train.train_stage(cfg, arm, workdir, ds)
@@ -130,16 +136,22 @@ def _random_like(tree, rng):
   return jax.tree_util.tree_map_with_path(fill, tree)
 
 
+# (row, stage): the distill step with the teacher live and fed from the
+# cache, for KD + hint (logits and a feature) and KD alone (logits), and the
+# student alone (CE + Dice).
+STEPS = (("live teacher, kd_hint", "kd_hint"), ("cached, kd_hint", "kd_hint"),
+         ("cached, kd_t4", "kd_t4"), ("student only", "baseline"))
+
+
 def _step_fns(c, ds):
-  """{name: (jitted step, state, batch, frozen)} for the three steps."""
+  """{name: (jitted step, state, batch, frozen)} for the `STEPS`."""
   mesh = train.make_mesh()
   batches = data.pipeline.train_batches(
       ds.train, batch_size=c.batch_size, seed=0,
       transforms=ds.train_transforms)
   batch = batches[0]
   out = {}
-  for name, stage in (("live teacher", "kd_hint"), ("cached", "kd_hint"),
-                      ("student only", "baseline")):
+  for name, stage in STEPS:
     method, _ = train.build_method(c, stage, "", ds.num_classes,
                                    load_teacher=False)
     s = train.stage_config(c, stage)
@@ -157,7 +169,7 @@ def _step_fns(c, ds):
           jax.random.key(1), x, train=False), example), rng)
       frozen = {"params": frozen["params"],
                 "batch_stats": frozen.get("batch_stats", {})}
-      if name == "cached":
+      if name.startswith("cached"):
         b["teacher"] = jax.tree.map(np.asarray, jax.jit(
             method.teacher_outputs)(frozen, b["image"]))
     step = train.jit_train_step(train.make_train_step(method, tx), mesh)
@@ -187,6 +199,43 @@ def steps_timing(rounds, per_round):
   print("|---|---|---|")
   for k, v in med.items():
     print(f"| {k} | {1e3 * v:.1f} | {v / med['student only']:.2f}× |")
+
+
+def host_timing(rounds, batches=24):
+  """Milliseconds per batch assembled on the host, interleaved rounds."""
+  c = tiny_study_config(rounds * batches)
+  c.teacher_cache = "auto"
+  c.stage_order = tuple(ARMS)
+  ds = data.build(c.data)
+  method, _ = train.build_method(c, "kd_hint", "", ds.num_classes,
+                                 load_teacher=False)
+  example = jnp.asarray(ds.train[0]["image"][None])
+  frozen = _random_like(jax.eval_shape(lambda x: method.teacher.init(
+      jax.random.key(1), x, train=False), example), np.random.default_rng(0))
+  frozen = {"params": frozen["params"],
+            "batch_stats": frozen.get("batch_stats", {})}
+  streams = {"no cache": None}
+  with tempfile.TemporaryDirectory() as root:
+    os.environ["KD_JAX_CACHE"] = root
+    for dtype in ("float32", "bfloat16"):
+      c.teacher_cache_dtype = dtype
+      cache = teacher_cache.for_stage(c, "kd_hint", root, method, frozen, ds)
+      streams[f"cache, {dtype}"] = cache.batch_outputs
+    streams = {k: data.pipeline.train_batches(
+        ds.train, batch_size=c.batch_size, seed=0,
+        transforms=ds.train_transforms, teacher_outputs=v)
+               for k, v in streams.items()}
+    times = {k: [] for k in streams}
+    for r in range(rounds):
+      for k, stream in streams.items():
+        t = time.perf_counter()
+        for i in range(r * batches, (r + 1) * batches):
+          stream[i]  # pylint: disable=pointless-statement
+        times[k].append((time.perf_counter() - t) / batches)
+  print("\n| host batch (8 views, 32×32) | median ms |")
+  print("|---|---|")
+  for k, v in times.items():
+    print(f"| {k} | {1e3 * float(np.median(v)):.1f} |")
 
 
 def _load(path, arg):
@@ -235,9 +284,6 @@ def sizes():
                 for f in frozen]
       frozen = frozen if method.ensemble else frozen[0]
       out = jax.eval_shape(method.teacher_outputs, frozen, x)
-      if method.ensemble:  # (E, B, ...): the batch on axis 1.
-        out = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
-            (a.shape[1], a.shape[0]) + a.shape[2:], a.dtype), out)
       sizes_ = []
       for dtype, k in (("float32", 0), ("bfloat16", 0), ("bfloat16", 10)):
         m = teacher_cache.manifest(
@@ -249,8 +295,7 @@ def sizes():
                          for n, v in m["outputs"].items())
       epochs = math.ceil(train.stage_config(c, name)["steps"] * c.batch_size
                          / len(sds.train))
-      note = " (ensemble: refused)" if method.ensemble else ""
-      print(f"| {path}{':' + arg if arg else ''} | {name}{note} | "
+      print(f"| {path}{':' + arg if arg else ''} | {name} | "
             f"{image.shape} | {len(sds.train)} | {epochs} | {shapes} | "
             + " | ".join(_size(b) for b in sizes_)
             + f" | {_size(sizes_[1] * len(sds.train) * epochs)} |")
@@ -269,6 +314,7 @@ def main():
     sizes()
   if "steps" in parts:
     steps_timing(args.rounds, args.per_round)
+    host_timing(args.rounds)
   if "study" in parts:
     with tempfile.TemporaryDirectory() as root:
       study(args.steps, root)

@@ -120,6 +120,12 @@ def get_config(arg=None):
   # --config.data.workers=8 --config.data.transfer_dtype=uint8.
   config.data.workers = 0
   config.data.transfer_dtype = "float32"
+  # "auto" or a folder: the members' stacked outputs from
+  # kd_jax.teacher_cache (refused by the idrid preset's kd_unlabelled
+  # stage: its unlabelled pool is not cached).
+  config.teacher_cache = ml_collections.config_dict.placeholder(str)
+  config.teacher_cache_dtype = "float32"
+  config.teacher_cache_top_k = 0
   config.heads = {h: {} for h in HEADS}
 
   if full:

@@ -13,11 +13,22 @@ same thing; a step fed from the cache runs the student alone.
 `config.teacher_cache`: unset (None or "": the teacher runs in every step),
 "auto" (the folder `$KD_JAX_CACHE/<teacher>-<key>`, or
 `<workdir>/teacher_cache/<teacher>-<key>` without that variable; <key>
-hashes the manifest, so every stage asking the same thing shares one folder
-and anything else gets its own), or a folder path (refused if it holds a
-cache built for anything else). `config.teacher_cache_dtype` ("float32", "bfloat16" or "float16") is
-the stored type (read back as float32); `config.teacher_cache_top_k` (0 =
-dense) keeps only the k largest logits of classification heads.
+hashes the manifest but for its outputs, so every stage of one teacher,
+data, transforms and seed shares one folder), or a folder path (refused if
+it holds a cache built for anything else).
+
+A cache holds the union of the outputs that the run's stages of one teacher,
+data and seed read (`stage_outputs`: logits for one arm, a feature for
+another, both written by the first build), and serves any stage whose
+outputs are among them. A stage asking for outputs that an existing cache
+lacks is refused for a folder path; "auto" then gives it a folder of its
+own (`<teacher>-<key>-<outputs key>`). An ensemble's cache holds its
+members' logits stacked per example.
+
+`config.teacher_cache_dtype` ("float32", "bfloat16" or "float16") is the
+stored type (a batch keeps it on its way to the device and is cast to
+float32 in the step, `data.pipeline.decode`); `config.teacher_cache_top_k`
+(0 = dense) keeps only the k largest logits of classification heads.
 
 Layout of a cache folder:
 
@@ -188,13 +199,45 @@ def manifest_key(m: dict) -> str:
   return hashlib.sha256(json.dumps(m, sort_keys=True).encode()).hexdigest()
 
 
+def _but_outputs(m: dict) -> dict:
+  return {k: v for k, v in m.items() if k != "outputs"}
+
+
+def refusal(m: dict, stored: dict) -> list[str]:
+  """What keeps a cache of manifest `stored` from serving request `m`: the
+  fields that differ (outputs aside) and each requested output it lacks or
+  holds in another shape; [] when it serves `m`."""
+  out = _differences(_but_outputs(m), _but_outputs(stored))
+  return out + [f"outputs.{n}" for n, shape in m["outputs"].items()
+                if stored["outputs"].get(n) != shape]
+
+
+def _read_manifest(folder):
+  path = os.path.join(folder, "manifest.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
 def auto_folder(m: dict, workdir: str) -> str:
   """The folder of `teacher_cache="auto"`: under `$KD_JAX_CACHE`, else
-  `<workdir>/teacher_cache`, named by the teacher and the manifest's key."""
+  `<workdir>/teacher_cache`, named by the teacher and the key of the
+  manifest but for its outputs; the first such folder (or one of its
+  `-<outputs key>` siblings) that serves `m`, else a new one."""
   root = os.environ.get("KD_JAX_CACHE") or os.path.join(workdir,
                                                         "teacher_cache")
   name = str(m["teacher"]["model"].get("name", "teacher"))
-  return os.path.join(root, f"{name}-{manifest_key(m)[:16]}")
+  base = os.path.join(root, f"{name}-{manifest_key(_but_outputs(m))[:16]}")
+  own = f"{base}-{manifest_key(m['outputs'])[:8]}"
+  siblings = sorted(os.path.join(root, f) for f in (
+      os.listdir(root) if os.path.isdir(root) else ())
+                    if os.path.join(root, f).startswith(base + "-"))
+  for folder in [base] + siblings:
+    stored = _read_manifest(folder)
+    if stored is not None and not refusal(m, stored):
+      return folder
+  return base if _read_manifest(base) is None else own
 
 
 def _differences(a, b, prefix="") -> list[str]:
@@ -279,34 +322,37 @@ class TeacherCache:
   """One cache folder, for process `shard_index` of `shard_count`."""
 
   def __init__(self, folder: str, m: dict, shard_index: int = 0):
-    """Opens (or starts) the cache at `folder` for manifest `m`; a folder
-    holding another manifest is refused (ValueError, one line naming the
-    fields that differ)."""
-    self.folder, self.manifest = folder, m
-    self.shard_index = int(shard_index)
-    self.shard_count = m["layout"]["shards"]
-    path = os.path.join(folder, "manifest.json")
-    if os.path.exists(path):
-      with open(path) as f:
-        stored = json.load(f)
-      if stored != m:
-        differs = _differences(m, stored)
-        if all(d.startswith("layout") for d in differs):
-          # The same outputs, cut into other per-process shards.
-          raise ValueError(
-              f"teacher cache {folder} was built by {_layout(stored)} and "
-              f"this run is {_layout(m)}: run with "
-              f"{stored['layout']['shards']} process(es) at that batch size,"
-              " or set --config.teacher_cache=auto or another folder (a "
-              "cache per process layout)")
+    """Opens (or starts) the cache at `folder` for manifest `m`. A folder
+    whose manifest equals `m` but for holding more outputs serves `m`'s
+    (`self.manifest` is the stored one, `self.served` the outputs read
+    back); any other is refused (ValueError, one line naming the fields
+    that differ)."""
+    stored = _read_manifest(folder)
+    if stored is not None:
+      differ = refusal(m, stored)
+      if differ and all(d.startswith("layout") for d in differ):
+        # The same outputs, cut into other per-process shards.
+        raise ValueError(
+            f"teacher cache {folder} was built by {_layout(stored)} and "
+            f"this run is {_layout(m)}: run with "
+            f"{stored['layout']['shards']} process(es) at that batch size,"
+            " or set --config.teacher_cache=auto or another folder (a "
+            "cache per process layout)")
+      if differ:
         raise ValueError(
             f"teacher cache {folder} was built for another "
-            f"{', '.join(differs)} (its manifest.json "
-            "differs there): set --config.teacher_cache=auto, another "
-            "folder, or delete that one")
+            f"{', '.join(differ)} (its manifest.json differs there): set "
+            "--config.teacher_cache=auto, another folder, or delete that "
+            "one")
     else:
       os.makedirs(folder, exist_ok=True)
-      _write_atomic(path, json.dumps(m, indent=1, sort_keys=True))
+      _write_atomic(os.path.join(folder, "manifest.json"),
+                    json.dumps(m, indent=1, sort_keys=True))
+      stored = m
+    self.folder, self.manifest = folder, stored
+    self.served = dict(m["outputs"])
+    self.shard_index = int(shard_index)
+    self.shard_count = stored["layout"]["shards"]
     self.shard = os.path.join(
         folder, f"shard-{self.shard_index}-of-{self.shard_count}")
     os.makedirs(self.shard, exist_ok=True)
@@ -501,19 +547,34 @@ class TeacherCache:
           del self._open[next(iter(self._open))]
       return self._open[epoch]
 
-  def outputs(self, epoch: int, index: int):
-    """Example `index`'s teacher outputs for its epoch-`epoch` view, as
-    float32 numpy arrays in the pytree `method.teacher_outputs` returns."""
-    files = self._epoch(int(epoch))
-    row = int(np.searchsorted(files["index"], index))
-    if row >= len(files["index"]) or files["index"][row] != index:
-      raise KeyError(f"teacher cache {self.folder}: example {index} of epoch "
-                     f"{epoch} is not in process {self.shard_index}'s shard")
+  def batch_outputs(self, epochs, indices):
+    """The teacher outputs of examples `indices`, each for its view of
+    epoch `epochs[i]`, stacked on a leading axis in the pytree of
+    `method.teacher_outputs` (a batch reader for
+    `data.pipeline.train_batches`): one fancy-index per stored array and
+    epoch. Dense outputs keep the stored dtype, so float16 and bfloat16
+    travel to the device as such and are cast there
+    (`data.pipeline.decode`); top-k logits come back dense, float32."""
+    epochs = np.asarray(epochs, np.int64)
+    indices = np.asarray(indices, np.int64)
+    flat = {}
+    parts = np.unique(epochs)
+    for epoch in parts:
+      mine = np.flatnonzero(epochs == epoch)
+      files = self._epoch(int(epoch))
+      rows = self._rows(files, indices[mine], epoch)
+      for name, shape in self.served.items():
+        part = (self._dense_top_k(files, name, shape[0], rows)
+                if _is_top_k(name, shape, self.manifest["top_k"])
+                else self._read(files[name], rows))
+        if len(parts) == 1:  # The whole batch in one gather.
+          flat[name] = part
+          continue
+        if name not in flat:
+          flat[name] = np.empty((len(indices),) + part.shape[1:], part.dtype)
+        flat[name][mine] = part
     out = {}
-    for name, shape in self.manifest["outputs"].items():
-      value = (self._dense_top_k(files, name, shape[0], row)
-               if _is_top_k(name, shape, self.manifest["top_k"])
-               else self._get(files[name][row]))
+    for name, value in flat.items():
       node = out
       *parents, leaf = name.split(".")
       for p in parents:
@@ -521,19 +582,40 @@ class TeacherCache:
       node[leaf] = value
     return out
 
-  def _get(self, stored):
-    if self.manifest["dtype"] == "bfloat16":
-      stored = np.asarray(stored).view(ml_dtypes.bfloat16)
-    return np.asarray(stored, np.float32)
+  def outputs(self, epoch: int, index: int):
+    """Example `index`'s teacher outputs for its epoch-`epoch` view, as
+    float32 numpy arrays in the pytree `method.teacher_outputs` returns."""
+    return jax.tree.map(lambda x: np.asarray(x[0], np.float32),
+                        self.batch_outputs([epoch], [index]))
 
-  def _dense_top_k(self, files, name, classes, row):
-    values = self._get(files[f"{name}.values"][row])
-    lse = float(files[f"{name}.lse"][row])
-    kept = float(np.exp(values.astype(np.float64) - lse).sum())
-    rest = max(1.0 - kept, MIN_REST)
-    fill = lse + np.log(rest) - np.log(classes - len(values))
-    dense = np.full((classes,), fill, np.float32)
-    dense[files[f"{name}.indices"][row]] = values
+  def _rows(self, files, indices, epoch):
+    """The rows of examples `indices` in an epoch's files."""
+    stored = files["index"]
+    rows = np.searchsorted(stored, indices)
+    found = stored[np.minimum(rows, len(stored) - 1)] == indices
+    if not found.all():
+      raise KeyError(f"teacher cache {self.folder}: example "
+                     f"{indices[~found][0]} of epoch {epoch} is not in "
+                     f"process {self.shard_index}'s shard")
+    return rows
+
+  def _read(self, array, rows):
+    # A copy of those rows out of the memory map (a plain ndarray: numpy's
+    # memmap subclass costs more per call than the copy itself).
+    out = np.asarray(array)[rows]
+    if self.manifest["dtype"] == "bfloat16":
+      out = out.view(ml_dtypes.bfloat16)
+    return out
+
+  def _dense_top_k(self, files, name, classes, rows):
+    values = self._read(files[f"{name}.values"], rows).astype(np.float32)
+    lse = np.asarray(files[f"{name}.lse"][rows], np.float64)
+    kept = np.exp(values.astype(np.float64) - lse[:, None]).sum(-1)
+    rest = np.maximum(1.0 - kept, MIN_REST)
+    fill = lse + np.log(rest) - np.log(classes - values.shape[1])
+    dense = np.repeat(fill.astype(np.float32)[:, None], classes, axis=1)
+    np.put_along_axis(dense, np.asarray(files[f"{name}.indices"][rows],
+                                        np.int64), values, axis=1)
     return dense
 
 
@@ -562,9 +644,11 @@ def _alive(pid: int) -> bool:
 
 
 def wanted(config, method) -> bool:
-  """Whether the stage of `method` reads its teacher from a cache."""
-  return bool(config.get("teacher_cache")) and hasattr(method,
-                                                       "teacher_outputs")
+  """Whether the stage of `method` reads its teacher from a cache (its
+  method names the teacher outputs it reads and computes any of them:
+  `teacher_output_names`, `teacher_outputs(frozen, images, outputs)`)."""
+  return bool(config.get("teacher_cache")) and hasattr(
+      method, "teacher_output_names")
 
 
 def check(config, name, method, datasets) -> None:
@@ -576,10 +660,6 @@ def check(config, name, method, datasets) -> None:
         f"teacher_cache={setting!r}: set --config.teacher_cache=auto (a "
         "folder shared by every stage asking the same thing) or a folder "
         "path, or leave it unset (no cache)")
-  if getattr(method, "ensemble", False):
-    raise train.ConfigError(
-        f"stage {name!r}: teacher_cache caches one teacher's outputs, not "
-        "an ensemble's; leave --config.teacher_cache unset")
   if datasets.unlabelled is not None:
     raise train.ConfigError(
         f"stage {name!r}: teacher_cache covers the labelled training set "
@@ -599,19 +679,69 @@ def epochs_needed(steps: int, batch_size: int, examples: int) -> int:
   return -(-steps * batch_size // examples)
 
 
+def _shared_by(s) -> tuple:
+  """What stages reading one cache have in common: the teacher (its model
+  and where its variables come from), the data and the seed."""
+  return (s.get("teacher"), s.get("teachers"), s["data"], s["seed"])
+
+
+def stage_outputs(config, name, method, datasets) -> list[str]:
+  """The outputs stage `name`'s cache holds: the union of those that the
+  stages of `config.stage_order` distilling the same teacher on the same
+  data with the same seed read (one build serves them all)."""
+  names = set(method.teacher_output_names())
+  shared = _shared_by(train.stage_config(config, name))
+  heads = train.run_heads(config, datasets)
+  for other in config.stage_order:
+    if other == name or _shared_by(train.stage_config(config, other)) != (
+        shared):
+      continue
+    peer, _ = train.build_method(config, other, "", datasets.num_classes,
+                                 load_teacher=False, heads=heads)
+    names |= set(getattr(peer, "teacher_output_names", list)())
+  return sorted(names)
+
+
+def _teacher_model(s) -> dict:
+  """The teacher's model config (an ensemble's: its members')."""
+  if s.get("teachers"):
+    members = [_plain(t["model"]) for t in s["teachers"]]
+    return dict(name=f"ensemble-{members[0].get('name', 'teacher')}",
+                members=members)
+  return _plain(s["teacher"]["model"])
+
+
+def _group(name: str) -> str:
+  """The `teacher_outputs` name ("logits", "features.<name>") of a stored
+  output ("logits.<head>" for a head of several)."""
+  parts = name.split(".")
+  return "logits" if parts[0] == "logits" else ".".join(parts[:2])
+
+
+class _Outputs:
+  """A method's teacher giving the outputs `names` (a cache's)."""
+
+  def __init__(self, method, names):
+    self.method, self.names = method, list(names)
+
+  def teacher_outputs(self, frozen, images):
+    return self.method.teacher_outputs(frozen, images, outputs=self.names)
+
+
 def stage_manifest(config, name, method, frozen, datasets) -> dict:
   """The manifest of stage `name`'s cache (`frozen`: the teacher's
-  variables)."""
+  variables), its outputs those of `stage_outputs`."""
   s = train.stage_config(config, name)
   source, transforms = datasets.train, datasets.train_transforms
   image = np.asarray(data.pipeline.example_view(
       source, s["seed"], 0, 0, transforms)["image"])
-  outputs = jax.eval_shape(method.teacher_outputs, frozen,
+  forward = _Outputs(method, stage_outputs(config, name, method, datasets))
+  outputs = jax.eval_shape(forward.teacher_outputs, frozen,
                            jax.ShapeDtypeStruct((1,) + image.shape,
                                                 image.dtype))
   shards = jax.process_count()
   return manifest(
-      teacher_model=dict(_plain(s["teacher"]["model"]),
+      teacher_model=dict(_teacher_model(s),
                          compute_dtype=config.get("compute_dtype"),
                          layers=config.get("layers")),
       teacher_variables=frozen,
@@ -627,8 +757,9 @@ def for_stage(config, name, workdir, method, frozen, datasets, log=None,
               mesh=None) -> TeacherCache:
   """Stage `name`'s cache with every epoch its steps read, built where
   missing on the run's `mesh` (default `config.mesh`'s) (`frozen`: the
-  teacher's variables). With several processes every process calls it:
-  each builds and reads its own shard."""
+  teacher's variables); its reader gives the outputs `method` reads. With
+  several processes every process calls it: each builds and reads its own
+  shard."""
   m = stage_manifest(config, name, method, frozen, datasets)
   setting = config.teacher_cache
   folder = auto_folder(m, workdir) if setting == "auto" else setting
@@ -636,8 +767,15 @@ def for_stage(config, name, workdir, method, frozen, datasets, log=None,
     cache = TeacherCache(folder, m, jax.process_index())
   except ValueError as e:
     raise train.ConfigError(f"stage {name!r}: {e}") from None
+  reads = set(method.teacher_output_names())
+  cache.served = {n: shape for n, shape in m["outputs"].items()
+                  if _group(n) in reads}
   steps = train.stage_config(config, name)["steps"]
-  cache.build(method, frozen, datasets.train, datasets.train_transforms,
+  # Epochs are built with every output the folder holds (maybe more than
+  # this run's stages read: an earlier run's union).
+  cache.build(_Outputs(method, sorted({_group(n) for n in cache.manifest[
+      "outputs"]})), frozen,
+              datasets.train, datasets.train_transforms,
               epochs_needed(steps, config.batch_size, len(datasets.train)),
               mesh=train.mesh_from_config(config) if mesh is None else mesh,
               batch_size=config.batch_size // jax.process_count(), log=log)

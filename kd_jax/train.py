@@ -973,7 +973,9 @@ def _train_stage(config, name, workdir, datasets, mesh):
     t = time.perf_counter()
     cache = teacher_cache.for_stage(config, name, workdir, method, frozen,
                                     datasets, log=logging.info, mesh=mesh)
-    train_ds = make_batches(teacher_outputs=cache.outputs)
+    # The stage's batches only: the cache holds the epochs they reach, and
+    # the prefetch must not read past them.
+    train_ds = make_batches(teacher_outputs=cache.batch_outputs)[:steps]
     logging.info("stage %s: teacher cache %s ready in %.1f s", name,
                  cache.folder, time.perf_counter() - t)
 

@@ -169,6 +169,7 @@ def distill_parts():
 
   @jax.jit
   def value_and_grad(frozen, batch):
+    batch = pipeline.decode(batch)  # As the train step: cached outputs float32.
     fn = lambda p: method.loss_fn(p, variables["batch_stats"], frozen, batch,
                                   jax.random.key(1))[0]
     return jax.value_and_grad(fn)(variables["params"])
@@ -202,15 +203,16 @@ def test_step_from_cache_equals_live_teacher(distill_parts, tmp_path, dtype):
                                 transforms=AUGMENT)[1]  # Rows 8..15: 2 epochs.
   cached = pipeline.train_batches(source, batch_size=8, seed=5,
                                   transforms=AUGMENT,
-                                  teacher_outputs=cache.outputs)[1]
+                                  teacher_outputs=cache.batch_outputs)[1]
   np.testing.assert_array_equal(cached["image"], live["image"])
   assert set(cached["teacher"]) == {"logits", "features"}
   if dtype == "float32":
     loss, grads = value_and_grad(frozen, live)  # The teacher runs in the step.
   else:
-    teacher = jax.tree.map(
-        lambda x: np.asarray(x).astype(ml_dtypes.bfloat16).astype(np.float32),
-        method.teacher_outputs(frozen, live["image"]))
+    # The cache's outputs travel in bfloat16; the step casts them.
+    assert cached["teacher"]["logits"].dtype == ml_dtypes.bfloat16
+    teacher = jax.tree.map(lambda x: np.asarray(x).astype(ml_dtypes.bfloat16),
+                           method.teacher_outputs(frozen, live["image"]))
     loss, grads = value_and_grad(frozen, dict(live, teacher=teacher))
   # `frozen` is passed (one compile for both) but unread: the batch has it.
   c_loss, c_grads = value_and_grad(frozen, cached)
@@ -244,6 +246,71 @@ def test_auto_folder_is_shared_by_stages_asking_the_same(
       "seed"] == 11
   assert teacher_cache.auto_folder(teacher_cache.stage_manifest(
       c, "again", method, frozen, ds), "") != first.folder
+
+
+def test_stages_reading_different_outputs_share_one_build(
+    distill_parts, tmp_path, monkeypatch):
+  """A logits-only stage and a logits + features stage of one teacher, data
+  and seed: the first build stores the union, the second stage builds
+  nothing and each reads its own outputs; a later run of another config
+  reading a subset is served by that folder too."""
+  monkeypatch.setenv("KD_JAX_CACHE", str(tmp_path))
+  c = cache_config("auto", steps=3)
+  logits_only = c.stages.distilled.to_dict()
+  logits_only["losses"] = dict(ce=dict(fn="cross_entropy"),
+                               kd=dict(fn="kd_kl", temperature=2.0))
+  c.stages["logits_only"] = logits_only
+  c.stage_order = tuple(c.stage_order) + ("logits_only",)
+  ds = data.build(c.data)
+  method, frozen, _, _ = distill_parts  # Stage "distilled"'s.
+  kd_only, _ = train.build_method(c, "logits_only", "", ds.num_classes,
+                                  load_teacher=False)
+  before = teacher_cache.forwards
+  first = teacher_cache.for_stage(c, "logits_only", "", kd_only, frozen, ds)
+  assert teacher_cache.forwards - before == 12  # 3·4 rows: one epoch.
+  assert sorted(first.manifest["outputs"]) == [
+      "features.bottleneck", "features.enc1", "logits"]
+  second = teacher_cache.for_stage(c, "distilled", "", method, frozen, ds)
+  assert teacher_cache.forwards - before == 12
+  assert second.folder == first.folder
+  x = pipeline.example_view(ds.train, 0, 0, 3, ds.train_transforms)["image"]
+  want = jax.tree.map(lambda a: np.asarray(a[0]), method.teacher_outputs(
+      frozen, x[None]))
+  assert set(first.outputs(0, 3)) == {"logits"}
+  got = second.outputs(0, 3)
+  assert set(got) == {"logits", "features"}
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       atol=1e-6), got, want)
+  # Another run whose config has the logits-only stage alone.
+  alone = cache_config("auto", steps=3)
+  alone.stages.distilled.losses = logits_only["losses"]
+  third = teacher_cache.for_stage(alone, "distilled", "", kd_only, frozen, ds)
+  assert third.folder == first.folder
+  assert teacher_cache.forwards - before == 12
+
+
+def test_a_cache_serves_subsets_and_refuses_what_it_lacks(linear, tmp_path,
+                                                          monkeypatch):
+  method, frozen, _ = linear
+  full = _linear_manifest(linear)
+  logits = dict(full, outputs={"logits": full["outputs"]["logits"]})
+  folder = str(tmp_path / "c")
+  teacher_cache.TeacherCache(folder, full)
+  assert teacher_cache.TeacherCache(folder, logits).served == {
+      "logits": [12]}
+  more = dict(full, outputs=dict(full["outputs"], **{"features.max": [1]}))
+  with pytest.raises(ValueError, match=r"another outputs\.features\.max "):
+    teacher_cache.TeacherCache(folder, more)
+  # "auto": the serving folder, else a folder of the request's own.
+  monkeypatch.setenv("KD_JAX_CACHE", str(tmp_path / "root"))
+  base = teacher_cache.auto_folder(full, "")
+  teacher_cache.TeacherCache(base, full)
+  assert teacher_cache.auto_folder(logits, "") == base
+  own = teacher_cache.auto_folder(more, "")
+  assert own.startswith(base + "-")
+  teacher_cache.TeacherCache(own, more)
+  assert teacher_cache.auto_folder(more, "") == own
+  assert teacher_cache.auto_folder(dict(full, seed=9), "") != base
 
 
 # ----------------------------------------------------------------------------
@@ -394,7 +461,7 @@ def test_each_process_stores_and_reads_its_own_examples(linear, tmp_path):
     cache.build(method, frozen, source, AUGMENT, 2, batch_size=4)
     ds = pipeline.train_batches(source, batch_size=6, seed=2,
                                 transforms=AUGMENT, shard_index=p,
-                                shard_count=2, teacher_outputs=cache.outputs)
+                                shard_count=2, teacher_outputs=cache.batch_outputs)
     for step in (0, 1, 2):  # Stream rows 0..17: epochs 0 and 1.
       b = ds[step]
       want = method.teacher_outputs(frozen, b["image"])

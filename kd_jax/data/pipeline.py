@@ -99,20 +99,25 @@ def process_examples(n: int, seed: int, epoch: int, batch_size: int,
   return np.sort(epoch_order(seed, epoch, n)[mine])
 
 
-def _epochs(source, seed, transforms, teacher_outputs=None):
+def _epochs(source, seed, transforms):
   """The training stream: position p is example `epoch_order(seed, e)[p %
-  n]` of epoch e = p // n, seen as `example_view(seed, e, i)`, with
-  `teacher_outputs(e, i)` under "teacher" when given. Infinite."""
+  n]` of epoch e = p // n, seen as `example_view(seed, e, i)`. Infinite."""
   n = len(source)
 
   def at(position, _):
     epoch, index = stream_position(position, n, seed)
-    example = example_view(source, seed, epoch, index, transforms)
-    if teacher_outputs is not None:
-      example = dict(example, teacher=teacher_outputs(epoch, index))
-    return example
+    return example_view(source, seed, epoch, index, transforms)
 
   return grain.MapDataset.range(n).repeat(None).map_with_index(at)
+
+
+def _add_teacher(read, n, seed, rows, step, batch):
+  """Batch `step` of `rows` stream positions, with `read(epochs,
+  indices)` (the teacher's outputs of those views) under "teacher"."""
+  views = [stream_position(p, n, seed)
+           for p in range(step * rows, (step + 1) * rows)]
+  epochs, indices = (np.array(v) for v in zip(*views))
+  return dict(batch, teacher=read(epochs, indices))
 
 
 def _image_only(example):
@@ -154,10 +159,11 @@ def train_batches(source, *, batch_size: int, seed: int,
   its `batch_size // shard_count` rows of it: the global batches are the
   same for any number of processes.
 
-  `teacher_outputs` (a teacher cache's reader, `(epoch, index) -> pytree`,
-  e.g. `kd_jax.teacher_cache.TeacherCache.outputs`) puts the teacher's
-  outputs for the view epoch e shows of example i (`example_view`) under
-  the key "teacher" of that example.
+  `teacher_outputs` (a teacher cache's batch reader, `(epochs, indices) ->
+  pytree` of arrays with a leading batch axis, e.g.
+  `kd_jax.teacher_cache.TeacherCache.batch_outputs`) puts the teacher's
+  outputs for the views epoch e_j shows of example i_j (`example_view`)
+  under the batch's key "teacher", read once per batch.
 
   `unlabelled` (a random-access source with "image", e.g.
   `Datasets.unlabelled`) mixes `unlabelled_per_batch` (k) pool examples into
@@ -200,8 +206,11 @@ def train_batches(source, *, batch_size: int, seed: int,
   # of each global batch: process p reads pieces p, p + P, p + 2P, ..., so
   # global batch s is the stream's [s·B, (s+1)·B) whatever the number of
   # processes (and its augmentation the same, drawn per (epoch, example)).
-  ds = _epochs(ds, seed, transforms, teacher_outputs).batch(
-      (batch_size - k) // shard_count, drop_remainder=True)
+  rows = (batch_size - k) // shard_count
+  ds = _epochs(ds, seed, transforms).batch(rows, drop_remainder=True)
+  if teacher_outputs is not None:
+    ds = ds.map_with_index(functools.partial(
+        _add_teacher, teacher_outputs, len(source), seed, rows))
   ds = ds[shard_index::shard_count] if shard_count > 1 else ds
   if unlabelled is None:
     return ds
@@ -294,7 +303,11 @@ def encode(batch: dict, dtype: str) -> dict:
 
 def decode(batch: dict) -> dict:
   """Inverse of `encode`, inside the jitted step: the image as float32
-  (uint8 x as x · float32(1/255)), whatever dtype it travelled in."""
+  (uint8 x as x · float32(1/255)), whatever dtype it travelled in, and
+  cached teacher outputs stored in float16 / bfloat16 as float32."""
+  if "teacher" in batch:
+    batch = {**batch, "teacher": jax.tree.map(
+        lambda x: x.astype(jnp.float32), batch["teacher"])}
   image = batch["image"]
   if image.dtype == jnp.float32:
     return batch

@@ -262,28 +262,48 @@ class Distill:
         stats["connectors"][name] = cv.get("batch_stats", {})
     return {"params": params, "batch_stats": stats}
 
-  def teacher_outputs(self, frozen, images):
-    """What the objective reads from the frozen teacher (eval mode, float32):
-    {"logits": ...} if a term distils logits, {"features": {name: ...}} for
-    the feature terms' teacher features. Per example, this is what the
-    teacher cache stores."""
+  def teacher_output_names(self) -> list[str]:
+    """The teacher outputs the objective reads: "logits" if a term distils
+    logits, "features.<name>" for each teacher feature a term matches."""
+    names = ["logits"] if self.uses_teacher_logits else []
+    return names + sorted({f"features.{t_name}"
+                           for _, _, t_name, _, _ in self.feature_terms})
+
+  def teacher_outputs(self, frozen, images, outputs=None):
+    """The frozen teacher's outputs (eval mode, float32) named by `outputs`
+    (default `teacher_output_names()`: what the objective reads) as a
+    pytree, {"logits": ..., "features": {name: ...}}; every array has the
+    batch axis first (an ensemble's logits are (B, E, ...)). Per example,
+    this is what the teacher cache stores (which may hold the outputs of
+    several stages' objectives: `outputs`)."""
+    names = self.teacher_output_names() if outputs is None else list(outputs)
     if self.ensemble:
+      if set(names) - {"logits"}:
+        raise ValueError(f"an ensemble's cached outputs are its stacked "
+                         f"logits only, not {sorted(set(names) - {'logits'})}")
       outs = [common.apply_eval(m, f["params"], f["batch_stats"], images)[0]
               for m, f in zip(self.teachers, frozen)]
       out = {}
-      if self.uses_teacher_logits:
-        # (E, ...) per head: the members' outputs, stacked.
+      if names:
+        # (B, E, ...) per head: the members' outputs stacked behind the
+        # batch axis, so that every output is one row per example (what the
+        # cache stores); `student_loss` moves E to the front.
         out["logits"] = tasks.as_float32(
-            jax.tree.map(lambda *x: jnp.stack(x), *outs))
+            jax.tree.map(lambda *x: jnp.stack(x, axis=1), *outs))
       return jax.lax.stop_gradient(out)
     logits, feats = common.apply_eval(self.teacher, frozen["params"],
                                       frozen["batch_stats"], images)
     out = {}
-    if self.uses_teacher_logits:
-      out["logits"] = tasks.as_float32(logits)
-    names = sorted({t_name for _, _, t_name, _, _ in self.feature_terms})
-    if names:
-      out["features"] = {n: feats[n].astype(jnp.float32) for n in names}
+    for name in names:
+      if name == "logits":
+        out["logits"] = tasks.as_float32(logits)
+        continue
+      feature = name.partition("features.")[2]
+      if feature not in feats:
+        raise ValueError(f"teacher output {name!r}: the teacher has no such "
+                         f"feature; it offers: {_describe(feats)}")
+      out.setdefault("features", {})[feature] = feats[feature].astype(
+          jnp.float32)
     return jax.lax.stop_gradient(out)
 
   def loss_fn(self, params, batch_stats, frozen, batch, rng):
@@ -321,7 +341,11 @@ class Distill:
       if vid_ch:
         pairs[name] += ({"alpha": alpha},)
     inputs = tasks.objective_inputs(self.heads, logits, batch, s_feats)
-    inputs.update(teacher_logits=teacher.get("logits"), features=pairs)
+    t_logits = teacher.get("logits")
+    if self.ensemble and t_logits is not None:
+      # ensemble_kd / ensemble_l2 read (E, B, ...) stacks.
+      t_logits = jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), t_logits)
+    inputs.update(teacher_logits=t_logits, features=pairs)
     loss, metrics = self.objective(inputs)
     return loss, ({"student": new_student, "connectors": new_conn}, metrics,
                   logits, teacher)
