@@ -36,53 +36,33 @@ def _config():
   return c
 
 
-def _draw(abstract, seed):
-  """Variables of `abstract`'s shapes drawn by numpy: weights ~ N(0,
-  1/fan_in), norm scales and running variances 1, the rest 0. (flax's
-  jitted init takes over a minute to compile on a busy 2-core CPU; the
-  values only have to be the same in every run.)"""
-  import jax  # pylint: disable=import-outside-toplevel
-  rng = np.random.default_rng(seed)
-
-  def leaf(path, x):
-    name = str(getattr(path[-1], "key", path[-1]))
-    if name in ("scale", "var"):
-      return np.ones(x.shape, x.dtype)
-    if len(x.shape) < 2:
-      return np.zeros(x.shape, x.dtype)
-    fan_in = math.prod(x.shape[:-1])
-    return (rng.standard_normal(x.shape) / math.sqrt(fan_in)).astype(x.dtype)
-
-  return jax.tree_util.tree_map_with_path(leaf, abstract)
-
-
-def _pieces(stage="distilled"):
-  """(method, tx, host batch, host state, host frozen variables)."""
+def _pieces():
+  """(method, tx, host batch, host state, host frozen variables) of the
+  distill stage, the variables drawn by numpy (flax's jitted init takes over
+  a minute to compile on a busy 2-core CPU)."""
   import jax  # pylint: disable=import-outside-toplevel
   from kd_jax import data, train  # pylint: disable=import-outside-toplevel
 
-  c = _config()
+  c = _config()  # (puts the checkout on sys.path)
+  from tests.numpy_init import draw  # pylint: disable=import-outside-toplevel
   ds = data.build(c.data)
-  method, _ = train.build_method(c, stage, "", ds.num_classes,
+  method, _ = train.build_method(c, "distilled", "", ds.num_classes,
                                  load_teacher=False)
-  tx = train.make_optimizers(method, train.stage_config(c, stage))
+  tx = train.make_optimizers(method, train.stage_config(c, "distilled"))
   batch = data.pipeline.train_batches(ds.train, batch_size=c.batch_size,
                                       seed=0)[0]
   example = batch["image"][:1]
   # Traced once for the shapes (a distill method builds its connectors).
-  variables = _draw(jax.eval_shape(method.init, jax.random.key(0), example),
-                    0)
+  variables = draw(jax.eval_shape(method.init, jax.random.key(0), example))
   params = variables["params"]
   state = train.TrainState(
       step=np.zeros((), np.int32), params=params,
       batch_stats=variables["batch_stats"],
       opt_state=jax.device_get(jax.jit(tx.init)(params)),
       rng=np.asarray(jax.random.key_data(jax.random.key(1))))
-  frozen = {}
-  if stage == "distilled":
-    frozen = _draw(jax.eval_shape(
-        lambda x: method.teacher.init(jax.random.key(5), x, train=False),
-        example), 5)
+  frozen = draw(jax.eval_shape(
+      lambda x: method.teacher.init(jax.random.key(5), x, train=False),
+      example), seed=5)
   return method, tx, batch, state, frozen
 
 
