@@ -213,14 +213,12 @@ REMAT_POLICIES = {
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims_saveable":
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "nothing_saveable": True,
 }
 
 
 def remat_policy(config):
   """The models' `remat` field from `config.remat`: False (absent or
-  False), True (True or "nothing_saveable") or a jax.checkpoint policy (a
-  name in REMAT_POLICIES)."""
+  False), True, or a jax.checkpoint policy (a name in REMAT_POLICIES)."""
   value = config.get("remat", False)
   if value is False or value is None or value is True:
     return bool(value)
@@ -298,20 +296,21 @@ def make_eval_step(method, heads, mesh: Mesh):
   return tasks.make_eval_step(method.predict, heads, mesh)
 
 
-def make_images_step(method, mesh: Mesh):
-  """(state, images) -> the method's `eval_images` as numpy arrays, jitted
-  once; None when the method logs no images. `images` (a few fixed val
-  images, the same numpy array on every process) go whole to every device,
-  and so do the results."""
+def make_images_step(method, mesh: Mesh, source):
+  """state -> the method's `eval_images` of the first 4 images of `source`
+  (the val split) as numpy arrays, jitted once; None when the method logs no
+  images. The images (the same on every process) are placed whole on every
+  device once, and the results come back whole."""
   if not hasattr(method, "eval_images"):
     return None
+  images = np.stack([source[i]["image"] for i in range(min(4, len(source)))])
   whole = NamedSharding(mesh, P())
   step = jax.jit(method.eval_images, out_shardings=whole)
+  placed = jax.make_array_from_callback(images.shape, whole,
+                                        lambda index: images[index])
 
-  def images_step(state, images):
-    images = jax.make_array_from_callback(images.shape, whole,
-                                          lambda index: images[index])
-    return jax.device_get(step(state.params, state.batch_stats, images))
+  def images_step(state):
+    return jax.device_get(step(state.params, state.batch_stats, placed))
 
   return images_step
 
@@ -986,7 +985,8 @@ def _train_stage(config, name, workdir, datasets, mesh):
       make_train_step(method, tx, skip_nonfinite=mode == "skip"),
       mesh, state_shardings, frozen_shardings)
   eval_step = make_eval_step(method, heads, mesh)
-  images_step = make_images_step(method, mesh)
+  # A few fixed val images for a method's image summaries (MED-TEX: Θ).
+  images_step = make_images_step(method, mesh, datasets.val)
   writer = metric_writers.create_default_writer(
       stage_dir, just_logging=jax.process_index() > 0)
   if start == 0:
@@ -998,9 +998,6 @@ def _train_stage(config, name, workdir, datasets, mesh):
     mngr.wait_until_finished()
     return mngr.latest_step()
 
-  # A few fixed val images for a method's image summaries (MED-TEX: Θ).
-  shown = (np.stack([datasets.val[i]["image"] for i in range(
-      min(4, len(datasets.val)))]) if images_step else None)
   history = _StepMetrics(name, mode, max_skipped, last_checkpoint)
   clock = (start, time.perf_counter())
   bar = _ProgressBar(where, steps, sys.stderr)
@@ -1033,8 +1030,8 @@ def _train_stage(config, name, workdir, datasets, mesh):
           headline = tasks.headline(heads, scores)
           scalars = {f"val/{k}": v for k, v in headline.items()}
           writer.write_scalars(step, scalars)
-          if shown is not None:
-            writer.write_images(step, images_step(state, shown))
+          if images_step is not None:
+            writer.write_images(step, images_step(state))
           _append_history(stage_dir, step, scalars)
           line.append("val " + _terms(headline))
         if log:

@@ -184,7 +184,8 @@ def test_eval_images_put_theta_under_the_images(pieces, grads):
   # What the trainer logs: the same function, jitted once.
   state = train.TrainState(step=0, params=p, batch_stats=s, opt_state=None,
                            rng=None)
-  logged = train.make_images_step(method, train.make_mesh())(state, x)
+  source = [{"image": image} for image in x]  # (A val split's examples.)
+  logged = train.make_images_step(method, train.make_mesh(), source)(state)
   assert set(logged) == {"theta"} and isinstance(logged["theta"], np.ndarray)
   mask = np.asarray(method.explain(p, s, x)[1]).mean(-1)
   for grid in (np.asarray(eager), logged["theta"]):
