@@ -51,7 +51,8 @@ weight=0.4, output="aux_logits")` is PSPNet's auxiliary loss.
 import collections.abc
 import inspect
 import numbers
-from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional
+from typing import Sequence
 from typing import Tuple
 
 import jax
@@ -74,9 +75,31 @@ class LossSpec(NamedTuple):
     "logits":   fn(student_logits, teacher_logits, **kw)
     "features": fn(student_feature, teacher_feature, **kw)
     "custom":   called by methods directly; not composable by `objective`.
+  view: a features loss that starts with a teacher-only reduction declares
+    it: the name of its `TEACHER_VIEWS` function (teacher_view = view(
+    teacher_feature, **the term's keywords that it takes)), and
+  on_view: the loss of (student_feature, teacher_view, **kw), so that
+    fn(s, t, **kw) == on_view(s, view(t), **kw) by construction. A method
+    may hand the term `Viewed(teacher_view)` in place of the teacher's
+    feature (what the teacher cache stores: the view, not the feature).
   """
   fn: Callable[..., jax.Array]
   kind: str
+  view: Optional[str] = None
+  on_view: Optional[Callable[..., jax.Array]] = None
+
+
+class Viewed(NamedTuple):
+  """A teacher feature already reduced by its term's view (`LossSpec`)."""
+  value: jax.Array
+
+
+# Teacher views by name: pure functions of (B, ...) arrays, row by row.
+TEACHER_VIEWS: Dict[str, Callable[..., jax.Array]] = {
+    "attention_map": features.attention_map,
+    "pair_nodes": features.pair_nodes,
+    "mean_pooled": features.mean_pooled,
+}
 
 
 REGISTRY: Dict[str, LossSpec] = {
@@ -101,17 +124,23 @@ REGISTRY: Dict[str, LossSpec] = {
     "hint_l1": LossSpec(features.hint_l1, "features"),
     "hint_l2": LossSpec(features.hint_l2, "features"),
     "cwd_features": LossSpec(logits.cwd, "features"),
-    "attention_transfer": LossSpec(features.attention_transfer, "features"),
+    "attention_transfer": LossSpec(
+        features.attention_transfer, "features", "attention_map",
+        features.attention_transfer_from_view),
     "vid": LossSpec(features.vid, "features"),
-    "pairwise_similarity": LossSpec(features.pairwise_similarity,
-                                    "features"),
+    "pairwise_similarity": LossSpec(
+        features.pairwise_similarity, "features", "pair_nodes",
+        features.pairwise_similarity_from_view),
     "similarity_preserving": LossSpec(features.similarity_preserving,
                                       "features"),
     "pkt": LossSpec(features.pkt, "features"),
     "rkd_distance": LossSpec(features.rkd_distance, "features"),
     "rkd_angle": LossSpec(features.rkd_angle, "features"),
-    "embedding_cosine": LossSpec(features.embedding_cosine, "features"),
-    "embedding_l2": LossSpec(features.embedding_l2, "features"),
+    "embedding_cosine": LossSpec(features.embedding_cosine, "features",
+                                 "mean_pooled",
+                                 features.embedding_cosine_from_view),
+    "embedding_l2": LossSpec(features.embedding_l2, "features",
+                             "mean_pooled", features.embedding_l2_from_view),
     "feature_map_cosine": LossSpec(features.feature_map_cosine, "features"),
     # Pieces called by methods directly.
     "wgan_critic": LossSpec(adversarial.wgan_critic_loss, "custom"),
@@ -328,6 +357,36 @@ def term_names(terms: Sequence[Mapping[str, Any]]) -> List[str]:
   return [t.name for t in _resolve(terms)]
 
 
+def teacher_views(terms: Sequence[Mapping[str, Any]]
+                  ) -> Dict[str, Tuple[str, Dict[str, Any]]]:
+  """{term name: (view name, its keywords)} of the terms whose loss
+  declares a teacher view (`LossSpec.view`); the keywords are the term's,
+  defaults filled in (numbers of a float default as floats), so equal
+  views compare equal whatever the config spells."""
+  out = {}
+  for term in _resolve(terms):
+    if term.spec.view is None:
+      continue
+    params = inspect.signature(TEACHER_VIEWS[term.spec.view]).parameters
+    args = {}
+    for p in params.values():
+      if p.kind != inspect.Parameter.KEYWORD_ONLY:
+        continue
+      value = term.kwargs.get(p.name, p.default)
+      if isinstance(p.default, float) and _is_number(value):
+        value = float(value)
+      args[p.name] = value
+    out[term.name] = (term.spec.view, args)
+  return out
+
+
+def teacher_view(view: str, feature: jax.Array,
+                 args: Mapping[str, Any]) -> jax.Array:
+  """`TEACHER_VIEWS[view](feature, **args)`: what a term reads of the
+  teacher's (B, ...) feature, row by row."""
+  return TEACHER_VIEWS[view](feature, **args)
+
+
 def _get(inputs, key: str, term: _Term):
   if not isinstance(inputs, collections.abc.Mapping):
     raise ValueError(f"objective inputs must be a dict, got "
@@ -432,6 +491,11 @@ def _call(term: _Term, inputs) -> jax.Array:
     kwargs["mask"] = inputs["mask"]
   if term.spec.kind == "features":
     student, teacher, extra = _features(inputs, term)
+    if isinstance(teacher, Viewed):
+      if term.spec.on_view is None:
+        raise ValueError(f"loss term {term.name!r} ({term.fn_name}) has no "
+                         "teacher view; give it the teacher's feature.")
+      return term.spec.on_view(student, teacher.value, **extra, **kwargs)
     return term.spec.fn(student, teacher, **extra, **kwargs)
   args = [_get(inputs, k, term) for k in _LEADING_INPUTS[term.spec.kind]]
   if term.takes_labels:
