@@ -258,7 +258,8 @@ def test_cache_files_hold_the_views_at_their_size(recipe):
           f"features.{v['feature']}" for v in method.view_table.values()]),
                             r["frozen"], r["example"])["features"]
   factors = {"attention_map": lambda s: s[-1],
-             "mean_pooled": lambda s: s[0] * s[1],
+             # Positions or tokens (1: the encoder's CLS embedding).
+             "mean_pooled": lambda s: int(np.prod(s[:-1])),
              "pair_nodes": lambda s: 8 * 8}
   folder = cache.epoch_folder(0)
   view_shapes = {n[6:]: v for n, v in cache.manifest["outputs"].items()
