@@ -292,3 +292,29 @@ def test_a_term_fed_its_teacher_view_equals_the_term_fed_the_feature(term):
   with pytest.raises(ValueError, match="has no teacher view"):
     L.objective([dict(fn="hint_l2")])({"features": {"hint_l2": (
         s, L.Viewed(t))}})
+
+
+def test_pool_averages_both_maps_before_the_loss():
+  """hint_l2 with pool=2: the mean squared difference of the two maps
+  averaged over 2 x 2 windows (numpy), fed the teacher's map or its
+  pooled view; pool is refused where it cannot apply."""
+  s = RNG.randn(2, 4, 6, 3).astype(np.float32)
+  t = RNG.randn(2, 4, 6, 3).astype(np.float32)
+  pooled = lambda x: x.reshape(2, 2, 2, 3, 2, 3).mean(axis=(2, 4))
+  want = np.mean((pooled(s) - pooled(t)) ** 2)
+  fn = L.objective([dict(fn="hint_l2", pool=2)])
+  assert L.teacher_views([dict(fn="hint_l2", pool=2)]) == {
+      "hint_l2": ("average_pooled", {"size": 2})}
+  view = L.teacher_view("average_pooled", jnp.asarray(t), {"size": 2})
+  for teacher in (t, L.Viewed(view)):
+    np.testing.assert_allclose(
+        fn({"features": {"hint_l2": (s, teacher)}})[0], want, rtol=1e-6)
+  for term, match in [
+      (dict(fn="attention_transfer", pool=2), "its teacher view"),
+      (dict(fn="kd_kl", pool=2), "reads logits"),
+      (dict(fn="hint_l2", pool=0), "whole number >= 1")]:
+    with pytest.raises(ValueError, match=match):
+      L.objective([term])
+  with pytest.raises(ValueError, match="pool=4 must divide"):
+    L.objective([dict(fn="hint_l2", pool=4)])(
+        {"features": {"hint_l2": (s, t)}})

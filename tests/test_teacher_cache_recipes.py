@@ -9,10 +9,11 @@ rotations, scale-crops) that crosses into the second epoch's views:
            four blocks, the explainer and the student in turn
   skd      structured KD (method "adversarial"): CE + pixel-wise KD +
            pair-wise similarity + the holistic (WGAN-GP critic) term, and
-           the ablation's AT and mimic (hint) terms with an embedding term
-           on the same maps: every teacher view (AT's attention map, the
-           pair-wise nodes, the pooled embedding) beside a feature stored
-           whole, each read as the live step reads it
+           the ablation's AT and mimic (hint) terms, an embedding term and
+           a dense term with pool=4 on the same maps: every teacher view
+           (AT's attention map, the pair-wise nodes, the pooled embedding,
+           the 4×4-pooled map) beside a feature stored whole, each read as
+           the live step reads it
   fundus   multi-task fundus KD from an ensemble of teachers (two here):
            ensemble_kd on the grades, ensemble_l2 on the landmarks
   encoder  foundation-encoder distillation: embedding cosine + dense
@@ -100,7 +101,9 @@ def _skd():
       mimic=dict(fn="hint_l2", weight=1.0, student="bottleneck",
                  teacher="bottleneck"),
       emb=dict(fn="embedding_l2", weight=1.0, student="bottleneck",
-               teacher="bottleneck", connector="none"))
+               teacher="bottleneck", connector="none"),
+      dense=dict(fn="feature_map_cosine", weight=1.0, student="enc1",
+                 teacher="enc1", connector="none", pool=4))
   s.critic.model.conv_dim = 2
   source = synthetic.SyntheticCT(EXAMPLES, size=64, seed=0)
   heads = tasks.from_config(None, {"label": T.segmentation(
@@ -245,9 +248,9 @@ def test_step_from_cache_equals_step_on_live_teacher_outputs(recipe):
 def test_cache_files_hold_the_views_at_their_size(recipe):
   """Each teacher view on disk: float32 rows of its own size, the feature's
   divided by the view's factor (skd: UNet width 2, depth 2 at 64²: enc1
-  64·64·2, AT's map of it 2× smaller; bottleneck 16·16·8, its mean 16·16×
-  smaller, its official pair-wise nodes (kernel int(0.5·16) = 8) 8·8×
-  smaller)."""
+  64·64·2, AT's map of it 2× smaller, its pool=4 map 4·4× smaller;
+  bottleneck 16·16·8, its mean 16·16× smaller, its official pair-wise
+  nodes (kernel int(0.5·16) = 8) 8·8× smaller)."""
   r = recipe
   method, cache = r["method"], r["cache"]
   if r["name"] in ("fundus", "medtex"):  # Logits and VID: no views.
@@ -260,7 +263,8 @@ def test_cache_files_hold_the_views_at_their_size(recipe):
   factors = {"attention_map": lambda s: s[-1],
              # Positions or tokens (1: the encoder's CLS embedding).
              "mean_pooled": lambda s: int(np.prod(s[:-1])),
-             "pair_nodes": lambda s: 8 * 8}
+             "pair_nodes": lambda s: 8 * 8,
+             "average_pooled": lambda s: 4 * 4}
   folder = cache.epoch_folder(0)
   view_shapes = {n[6:]: v for n, v in cache.manifest["outputs"].items()
                  if n.startswith("views.")}
@@ -274,7 +278,7 @@ def test_cache_files_hold_the_views_at_their_size(recipe):
     assert row * factors[view["view"]](shape) == 4 * np.prod(shape), key
   if r["name"] == "skd":
     assert sorted(v["view"] for v in method.view_table.values()) == [
-        "attention_map", "mean_pooled", "pair_nodes"]
+        "attention_map", "average_pooled", "mean_pooled", "pair_nodes"]
     assert features["enc1"].shape[1:] == (64, 64, 2)
     assert features["bottleneck"].shape[1:] == (16, 16, 8)
 

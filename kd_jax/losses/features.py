@@ -230,6 +230,20 @@ def vid(mean, teacher_feature, alpha, *, eps: float = 1e-5) -> jax.Array:
   return jnp.mean(0.5 * ((t - mu) ** 2 / var + jnp.log(var)))
 
 
+def average_pooled(feature, *, size: int) -> jax.Array:
+  """(..., H, W, C) averaged over non-overlapping size x size windows:
+  (..., H / size, W / size, C). The teacher view of a term with the term
+  key pool=size (its student map is pooled alike)."""
+  _spatial("feature", feature)
+  *lead, h, w, c = jnp.shape(feature)
+  if h % size or w % size:
+    raise ValueError(f"pool={size} must divide the feature's spatial size "
+                     f"{h}x{w}; choose a divisor or drop pool=.")
+  x = _checks.as_float(feature, "feature")
+  x = x.reshape(tuple(lead) + (h // size, size, w // size, size, c))
+  return jnp.mean(x, axis=(-4, -2))
+
+
 def _max_pool(x, size):
   """Non-overlapping size x size max pooling of (..., H, W, C)."""
   *lead, h, w, c = x.shape

@@ -239,6 +239,15 @@ class Distill:
           raise ValueError(
               f"loss term {name!r}: the {side} has no feature {fname!r}; it "
               f"offers: {_describe(feats)}")
+      if name in self.term_views:  # The view's own checks, before a step.
+        view = self.view_table[self.term_views[name]]
+        try:
+          jax.eval_shape(functools.partial(
+              losses.teacher_view, view["view"], args=view["args"]),
+                         t_feats[t_name])
+        except ValueError as e:
+          raise ValueError(f"loss term {name!r}, teacher {t_name!r} "
+                           f"{t_feats[t_name].shape}: {e}") from None
       if conn["kind"] == "none":
         self.connectors[name] = (None, s_name, t_name, None)
         continue
