@@ -25,6 +25,12 @@ lacks is refused for a folder path; "auto" then gives it a folder of its
 own (`<teacher>-<key>-<outputs key>`). An ensemble's cache holds its
 members' logits stacked per example.
 
+A loss term whose teacher side starts with a reduction of its own (AT's
+attention map, the pair-wise nodes, a pooled embedding, a `pool=k` map)
+reads it as a teacher view, `views.<feature>@<view>[-<args hash>]`
+(`losses.LossSpec.view`, `Distill.view_table`): the cache stores the view,
+not the feature, and the manifest's `views` says what each is.
+
 `config.teacher_cache_dtype` ("float32", "bfloat16" or "float16") is the
 stored type (a batch keeps it on its way to the device and is cast to
 float32 in the step, `data.pipeline.decode`); `config.teacher_cache_top_k`
