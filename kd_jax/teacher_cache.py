@@ -231,9 +231,9 @@ def refusal(m: dict, stored: dict) -> list[str]:
 
 
 def _whole_features(m: dict, stored: dict) -> str:
-  """", where it holds <feature> whole" for the features of the views that
-  `m` asks and `stored` lacks (a cache of the layout before views: each
-  feature stored at full size)."""
+  """The refusal's note on the views that `m` asks and `stored` lacks
+  while holding their features whole (a cache of the layout before
+  teacher views), or ""."""
   views = m.get("views", {})
   whole = sorted({f"features.{v['feature']}" for k, v in views.items()
                   if f"views.{k}" not in stored["outputs"]
