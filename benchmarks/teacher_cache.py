@@ -24,6 +24,7 @@
 Timings on a shared CPU are noisy; compare within one run.
 """
 import argparse
+import functools
 import math
 import os
 import sys
@@ -51,7 +52,8 @@ ARMS = {
 SEEDS = (0, 1)
 RECIPES = [("configs/default.py", None), ("configs/distillo.py", "kd"),
            ("configs/distillo.py", "latent"), ("configs/skd/ablation.py", None),
-           ("configs/medtex/medtex.py", None), ("configs/fundus_mtl.py", None)]
+           ("configs/medtex/medtex.py", None), ("configs/fundus_mtl.py", None),
+           ("configs/encoder/distill.py", "cpu")]
 
 
 def tiny_study_config(steps):
@@ -257,8 +259,9 @@ def _size(b):
 
 def sizes():
   print("\n| config | stage | input | examples | epochs | outputs | float32 "
-        "| bfloat16 | bfloat16 top-10 | whole cache, bfloat16 |")
-  print("|---|---|---|---|---|---|---|---|---|---|")
+        "| bfloat16 | bfloat16, features whole | bfloat16 top-10 "
+        "| whole cache, bfloat16 |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
   for path, arg in RECIPES:
     c = _load(path, arg)
     try:
@@ -283,13 +286,23 @@ def sizes():
                                                              {})}
                 for f in frozen]
       frozen = frozen if method.ensemble else frozen[0]
+      views = getattr(method, "view_table", {})
       out = jax.eval_shape(method.teacher_outputs, frozen, x)
+      # The layout before teacher views: every feature a term reads, whole.
+      whole = jax.eval_shape(functools.partial(
+          method.teacher_outputs, outputs=sorted(
+              {n for n in method.teacher_output_names()
+               if not n.startswith("views.")}
+              | {f"features.{v['feature']}" for v in views.values()})),
+                             frozen, x)
       sizes_ = []
-      for dtype, k in (("float32", 0), ("bfloat16", 0), ("bfloat16", 10)):
+      for dtype, k, outputs in (("float32", 0, out), ("bfloat16", 0, out),
+                                ("bfloat16", 0, whole),
+                                ("bfloat16", 10, out)):
         m = teacher_cache.manifest(
             teacher_model={}, teacher_variables={}, data_options={},
             examples=len(sds.train), transforms=(), input_shape=image.shape,
-            seed=0, outputs=out, dtype=dtype, top_k=k)
+            seed=0, outputs=outputs, dtype=dtype, top_k=k, views=views)
         sizes_.append(teacher_cache.bytes_per_example(m))
       shapes = ", ".join(f"{n} {tuple(v)}"
                          for n, v in m["outputs"].items())

@@ -25,6 +25,12 @@ lacks is refused for a folder path; "auto" then gives it a folder of its
 own (`<teacher>-<key>-<outputs key>`). An ensemble's cache holds its
 members' logits stacked per example.
 
+A loss term whose teacher side starts with a reduction of its own (AT's
+attention map, the pair-wise nodes, a pooled embedding, a `pool=k` map)
+reads it as a teacher view, `views.<feature>@<view>[-<args hash>]`
+(`losses.LossSpec.view`, `Distill.view_table`): the cache stores the view,
+not the feature, and the manifest's `views` says what each is.
+
 `config.teacher_cache_dtype` ("float32", "bfloat16" or "float16") is the
 stored type (a batch keeps it on its way to the device and is cast to
 float32 in the step, `data.pipeline.decode`); `config.teacher_cache_top_k`
@@ -166,13 +172,16 @@ def _stored(name, shape, dtype, top_k) -> dict:
 
 def manifest(*, teacher_model, teacher_variables, data_options, examples,
              transforms, input_shape, seed, outputs, dtype="float32",
-             top_k=0, shard_count=1, rows_per_process=None) -> dict:
+             top_k=0, shard_count=1, rows_per_process=None,
+             views=None) -> dict:
   """What a cache holds, as JSON: the teacher (its model config and the
   digest of its variables), the data (options, number of examples, the
   transforms with their settings, the input shape), the data seed, the
-  outputs the loss reads (name → per-example shape), the stored dtype and
-  top-k, and the per-process layout (several processes: each stores the
-  examples it reads, which depend on its rows of the global batch)."""
+  outputs the loss reads (name → per-example shape) with what each teacher
+  view among them is (`views`: key → dict(feature, view, args), the
+  method's `view_table`), the stored dtype and top-k, and the per-process
+  layout (several processes: each stores the examples it reads, which
+  depend on its rows of the global batch)."""
   if dtype not in DTYPES:
     raise ValueError(f"teacher_cache_dtype={dtype!r}; choose one of "
                      f"{sorted(DTYPES)}")
@@ -182,7 +191,13 @@ def manifest(*, teacher_model, teacher_variables, data_options, examples,
                      "(0 stores dense logits)")
   shapes = {n: list(x.shape[1:]) for n, x in zip(
       _names(outputs), jax.tree.leaves(outputs))}
+  keys = [n.partition(".")[2] for n in shapes if n.startswith("views.")]
+  missing = sorted(set(keys) - set(views or {}))
+  if missing:
+    raise ValueError(f"teacher outputs views.{missing[0]}: pass views= "
+                     "(the method's view_table) to describe it")
   return _plain(dict(
+      views={k: views[k] for k in keys},
       format=FORMAT,
       teacher=dict(model=teacher_model,
                    variables=variables_digest(teacher_variables)),
@@ -200,16 +215,33 @@ def manifest_key(m: dict) -> str:
 
 
 def _but_outputs(m: dict) -> dict:
-  return {k: v for k, v in m.items() if k != "outputs"}
+  return {k: v for k, v in m.items() if k not in ("outputs", "views")}
 
 
 def refusal(m: dict, stored: dict) -> list[str]:
   """What keeps a cache of manifest `stored` from serving request `m`: the
   fields that differ (outputs aside) and each requested output it lacks or
-  holds in another shape; [] when it serves `m`."""
+  holds in another shape or as another view; [] when it serves `m`."""
   out = _differences(_but_outputs(m), _but_outputs(stored))
+  views, held = m.get("views", {}), stored.get("views", {})
   return out + [f"outputs.{n}" for n, shape in m["outputs"].items()
-                if stored["outputs"].get(n) != shape]
+                if stored["outputs"].get(n) != shape or (
+                    n.startswith("views.")
+                    and held.get(n[6:]) != views.get(n[6:]))]
+
+
+def _whole_features(m: dict, stored: dict) -> str:
+  """The refusal's note on the views that `m` asks and `stored` lacks
+  while holding their features whole (a cache of the layout before
+  teacher views), or ""."""
+  views = m.get("views", {})
+  whole = sorted({f"features.{v['feature']}" for k, v in views.items()
+                  if f"views.{k}" not in stored["outputs"]
+                  and f"features.{v['feature']}" in stored["outputs"]})
+  if not whole:
+    return ""
+  return (f" (it stores {', '.join(whole)} at full size; the loss terms "
+          "read their reduced teacher views now)")
 
 
 def _read_manifest(folder):
@@ -341,7 +373,8 @@ class TeacherCache:
       if differ:
         raise ValueError(
             f"teacher cache {folder} was built for another "
-            f"{', '.join(differ)} (its manifest.json differs there): set "
+            f"{', '.join(differ)} (its manifest.json differs there"
+            f"{_whole_features(m, stored)}): set "
             "--config.teacher_cache=auto, another folder, or delete that "
             "one")
     else:
@@ -685,11 +718,13 @@ def _shared_by(s) -> tuple:
   return (s.get("teacher"), s.get("teachers"), s["data"], s["seed"])
 
 
-def stage_outputs(config, name, method, datasets) -> list[str]:
-  """The outputs stage `name`'s cache holds: the union of those that the
-  stages of `config.stage_order` distilling the same teacher on the same
-  data with the same seed read (one build serves them all)."""
+def stage_outputs(config, name, method, datasets) -> tuple[list[str], dict]:
+  """The outputs stage `name`'s cache holds and the views among them
+  (`Distill.view_table`'s form): the union of those that the stages of
+  `config.stage_order` distilling the same teacher on the same data with
+  the same seed read (one build serves them all)."""
   names = set(method.teacher_output_names())
+  views = dict(getattr(method, "view_table", {}))
   shared = _shared_by(train.stage_config(config, name))
   heads = train.run_heads(config, datasets)
   for other in config.stage_order:
@@ -699,7 +734,8 @@ def stage_outputs(config, name, method, datasets) -> list[str]:
     peer, _ = train.build_method(config, other, "", datasets.num_classes,
                                  load_teacher=False, heads=heads)
     names |= set(getattr(peer, "teacher_output_names", list)())
-  return sorted(names)
+    views.update(getattr(peer, "view_table", {}))
+  return sorted(names), views
 
 
 def _teacher_model(s) -> dict:
@@ -719,13 +755,17 @@ def _group(name: str) -> str:
 
 
 class _Outputs:
-  """A method's teacher giving the outputs `names` (a cache's)."""
+  """A method's teacher giving the outputs `names` (a cache's), the views
+  among them described by `views`."""
 
-  def __init__(self, method, names):
-    self.method, self.names = method, list(names)
+  def __init__(self, method, names, views):
+    self.method, self.names, self.views = method, list(names), dict(views)
 
   def teacher_outputs(self, frozen, images):
-    return self.method.teacher_outputs(frozen, images, outputs=self.names)
+    if not self.views:  # Methods without views take no views=.
+      return self.method.teacher_outputs(frozen, images, outputs=self.names)
+    return self.method.teacher_outputs(frozen, images, outputs=self.names,
+                                       views=self.views)
 
 
 def stage_manifest(config, name, method, frozen, datasets) -> dict:
@@ -735,7 +775,7 @@ def stage_manifest(config, name, method, frozen, datasets) -> dict:
   source, transforms = datasets.train, datasets.train_transforms
   image = np.asarray(data.pipeline.example_view(
       source, s["seed"], 0, 0, transforms)["image"])
-  forward = _Outputs(method, stage_outputs(config, name, method, datasets))
+  forward = _Outputs(method, *stage_outputs(config, name, method, datasets))
   outputs = jax.eval_shape(forward.teacher_outputs, frozen,
                            jax.ShapeDtypeStruct((1,) + image.shape,
                                                 image.dtype))
@@ -750,7 +790,7 @@ def stage_manifest(config, name, method, frozen, datasets) -> dict:
       seed=s["seed"], outputs=outputs,
       dtype=config.get("teacher_cache_dtype", "float32"),
       top_k=config.get("teacher_cache_top_k", 0), shard_count=shards,
-      rows_per_process=config.batch_size // shards)
+      rows_per_process=config.batch_size // shards, views=forward.views)
 
 
 def for_stage(config, name, workdir, method, frozen, datasets, log=None,
@@ -774,7 +814,7 @@ def for_stage(config, name, workdir, method, frozen, datasets, log=None,
   # Epochs are built with every output the folder holds (maybe more than
   # this run's stages read: an earlier run's union).
   cache.build(_Outputs(method, sorted({_group(n) for n in cache.manifest[
-      "outputs"]})), frozen,
+      "outputs"]}), cache.manifest.get("views", {})), frozen,
               datasets.train, datasets.train_transforms,
               epochs_needed(steps, config.batch_size, len(datasets.train)),
               mesh=train.mesh_from_config(config) if mesh is None else mesh,

@@ -386,7 +386,8 @@ def test_converted_vit_is_a_distill_teacher(tmp_path):
   method, frozen = method_cls.from_config(stage, ctx)
   x = rng.normal(size=(2, 32, 32, 3)).astype(np.float32)
   method.init(jax.random.key(0), x)
-  got = method.teacher_outputs(frozen, x)["features"]["embedding"]
+  got = method.teacher_outputs(frozen, x, outputs=["features.embedding"])[
+      "features"]["embedding"]
   tokens, _ = np_vit(state, x, heads=2, layout="timm_dinov2")
   np.testing.assert_allclose(got, tokens[:, 0], atol=1e-4)
 

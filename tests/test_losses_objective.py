@@ -249,3 +249,72 @@ def test_a_term_reads_an_extra_output_in_place_of_the_logits():
     fn({"logits": main, "labels": labels, "outputs": {"layer4": main}})
   with pytest.raises(ValueError, match="output= names an extra output"):
     L.objective([dict(fn="kd_kl", output="aux_logits")])
+
+
+# Each loss with a teacher view, and options that change its view.
+VIEW_TERMS = [
+    dict(fn="attention_transfer", form="paper", p=3),
+    dict(fn="pairwise_similarity", pool_size=2),
+    dict(fn="pairwise_similarity", convention="official", scale=0.5),
+    dict(fn="embedding_cosine"),
+    dict(fn="embedding_l2", normalize=True),
+]
+
+
+def test_every_view_is_declared_with_its_loss():
+  """The losses whose teacher side starts with a reduction of its own
+  declare it; the others (dense, or relating a batch's examples) do not."""
+  viewed = {k for k, s in L.REGISTRY.items() if s.view is not None}
+  assert viewed == {"attention_transfer", "pairwise_similarity",
+                    "embedding_cosine", "embedding_l2"}
+  for spec in L.REGISTRY.values():
+    assert (spec.view is None) == (spec.on_view is None)
+    assert spec.view is None or spec.view in L.TEACHER_VIEWS
+
+
+@pytest.mark.parametrize("term", VIEW_TERMS, ids=lambda t: t["fn"])
+def test_a_term_fed_its_teacher_view_equals_the_term_fed_the_feature(term):
+  """objective with `Viewed(view(t))` in place of t: the same loss and
+  student gradient (channels differ between the two sides)."""
+  (view, args), = L.teacher_views([term]).values()
+  s = jnp.asarray(RNG.randn(3, 4, 6, 5), jnp.float32)
+  t = jnp.asarray(RNG.randn(3, 4, 6, 5 if "embedding" in term["fn"] else 7),
+                  jnp.float32)
+  fn = L.objective([term])
+  name = term["fn"]
+  whole = jax.jit(jax.value_and_grad(
+      lambda s: fn({"features": {name: (s, t)}})[0]))
+  viewed = jax.jit(jax.value_and_grad(lambda s: fn({"features": {name: (
+      s, L.Viewed(L.teacher_view(view, t, args)))}})[0]))
+  (a, ga), (b, gb) = whole(s), viewed(s)
+  np.testing.assert_allclose(b, a, rtol=1e-6)
+  np.testing.assert_allclose(gb, ga, rtol=1e-5, atol=1e-8)
+  with pytest.raises(ValueError, match="has no teacher view"):
+    L.objective([dict(fn="hint_l2")])({"features": {"hint_l2": (
+        s, L.Viewed(t))}})
+
+
+def test_pool_averages_both_maps_before_the_loss():
+  """hint_l2 with pool=2: the mean squared difference of the two maps
+  averaged over 2 x 2 windows (numpy), fed the teacher's map or its
+  pooled view; pool is refused where it cannot apply."""
+  s = RNG.randn(2, 4, 6, 3).astype(np.float32)
+  t = RNG.randn(2, 4, 6, 3).astype(np.float32)
+  pooled = lambda x: x.reshape(2, 2, 2, 3, 2, 3).mean(axis=(2, 4))
+  want = np.mean((pooled(s) - pooled(t)) ** 2)
+  fn = L.objective([dict(fn="hint_l2", pool=2)])
+  assert L.teacher_views([dict(fn="hint_l2", pool=2)]) == {
+      "hint_l2": ("average_pooled", {"size": 2})}
+  view = L.teacher_view("average_pooled", jnp.asarray(t), {"size": 2})
+  for teacher in (t, L.Viewed(view)):
+    np.testing.assert_allclose(
+        fn({"features": {"hint_l2": (s, teacher)}})[0], want, rtol=1e-6)
+  for term, match in [
+      (dict(fn="attention_transfer", pool=2), "its teacher view"),
+      (dict(fn="kd_kl", pool=2), "reads logits"),
+      (dict(fn="hint_l2", pool=0), "whole number >= 1")]:
+    with pytest.raises(ValueError, match=match):
+      L.objective([term])
+  with pytest.raises(ValueError, match="pool=4 must divide"):
+    L.objective([dict(fn="hint_l2", pool=4)])(
+        {"features": {"hint_l2": (s, t)}})

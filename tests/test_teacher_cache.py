@@ -7,6 +7,7 @@ resume exactly like an uncached one, a killed build must resume to the same
 bytes, a partial cache must never be read, and a cache built for anything
 else must be refused in one line.
 """
+import functools
 import json
 import os
 import signal
@@ -20,8 +21,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from kd_jax import checkpoint, data, teacher_cache, train
+from kd_jax import checkpoint, data, losses, teacher_cache, train
 from kd_jax.data import pipeline, synthetic, transforms
+from kd_jax.methods import distill
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -30,6 +32,11 @@ from tests.test_train import tiny_config  # noqa: E402
 # Flips, rotations and scale-crops, each drawn per (seed, epoch, example).
 AUGMENT = [transforms.RandomScaleCrop(scale_range=(0.75, 1.3), pad_label=0),
            transforms.SegmentationAugment(max_rotation_deg=20.0)]
+
+
+# The stored name of AT's teacher view of enc1 (p = 2, eps = 1e-12).
+AT_VIEW = "views." + distill.view_key("enc1", "attention_map",
+                                      {"eps": 1e-12, "p": 2.0})
 
 
 def cache_config(cache, steps=4):
@@ -184,7 +191,8 @@ def _cache_for(method, frozen, source, folder, dtype, epochs=2, seed=5,
       data_options={"name": "synthetic"}, examples=len(source),
       transforms=AUGMENT, input_shape=(16, 16, 1), seed=seed,
       outputs=jax.eval_shape(method.teacher_outputs, frozen,
-                             jnp.zeros((1, 16, 16, 1))), dtype=dtype)
+                             jnp.zeros((1, 16, 16, 1))), dtype=dtype,
+      views=method.view_table)
   cache = teacher_cache.TeacherCache(folder, m)
   cache.build(method, frozen, source, AUGMENT, epochs, batch_size=5,
               mesh=mesh)
@@ -205,7 +213,9 @@ def test_step_from_cache_equals_live_teacher(distill_parts, tmp_path, dtype):
                                   transforms=AUGMENT,
                                   teacher_outputs=cache.batch_outputs)[1]
   np.testing.assert_array_equal(cached["image"], live["image"])
-  assert set(cached["teacher"]) == {"logits", "features"}
+  # AT's attention map is a view: stored, and read, in place of enc1.
+  assert set(cached["teacher"]) == {"logits", "features", "views"}
+  assert set(cached["teacher"]["features"]) == {"bottleneck"}
   if dtype == "float32":
     loss, grads = value_and_grad(frozen, live)  # The teacher runs in the step.
   else:
@@ -269,7 +279,7 @@ def test_stages_reading_different_outputs_share_one_build(
   first = teacher_cache.for_stage(c, "logits_only", "", kd_only, frozen, ds)
   assert teacher_cache.forwards - before == 12  # 3·4 rows: one epoch.
   assert sorted(first.manifest["outputs"]) == [
-      "features.bottleneck", "features.enc1", "logits"]
+      "features.bottleneck", "logits", AT_VIEW]
   second = teacher_cache.for_stage(c, "distilled", "", method, frozen, ds)
   assert teacher_cache.forwards - before == 12
   assert second.folder == first.folder
@@ -278,7 +288,7 @@ def test_stages_reading_different_outputs_share_one_build(
       frozen, x[None]))
   assert set(first.outputs(0, 3)) == {"logits"}
   got = second.outputs(0, 3)
-  assert set(got) == {"logits", "features"}
+  assert set(got) == {"logits", "features", "views"}
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
                                                        atol=1e-6), got, want)
   # Another run whose config has the logits-only stage alone.
@@ -451,6 +461,58 @@ def test_another_manifest_is_refused_in_one_line(linear, tmp_path):
     assert json.load(f) == _linear_manifest(linear)  # Left as it was.
 
 
+def test_full_size_cache_is_refused_for_a_view_in_one_line(distill_parts,
+                                                          tmp_path):
+  """A cache of the layout before teacher views (enc1 stored whole) does
+  not serve the AT term, which reads its attention map now."""
+  method, frozen, _, _ = distill_parts
+
+  def request(outputs):
+    return teacher_cache.manifest(
+        teacher_model={"name": "unet"}, teacher_variables=frozen,
+        data_options={}, examples=12, transforms=AUGMENT,
+        input_shape=(16, 16, 1), seed=5, views=method.view_table,
+        outputs=jax.eval_shape(functools.partial(
+            method.teacher_outputs, outputs=outputs), frozen,
+                               jnp.zeros((1, 16, 16, 1))))
+
+  folder = str(tmp_path)
+  teacher_cache.TeacherCache(folder, request(
+      ["features.bottleneck", "features.enc1", "logits"]))
+  with pytest.raises(ValueError) as e:
+    teacher_cache.TeacherCache(folder, request(None))
+  msg = str(e.value)
+  assert "\n" not in msg and f"another outputs.{AT_VIEW} (" in msg
+  assert "it stores features.enc1 at full size" in msg
+  # A view of other arguments is another output; p=2 and p=2.0 are one.
+  assert losses.teacher_views([dict(fn="attention_transfer", p=2)]) == (
+      losses.teacher_views([dict(fn="attention_transfer", p=2.0)]))
+  assert distill.view_key("enc1", "attention_map", {"eps": 1e-12,
+                                                    "p": 4.0}) != AT_VIEW[6:]
+
+
+@pytest.mark.parametrize("term, factor", [
+    (dict(fn="attention_transfer"), 6),  # The channels, averaged.
+    (dict(fn="pairwise_similarity", pool_size=2), 2 * 2),
+    # Official nodes: kernel (int(0.5·8), int(0.5·12)) = (4, 6).
+    (dict(fn="pairwise_similarity", convention="official", scale=0.5),
+     4 * 6),
+    (dict(fn="embedding_cosine"), 8 * 12),  # The positions, averaged.
+])
+def test_each_view_stores_its_factor_fewer_bytes(term, factor):
+  """Bytes per example of a teacher view against the feature's, from the
+  view's shape: (8, 12, 6) maps, float32."""
+  (view, args), = losses.teacher_views([term]).values()
+  feature = jax.ShapeDtypeStruct((1, 8, 12, 6), jnp.float32)
+  whole, reduced = (teacher_cache.bytes_per_example(teacher_cache.manifest(
+      teacher_model={}, teacher_variables={}, data_options={}, examples=1,
+      transforms=(), input_shape=(), seed=0, outputs={"features": {"f": x}}))
+                    for x in (feature, jax.eval_shape(functools.partial(
+                        losses.teacher_view, view, args=args), feature)))
+  assert whole - 8 == 4 * 8 * 12 * 6
+  assert (reduced - 8) * factor == whole - 8
+
+
 def test_each_process_stores_and_reads_its_own_examples(linear, tmp_path):
   """Two processes (simulated): each builds its shard (the examples its
   rows of the global batches hold) and its batches carry their outputs."""
@@ -597,11 +659,13 @@ def test_bytes_per_example_from_shapes():
   m = teacher_cache.manifest(
       teacher_model={}, teacher_variables={}, data_options={}, examples=12,
       transforms=(), input_shape=(16, 16, 1), seed=0, outputs=out,
-      dtype="bfloat16")
-  # Teacher width 4, depth 2 on 16²: logits 16·16·9, enc1 16·16·4,
-  # bottleneck 4·4·16 (width 4·2² at 16/2²), two bytes each, + the index.
+      dtype="bfloat16", views=method.view_table)
+  # Teacher width 4, depth 2 on 16²: logits 16·16·9, AT's map of enc1
+  # (16·16·4 with its 4 channels averaged: 4× smaller), bottleneck 4·4·16
+  # (width 4·2² at 16/2²), two bytes each, + the index.
+  assert m["outputs"][AT_VIEW] == [16, 16]
   assert teacher_cache.bytes_per_example(m) == 8 + 2 * (
-      16 * 16 * 9 + 16 * 16 * 4 + 4 * 4 * 16)
+      16 * 16 * 9 + 16 * 16 * 4 // 4 + 4 * 4 * 16)
 
 
 @pytest.mark.slow

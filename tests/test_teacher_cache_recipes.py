@@ -8,7 +8,12 @@ rotations, scale-crops) that crosses into the second epoch's views:
   medtex   MED-TEX (method "explain"): soft CE to the teacher + VID on
            four blocks, the explainer and the student in turn
   skd      structured KD (method "adversarial"): CE + pixel-wise KD +
-           pair-wise similarity + the holistic (WGAN-GP critic) term
+           pair-wise similarity + the holistic (WGAN-GP critic) term, and
+           the ablation's AT and mimic (hint) terms, an embedding term and
+           a dense term with pool=4 on the same maps: every teacher view
+           (AT's attention map, the pair-wise nodes, the pooled embedding,
+           the 4×4-pooled map) beside a feature stored whole, each read as
+           the live step reads it
   fundus   multi-task fundus KD from an ensemble of teachers (two here):
            ensemble_kd on the grades, ensemble_l2 on the landmarks
   encoder  foundation-encoder distillation: embedding cosine + dense
@@ -18,6 +23,7 @@ The step is the trainer's (`train.make_train_step`) with plain SGD at rate
 1 for every parameter group, so the change of the parameters is the
 gradient (for the adversarial method: the student's, then the critic's).
 """
+import functools
 import importlib.util
 import os
 
@@ -89,6 +95,15 @@ def _skd():
   s.model, s.teacher.model = dict(net), dict(net)
   s.losses = {k: v for k, v in s.losses.items() if k != "aux"}  # PSPNet's.
   s.losses.pair.student = s.losses.pair.teacher = "bottleneck"
+  s.losses.update(
+      at=dict(fn="attention_transfer", weight=1.0, student="enc1",
+              teacher="enc1", connector="none"),
+      mimic=dict(fn="hint_l2", weight=1.0, student="bottleneck",
+                 teacher="bottleneck"),
+      emb=dict(fn="embedding_l2", weight=1.0, student="bottleneck",
+               teacher="bottleneck", connector="none"),
+      dense=dict(fn="feature_map_cosine", weight=1.0, student="enc1",
+                 teacher="enc1", connector="none", pool=4))
   s.critic.model.conv_dim = 2
   source = synthetic.SyntheticCT(EXAMPLES, size=64, seed=0)
   heads = tasks.from_config(None, {"label": T.segmentation(
@@ -180,7 +195,8 @@ def recipe(request, tmp_path_factory):
       teacher_model={"name": request.param}, teacher_variables=frozen,
       data_options={"name": "test"}, examples=len(source),
       transforms=AUGMENT, input_shape=example.shape[1:], seed=SEED,
-      outputs=jax.eval_shape(method.teacher_outputs, frozen, example))
+      outputs=jax.eval_shape(method.teacher_outputs, frozen, example),
+      views=getattr(method, "view_table", {}))
   cache = teacher_cache.TeacherCache(str(tmp_path_factory.mktemp("cache")), m)
   cache.build(method, frozen, source, AUGMENT, 2, batch_size=3)
   live, cached = (pipeline.train_batches(
@@ -190,7 +206,8 @@ def recipe(request, tmp_path_factory):
       frozen, live["image"])
   step = jax.jit(train.make_train_step(method, tx), compiler_options=FAST)
   return dict(name=request.param, state=state, frozen=frozen, step=step,
-              live=live, given=dict(live, teacher=outputs), cached=cached)
+              live=live, given=dict(live, teacher=outputs), cached=cached,
+              method=method, example=example, cache=cache)
 
 
 def _assert_steps_equal(name, step, state, live, frozen, cached):
@@ -198,9 +215,10 @@ def _assert_steps_equal(name, step, state, live, frozen, cached):
   SGD step's parameter change (the gradient) to 1e-6 of its largest entry;
   the cached step runs with NaN teacher weights (it must not read them)."""
   np.testing.assert_array_equal(cached["image"], live["image"])
-  assert set(cached["teacher"]) == {"fundus": {"logits"},
-                                    "encoder": {"features"}}.get(
-                                        name, {"logits", "features"})
+  assert set(cached["teacher"]) == {
+      "fundus": {"logits"}, "medtex": {"logits", "features"},
+      "encoder": {"features", "views"}}.get(
+          name, {"logits", "features", "views"})
   unread = jax.tree.map(lambda x: np.full(np.shape(x), np.nan,
                                           np.asarray(x).dtype), frozen)
   new_live, m_live = step(state, live, frozen)
@@ -225,6 +243,44 @@ def test_step_from_cache_equals_step_on_live_teacher_outputs(recipe):
   r = recipe
   _assert_steps_equal(r["name"], r["step"], r["state"], r["given"],
                       r["frozen"], r["cached"])
+
+
+def test_cache_files_hold_the_views_at_their_size(recipe):
+  """Each teacher view on disk: float32 rows of its own size, the feature's
+  divided by the view's factor (skd: UNet width 2, depth 2 at 64²: enc1
+  64·64·2, AT's map of it 2× smaller, its pool=4 map 4·4× smaller;
+  bottleneck 16·16·8, its mean 16·16× smaller, its official pair-wise
+  nodes (kernel int(0.5·16) = 8) 8·8× smaller)."""
+  r = recipe
+  method, cache = r["method"], r["cache"]
+  if r["name"] in ("fundus", "medtex"):  # Logits and VID: no views.
+    assert not getattr(method, "view_table", {})
+    return
+  features = jax.eval_shape(functools.partial(
+      method.teacher_outputs, outputs=[
+          f"features.{v['feature']}" for v in method.view_table.values()]),
+                            r["frozen"], r["example"])["features"]
+  factors = {"attention_map": lambda s: s[-1],
+             # Positions or tokens (1: the encoder's CLS embedding).
+             "mean_pooled": lambda s: int(np.prod(s[:-1])),
+             "pair_nodes": lambda s: 8 * 8,
+             "average_pooled": lambda s: 4 * 4}
+  folder = cache.epoch_folder(0)
+  view_shapes = {n[6:]: v for n, v in cache.manifest["outputs"].items()
+                 if n.startswith("views.")}
+  assert set(view_shapes) == set(method.view_table)
+  for key, view in method.view_table.items():
+    shape = features[view["feature"]].shape[1:]
+    path = os.path.join(folder, f"views.{key}.npy")
+    stored = np.load(path, mmap_mode="r")  # Its bytes past the header.
+    row = (os.path.getsize(path) - stored.offset) // EXAMPLES
+    assert stored.shape == (EXAMPLES,) + tuple(view_shapes[key]), key
+    assert row * factors[view["view"]](shape) == 4 * np.prod(shape), key
+  if r["name"] == "skd":
+    assert sorted(v["view"] for v in method.view_table.values()) == [
+        "attention_map", "average_pooled", "mean_pooled", "pair_nodes"]
+    assert features["enc1"].shape[1:] == (64, 64, 2)
+    assert features["bottleneck"].shape[1:] == (16, 16, 8)
 
 
 @pytest.mark.slow

@@ -15,12 +15,15 @@ table of losses.
 from kd_jax.losses.adversarial import gradient_penalty
 from kd_jax.losses.adversarial import wgan_critic_loss
 from kd_jax.losses.adversarial import wgan_generator_loss
+from kd_jax.losses.features import attention_map
 from kd_jax.losses.features import attention_transfer
 from kd_jax.losses.features import embedding_cosine
 from kd_jax.losses.features import embedding_l2
 from kd_jax.losses.features import feature_map_cosine
 from kd_jax.losses.features import hint_l1
 from kd_jax.losses.features import hint_l2
+from kd_jax.losses.features import mean_pooled
+from kd_jax.losses.features import pair_nodes
 from kd_jax.losses.features import pairwise_similarity
 from kd_jax.losses.features import pkt
 from kd_jax.losses.features import rkd_angle
@@ -42,7 +45,11 @@ from kd_jax.losses.objective import LossSpec
 from kd_jax.losses.objective import MissingInputError
 from kd_jax.losses.objective import objective
 from kd_jax.losses.objective import REGISTRY
+from kd_jax.losses.objective import TEACHER_VIEWS
+from kd_jax.losses.objective import teacher_view
+from kd_jax.losses.objective import teacher_views
 from kd_jax.losses.objective import term_names
+from kd_jax.losses.objective import Viewed
 from kd_jax.losses.task import cross_entropy
 from kd_jax.losses.task import dice_loss
 from kd_jax.losses.task import focal_loss

@@ -155,15 +155,38 @@ def attention_transfer(student_feature, teacher_feature, *, p: float = 2.0,
   """
   _checks.one_of("attention_transfer", "form", form, AT_FORMS)
   _same_spatial(student_feature, teacher_feature)
+  return attention_transfer_from_view(
+      student_feature, attention_map(teacher_feature, p=p, eps=eps), p=p,
+      form=form, eps=eps)
 
-  def att(x, name):
-    x = _checks.as_float(x, name)
-    a = jnp.mean(jnp.abs(x) ** p, axis=-1)
-    a = a.reshape(a.shape[:-2] + (-1,))
-    return _l2_normalize(a, eps=eps)
 
-  diff = (att(student_feature, "student_feature")
-          - att(teacher_feature, "teacher_feature"))
+def attention_map(feature, *, p: float = 2.0, eps: float = 1e-12
+                  ) -> jax.Array:
+  """The teacher view of `attention_transfer`: q of each example, (..., H,
+  W), the channel mean of |f|^p L2-normalised over the H W positions (C
+  times smaller than the (..., H, W, C) feature)."""
+  _spatial("feature", feature)
+  a = jnp.mean(jnp.abs(_checks.as_float(feature, "feature")) ** p, axis=-1)
+  flat = _l2_normalize(a.reshape(a.shape[:-2] + (-1,)), eps=eps)
+  return flat.reshape(a.shape)
+
+
+def attention_transfer_from_view(student_feature, teacher_view, *,
+                                 p: float = 2.0, form: str = "code",
+                                 eps: float = 1e-12) -> jax.Array:
+  """`attention_transfer` with the teacher given as its view,
+  `attention_map(teacher_feature, p=p, eps=eps)` (H, W as the student's)."""
+  _checks.one_of("attention_transfer", "form", form, AT_FORMS)
+  _spatial("student_feature", student_feature)
+  if jnp.shape(student_feature)[:-1] != jnp.shape(teacher_view):
+    raise ValueError(
+        f"student_feature shape {jnp.shape(student_feature)} and the "
+        f"teacher's attention map {jnp.shape(teacher_view)} must have the "
+        "same batch and spatial dims; resize one of them, e.g. with "
+        "jax.image.resize.")
+  diff = (attention_map(student_feature, p=p, eps=eps)
+          - _checks.as_float(teacher_view, "teacher_view"))
+  diff = diff.reshape(diff.shape[:-2] + (-1,))
   if form == "code":
     return jnp.mean(diff ** 2)
   return jnp.mean(_safe_norm(diff))
@@ -205,6 +228,20 @@ def vid(mean, teacher_feature, alpha, *, eps: float = 1e-5) -> jax.Array:
   t = _checks.as_float(teacher_feature, "teacher_feature")
   var = jax.nn.softplus(_checks.as_float(alpha, "alpha")) + eps
   return jnp.mean(0.5 * ((t - mu) ** 2 / var + jnp.log(var)))
+
+
+def average_pooled(feature, *, size: int) -> jax.Array:
+  """(..., H, W, C) averaged over non-overlapping size x size windows:
+  (..., H / size, W / size, C). The teacher view of a term with the term
+  key pool=size (its student map is pooled alike)."""
+  _spatial("feature", feature)
+  *lead, h, w, c = jnp.shape(feature)
+  if h % size or w % size:
+    raise ValueError(f"pool={size} must divide the feature's spatial size "
+                     f"{h}x{w}; choose a divisor or drop pool=.")
+  x = _checks.as_float(feature, "feature")
+  x = x.reshape(tuple(lead) + (h // size, size, w // size, size, c))
+  return jnp.mean(x, axis=(-4, -2))
 
 
 def _max_pool(x, size):
@@ -304,7 +341,18 @@ def pairwise_similarity(student_feature, teacher_feature, *,
   check_pairwise_options(pool_size=pool_size, scale=scale,
                          convention=convention)
   _same_spatial(student_feature, teacher_feature)
-  h, w = jnp.shape(student_feature)[-3:-1]
+  options = dict(pool_size=pool_size, scale=scale, convention=convention)
+  return pairwise_similarity_from_view(
+      student_feature, pair_nodes(teacher_feature, **options), **options)
+
+
+def pair_nodes(feature, *, pool_size: int = 1, scale: Optional[float] = None,
+               convention: str = "kd_jax") -> jax.Array:
+  """The teacher view of `pairwise_similarity`: the map's nodes, (..., N,
+  C), max-pooled and normalised as that convention does (N = H' W' nodes:
+  pool_size² or about (1/scale)² times fewer positions than the map)."""
+  _spatial("feature", feature)
+  h, w = jnp.shape(feature)[-3:-1]
   if convention == "kd_jax":
     if h % pool_size or w % pool_size:
       raise ValueError(f"pool_size={pool_size} must divide the spatial size "
@@ -321,14 +369,30 @@ def pairwise_similarity(student_feature, teacher_feature, *,
     pool = lambda x: _max_pool_ceil(x, kernel)
     normalize = lambda x: x / (jax.lax.stop_gradient(
         jnp.linalg.norm(x, axis=-1, keepdims=True)) + 1e-8)
+  x = pool(_checks.as_float(feature, "feature"))
+  return normalize(x.reshape(x.shape[:-3] + (-1, x.shape[-1])))
 
-  def sim(x, name):
-    x = pool(_checks.as_float(x, name))
-    x = normalize(x.reshape(x.shape[:-3] + (-1, x.shape[-1])))
-    return jnp.einsum("...ic,...jc->...ij", x, x)
 
-  return jnp.mean((sim(student_feature, "student_feature")
-                   - sim(teacher_feature, "teacher_feature")) ** 2)
+def pairwise_similarity_from_view(student_feature, teacher_view, *,
+                                  pool_size: int = 1,
+                                  scale: Optional[float] = None,
+                                  convention: str = "kd_jax") -> jax.Array:
+  """`pairwise_similarity` with the teacher given as its view,
+  `pair_nodes(teacher_feature, ...)` with the same options."""
+  check_pairwise_options(pool_size=pool_size, scale=scale,
+                         convention=convention)
+  _spatial("student_feature", student_feature)
+  s = pair_nodes(student_feature, pool_size=pool_size, scale=scale,
+                 convention=convention)
+  if s.shape[:-1] != jnp.shape(teacher_view)[:-1]:
+    raise ValueError(
+        f"student_feature shape {jnp.shape(student_feature)} gives nodes "
+        f"{s.shape[:-1]}, the teacher's nodes are "
+        f"{jnp.shape(teacher_view)[:-1]}: the two maps must have the same "
+        "batch and spatial dims (channels may differ).")
+  t = _checks.as_float(teacher_view, "teacher_view")
+  sim = lambda x: jnp.einsum("...ic,...jc->...ij", x, x)
+  return jnp.mean((sim(s) - sim(t)) ** 2)
 
 
 def similarity_preserving(student_feature, teacher_feature) -> jax.Array:
@@ -447,6 +511,24 @@ def _pooled(x, name):
   return jnp.mean(x, axis=tuple(range(1, x.ndim - 1))) if x.ndim > 2 else x
 
 
+def mean_pooled(feature) -> jax.Array:
+  """The teacher view of `embedding_cosine` and `embedding_l2`: (B, D),
+  the feature averaged over its positions or tokens (a (B, D) embedding
+  as is)."""
+  return _pooled(feature, "feature")
+
+
+def _same_pooled(student_feature, teacher_view):
+  s = _pooled(student_feature, "student_feature")
+  if s.shape != jnp.shape(teacher_view):
+    raise ValueError(
+        f"student_feature shape {jnp.shape(student_feature)} pools to "
+        f"{s.shape}, the teacher's pooled embedding is "
+        f"{jnp.shape(teacher_view)}: give features of one shape (a "
+        "connector projects the student's).")
+  return s, _checks.as_float(teacher_view, "teacher_view")
+
+
 def embedding_cosine(student_feature, teacher_feature) -> jax.Array:
   """Global embedding matching with the cosine distance.
 
@@ -462,7 +544,12 @@ def embedding_cosine(student_feature, teacher_feature) -> jax.Array:
     float32 scalar in [0, 2].
   """
   s, t = _same(student_feature, teacher_feature)
-  s, t = _pooled(s, "student_feature"), _pooled(t, "teacher_feature")
+  return embedding_cosine_from_view(s, mean_pooled(t))
+
+
+def embedding_cosine_from_view(student_feature, teacher_view) -> jax.Array:
+  """`embedding_cosine` with the teacher given as `mean_pooled(teacher)`."""
+  s, t = _same_pooled(student_feature, teacher_view)
   cos = jnp.sum(_l2_normalize(s, eps=1e-8) * _l2_normalize(t, eps=1e-8), -1)
   return jnp.mean(1.0 - cos)
 
@@ -483,7 +570,13 @@ def embedding_l2(student_feature, teacher_feature, *,
     float32 scalar >= 0.
   """
   s, t = _same(student_feature, teacher_feature)
-  s, t = _pooled(s, "student_feature"), _pooled(t, "teacher_feature")
+  return embedding_l2_from_view(s, mean_pooled(t), normalize=normalize)
+
+
+def embedding_l2_from_view(student_feature, teacher_view, *,
+                           normalize: bool = False) -> jax.Array:
+  """`embedding_l2` with the teacher given as `mean_pooled(teacher)`."""
+  s, t = _same_pooled(student_feature, teacher_view)
   if normalize:
     s, t = _l2_normalize(s, eps=1e-8), _l2_normalize(t, eps=1e-8)
   return jnp.mean(jnp.sum((s - t) ** 2, axis=-1))

@@ -13,9 +13,12 @@ A term is a mapping. Keys read here and never passed to the loss: `fn` (a
 REGISTRY name), `weight` (default 1.0), `name` (default the fn name; repeated
 names get `_1`, `_2`, ... in order), and the method-layer keys `student`,
 `teacher`, `connector` (which features to take and how to project them; the
-method uses them, this module ignores them). Every other key is a keyword
-argument of the loss, checked against its signature when `objective` is
-called, so a bad config fails before the first step. The values are checked
+method uses them, this module ignores them), and `pool` (for a feature
+term without a teacher view of its own, e.g. hint_l2: pool=k average-pools
+both (B, H, W, C) maps over k x k windows before the loss, a change of the
+loss that a teacher cache stores k² times smaller). Every other key is a
+keyword argument of the loss, checked against its signature when
+`objective` is called, so a bad config fails before the first step. The values are checked
 then too (the losses themselves never look at values): temperature, p, eps
 and delta > 0, smooth and gamma >= 0, scale in (0, 1], string options among
 the accepted ones, flags True or False, other numeric keywords numbers.
@@ -51,7 +54,8 @@ weight=0.4, output="aux_logits")` is PSPNet's auxiliary loss.
 import collections.abc
 import inspect
 import numbers
-from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional
+from typing import Sequence
 from typing import Tuple
 
 import jax
@@ -74,9 +78,32 @@ class LossSpec(NamedTuple):
     "logits":   fn(student_logits, teacher_logits, **kw)
     "features": fn(student_feature, teacher_feature, **kw)
     "custom":   called by methods directly; not composable by `objective`.
+  view: a features loss that starts with a teacher-only reduction declares
+    it: the name of its `TEACHER_VIEWS` function (teacher_view = view(
+    teacher_feature, **the term's keywords that it takes)), and
+  on_view: the loss of (student_feature, teacher_view, **kw), so that
+    fn(s, t, **kw) == on_view(s, view(t), **kw) by construction. A method
+    may hand the term `Viewed(teacher_view)` in place of the teacher's
+    feature (what the teacher cache stores: the view, not the feature).
   """
   fn: Callable[..., jax.Array]
   kind: str
+  view: Optional[str] = None
+  on_view: Optional[Callable[..., jax.Array]] = None
+
+
+class Viewed(NamedTuple):
+  """A teacher feature already reduced by its term's view (`LossSpec`)."""
+  value: jax.Array
+
+
+# Teacher views by name: pure functions of (B, ...) arrays, row by row.
+TEACHER_VIEWS: Dict[str, Callable[..., jax.Array]] = {
+    "attention_map": features.attention_map,
+    "pair_nodes": features.pair_nodes,
+    "mean_pooled": features.mean_pooled,
+    "average_pooled": features.average_pooled,
+}
 
 
 REGISTRY: Dict[str, LossSpec] = {
@@ -101,17 +128,23 @@ REGISTRY: Dict[str, LossSpec] = {
     "hint_l1": LossSpec(features.hint_l1, "features"),
     "hint_l2": LossSpec(features.hint_l2, "features"),
     "cwd_features": LossSpec(logits.cwd, "features"),
-    "attention_transfer": LossSpec(features.attention_transfer, "features"),
+    "attention_transfer": LossSpec(
+        features.attention_transfer, "features", "attention_map",
+        features.attention_transfer_from_view),
     "vid": LossSpec(features.vid, "features"),
-    "pairwise_similarity": LossSpec(features.pairwise_similarity,
-                                    "features"),
+    "pairwise_similarity": LossSpec(
+        features.pairwise_similarity, "features", "pair_nodes",
+        features.pairwise_similarity_from_view),
     "similarity_preserving": LossSpec(features.similarity_preserving,
                                       "features"),
     "pkt": LossSpec(features.pkt, "features"),
     "rkd_distance": LossSpec(features.rkd_distance, "features"),
     "rkd_angle": LossSpec(features.rkd_angle, "features"),
-    "embedding_cosine": LossSpec(features.embedding_cosine, "features"),
-    "embedding_l2": LossSpec(features.embedding_l2, "features"),
+    "embedding_cosine": LossSpec(features.embedding_cosine, "features",
+                                 "mean_pooled",
+                                 features.embedding_cosine_from_view),
+    "embedding_l2": LossSpec(features.embedding_l2, "features",
+                             "mean_pooled", features.embedding_l2_from_view),
     "feature_map_cosine": LossSpec(features.feature_map_cosine, "features"),
     # Pieces called by methods directly.
     "wgan_critic": LossSpec(adversarial.wgan_critic_loss, "custom"),
@@ -122,6 +155,7 @@ REGISTRY: Dict[str, LossSpec] = {
 
 # Keys of a term that are not keyword arguments of the loss.
 _TERM_KEYS = ("fn", "weight", "name", "student", "teacher", "connector",
+              "pool",
               "head", "labelled_only", "output")
 # Inputs that hold one entry per head when the model has several.
 _HEAD_INPUTS = ("logits", "teacher_logits", "labels")
@@ -205,6 +239,7 @@ class _Term(NamedTuple):
   head: Any = None  # The head it reads, for models with several.
   labelled_only: bool = False  # Masked with inputs["labelled"].
   output: Any = None  # An extra output it reads in place of "logits".
+  pool: int = 1  # Both maps average-pooled by pool x pool first.
 
 
 def _as_dict(term, index: int) -> Dict[str, Any]:
@@ -289,6 +324,18 @@ def _parse(term: Mapping[str, Any], index: int) -> _Term:
     raise ValueError(f"loss term #{index} ({fn_name}): a task loss reads "
                      "labels, so it always skips unlabelled examples; drop "
                      "labelled_only=False.")
+  pool = term.get("pool", 1)
+  if pool != 1 and (spec.kind != "features" or spec.view is not None):
+    raise ValueError(
+        f"loss term #{index} ({fn_name}): pool= average-pools the two maps "
+        "of a dense feature term (hint_l1, hint_l2, feature_map_cosine, "
+        f"vid, ...); {fn_name} "
+        + ("reads logits" if spec.kind != "features" else
+           "reduces the teacher's map itself (its teacher view)")
+        + ": drop pool=.")
+  if isinstance(pool, bool) or not isinstance(pool, int) or pool < 1:
+    raise ValueError(f"loss term #{index} ({fn_name}): pool must be a whole "
+                     f"number >= 1 (the pooling window), got {pool!r}.")
   array_params = tuple(n for n in extra_positional if n != "labels")
   if array_params and spec.kind != "features":
     raise ValueError(f"{fn_name} has array arguments {array_params} that "
@@ -296,7 +343,8 @@ def _parse(term: Mapping[str, Any], index: int) -> _Term:
   return _Term(name=name, fn_name=fn_name, spec=spec, weight=float(weight),
                kwargs=kwargs, takes_mask="mask" in params,
                takes_labels=takes_labels, array_params=array_params,
-               head=head, labelled_only=labelled_only, output=output)
+               head=head, labelled_only=labelled_only, output=output,
+               pool=pool)
 
 
 def _resolve(terms: Sequence[Mapping[str, Any]]) -> List[_Term]:
@@ -326,6 +374,40 @@ def term_names(terms: Sequence[Mapping[str, Any]]) -> List[str]:
   """The resolved term names, in order (the keys of `inputs["features"]`
   for feature terms, and of the metrics besides "total")."""
   return [t.name for t in _resolve(terms)]
+
+
+def teacher_views(terms: Sequence[Mapping[str, Any]]
+                  ) -> Dict[str, Tuple[str, Dict[str, Any]]]:
+  """{term name: (view name, its keywords)} of the terms whose loss
+  declares a teacher view (`LossSpec.view`), and of the terms with pool=k
+  ("average_pooled", {"size": k}); the keywords are the term's, defaults
+  filled in (numbers of a float default as floats), so equal views compare
+  equal whatever the config spells."""
+  out = {}
+  for term in _resolve(terms):
+    if term.pool > 1:
+      out[term.name] = ("average_pooled", {"size": term.pool})
+      continue
+    if term.spec.view is None:
+      continue
+    params = inspect.signature(TEACHER_VIEWS[term.spec.view]).parameters
+    args = {}
+    for p in params.values():
+      if p.kind != inspect.Parameter.KEYWORD_ONLY:
+        continue
+      value = term.kwargs.get(p.name, p.default)
+      if isinstance(p.default, float) and _is_number(value):
+        value = float(value)
+      args[p.name] = value
+    out[term.name] = (term.spec.view, args)
+  return out
+
+
+def teacher_view(view: str, feature: jax.Array,
+                 args: Mapping[str, Any]) -> jax.Array:
+  """`TEACHER_VIEWS[view](feature, **args)`: what a term reads of the
+  teacher's (B, ...) feature, row by row."""
+  return TEACHER_VIEWS[view](feature, **args)
 
 
 def _get(inputs, key: str, term: _Term):
@@ -432,6 +514,17 @@ def _call(term: _Term, inputs) -> jax.Array:
     kwargs["mask"] = inputs["mask"]
   if term.spec.kind == "features":
     student, teacher, extra = _features(inputs, term)
+    if term.pool > 1:
+      # A change of the loss: it compares the two pooled maps.
+      student = features.average_pooled(student, size=term.pool)
+      teacher = (teacher.value if isinstance(teacher, Viewed) else
+                 features.average_pooled(teacher, size=term.pool))
+      return term.spec.fn(student, teacher, **extra, **kwargs)
+    if isinstance(teacher, Viewed):
+      if term.spec.on_view is None:
+        raise ValueError(f"loss term {term.name!r} ({term.fn_name}) has no "
+                         "teacher view; give it the teacher's feature.")
+      return term.spec.on_view(student, teacher.value, **extra, **kwargs)
     return term.spec.fn(student, teacher, **extra, **kwargs)
   args = [_get(inputs, k, term) for k in _LEADING_INPUTS[term.spec.kind]]
   if term.takes_labels:

@@ -20,6 +20,8 @@ terms read). A batch may carry them precomputed under the key "teacher"
 then reads them instead of running the teacher: one code path either way.
 """
 import functools
+import hashlib
+import json
 import os
 
 import jax
@@ -36,6 +38,15 @@ def _shapes(tree):
 
 def _describe(features):
   return ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(features.items()))
+
+
+def view_key(feature: str, view: str, args: dict) -> str:
+  """The name of teacher `feature`'s `view` with `args` ("<feature>@<view>",
+  "-<hash of args>" when it has any): a file stem of the teacher cache."""
+  if not args:
+    return f"{feature}@{view}"
+  digest = hashlib.sha256(json.dumps(args, sort_keys=True).encode())
+  return f"{feature}@{view}-{digest.hexdigest()[:8]}"
 
 
 # Logit losses that read a stack of teachers (E, ...).
@@ -168,6 +179,15 @@ class Distill:
       conn = dict(conn) if not isinstance(conn, str) else {"kind": conn}
       self.feature_terms.append((name, term["student"], term["teacher"], conn,
                                  term["fn"] == "vid"))
+    # Terms that read a teacher view: {term: view key}, and {view key:
+    # dict(feature, view, args)} (what `teacher_outputs` computes).
+    self.term_views, self.view_table = {}, {}
+    t_names = {n: t for n, _, t, _, _ in self.feature_terms}
+    for name, (view, args) in losses.teacher_views(loss_terms).items():
+      key = view_key(t_names[name], view, args)
+      self.term_views[name] = key
+      self.view_table[key] = dict(feature=t_names[name], view=view,
+                                  args=args)
     self.connectors = None  # Built by init, once the teacher's shapes are known.
 
   def _check_terms_against_teachers(self, loss_terms):
@@ -219,6 +239,15 @@ class Distill:
           raise ValueError(
               f"loss term {name!r}: the {side} has no feature {fname!r}; it "
               f"offers: {_describe(feats)}")
+      if name in self.term_views:  # The view's own checks, before a step.
+        view = self.view_table[self.term_views[name]]
+        try:
+          jax.eval_shape(functools.partial(
+              losses.teacher_view, view["view"], args=view["args"]),
+                         t_feats[t_name])
+        except ValueError as e:
+          raise ValueError(f"loss term {name!r}, teacher {t_name!r} "
+                           f"{t_feats[t_name].shape}: {e}") from None
       if conn["kind"] == "none":
         self.connectors[name] = (None, s_name, t_name, None)
         continue
@@ -264,19 +293,26 @@ class Distill:
 
   def teacher_output_names(self) -> list[str]:
     """The teacher outputs the objective reads: "logits" if a term distils
-    logits, "features.<name>" for each teacher feature a term matches."""
+    logits, "features.<name>" for each teacher feature a term matches
+    whole, "views.<key>" for each teacher view a term reads instead
+    (`view_table[key]`: the feature, the view, its arguments)."""
     names = ["logits"] if self.uses_teacher_logits else []
-    return names + sorted({f"features.{t_name}"
-                           for _, _, t_name, _, _ in self.feature_terms})
+    return names + sorted(
+        {f"features.{t_name}" for name, _, t_name, _, _ in self.feature_terms
+         if name not in self.term_views}
+        | {f"views.{key}" for key in self.term_views.values()})
 
-  def teacher_outputs(self, frozen, images, outputs=None):
+  def teacher_outputs(self, frozen, images, outputs=None, views=None):
     """The frozen teacher's outputs (eval mode, float32) named by `outputs`
     (default `teacher_output_names()`: what the objective reads) as a
-    pytree, {"logits": ..., "features": {name: ...}}; every array has the
-    batch axis first (an ensemble's logits are (B, E, ...)). Per example,
-    this is what the teacher cache stores (which may hold the outputs of
-    several stages' objectives: `outputs`)."""
+    pytree, {"logits": ..., "features": {name: ...}, "views": {key: ...}};
+    every array has the batch axis first (an ensemble's logits are (B, E,
+    ...)). `views` describes view keys beyond this method's own
+    (`view_table`'s form). Per example, this is what the teacher cache
+    stores (which may hold the outputs of several stages' objectives:
+    `outputs`, `views`)."""
     names = self.teacher_output_names() if outputs is None else list(outputs)
+    table = dict(self.view_table, **(views or {}))
     if self.ensemble:
       if set(names) - {"logits"}:
         raise ValueError(f"an ensemble's cached outputs are its stacked "
@@ -298,12 +334,19 @@ class Distill:
       if name == "logits":
         out["logits"] = tasks.as_float32(logits)
         continue
-      feature = name.partition("features.")[2]
+      group, _, key = name.partition(".")
+      view = table.get(key) if group == "views" else None
+      if group == "views" and view is None:
+        raise ValueError(f"teacher output {name!r}: no such view; known "
+                         f"views: {sorted(table)}")
+      feature = view["feature"] if view else key
       if feature not in feats:
         raise ValueError(f"teacher output {name!r}: the teacher has no such "
                          f"feature; it offers: {_describe(feats)}")
-      out.setdefault("features", {})[feature] = feats[feature].astype(
-          jnp.float32)
+      value = feats[feature].astype(jnp.float32)
+      if view:
+        value = losses.teacher_view(view["view"], value, view["args"])
+      out.setdefault(group, {})[key] = value
     return jax.lax.stop_gradient(out)
 
   def loss_fn(self, params, batch_stats, frozen, batch, rng):
@@ -323,11 +366,14 @@ class Distill:
     teacher = batch.get("teacher")
     if teacher is None:
       teacher = self.teacher_outputs(frozen, images)
-    t_feats = teacher.get("features", {})
+    t_feats, t_views = teacher.get("features", {}), teacher.get("views", {})
     pairs, new_conn = {}, {}
     for name, (module, s_name, t_name, vid_ch) in self.connectors.items():
+      # A term with a view reads it, the same live as cached.
+      t_value = (losses.Viewed(t_views[self.term_views[name]])
+                 if name in self.term_views else t_feats[t_name])
       if module is None:
-        pairs[name] = (s_feats[s_name].astype(jnp.float32), t_feats[t_name])
+        pairs[name] = (s_feats[s_name].astype(jnp.float32), t_value)
         continue
       c_params = dict(params["connectors"][name])
       alpha = c_params.pop("vid_alpha", None)
@@ -337,7 +383,7 @@ class Distill:
           s_feats[s_name], train=True, mutable=["batch_stats"])
       new_conn[name] = updates.get("batch_stats",
                                    batch_stats["connectors"][name])
-      pairs[name] = (out.astype(jnp.float32), t_feats[t_name])
+      pairs[name] = (out.astype(jnp.float32), t_value)
       if vid_ch:
         pairs[name] += ({"alpha": alpha},)
     inputs = tasks.objective_inputs(self.heads, logits, batch, s_feats)

@@ -89,6 +89,10 @@ class Explain(Distill):
             f"loss term {name!r} ({term.get('fn')}): method 'explain' "
             f"trains on MED-TEX's objective, one {SOFT_CE} term and vid "
             "terms; remove it (or use method 'distill')")
+      if term.get("pool", 1) != 1:
+        raise ValueError(
+            f"loss term {name!r} ({term['fn']}): method 'explain' computes "
+            "MED-TEX's objective on the whole maps; drop pool=")
       if term["fn"] == VID and term.get("connector") == "none":
         raise ValueError(
             f"loss term {name!r} (vid) regresses the teacher's feature "
