@@ -615,12 +615,6 @@ class TeacherCache:
       node[leaf] = value
     return out
 
-  def outputs(self, epoch: int, index: int):
-    """Example `index`'s teacher outputs for its epoch-`epoch` view, as
-    float32 numpy arrays in the pytree `method.teacher_outputs` returns."""
-    return jax.tree.map(lambda x: np.asarray(x[0], np.float32),
-                        self.batch_outputs([epoch], [index]))
-
   def _rows(self, files, indices, epoch):
     """The rows of examples `indices` in an epoch's files."""
     stored = files["index"]

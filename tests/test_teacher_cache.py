@@ -146,6 +146,12 @@ def test_resume_with_cache_is_exact_and_runs_no_teacher(
 # One step, live teacher vs cache.
 
 
+def _example(cache, epoch, index):
+  """Example `index`'s teacher outputs for its epoch-`epoch` view, float32."""
+  return jax.tree.map(lambda x: np.asarray(x[0], np.float32),
+                      cache.batch_outputs([epoch], [index]))
+
+
 def _random_like(shapes, rng):
   """Parameters ~ N(0, 0.3²) and batch statistics in [0.5, 1.5]."""
   return {
@@ -286,8 +292,8 @@ def test_stages_reading_different_outputs_share_one_build(
   x = pipeline.example_view(ds.train, 0, 0, 3, ds.train_transforms)["image"]
   want = jax.tree.map(lambda a: np.asarray(a[0]), method.teacher_outputs(
       frozen, x[None]))
-  assert set(first.outputs(0, 3)) == {"logits"}
-  got = second.outputs(0, 3)
+  assert set(_example(first, 0, 3)) == {"logits"}
+  got = _example(second, 0, 3)
   assert set(got) == {"logits", "features", "views"}
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
                                                        atol=1e-6), got, want)
@@ -397,7 +403,7 @@ def test_killed_build_resumes_to_the_same_bytes(linear, tmp_path,
   assert not os.path.exists(leftover)
   # A partial epoch is never read.
   with pytest.raises(FileNotFoundError, match="no complete epoch 1"):
-    teacher_cache.TeacherCache(folder, m).outputs(1, 0)
+    _example(teacher_cache.TeacherCache(folder, m), 1, 0)
   assert cache.build(method, frozen, source, AUGMENT, 3, batch_size=4) == 2
   assert _files(folder) == _files(str(tmp_path / "whole"))
 
@@ -412,7 +418,7 @@ def test_cache_holds_each_views_outputs(linear, tmp_path):
   for epoch, index in ((0, 0), (0, 9), (1, 4)):
     x = pipeline.example_view(source, 2, epoch, index, AUGMENT)["image"]
     want = method.teacher_outputs(frozen, x[None])
-    got = cache.outputs(epoch, index)
+    got = _example(cache, epoch, index)
     assert got["logits"].dtype == np.float32
     np.testing.assert_array_equal(
         got["logits"], np.asarray(want["logits"][0]).astype(np.float16))
@@ -436,7 +442,7 @@ def test_top_k_logits_keep_the_teachers_top_k_probabilities(linear,
                    np.float64)
     p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
     top = np.argsort(-z)[:3]
-    dense = cache.outputs(0, index)["logits"].astype(np.float64)
+    dense = _example(cache, 0, index)["logits"].astype(np.float64)
     q = np.exp(dense - dense.max()) / np.exp(dense - dense.max()).sum()
     np.testing.assert_allclose(dense[top], z[top], rtol=1e-6)
     np.testing.assert_allclose(q[top], p[top], rtol=1e-5)
