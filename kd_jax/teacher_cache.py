@@ -764,7 +764,10 @@ def stage_manifest(config, name, method, frozen, datasets) -> dict:
                          compute_dtype=config.get("compute_dtype"),
                          layers=config.get("layers")),
       teacher_variables=frozen,
-      data_options=train.stage_data(config, name), examples=len(source),
+      # `augment_on_device` is in the transforms' spec (a DeviceAugment):
+      # left out here, so adding the key at False keeps every cache's key.
+      data_options={k: v for k, v in train.stage_data(config, name).items()
+                    if k != "augment_on_device"}, examples=len(source),
       transforms=transforms, input_shape=image.shape + (str(image.dtype),),
       seed=s["seed"], outputs=outputs,
       dtype=config.get("teacher_cache_dtype", "float32"),

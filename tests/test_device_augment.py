@@ -257,7 +257,9 @@ def test_teacher_cache_holds_the_views_the_step_warps(tmp_path):
 ])
 def test_bad_settings_are_one_line_config_errors(tmp_path, value, message):
   c = tiny_config(steps=1)
-  c.data.augment_on_device = value
+  # A data dict of a config's own (the shipped ones type the key bool).
+  c.data = ml_collections.ConfigDict({**c.data.to_dict(),
+                                      "augment_on_device": value})
   if value is True:
     c.data.unlabelled = ml_collections.ConfigDict(dict(
         sources=("synthetic_fundus",), per_batch=2))
@@ -272,3 +274,13 @@ def test_unsupported_transforms_are_refused():
   with pytest.raises(ValueError, match="ColorJitter', 'SegmentationAug"):
     device_augment.DeviceAugment([transforms.ColorJitter(),
                                   transforms.SegmentationAugment()])
+
+
+def test_the_run_record_counts_the_switch_only_when_on():
+  from kd_jax import record  # pylint: disable=g-import-not-at-top
+  c = tiny_config()
+  before = record.defining(c, "teacher")
+  assert "data.augment_on_device" not in before  # At its default: quiet.
+  c.data.augment_on_device = True
+  assert record.differences(before, record.defining(c, "teacher")) == {
+      "data.augment_on_device": ("<unset>", True)}
