@@ -22,11 +22,14 @@ saying so.
 (the transforms' pixel work in the loader) and with
 `data.augment_on_device=True` (the loader only draws the parameters and
 ships the unwarped images; recipes without augmentation, or with an
-unlabelled pool, get host rows only). For a device row, "warp images/s"
-is the step's extra work alone: the jitted `decode` + `device_augment.apply`
-of one batch on the default JAX device (median of `--warp_repeats`), and
-a line per recipe gives the ratios of the same run. The loader rows do no
-device work.
+unlabelled pool, get host rows only). Every row also gives "transforms
+images/s": the training transforms alone on examples already in memory,
+one thread (the per-view host work the switch removes, without the cold
+reads that dominate a first epoch). A device row gives "warp images/s":
+the step's extra work alone, the jitted `decode` + `device_augment.apply`
+of one batch on the default JAX device (median of `--warp_repeats`). A
+line per recipe gives the device/host ratios of the same run. The loader
+rows do no device work.
 """
 import argparse
 import importlib.util
@@ -89,6 +92,18 @@ def warp_rate(batches, batch_size, dtype, repeats) -> float:
   return batch_size / sorted(times)[len(times) // 2]
 
 
+def assembly_rate(pipeline, ds, seed, count) -> float:
+  """Images/s of the training transforms alone, one thread, on `count`
+  examples already in memory (read and resized beforehand): the host's
+  per-view work that `augment_on_device` removes, without the source's
+  reading, resizing or rendering that dominates a cold first epoch."""
+  examples = [ds.train[i % len(ds.train)] for i in range(count)]
+  t = time.perf_counter()
+  for i in range(count):
+    pipeline.example_view(examples, seed, 0, i, ds.train_transforms)
+  return count / (time.perf_counter() - t)
+
+
 def _with_augment(config, where):
   config = config.copy_and_resolve_references()
   with config.unlocked():
@@ -140,14 +155,17 @@ def run(args):
             warp = (warp_rate(training_batches(cfg)[1], config.batch_size,
                               dtype, args.warp_repeats)
                     if where == "device" else None)
-            rates[workers, dtype, where] = (r, warp)
+            built = training_batches(cfg)[0]
+            alone = assembly_rate(pipeline, built, config.seed,
+                                  args.assembly)
+            rates[workers, dtype, where] = (r, warp, alone)
             mb = first.size * {"float32": 4, "bfloat16": 2,
                                "uint8": 1}[dtype]
             rows.append((name, preset, config.data.name,
                          "×".join(map(str, first.shape[1:])),
                          config.batch_size,
                          augmentation(ds.train_transforms), workers, dtype,
-                         where, r, warp, mb / 2**20))
+                         where, alone, r, warp, mb / 2**20))
             print("| " + " | ".join(_cells(rows[-1])) + " |", flush=True)
       _print_ratios(name, preset, rates)
   return rows
@@ -158,24 +176,26 @@ def _print_ratios(name, preset, rates):
   images/s over the device loader's (how far the step's extra work stays
   from the loader's rate)."""
   parts = []
-  for (workers, dtype, where), (r, warp) in sorted(rates.items()):
+  for (workers, dtype, where), (r, warp, alone) in sorted(rates.items()):
     host = rates.get((workers, dtype, "host"))
     if where == "device" and host:
-      parts.append(f"{workers} workers {dtype}: loader ×{r / host[0]:.2f}, "
-                   f"warp {warp / r:.1f}× the loader's rate")
+      parts.append(f"{workers} workers {dtype}: transforms alone "
+                   f"×{alone / host[2]:.0f}, loader ×{r / host[0]:.2f}, "
+                   f"warp {warp / r:.1f}× the device loader's rate")
   if parts:
     print(f"# {name} {preset} device/host: " + "; ".join(parts), flush=True)
 
 
 def _cells(row):
-  *head, r, warp, mb = row
+  *head, alone, r, warp, mb = row
   return [str(x) for x in head] + [
-      f"{r:.0f}", "–" if warp is None else f"{warp:.0f}", f"{mb:.2f}"]
+      f"{alone:.0f}", f"{r:.0f}", "–" if warp is None else f"{warp:.0f}",
+      f"{mb:.2f}"]
 
 
 HEADER = ("recipe", "preset", "data", "image", "batch", "augmentation",
-          "workers", "transfer", "augment on", "images/s",
-          "warp images/s", "MB/batch")
+          "workers", "transfer", "augment on", "transforms images/s",
+          "images/s", "warp images/s", "MB/batch")
 
 
 def main(argv=None):
@@ -189,6 +209,8 @@ def main(argv=None):
   parser.add_argument("--dtypes", type=split, default=["float32", "uint8"])
   parser.add_argument("--augment", type=split, default=["host", "device"],
                       help="where the augmentation runs: host, device")
+  parser.add_argument("--assembly", type=int, default=64,
+                      help="examples in memory timed through the transforms")
   parser.add_argument("--warp_repeats", type=int, default=5,
                       help="timed calls of the step's warp (median)")
   parser.add_argument("--skip", type=int, default=2,
