@@ -49,7 +49,8 @@ def _source_coordinates(p, hw):
   """float64 source (row, col) of every output pixel, from the shipped
   draw (an independent evaluation of the map, for the tie mask)."""
   r, c = np.meshgrid(np.arange(hw[0]), np.arange(hw[1]), indexing="ij")
-  m, o = p["matrix"].astype(np.float64), p["offset"].astype(np.float64)
+  warp = p["warp"].astype(np.float64)
+  m, o = warp[:4].reshape(2, 2), warp[4:6]
   return m[0, 0] * r + m[0, 1] * c + o[0], m[1, 0] * r + m[1, 1] * c + o[1]
 
 
@@ -78,6 +79,8 @@ def test_device_views_equal_the_host_transforms(host_and_device):
                                atol=1e-4)
   labels = np.stack([h["label"] for h in host])
   params = batch["augment"]
+  matrix = params["warp"][:, :4].reshape(-1, 2, 2)
+  offset = params["warp"][:, 4:6]
   ties = np.zeros(labels.shape, bool)
   for i in range(N):
     p = jax.tree.map(lambda x, i=i: x[i], params)
@@ -88,15 +91,15 @@ def test_device_views_equal_the_host_transforms(host_and_device):
   if name != "scale_crop":  # Rotations never met a tie in these draws.
     assert not differ.any()
   # The draws reach every branch: identity, flips / turns, rotations.
-  m = params["matrix"]
-  identity = (m == np.eye(2)).all((1, 2)) & (params["offset"] == 0).all(1)
+  m = matrix
+  identity = (m == np.eye(2)).all((1, 2)) & (offset == 0).all(1)
   integer = (m == np.round(m)).all((1, 2))
   if name != "scale_crop":
     assert identity.any() and (integer & ~identity).any()
     assert (~integer).any()
   else:
     assert (labels == 255).any() and (device["label"] == 255).any()
-    assert (params["matrix"][:, 1, 1] < 0).any()  # Some flipped.
+    assert (matrix[:, 1, 1] < 0).any()  # Some flipped.
 
 
 def test_draws_are_the_host_transforms_own():
@@ -154,7 +157,7 @@ def test_shipped_draws_are_a_function_of_the_step():
     jax.tree.map(np.testing.assert_array_equal, threads[i], ds[i])
   for a, b in zip(threads[3:], resumed):
     jax.tree.map(np.testing.assert_array_equal, a, b)
-  assert len({b["augment"]["matrix"].tobytes() for b in threads}) == 6
+  assert len({b["augment"]["warp"].tobytes() for b in threads}) == 6
   first_batch = [src[int(i)]["image"] for i in pipeline.epoch_order(5, 0,
                                                                     12)[:4]]
   np.testing.assert_array_equal(threads[0]["image"], np.stack(first_batch))

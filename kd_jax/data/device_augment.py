@@ -61,24 +61,23 @@ class DeviceAugment(grain.transforms.RandomMap):
 
   def params(self, image_shape, rng: np.random.Generator) -> dict:
     """The draw of one example of `image_shape` (HWC) as arrays, drawn in
-    the transforms' order from `rng`."""
+    the transforms' order from `rng`: "warp" (18,) float32 (`_WARP`'s
+    fields) and, with colour jitter, "colour" (5,) float32 (`_COLOUR`'s);
+    two arrays, so batching them stays cheap."""
     hw = tuple(image_shape[:2])
     warp = T.Warp.identity()
     if self.geometric is not None:
       warp = self.geometric.geometry(hw, self.geometric.draw(hw, rng))
     fwd, fwd_offset = warp.inverse()
-    box = np.minimum(warp.box, np.array([hw[0], hw[0], hw[1], hw[1]]))
-    out = {"matrix": warp.matrix, "offset": warp.offset, "box": box,
-           "forward": fwd, "forward_offset": fwd_offset,
-           "clamp": np.bool_(warp.clamp), "fill": np.int32(warp.fill)}
-    out = {k: v.astype(np.float32) if v.dtype == np.float64 else v
-           for k, v in ((k, np.asarray(v)) for k, v in out.items())}
+    box = np.minimum(warp.box, (hw[0], hw[0], hw[1], hw[1]))
+    out = {"warp": np.concatenate([
+        warp.matrix.ravel(), warp.offset, box, fwd.ravel(), fwd_offset,
+        (float(warp.clamp), float(warp.fill))]).astype(np.float32)}
     if self.colour is not None:
       p = self.colour.draw(image_shape[-1], rng)
-      out["jitter"] = np.array([p["brightness"], p["contrast"],
-                                p["saturation"]], np.float32)
-      out["saturate"] = np.bool_(p["saturate"])
-      out["clip"] = np.bool_(self.colour.clip)
+      out["colour"] = np.array(
+          [p["brightness"], p["contrast"], p["saturation"], p["saturate"],
+           self.colour.clip], np.float32)
     return out
 
   def random_map(self, element: T.Example,
@@ -98,6 +97,24 @@ def on_device(transforms: Sequence) -> bool:
 
 # ----------------------------------------------------------------------------
 # In the step (jnp, one example; `apply` vmaps over the batch).
+
+# Offsets of the fields of "warp" and "colour".
+_WARP = {"matrix": slice(0, 4), "offset": slice(4, 6), "box": slice(6, 10),
+         "forward": slice(10, 14), "forward_offset": slice(14, 16),
+         "clamp": 16, "fill": 17}
+_COLOUR = {"jitter": slice(0, 3), "saturate": 3, "clip": 4}
+
+
+def _fields(p):
+  """The named fields of one example's "warp" / "colour" arrays."""
+  out = {k: p["warp"][v] for k, v in _WARP.items()}
+  out["matrix"] = out["matrix"].reshape(2, 2)
+  out["forward"] = out["forward"].reshape(2, 2)
+  out["clamp"] = out["clamp"] > 0
+  if "colour" in p:
+    out.update({k: p["colour"][v] for k, v in _COLOUR.items()})
+    out["saturate"], out["clip"] = out["saturate"] > 0, out["clip"] > 0
+  return out
 
 
 def _coordinates(p, hw_in, hw_out):
@@ -160,6 +177,7 @@ def _jitter(p, x):
 
 
 def _one(p, example):
+  p = _fields(p)
   image = example["image"]
   hw = image.shape[:2]
   y, x, ok = _coordinates(p, hw, hw)

@@ -349,7 +349,8 @@ class Warp:
   def inverse(self) -> tuple[np.ndarray, np.ndarray]:
     """(matrix, offset) of the forward map, input (row, col) → output: how
     landmarks move."""
-    inv = np.linalg.inv(self.matrix)
+    (a, b), (c, d) = self.matrix
+    inv = np.array([[d, -b], [-c, a]]) / (a * d - b * c)
     return inv, -inv @ self.offset
 
 
