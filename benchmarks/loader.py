@@ -80,7 +80,8 @@ def warp_rate(batches, batch_size, dtype, repeats) -> float:
   """Images/s of the step's device augmentation alone (decode + warp of
   one batch, compiled once, on the default device)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from kd_jax.data import device_augment, pipeline  # pylint: disable=g-import-not-at-top
+  from kd_jax.data import device_augment  # pylint: disable=g-import-not-at-top
+  from kd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   batch = jax.device_put(pipeline.encode(batches[0], dtype))
   warp = jax.jit(lambda b: device_augment.apply(pipeline.decode(b))["image"])
   warp(batch).block_until_ready()
