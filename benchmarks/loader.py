@@ -160,8 +160,9 @@ def run(args):
                               dtype, args.warp_repeats)
                     if where == "device" else None)
             built = training_batches(cfg)[0]
-            alone = assembly_rate(pipeline, built, config.seed,
-                                  args.assembly)
+            alone = (assembly_rate(pipeline, built, config.seed,
+                                   args.assembly)
+                     if built.train_transforms else None)
             rates[workers, dtype, where] = (r, warp, alone)
             mb = first.size * {"float32": 4, "bfloat16": 2,
                                "uint8": 1}[dtype]
@@ -192,9 +193,9 @@ def _print_ratios(name, preset, rates):
 
 def _cells(row):
   *head, alone, r, warp, mb = row
+  rate_or_dash = lambda x: "–" if x is None else f"{x:.0f}"
   return [str(x) for x in head] + [
-      f"{alone:.0f}", f"{r:.0f}", "–" if warp is None else f"{warp:.0f}",
-      f"{mb:.2f}"]
+      rate_or_dash(alone), f"{r:.0f}", rate_or_dash(warp), f"{mb:.2f}"]
 
 
 HEADER = ("recipe", "preset", "data", "image", "batch", "augmentation",
