@@ -287,3 +287,46 @@ def test_the_run_record_counts_the_switch_only_when_on():
   c.data.augment_on_device = True
   assert record.differences(before, record.defining(c, "teacher")) == {
       "data.augment_on_device": ("<unset>", True)}
+
+
+@pytest.mark.slow  # Three compiles of a UNet pair (~25 s here).
+def test_step_from_a_device_augmented_cache_equals_the_live_teacher(
+    tmp_path):
+  """The distill loss on a scale-cropped batch crossing into epoch 2, with
+  the teacher live in the step (it sees the step's warp) and from a cache
+  the builder warped with `apply_images`: equal to float32 round-off."""
+  from tests import test_teacher_cache as tc  # pylint: disable=g-import-not-at-top
+  c = tc.cache_config(None)
+  ds = data.build(c.data)
+  method, _ = train.build_method(c, "distilled", "", ds.num_classes,
+                                 load_teacher=False)
+  example = ds.train[0]["image"][None]
+  rng = np.random.default_rng(2)
+  variables = tc._random_like(jax.eval_shape(  # pylint: disable=protected-access
+      method.init, jax.random.key(0), example), rng)
+  frozen = tc._random_like(jax.eval_shape(  # pylint: disable=protected-access
+      lambda x: method.teacher.init(jax.random.key(2), x, train=False),
+      example), rng)
+
+  @jax.jit
+  def loss(frozen, batch):  # As the train step: decode, then warp.
+    batch = device_augment.apply(pipeline.decode(batch))
+    return method.loss_fn(variables["params"], variables["batch_stats"],
+                          frozen, batch, jax.random.key(1))[0]
+
+  aug = device_augment.wrap(RECIPES["scale_crop"])
+  m = teacher_cache.manifest(
+      teacher_model={"name": "unet"}, teacher_variables=frozen,
+      data_options={"name": "synthetic"}, examples=len(ds.train),
+      transforms=aug, input_shape=(16, 16, 1), seed=5,
+      outputs=jax.eval_shape(method.teacher_outputs, frozen,
+                             jnp.zeros((1, 16, 16, 1))))
+  cache = teacher_cache.TeacherCache(str(tmp_path), m)
+  cache.build(method, frozen, ds.train, aug, 2, batch_size=5)
+  live = pipeline.train_batches(ds.train, batch_size=8, seed=5,
+                                transforms=aug)[1]
+  cached = pipeline.train_batches(ds.train, batch_size=8, seed=5,
+                                  transforms=aug,
+                                  teacher_outputs=cache.batch_outputs)[1]
+  np.testing.assert_allclose(loss(frozen, cached), loss(frozen, live),
+                             rtol=1e-5)
