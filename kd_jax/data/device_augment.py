@@ -55,6 +55,9 @@ class DeviceAugment(grain.transforms.RandomMap):
       if (t.spatial_keys, t.point_keys) != (T.SPATIAL_KEYS, T.POINT_KEYS):
         raise ValueError("data.augment_on_device=True moves the default "
                          "spatial and point keys only; set it False")
+      if getattr(t, "crop_size", None) is not None:
+        raise ValueError("data.augment_on_device=True keeps the image size: "
+                         "RandomScaleCrop(crop_size=None) only; set it False")
     self.transforms = transforms
     self.geometric = geometric[0] if geometric else None
     self.colour = colour[0] if colour else None
