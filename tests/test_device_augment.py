@@ -274,7 +274,7 @@ def test_bad_settings_are_one_line_config_errors(tmp_path, value, message):
 def test_unsupported_transforms_are_refused():
   with pytest.raises(ValueError, match="RandomResizedCrop"):
     device_augment.DeviceAugment([transforms.RandomResizedCrop((8, 8))])
-  with pytest.raises(ValueError, match="crop_size=None only"):
+  with pytest.raises(ValueError, match=r"crop_size=None\) only"):
     device_augment.DeviceAugment([transforms.RandomScaleCrop((8, 8))])
   with pytest.raises(ValueError, match="ColorJitter', 'SegmentationAug"):
     device_augment.DeviceAugment([transforms.ColorJitter(),
