@@ -44,6 +44,8 @@ def get_config():
   # --config.data.workers=8 --config.data.transfer_dtype=uint8.
   config.data.workers = 0
   config.data.transfer_dtype = "float32"
+  # True: the augmentation runs batched in the jitted step.
+  config.data.augment_on_device = False
   # Distill stages: read the teacher's outputs for each example's view of
   # each epoch from a cache on disk (kd_jax.teacher_cache) instead of running
   # the teacher every step: None (off), "auto" or a folder.

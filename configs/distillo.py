@@ -143,6 +143,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   # uint8: ACDC's slices are z-scored).
   config.data.workers = 0
   config.data.transfer_dtype = "float32"
+  # True: the augmentation runs batched in the jitted step.
+  config.data.augment_on_device = False
   # "auto" or a folder: the teacher's outputs from kd_jax.teacher_cache.
   config.teacher_cache = ml_collections.config_dict.placeholder(str)
   config.teacher_cache_dtype = "float32"

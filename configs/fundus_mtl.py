@@ -120,6 +120,8 @@ def get_config(arg=None):
   # --config.data.workers=8 --config.data.transfer_dtype=uint8.
   config.data.workers = 0
   config.data.transfer_dtype = "float32"
+  # True: the augmentation runs batched in the jitted step.
+  config.data.augment_on_device = False
   # "auto" or a folder: the members' stacked outputs from
   # kd_jax.teacher_cache (refused by the idrid preset's kd_unlabelled
   # stage: its unlabelled pool is not cached).

@@ -49,7 +49,10 @@ NOT_DEFINING = frozenset({"log_every", "eval_every", "checkpoint_every",
 NOT_DEFINING_DATA = frozenset({"data.workers"})
 # Options recorded only where they differ from this default, so that a
 # record written before they existed still matches a config at it.
-QUIET_DEFAULTS = {"data.transfer_dtype": "float32"}
+# (`augment_on_device` changes the views by float32 round-off, label maps
+# at half-pixel ties, and quantises before the warp with uint8.)
+QUIET_DEFAULTS = {"data.transfer_dtype": "float32",
+                  "data.augment_on_device": False}
 # Run-wide keys recorded through each stage's resolved settings.
 _IN_STAGE = frozenset({"stages", "stage_order", "steps", "seed", "optimizer",
                        "data"})

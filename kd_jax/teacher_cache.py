@@ -142,9 +142,14 @@ def variables_digest(variables) -> str:
 
 
 def transform_spec(transforms) -> list:
-  """The transforms in order, each its class and settings."""
-  return _plain([dict(vars(t), **{"class": type(t).__name__})
-                 for t in transforms])
+  """The transforms in order, each its class and settings (a
+  `DeviceAugment`: the transforms it moves to the device)."""
+  def one(t):
+    if isinstance(t, data.device_augment.DeviceAugment):
+      return {"class": type(t).__name__,
+              "transforms": transform_spec(t.transforms)}
+    return dict(vars(t), **{"class": type(t).__name__})
+  return _plain([one(t) for t in transforms])
 
 
 def _names(spec) -> list[str]:
@@ -350,6 +355,24 @@ def _teacher_forward(method, frozen, mesh: Mesh):
   return forward, fn, frozen
 
 
+def _views(source, seed, epoch, rows, transforms, batch_size):
+  """The teacher's inputs for examples `rows` of epoch `epoch`, padded to
+  `batch_size` (one shape: one compile). With `data.augment_on_device`
+  the views are warped as the step warps them
+  (`data.device_augment.apply_images`), so the cache replays the student's
+  exact inputs."""
+  views = [data.pipeline.example_view(source, seed, epoch, i, transforms)
+           for i in rows]
+  pad = batch_size - len(views)
+  views += views[-1:] * pad
+  images = np.stack([v["image"] for v in views])
+  key = data.device_augment.KEY
+  if key in views[0]:
+    params = jax.tree.map(lambda *x: np.stack(x), *[v[key] for v in views])
+    images = np.asarray(data.device_augment.apply_images(images, params))
+  return images
+
+
 class TeacherCache:
   """One cache folder, for process `shard_index` of `shard_count`."""
 
@@ -499,12 +522,8 @@ class TeacherCache:
         rows = index[start:start + batch_size]
         # A process with fewer examples than the others runs on a view of
         # example 0 (discarded) to join their forwards.
-        images = np.stack([data.pipeline.example_view(
-            source, m["seed"], epoch, i, transforms)["image"]
-                           for i in (rows if len(rows) else [0])])
-        pad = batch_size - len(images)  # One shape: one compile.
-        if pad:
-          images = np.concatenate([images, np.repeat(images[-1:], pad, 0)])
+        images = _views(source, m["seed"], epoch,
+                        rows if len(rows) else [0], transforms, batch_size)
         out = forward(images)
         if not len(rows):
           continue
@@ -779,7 +798,10 @@ def stage_manifest(config, name, method, frozen, datasets) -> dict:
                          compute_dtype=config.get("compute_dtype"),
                          layers=config.get("layers")),
       teacher_variables=frozen,
-      data_options=train.stage_data(config, name), examples=len(source),
+      # `augment_on_device` is in the transforms' spec (a DeviceAugment):
+      # left out here, so adding the key at False keeps every cache's key.
+      data_options={k: v for k, v in train.stage_data(config, name).items()
+                    if k != "augment_on_device"}, examples=len(source),
       transforms=transforms, input_shape=image.shape + (str(image.dtype),),
       seed=s["seed"], outputs=outputs,
       dtype=config.get("teacher_cache_dtype", "float32"),

@@ -257,6 +257,8 @@ def make_train_step(method, tx, skip_nonfinite=False):
 
   def train_step(state, batch, frozen):
     batch = data.pipeline.decode(batch)  # The image as float32 again.
+    # `data.augment_on_device`: the host's draws applied here, batched.
+    batch = data.device_augment.apply(batch)
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     params, batch_stats, opt_state, metrics = update(
         opt, state.params, state.batch_stats, state.opt_state, frozen, batch,

@@ -122,6 +122,8 @@ def get_config(arg=None):
   # --config.data.workers=8 --config.data.transfer_dtype=uint8.
   config.data.workers = 0
   config.data.transfer_dtype = "float32"
+  # True: the augmentation runs batched in the jitted step.
+  config.data.augment_on_device = False
 
   teacher = dict(name="medtex_teacher") if full else dict(
       name="medtex_teacher", widths=(16, 32, 64, 128))

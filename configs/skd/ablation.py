@@ -106,6 +106,8 @@ def get_config(arg=None):
   # --config.data.workers=8 --config.data.transfer_dtype=bfloat16.
   config.data.workers = 0
   config.data.transfer_dtype = "float32"
+  # True: the augmentation runs batched in the jitted step.
+  config.data.augment_on_device = False
 
   teacher = dict(name="pspnet_resnet101")
   student = dict(name=a["student"])

@@ -15,6 +15,7 @@ unlabelled pool, `Datasets.unlabelled`, for semi-supervised distillation:
 of its images into every batch, flagged by the key "labelled";
 `check_unlabelled(datasets, batch_size)` checks k against the batch.
 """
+from kd_jax.data import device_augment  # noqa: F401
 from kd_jax.data import pipeline  # noqa: F401
 from kd_jax.data import synthetic  # noqa: F401
 from kd_jax.data.registry import (BUILDERS, OPTIONS, Datasets, ImagePool,

@@ -63,7 +63,10 @@ Loading. Every data set also takes `workers` (0: reader threads in the
 training process; N: N grain worker processes) and `transfer_dtype`
 ("float32", "bfloat16", or "uint8" for images in [0, 1]), read by the
 trainer's `pipeline.iterate`; they change how batches reach the device, not
-which batches (uint8 quantises the image to 1/255).
+which batches (uint8 quantises the image to 1/255). `augment_on_device=True`
+moves the training augmentation into the jitted step
+(`kd_jax.data.device_augment`): `train_transforms` is then one
+`DeviceAugment` that draws each view's parameters on the host.
 
 Unlabelled pool. Every data set takes `unlabelled` (default None: no pool),
 `dict(sources=(...), per_batch=k)`: images the student sees with the
@@ -89,6 +92,7 @@ from typing import Any, Callable, Mapping, Sequence
 import ml_collections
 import numpy as np
 
+from kd_jax.data import device_augment
 from kd_jax.data import pipeline
 from kd_jax.data import synthetic
 from kd_jax.data import targets as T
@@ -145,7 +149,8 @@ OPTIONS: dict[str, dict[str, Any]] = {}
 # How the trainer reads the training batches (`kd_jax.data.pipeline.iterate`),
 # not which: 0 (threads in this process) or a number of grain worker
 # processes, and the image's dtype on its way to the device.
-LOADER_OPTIONS = {"workers": 0, "transfer_dtype": "float32"}
+LOADER_OPTIONS = {"workers": 0, "transfer_dtype": "float32",
+                  "augment_on_device": False}
 
 
 def _register(name: str, **options):
@@ -185,6 +190,10 @@ def build(cfg) -> Datasets:
                      f"{name!r}; its options are {sorted(OPTIONS[name])}")
   pool = _pool_config(given.get("unlabelled"), name)
   _check_loader(given)
+  if given.get("augment_on_device") and pool is not None:
+    raise ValueError("data.augment_on_device=True with data.unlabelled: "
+                     "the pool's views are augmented on the host only; "
+                     "set data.augment_on_device=False")
   merged = {**OPTIONS[name], **given, "name": name}
   augment = merged.get("augment", False)
   scale_crop = augment == "scale_crop"
@@ -206,6 +215,8 @@ def build(cfg) -> Datasets:
     out.train_transforms = [scale_crop]
   if pool is not None:
     _attach_pool(out, merged, *pool)
+  if merged.augment_on_device and out.train_transforms:
+    out.train_transforms = device_augment.wrap(out.train_transforms)
   return out
 
 
@@ -216,6 +227,10 @@ def build(cfg) -> Datasets:
 def _check_loader(given) -> None:
   pipeline.check_workers(given.get("workers", 0))
   pipeline.check_transfer_dtype(given.get("transfer_dtype", "float32"))
+  if not isinstance(given.get("augment_on_device", False), bool):
+    raise ValueError(f"data.augment_on_device="
+                     f"{given['augment_on_device']!r}: expected True "
+                     "(augmentation in the jitted step) or False")
 
 
 def _bad(cfg, key: str, expected: str) -> ValueError:

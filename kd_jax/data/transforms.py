@@ -271,19 +271,87 @@ class SegmentationAugment(grain.transforms.RandomMap):
     self.spatial_keys = tuple(spatial_keys)
     self.point_keys = tuple(point_keys)
 
-  def random_map(self, element: Example, rng: np.random.Generator) -> Example:
-    keys = dict(spatial_keys=self.spatial_keys, point_keys=self.point_keys)
+  def draw(self, hw: Sequence[int], rng: np.random.Generator) -> dict:
+    """This example's draw for an image of height, width `hw`: {"k": quarter
+    turns or None, "axis": flip axis or None, "angle": degrees or None}.
+    The host (`random_map`) and the device (`geometry`,
+    `kd_jax.data.device_augment`) both apply it, so they cannot drift."""
+    out = {"k": None, "axis": None, "angle": None}
     if (self.flip or self.rot90) and rng.random() < 0.5:
       if self.rot90:
-        h, w = element["image"].shape[:2]
-        k = int(rng.integers(4)) if h == w else 2 * int(rng.integers(2))
-        element = rot90(element, k, **keys)
+        h, w = hw
+        out["k"] = int(rng.integers(4)) if h == w else 2 * int(rng.integers(2))
       if self.flip:
-        element = flip(element, int(rng.integers(2)), **keys)
+        out["axis"] = int(rng.integers(2))
     elif self.max_rotation_deg > 0 and rng.random() < 0.5:
-      angle = rng.uniform(-self.max_rotation_deg, self.max_rotation_deg)
-      element = rotate(element, angle, **keys)
+      out["angle"] = float(rng.uniform(-self.max_rotation_deg,
+                                       self.max_rotation_deg))
+    return out
+
+  def random_map(self, element: Example, rng: np.random.Generator) -> Example:
+    keys = dict(spatial_keys=self.spatial_keys, point_keys=self.point_keys)
+    p = self.draw(element["image"].shape[:2], rng)
+    if p["k"] is not None:
+      element = rot90(element, p["k"], **keys)
+    if p["axis"] is not None:
+      element = flip(element, p["axis"], **keys)
+    if p["angle"] is not None:
+      element = rotate(element, p["angle"], **keys)
     return element
+
+  def geometry(self, hw: Sequence[int], p: dict) -> "Warp":
+    """The draw `p` as one sampling map (`Warp`): rot90 then flip, or a
+    rotation; outside the image is 0 (scipy's mode "constant")."""
+    h, w = hw
+    warp = Warp.identity()
+    if p["k"] is not None:
+      for _ in range(p["k"] % 4):  # out[i, j] = in[j, W - 1 - i] per turn.
+        warp = warp.then(np.array([[0., 1.], [-1., 0.]]), np.array([0., w - 1]))
+        h, w = w, h
+    if p["axis"] is not None:
+      m = np.diag([-1., 1.]) if p["axis"] == 0 else np.diag([1., -1.])
+      warp = warp.then(m, np.array([h - 1., 0.]) if p["axis"] == 0
+                       else np.array([0., w - 1.]))
+    if p["angle"] is not None:
+      centre = np.array([(h - 1) / 2.0, (w - 1) / 2.0])
+      t = np.deg2rad(p["angle"])
+      inv = np.array([[np.cos(t), np.sin(t)], [-np.sin(t), np.cos(t)]])
+      warp = warp.then(inv, centre - inv @ centre)
+    return warp
+
+
+class Warp:
+  """A geometric augmentation as one map from output pixels to input
+  coordinates, what the device applies (`kd_jax.data.device_augment`):
+  output (row, col) `o` samples the input at `matrix @ o + offset` when `o`
+  lies in `box` (rows [box[0], box[1]), cols [box[2], box[3])), else the
+  fill (image 0, maps `fill`). `clamp`: coordinates outside the input take
+  the edge (scipy's mode "nearest", a resize); else they give the fill
+  (mode "constant", a rotation). Float64 on the host."""
+
+  def __init__(self, matrix, offset, box=(0., np.inf, 0., np.inf),
+               clamp=False, fill=0):
+    self.matrix = np.asarray(matrix, np.float64)
+    self.offset = np.asarray(offset, np.float64)
+    self.box = np.asarray(box, np.float64)
+    self.clamp, self.fill = bool(clamp), fill
+
+  @classmethod
+  def identity(cls) -> "Warp":
+    return cls(np.eye(2), np.zeros(2))
+
+  def then(self, matrix, offset) -> "Warp":
+    """This warp followed by the map out[o] = prev[matrix @ o + offset] (a
+    box-free, clamp-free step: rot90, flip, rotation)."""
+    return Warp(self.matrix @ matrix, self.matrix @ offset + self.offset,
+                self.box, self.clamp, self.fill)
+
+  def inverse(self) -> tuple[np.ndarray, np.ndarray]:
+    """(matrix, offset) of the forward map, input (row, col) → output: how
+    landmarks move."""
+    (a, b), (c, d) = self.matrix
+    inv = np.array([[d, -b], [-c, a]]) / (a * d - b * c)
+    return inv, -inv @ self.offset
 
 
 class Resize(grain.transforms.Map):
@@ -330,16 +398,26 @@ class RandomScaleCrop(grain.transforms.RandomMap):
     self.spatial_keys = tuple(spatial_keys)
     self.point_keys = tuple(point_keys)
 
+  def draw(self, hw: Sequence[int], rng: np.random.Generator) -> dict:
+    """This example's draw for an image of height, width `hw`: the scaled
+    size, the crop's top-left corner in it and the flip (shared by the host
+    and the device, see `SegmentationAugment.draw`)."""
+    h, w = hw
+    ch, cw = self.crop_size or (h, w)
+    s = rng.uniform(*self.scale_range)
+    size = (max(1, round(h * s)), max(1, round(w * s)))
+    top = int(rng.integers(max(size[0] - ch, 0) + 1))
+    left = int(rng.integers(max(size[1] - cw, 0) + 1))
+    flipped = bool(self.flip and rng.random() < 0.5)
+    return {"size": size, "top": top, "left": left, "flip": flipped}
+
   def random_map(self, element: Example, rng: np.random.Generator) -> Example:
     keys = dict(spatial_keys=self.spatial_keys, point_keys=self.point_keys)
     h, w = element["image"].shape[:2]
     ch, cw = self.crop_size or (h, w)
-    s = rng.uniform(*self.scale_range)
-    element = resize(element, (max(1, round(h * s)), max(1, round(w * s))),
-                     **keys)
-    h, w = element["image"].shape[:2]
-    top = int(rng.integers(max(h - ch, 0) + 1))
-    left = int(rng.integers(max(w - cw, 0) + 1))
+    p = self.draw((h, w), rng)
+    element = resize(element, p["size"], **keys)
+    top, left = p["top"], p["left"]
 
     def crop(a, fill):
       a = a[top:top + ch, left:left + cw]
@@ -350,9 +428,32 @@ class RandomScaleCrop(grain.transforms.RandomMap):
     element = _apply_geometry(
         element, lambda a: crop(a, 0), lambda a: crop(a, self.pad_label),
         lambda xy: xy - np.array([left, top]), **keys)
-    if self.flip and rng.random() < 0.5:
+    if p["flip"]:
       element = flip(element, 1, **keys)
     return element
+
+  def geometry(self, hw: Sequence[int], p: dict) -> Warp:
+    """The draw `p` as one `Warp`: output (i, j) of the crop is pixel
+    (top + i, left + j') of the scaled image (j' = cw - 1 - j when
+    flipped), which samples the input at (x + 0.5) · in / scaled - 0.5
+    (`resize_image`'s pixel-area alignment, edges replicated); outside the
+    scaled image is padding."""
+    if self.crop_size is not None and tuple(self.crop_size) != tuple(hw):
+      raise ValueError(f"RandomScaleCrop(crop_size={self.crop_size}) on "
+                       f"{tuple(hw)} images changes the image size; the "
+                       "device warp keeps it")
+    (h, w), (sh, sw) = hw, p["size"]
+    ch, cw = hw
+    zy, zx = h / sh, w / sw
+    rows = (0., min(ch, sh - p["top"]))
+    if p["flip"]:  # Crop column j' = cw - 1 - j.
+      mx, ox = -zx, (p["left"] + cw - 0.5) * zx - 0.5
+      cols = (max(0, cw - (sw - p["left"])), cw)
+    else:
+      mx, ox = zx, (p["left"] + 0.5) * zx - 0.5
+      cols = (0., min(cw, sw - p["left"]))
+    return Warp(np.diag([zy, mx]), np.array([(p["top"] + 0.5) * zy - 0.5, ox]),
+                box=rows + cols, clamp=True, fill=self.pad_label)
 
 
 def check_scale_range(scale_range) -> None:
@@ -384,16 +485,28 @@ class ColorJitter(grain.transforms.RandomMap):
     self.saturation = saturation
     self.clip = clip
 
+  def draw(self, channels: int, rng: np.random.Generator) -> dict:
+    """This example's factors for an image of `channels` channels (1.0 for
+    a factor not drawn): {"brightness", "contrast", "saturation"}, and
+    "saturate" (False when the saturation step is skipped)."""
+    factor = lambda s: rng.uniform(1.0 - s, 1.0 + s) if s > 0 else 1.0
+    out = {"brightness": factor(self.brightness),
+           "contrast": factor(self.contrast), "saturation": 1.0,
+           "saturate": channels == 3 and self.saturation > 0}
+    if out["saturate"]:
+      out["saturation"] = factor(self.saturation)
+    return out
+
   def random_map(self, element: Example, rng: np.random.Generator) -> Example:
     image = element["image"]
+    p = self.draw(image.shape[-1], rng)
     x = image.astype(np.float32)
-    factor = lambda s: rng.uniform(1.0 - s, 1.0 + s) if s > 0 else 1.0
-    x = x * factor(self.brightness)
+    x = x * p["brightness"]
     grey = x.mean(axis=-1, keepdims=True)
-    x = (x - grey.mean()) * factor(self.contrast) + grey.mean()
-    if x.shape[-1] == 3 and self.saturation > 0:
+    x = (x - grey.mean()) * p["contrast"] + grey.mean()
+    if p["saturate"]:
       grey = x @ np.array([0.299, 0.587, 0.114], np.float32)
-      x = (x - grey[..., None]) * factor(self.saturation) + grey[..., None]
+      x = (x - grey[..., None]) * p["saturation"] + grey[..., None]
     if self.clip:
       x = np.clip(x, 0.0, 1.0)
     return {**element, "image": x.astype(image.dtype)}
