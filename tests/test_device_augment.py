@@ -243,8 +243,8 @@ def test_teacher_cache_holds_the_views_the_step_warps(tmp_path):
     warped = device_augment.apply_images(
         view["image"][None], jax.tree.map(lambda x: x[None], view["augment"]))
     want = method.teacher_outputs(frozen, np.asarray(warped))["logits"][0]
-    np.testing.assert_allclose(cache.outputs(0, index)["logits"], want,
-                               rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(cache.batch_outputs([0], [index])["logits"][0],
+                               want, rtol=1e-6, atol=1e-5)
     # And within round-off of the host-augmented view's.
     host = pipeline.example_view(source, 2, 0, index, host_aug)["image"]
     np.testing.assert_allclose(warped[0], host, atol=1e-5)
