@@ -5,9 +5,10 @@
 Reads <root>/s<seed>/probe_<feature>/probe.json for every seed folder
 present and prints, per feature and set, each encoder's linear-probe
 balanced accuracy, macro F1 and AUC and k-NN balanced accuracy as mean ±
-std over the seeds found (population std; n = seeds), the share of the
-teacher's linear balanced accuracy kept (per seed, then averaged), and
-size and speed from the first seed (this CPU, `kd_jax.probe`).
+sample std over the seeds found (ddof 1; no ± with one seed; n = seeds),
+the share of the teacher's linear balanced accuracy kept (per seed, then
+averaged), and size and speed from the first seed (this CPU,
+`kd_jax.probe`).
 """
 import json
 import pathlib
@@ -29,7 +30,9 @@ def _stat(values):
   values = [v for v in values if v is not None]
   if not values:
     return "—"
-  return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
+  if len(values) == 1:
+    return f"{values[0]:.3f}"
+  return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
 
 
 def table(root, feature):
