@@ -30,12 +30,12 @@ The arg is `<preset>[,<student>]`:
                layers (`layers="cpu"`), `study.seeds=(0, 1)`.
 
                The budget is the study's, not the method's: a step of
-               this preset takes ~1 s on 2 shared cores (the student's
-               forward and backward; the teacher and the input pipeline
-               are ~5 % of it), so 5 arms × 300 steps × 2 seeds plus
-               compiles and probes fit ~2 h of a shared 2-core VM
-               (docs/encoder/study_2026-12-06.md). For a closer look at
-               the recipe: --config.steps=600 --config.study.seeds=0,1,2.
+               this preset takes ~1 s on 2 shared cores (mostly the
+               student's forward and backward; the teacher forward is
+               ~0.13 s, the input pipeline ~0.07 s), so 5 arms × 300
+               steps × 2 seeds plus compiles and probes take ~2 h of a
+               shared 2-core VM (docs/encoder/study_2026-12-06.md). For a closer look at
+               the recipe: --config.steps=600 --config.study.seeds="(0,1,2)".
   paper        an imported ViT-L/16 (`python -m kd_jax.convert`, e.g. UNI or
                DINOv2 weights; no default) → EfficientViT-B0 (or B1:
                `paper,b1`) at 224×224, bfloat16 compute, on
