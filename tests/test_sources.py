@@ -347,6 +347,9 @@ def test_image_folder_decodes_large_images_reduced(tmp_path):
     assert source[i]["image"] is got
   grey = S.ImageFolderSource(tmp_path, channels=1, image_size=size)
   assert grey[0]["image"].shape == (32, 40, 1)
+  # A worker process's copy (grain pickles the source) reads the same.
+  np.testing.assert_array_equal(pickle.loads(pickle.dumps(source))[1]["image"],
+                                got)
 
 
 

@@ -56,9 +56,8 @@ class FolderCsvSource:
                num_classes: int | None = None, channels: int = 3,
                image_size: Sequence[int] | None = None,
                check_all: bool = True):
-    from PIL import Image  # Only this source needs Pillow.
+    from PIL import Image  # Only the folder sources need Pillow.
 
-    self._pil = Image
     csv_path = Path(csv_path)
     where = str(csv_path)
     if not csv_path.is_file():
@@ -133,7 +132,7 @@ class FolderCsvSource:
     return "classification" if self.mask_paths is None else "segmentation"
 
   def _read_mask(self, path) -> np.ndarray:
-    with self._pil.open(path) as m:
+    with _open_image(path) as m:
       mask = np.asarray(m)
     return mask[..., 0] if mask.ndim == 3 else mask  # RGB(A) ids: 1 channel
 
@@ -142,7 +141,7 @@ class FolderCsvSource:
 
   def __getitem__(self, index: int) -> Example:
     index = int(index)
-    with self._pil.open(self.image_paths[index]) as im:
+    with _open_image(self.image_paths[index]) as im:
       image = np.asarray(im.convert("RGB" if self.channels == 3 else "L"))
     example = {"image": to_float_image(image)}
     if self.mask_paths is None:
@@ -161,6 +160,13 @@ class FolderCsvSource:
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff",
                     ".webp")
+
+
+def _open_image(path):
+  # Imported here, not kept on the source: a source holding the module
+  # could not be pickled into grain's worker processes.
+  from PIL import Image  # Only the folder sources need Pillow.
+  return Image.open(path)
 
 
 def read_reduced(pil_image, size: Sequence[int] | None, mode: str):
@@ -199,8 +205,6 @@ class ImageFolderSource:
 
   def __init__(self, image_dir: PathLike, *, channels: int = 3,
                image_size: Sequence[int] | None = None):
-    from PIL import Image  # Only the folder sources need Pillow.
-    self._pil = Image
     root = Path(image_dir)
     if not root.is_dir():
       raise data_error(str(root), "not a folder", "set data.image_dir to a "
@@ -227,7 +231,7 @@ class ImageFolderSource:
     return self._read(int(index))
 
   def _read(self, index: int) -> Example:
-    with self._pil.open(self.image_paths[index]) as im:
+    with _open_image(self.image_paths[index]) as im:
       image = np.asarray(read_reduced(
           im, self.image_size, "RGB" if self.channels == 3 else "L"))
     image = to_float_image(image)
