@@ -317,6 +317,42 @@ def tfds_dir(tmp_path_factory):
                ).download_and_prepare()
   return data_dir
 
+def test_image_folder_decodes_large_images_reduced(tmp_path):
+  from PIL import Image
+  # A smooth 320×400 photograph stand-in: low-frequency colour waves, so a
+  # box-averaged then bilinear resize and a bilinear one of the full image
+  # differ only by resampling.
+  yy, xx = np.mgrid[0:320, 0:400] / 400.0
+  rgb = np.stack([np.sin(2 * np.pi * xx), np.cos(3 * np.pi * yy),
+                  np.sin(np.pi * (xx + yy))], axis=-1)
+  rgb = np.round((rgb + 1) * 127.5).astype(np.uint8)
+  Image.fromarray(rgb).save(tmp_path / "a.png")
+  Image.fromarray(rgb).save(tmp_path / "b.jpg", quality=95)
+  size = (32, 40)
+  with Image.open(tmp_path / "a.png") as im:  # 10× box average
+    assert S.read_reduced(im, size, "RGB").size == (40, 32)
+  with Image.open(tmp_path / "b.jpg") as im:  # 1/8 DCT scale, no box
+    assert S.read_reduced(im, size, "RGB").size == (50, 40)
+  with Image.open(tmp_path / "a.png") as im:
+    assert S.read_reduced(im, None, "RGB").size == (400, 320)
+  source = S.ImageFolderSource(tmp_path, image_size=size)
+  for i, name in enumerate(("a.png", "b.jpg")):
+    with Image.open(tmp_path / name) as im:  # the full decode and resize
+      full = T.resize_image(S.to_float_image(np.asarray(im.convert("RGB"))),
+                            size)
+    got = source[i]["image"]
+    assert got.shape == (32, 40, 3) and got.dtype == np.float32
+    np.testing.assert_allclose(got, full, atol=0.03)
+    # Kept once computed: the next epoch reads the same pixels.
+    assert source[i]["image"] is got
+  grey = S.ImageFolderSource(tmp_path, channels=1, image_size=size)
+  assert grey[0]["image"].shape == (32, 40, 1)
+  # A worker process's copy (grain pickles the source) reads the same.
+  np.testing.assert_array_equal(pickle.loads(pickle.dumps(source))[1]["image"],
+                                got)
+
+
+
 
 def test_tfds_source(tfds_dir):
   src = S.TfdsSource("kd_jax_tiny_set", split="train", data_dir=tfds_dir,

@@ -12,7 +12,8 @@ names the file or key and the fix.
                 PneumoniaMNIST, TotalSegmentator CT)
     synapse     Synapse / TransUNet npz slices and h5 volumes
     folder      FolderCsvSource (image folder + CSV of labels or masks),
-                ImageFolderSource (a folder of unlabelled images)
+                ImageFolderSource (a folder of unlabelled images; large
+                images decoded reduced, `read_reduced`)
     tfds_source TfdsSource (array_record TFDS data sets, no TensorFlow)
 
 `get_source(name, **kwargs)` builds one by name (for configs).
@@ -21,7 +22,8 @@ names the file or key and the fix.
 from kd_jax.data.sources.base import (ArraySource, MapSource, ResizedCache,
                                       Subset, load_npz, seeded_order, split,
                                       to_float_image)
-from kd_jax.data.sources.folder import FolderCsvSource, ImageFolderSource
+from kd_jax.data.sources.folder import (FolderCsvSource, ImageFolderSource,
+                                      read_reduced)
 from kd_jax.data.sources.medical import (ACDC_CLASSES, DATA_ENV, DME_RISKS,
                                          DR_GRADES, IDRID_LESIONS,
                                          IDRID_PHOTO_HW, PALM_CLASSES,

@@ -23,9 +23,9 @@ from typing import Sequence
 import numpy as np
 
 from kd_jax.data import transforms
-from kd_jax.data.sources.base import (Example, PathLike, check_labels,
-                                      check_nonempty, data_error,
-                                      to_float_image)
+from kd_jax.data.sources.base import (Example, PathLike, ResizedCache,
+                                      check_labels, check_nonempty,
+                                      data_error, to_float_image)
 
 
 class FolderCsvSource:
@@ -56,9 +56,8 @@ class FolderCsvSource:
                num_classes: int | None = None, channels: int = 3,
                image_size: Sequence[int] | None = None,
                check_all: bool = True):
-    from PIL import Image  # Only this source needs Pillow.
+    from PIL import Image  # Only the folder sources need Pillow.
 
-    self._pil = Image
     csv_path = Path(csv_path)
     where = str(csv_path)
     if not csv_path.is_file():
@@ -133,7 +132,7 @@ class FolderCsvSource:
     return "classification" if self.mask_paths is None else "segmentation"
 
   def _read_mask(self, path) -> np.ndarray:
-    with self._pil.open(path) as m:
+    with _open_image(path) as m:
       mask = np.asarray(m)
     return mask[..., 0] if mask.ndim == 3 else mask  # RGB(A) ids: 1 channel
 
@@ -142,7 +141,7 @@ class FolderCsvSource:
 
   def __getitem__(self, index: int) -> Example:
     index = int(index)
-    with self._pil.open(self.image_paths[index]) as im:
+    with _open_image(self.image_paths[index]) as im:
       image = np.asarray(im.convert("RGB" if self.channels == 3 else "L"))
     example = {"image": to_float_image(image)}
     if self.mask_paths is None:
@@ -163,17 +162,49 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff",
                     ".webp")
 
 
+def _open_image(path):
+  # Imported here, not kept on the source: a source holding the module
+  # could not be pickled into grain's worker processes.
+  from PIL import Image  # Only the folder sources need Pillow.
+  return Image.open(path)
+
+
+def read_reduced(pil_image, size: Sequence[int] | None, mode: str):
+  """The Pillow image `pil_image` (just opened) in `mode`, decoded no larger
+  than it must be for a resize to `size` (H, W): a JPEG is decoded at the
+  smallest DCT scale (1/2, 1/4, 1/8) at least `size` (`Image.draft`), and
+  any image is then box-averaged by the largest integer factor that keeps
+  it at least `size` (`Image.reduce`, over the rows and columns that fill
+  whole boxes). A 2000-px fundus photograph read for a 224 or 64 model so
+  costs a fraction of a full decode and resize, and the final bilinear
+  resize starts from an average of the pixels it would have sampled.
+  Without `size`, the full image."""
+  if size is None:
+    return pil_image.convert(mode)
+  out_h, out_w = int(size[0]), int(size[1])
+  if pil_image.format == "JPEG":
+    pil_image.draft(mode, (out_w, out_h))
+  image = pil_image.convert(mode)
+  w, h = image.size
+  factor = min(w // out_w, h // out_h)
+  if factor < 2:
+    return image
+  return image.reduce(factor, box=(0, 0, w // factor * factor,
+                                   h // factor * factor))
+
+
 class ImageFolderSource:
   """Every image file under a folder (recursively, sorted by path), without
   labels: examples are `{"image"}` alone, read with Pillow on access (RGB,
   or grey with `channels=1`), scaled to [0, 1] and resized to `image_size`
-  (H, W) when given. Only the file list is held in memory. `image_paths`
-  lists the files (the pool's leak check compares them)."""
+  (H, W) when given. A large image is decoded reduced (`read_reduced`)
+  and each resized example kept for the next epochs while the kept ones fit
+  the memory share of `ResizedCache`. Only the file list is held in memory
+  beyond that. `image_paths` lists the files (the pool's leak check
+  compares them)."""
 
   def __init__(self, image_dir: PathLike, *, channels: int = 3,
                image_size: Sequence[int] | None = None):
-    from PIL import Image  # Only the folder sources need Pillow.
-    self._pil = Image
     root = Path(image_dir)
     if not root.is_dir():
       raise data_error(str(root), "not a folder", "set data.image_dir to a "
@@ -182,6 +213,7 @@ class ImageFolderSource:
       raise ValueError(f"channels must be 1 or 3, got {channels}")
     self.channels = channels
     self.image_size = tuple(image_size) if image_size is not None else None
+    self._resized = ResizedCache(self._read) if image_size else None
     self.image_paths = sorted(
         p for p in root.rglob("*")
         if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
@@ -194,8 +226,14 @@ class ImageFolderSource:
     return len(self.image_paths)
 
   def __getitem__(self, index: int) -> Example:
-    with self._pil.open(self.image_paths[int(index)]) as im:
-      image = np.asarray(im.convert("RGB" if self.channels == 3 else "L"))
+    if self._resized is not None:
+      return self._resized[int(index)]
+    return self._read(int(index))
+
+  def _read(self, index: int) -> Example:
+    with _open_image(self.image_paths[index]) as im:
+      image = np.asarray(read_reduced(
+          im, self.image_size, "RGB" if self.channels == 3 else "L"))
     image = to_float_image(image)
     if self.image_size is not None:
       image = transforms.resize_image(image, self.image_size)
