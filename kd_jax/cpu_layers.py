@@ -17,10 +17,7 @@ training step of a shipped config measurably faster on the CPU
   over the batch several times, single-threaded).
 - `Conv`: `nn.Conv` whose stride-1 1×1 convolutions are a matmul (XLA:CPU
   computes a 1×1 convolution's kernel gradient as a convolution with an
-  image-sized window) and whose depthwise convolutions (EfficientViT's,
-  MobileNet-style) are a sum of shifted products (XLA:CPU runs a grouped
-  convolution with one channel per group ~10× slower than that, forward
-  and backward).
+  image-sized window).
 - `ConvTranspose`: one ordinary convolution per output phase (XLA:CPU
   computes a transposed convolution's kernel gradient through an
   image-sized window).
@@ -166,50 +163,23 @@ def _conv_1x1(lhs, rhs, pads, precision, preferred_element_type):
                     preferred_element_type=preferred_element_type)
 
 
-def _conv_depthwise(lhs, rhs, strides, pads, preferred_element_type):
-  """A depthwise NHWC × HWIO convolution (one filter per channel) as a sum
-  of kh·kw strided slices of the padded input, each times its tap."""
-  kh, kw = rhs.shape[:2]
-  sh, sw = strides
-  x = jnp.pad(lhs, ((0, 0), *pads, (0, 0)))
-  out_h = (x.shape[1] - kh) // sh + 1
-  out_w = (x.shape[2] - kw) // sw + 1
-  dtype = preferred_element_type or jnp.result_type(lhs, rhs)
-  out = None
-  for i in range(kh):
-    for j in range(kw):
-      window = jax.lax.slice(
-          x, (0, i, j, 0),
-          (x.shape[0], i + (out_h - 1) * sh + 1, j + (out_w - 1) * sw + 1,
-           x.shape[3]), (1, sh, sw, 1))
-      term = (window * rhs[i, j, 0]).astype(dtype)
-      out = term if out is None else out + term
-  return out
-
-
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None,
                          feature_group_count=1, batch_group_count=1,
                          precision=None, preferred_element_type=None):
-  """`jax.lax.conv_general_dilated`; among 2-D NHWC convolutions without
-  dilation or cropping, a stride-1 1×1 one (no groups) is computed as
-  `_conv_1x1` and a depthwise one (a group per channel, one filter each) as
-  `_conv_depthwise`."""
+  """`jax.lax.conv_general_dilated`; a 2-D NHWC stride-1 1×1 convolution
+  (no dilation, groups or cropping) is computed as `_conv_1x1`."""
   ones = (1,) * (lhs.ndim - 2)
   if (lhs.ndim == 4 and dimension_numbers == jax.lax.conv_dimension_numbers(
           lhs.shape, rhs.shape, _NHWC)
+      and tuple(window_strides) == ones
       and tuple(lhs_dilation or ones) == ones
       and tuple(rhs_dilation or ones) == ones
-      and batch_group_count == 1):
-    pads = _pads(lhs.shape, rhs.shape[:2], window_strides, padding)
-    cropped = min(min(p) for p in pads) < 0
-    if (not cropped and tuple(window_strides) == ones
-        and feature_group_count == 1 and rhs.shape[:2] == (1, 1)):
+      and feature_group_count == batch_group_count == 1
+      and rhs.shape[:2] == (1, 1)):
+    pads = _pads(lhs.shape, rhs.shape[:2], ones, padding)
+    if min(min(p) for p in pads) >= 0:
       return _conv_1x1(lhs, rhs, pads, precision, preferred_element_type)
-    if (not cropped and feature_group_count == lhs.shape[3] > 1
-        and rhs.shape[2:] == (1, lhs.shape[3])):
-      return _conv_depthwise(lhs, rhs, tuple(window_strides), pads,
-                             preferred_element_type)
   return jax.lax.conv_general_dilated(
       lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
       dimension_numbers, feature_group_count, batch_group_count, precision,

@@ -154,43 +154,6 @@ def test_conv_1x1_numpy_formula():
                              rtol=1e-5, atol=1e-5)
 
 
-def test_depthwise_conv_matches_flax():
-  # A non-square kernel, unequal strides and SAME padding in one layer (the
-  # numpy test below covers explicit pads).
-  c = 6
-  x = _normal((2, 9, 8, c), 0)
-  kw = dict(features=c, kernel_size=(5, 3), strides=(1, 2), padding="SAME",
-            feature_group_count=c, use_bias=True)
-  ours, theirs = cpu_layers.Conv(**kw), nn.Conv(**kw)
-  v = theirs.init(jax.random.key(1), x)
-  # A random cotangent: each tap's gradient, not only their sum.
-  dy = _normal(theirs.apply(v, x).shape, 2)
-  _close(_grads(ours, v, x, dy), _grads(theirs, v, x, dy), rtol=1e-4,
-         atol=1e-4)
-  # The form ran, not XLA's grouped convolution.
-  prims = _primitives(lambda x: ours.apply(v, x), x)
-  assert "conv_general_dilated" not in prims, prims
-  prims = _primitives(lambda x: ours.apply(v, x), x)
-  assert "conv_general_dilated" not in prims, prims
-
-
-def test_depthwise_conv_numpy_formula():
-  rng = np.random.default_rng(0)
-  x = rng.normal(size=(1, 5, 6, 2)).astype(np.float32)
-  k = rng.normal(size=(3, 3, 1, 2)).astype(np.float32)
-  y = cpu_layers.conv_general_dilated(
-      x, k, (2, 1), ((1, 1), (1, 1)), feature_group_count=2,
-      dimension_numbers=jax.lax.conv_dimension_numbers(
-          x.shape, k.shape, ("NHWC", "HWIO", "NHWC")))
-  xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  want = np.zeros((1, 3, 6, 2), np.float32)
-  for r in range(3):
-    for col in range(6):
-      patch = xp[0, 2 * r:2 * r + 3, col:col + 3]  # (3, 3, C)
-      want[0, r, col] = (patch * k[:, :, 0]).sum(axis=(0, 1))
-  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
-
-
 # --- ConvTranspose ------------------------------------------------------------
 
 @pytest.mark.parametrize("kernel,strides,padding", [

@@ -156,8 +156,7 @@ def get_config(arg=None):
     # 300 steps of 32: ~2 passes over the 4,449 pooled training images
     # (the 2-core study's budget, module docstring).
     config = _base(batch_size=32, steps=300, lr=2e-3)
-    # EfficientViT's depthwise convolutions as shifted products: the
-    # whole step ~1.4× faster on XLA:CPU (kd_jax.cpu_layers).
+    # kd_jax.cpu_layers' XLA:CPU forms (1×1 convolutions as matmuls).
     config.layers = "cpu"
     teacher = dict(CPU_TEACHER, num_classes=3)
     grid = (size // CPU_TEACHER["patch"],) * 2
