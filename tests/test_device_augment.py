@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from kd_jax import data, teacher_cache, train
 from kd_jax.data import device_augment, pipeline, synthetic, transforms
@@ -254,26 +255,25 @@ def test_teacher_cache_holds_the_views_the_step_warps(tmp_path):
     teacher_cache.TeacherCache(str(tmp_path / "host"), m)
 
 
-@pytest.mark.parametrize("value,message", [
-    ("yes", "data.augment_on_device='yes': expected True"),
-    (True, "data.augment_on_device=True with data.unlabelled"),
-])
-def test_bad_settings_are_one_line_config_errors(tmp_path, value, message):
+def test_bad_settings_are_one_line_config_errors(tmp_path):
   c = tiny_config(steps=1)
   # A data dict of a config's own (the shipped ones type the key bool).
   c.data = ml_collections.ConfigDict({**c.data.to_dict(),
-                                      "augment_on_device": value})
-  if value is True:
-    c.data.unlabelled = ml_collections.ConfigDict(dict(
-        sources=("synthetic_fundus",), per_batch=2))
-  with pytest.raises(train.ConfigError, match="^data: " + message) as e:
+                                      "augment_on_device": "yes"})
+  with pytest.raises(train.ConfigError, match="^data: data.augment_on_device"
+                     "='yes': expected True") as e:
     train.train_and_evaluate(c, str(tmp_path))
   assert "\n" not in str(e.value)
 
 
 def test_unsupported_transforms_are_refused():
-  with pytest.raises(ValueError, match="RandomResizedCrop"):
-    device_augment.DeviceAugment([transforms.RandomResizedCrop((8, 8))])
+  aug = device_augment.DeviceAugment([transforms.RandomResizedCrop((8, 8))])
+  rng = np.random.default_rng(0)
+  with pytest.raises(ValueError, match="changes the image size"):
+    aug.random_map({"image": np.zeros((16, 16, 1), np.float32)}, rng)
+  with pytest.raises(ValueError, match="moves the image only.*'label'"):
+    aug.random_map({"image": np.zeros((8, 8, 1), np.float32),
+                    "label": np.zeros((8, 8), np.int32)}, rng)
   with pytest.raises(ValueError, match=r"crop_size=None\) only"):
     device_augment.DeviceAugment([transforms.RandomScaleCrop((8, 8))])
   with pytest.raises(ValueError, match="ColorJitter', 'SegmentationAug"):
@@ -332,3 +332,107 @@ def test_step_from_a_device_augmented_cache_equals_the_live_teacher(
                                   teacher_outputs=cache.batch_outputs)[1]
   np.testing.assert_allclose(loss(frozen, cached), loss(frozen, live),
                              rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# The encoder recipe's `dino_augment` and unlabelled pools.
+
+
+def _dino_reference(image, size, seed):
+  """`RandomResizedCrop` then `ColorJitter`'s first draw, in the generator
+  order the host transform has always used (torchvision's box search, then
+  the flip), resized by scipy directly: the draws must not move."""
+  rng = np.random.default_rng(seed)
+  crop = transforms.RandomResizedCrop(size)
+  top, left, ch, cw = crop.box(*image.shape[:2], rng)
+  flipped = rng.random() < 0.5
+  region = image[top:top + ch, left:left + cw].astype(np.float32)
+  out = ndimage.zoom(region, (size[0] / ch, size[1] / cw, 1), order=1,
+                     mode="nearest", grid_mode=True)
+  return (out[:, ::-1] if flipped else out), rng
+
+
+def test_resized_crop_draws_what_it_always_drew():
+  crop = transforms.RandomResizedCrop((12, 12))
+  rs = np.random.default_rng(1)
+  for seed in range(8):
+    image = rs.random((12, 12, 3)).astype(np.float32)
+    want, rng = _dino_reference(image, (12, 12), seed)
+    got_rng = np.random.default_rng(seed)
+    got = crop.random_map({"image": image}, got_rng)["image"]
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert got_rng.random() == rng.random()  # Same numbers consumed.
+
+
+def test_dino_augment_device_views_equal_the_host_ones():
+  size = (16, 16)
+  rs = np.random.default_rng(0)
+  examples = [{"image": rs.random(size + (3,)).astype(np.float32)}
+              for _ in range(N)]
+  aug = transforms.dino_augment(size)
+  host = np.stack([pipeline.example_view(examples, 7, 0, i, aug)["image"]
+                   for i in range(N)])
+  shipped = [pipeline.example_view(examples, 7, 0, i,
+                                   device_augment.wrap(aug))
+             for i in range(N)]
+  batch = jax.tree.map(lambda *x: np.stack(x), *shipped)
+  device = np.asarray(device_augment.apply_images(batch["image"],
+                                                  batch["augment"]))
+  # Bilinear without antialiasing on both sides: float32 round-off.
+  np.testing.assert_allclose(device, host, atol=1e-5, rtol=0)
+  warp = batch["augment"]["warp"]
+  limits = warp[:, 18:22]
+  # The branches: flipped and not, crops smaller than the image (so the
+  # clamp to the crop's own edge matters) away from its top-left corner.
+  assert (warp[:, 3] < 0).any() and (warp[:, 3] > 0).any()
+  assert (warp[:, 0] < 1).any() and (limits[:, 0] > 0).any()
+  assert (limits[:, 2] > 0).any() and (limits[:, 1] < size[0] - 1).any()
+  assert (batch["augment"]["colour"][:, 3] > 0).all()  # Saturation drawn.
+
+
+class _Images:
+  """Images only (an unlabelled set's examples)."""
+
+  def __init__(self, n, channels, seed):
+    rs = np.random.default_rng(seed)
+    self.images = rs.random((n, 16, 16, channels)).astype(np.float32)
+
+  def __len__(self):
+    return len(self.images)
+
+  def __getitem__(self, i):
+    return {"image": self.images[i]}
+
+
+# The labelled set with its recipe, the pool's images: the segmentation
+# recipe with label maps, and the encoder recipe on unlabelled images.
+POOLED = {
+    "transunet": (lambda: synthetic.SyntheticCT(12, size=16, seed=0), 1,
+                  RECIPES["transunet"]),
+    "dino": (lambda: _Images(12, 3, 0), 3, transforms.dino_augment((16, 16))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(POOLED))
+def test_an_unlabelled_pool_batch_on_the_device_equals_the_host_one(name):
+  """The pool rows go through the same draws (their own, from the pool's
+  stream) and the step's batch is the host one."""
+  make, channels, aug = POOLED[name]
+  labelled, pool = make(), _Images(10, channels, 1)
+
+  def batches(t):
+    ds = pipeline.train_batches(labelled, batch_size=6, seed=3, transforms=t,
+                                unlabelled=pool, unlabelled_per_batch=2)
+    return [ds[i] for i in range(2)]
+
+  apply = jax.jit(device_augment.apply)
+  for host, shipped in zip(batches(aug), batches(device_augment.wrap(aug))):
+    warp = shipped["augment"]["warp"]
+    assert warp.shape == (6, 22)
+    assert len({w.tobytes() for w in warp}) > 1  # Each row its own draw.
+    got = jax.device_get(apply(shipped))
+    assert sorted(got) == sorted(host)
+    np.testing.assert_allclose(got["image"], host["image"], atol=1e-5)
+    for key in set(host) - {"image"}:  # Labels, "labelled": exact.
+      np.testing.assert_array_equal(got[key], host[key])
+    np.testing.assert_array_equal(host["labelled"], np.arange(6) < 4)

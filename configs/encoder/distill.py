@@ -114,7 +114,8 @@ def _teacher_cpu():
   # 600 steps of 32: 60 epochs of PALM's 320 training images.
   config = _base(batch_size=32, steps=600, lr=1e-3)
   config.data = dict(name="palm", num_classes=3, image_size=64,
-                     augment=True, workers=0, transfer_dtype="float32")
+                     augment=True, workers=0, transfer_dtype="float32",
+                     augment_on_device=False)
   config.stages = dict(teacher=dict(
       method="supervised", model=dict(CPU_TEACHER, num_classes=3),
       losses=dict(ce=dict(fn="cross_entropy"))))
@@ -165,9 +166,11 @@ def get_config(arg=None):
   # teacher.checkpoint on the command line sets them all.
   checkpoint = ml_collections.FieldReference(checkpoint)
   # On a GPU host: --config.data.workers=8 --config.data.transfer_dtype=uint8
-  # (the pooled images are in [0, 1]); docs/usage.md.
+  # (the pooled images are in [0, 1]) --config.data.augment_on_device=True
+  # (the crops and jitter in the step); docs/usage.md.
   config.data = dict(name="shared_images", image_size=size, channels=3,
-                     augment=True, workers=0, transfer_dtype="float32")
+                     augment=True, workers=0, transfer_dtype="float32",
+                     augment_on_device=False)
   model = dict(name=f"efficientvit_{student}", num_classes=0)
   config.stages = {
       arm: dict(method="distill", model=model,

@@ -5,8 +5,8 @@ training stream seeds per (data seed, epoch, example index)
 (`pipeline.view_rng`), with the transforms' own `draw` methods, but skips
 the pixel work: `DeviceAugment` ships the draw as a few small arrays under
 the example's key "augment" (a `transforms.Warp`: 2×2 matrix, offset,
-output box, clamp, label fill, and its inverse for landmarks; colour
-factors when the recipe jitters colour). Batches stay a pure function of
+output box, input region, clamp, label fill, and its inverse for
+landmarks; colour factors when the recipe jitters colour). Batches stay a pure function of
 (seed, step). Inside the jitted step `apply` warps the batch: images
 bilinear (order 1), label maps nearest (order 0), landmarks by the forward
 map, then the colour jitter, with the host transforms' conventions
@@ -28,15 +28,15 @@ import numpy as np
 from kd_jax.data import transforms as T
 
 KEY = "augment"
-_GEOMETRIC = (T.SegmentationAugment, T.RandomScaleCrop)
+_GEOMETRIC = (T.SegmentationAugment, T.RandomScaleCrop, T.RandomResizedCrop)
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
 class DeviceAugment(grain.transforms.RandomMap):
   """The training `transforms` (at most one of `SegmentationAugment` /
-  `RandomScaleCrop`, then at most one `ColorJitter`), drawn on the host and
-  applied in the step (`apply`): the example keeps its pixels and gains
-  "augment"."""
+  `RandomScaleCrop` / `RandomResizedCrop`, then at most one `ColorJitter`),
+  drawn on the host and applied in the step (`apply`): the example keeps
+  its pixels and gains "augment"."""
 
   def __init__(self, transforms: Sequence):
     transforms = list(transforms)
@@ -47,11 +47,14 @@ class DeviceAugment(grain.transforms.RandomMap):
         or len(colour) > 1 or (geometric and colour
                                and kinds.index(type(colour[0])) == 0)):
       raise ValueError(
-          "data.augment_on_device=True moves SegmentationAugment or "
-          "RandomScaleCrop then ColorJitter to the device; this set's "
+          "data.augment_on_device=True moves SegmentationAugment, "
+          "RandomScaleCrop or RandomResizedCrop then ColorJitter to the "
+          "device; this set's "
           f"training transforms are {[k.__name__ for k in kinds]}: set "
           "data.augment_on_device=False")
     for t in geometric:
+      if isinstance(t, T.RandomResizedCrop):
+        continue  # It moves the image only (`random_map` checks).
       if (t.spatial_keys, t.point_keys) != (T.SPATIAL_KEYS, T.POINT_KEYS):
         raise ValueError("data.augment_on_device=True moves the default "
                          "spatial and point keys only; set it False")
@@ -64,7 +67,7 @@ class DeviceAugment(grain.transforms.RandomMap):
 
   def params(self, image_shape, rng: np.random.Generator) -> dict:
     """The draw of one example of `image_shape` (HWC) as arrays, drawn in
-    the transforms' order from `rng`: "warp" (18,) float32 (`_WARP`'s
+    the transforms' order from `rng`: "warp" (22,) float32 (`_WARP`'s
     fields) and, with colour jitter, "colour" (5,) float32 (`_COLOUR`'s);
     two arrays, so batching them stays cheap."""
     hw = tuple(image_shape[:2])
@@ -73,9 +76,10 @@ class DeviceAugment(grain.transforms.RandomMap):
       warp = self.geometric.geometry(hw, self.geometric.draw(hw, rng))
     fwd, fwd_offset = warp.inverse()
     box = np.minimum(warp.box, (hw[0], hw[0], hw[1], hw[1]))
+    limits = np.clip(warp.limits, 0, (hw[0] - 1,) * 2 + (hw[1] - 1,) * 2)
     out = {"warp": np.concatenate([
         warp.matrix.ravel(), warp.offset, box, fwd.ravel(), fwd_offset,
-        (float(warp.clamp), float(warp.fill))]).astype(np.float32)}
+        (float(warp.clamp), float(warp.fill)), limits]).astype(np.float32)}
     if self.colour is not None:
       p = self.colour.draw(image_shape[-1], rng)
       out["colour"] = np.array(
@@ -85,6 +89,13 @@ class DeviceAugment(grain.transforms.RandomMap):
 
   def random_map(self, element: T.Example,
                  rng: np.random.Generator) -> T.Example:
+    if isinstance(self.geometric, T.RandomResizedCrop):
+      moved = [k for k in (*T.POINT_KEYS, *T.UNIT_KEYS) if k in element]
+      moved += [k for k in T.SPATIAL_KEYS if T._is_map(element, k)]  # pylint: disable=protected-access
+      if moved:
+        raise ValueError(f"RandomResizedCrop moves the image only but the "
+                         f"examples carry {moved[0]!r}, which the device "
+                         "warp would move: set data.augment_on_device=False")
     return {**element, KEY: self.params(element["image"].shape, rng)}
 
 
@@ -104,7 +115,7 @@ def on_device(transforms: Sequence) -> bool:
 # Offsets of the fields of "warp" and "colour".
 _WARP = {"matrix": slice(0, 4), "offset": slice(4, 6), "box": slice(6, 10),
          "forward": slice(10, 14), "forward_offset": slice(14, 16),
-         "clamp": 16, "fill": 17}
+         "clamp": 16, "fill": 17, "limits": slice(18, 22)}
 _COLOUR = {"jitter": slice(0, 3), "saturate": 3, "clip": 4}
 
 
@@ -120,7 +131,7 @@ def _fields(p):
   return out
 
 
-def _coordinates(p, hw_in, hw_out):
+def _coordinates(p, hw_out):
   """Source (row, col) of every output pixel, and whether it samples the
   input (False: the fill)."""
   r, c = jnp.meshgrid(jnp.arange(hw_out[0], dtype=jnp.float32),
@@ -128,14 +139,13 @@ def _coordinates(p, hw_in, hw_out):
   m, o = p["matrix"], p["offset"]
   y = m[0, 0] * r + m[0, 1] * c + o[0]
   x = m[1, 0] * r + m[1, 1] * c + o[1]
-  box = p["box"]
+  box, lim = p["box"], p["limits"]
   ok = (r >= box[0]) & (r < box[1]) & (c >= box[2]) & (c < box[3])
-  h, w = hw_in
-  # scipy's mode "constant" takes the fill anywhere outside [0, n - 1];
-  # mode "nearest" replicates the edge.
-  inside = (y >= 0) & (y <= h - 1) & (x >= 0) & (x <= w - 1)
+  # scipy's mode "constant" takes the fill anywhere outside [0, n - 1] of
+  # the input region; mode "nearest" replicates its edge.
+  inside = (y >= lim[0]) & (y <= lim[1]) & (x >= lim[2]) & (x <= lim[3])
   ok &= p["clamp"] | inside
-  return jnp.clip(y, 0, h - 1), jnp.clip(x, 0, w - 1), ok
+  return jnp.clip(y, lim[0], lim[1]), jnp.clip(x, lim[2], lim[3]), ok
 
 
 def _bilinear(image, y, x, ok):
@@ -183,7 +193,7 @@ def _one(p, example):
   p = _fields(p)
   image = example["image"]
   hw = image.shape[:2]
-  y, x, ok = _coordinates(p, hw, hw)
+  y, x, ok = _coordinates(p, hw)
   out = dict(example)
   out["image"] = _bilinear(image, y, x, ok)
   for key in T.SPATIAL_KEYS:

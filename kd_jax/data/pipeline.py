@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kd_jax.data import device_augment
+
 
 def _process_shard(ds, shard_index, shard_count):
   if shard_index is None:
@@ -133,8 +135,11 @@ def _pool_seed(seed: int) -> int:
 def _add_pool(pool, step, batch):
   """Labelled batch `step`, then pool batch `step`. Pool examples carry
   zeros for every key the labelled ones carry (static shapes; never read
-  as labels: "labelled" is False for them)."""
-  extra = pool[step]["image"]
+  as labels: "labelled" is False for them), but with their own draws
+  under "augment" (`device_augment`), which warp their images in the step
+  (and the zero placeholders with them, still never read)."""
+  extra_batch = pool[step]
+  extra = extra_batch["image"]
   image = batch["image"]
   if extra.shape[1:] != image.shape[1:] or extra.dtype != image.dtype:
     raise ValueError(f"unlabelled images are {extra.shape[1:]} "
@@ -143,8 +148,13 @@ def _add_pool(pool, step, batch):
                      f"at the labelled images' size and channels")
   k = len(extra)
   out = {key: np.concatenate([v, np.zeros((k,) + v.shape[1:], v.dtype)])
-         for key, v in ((key, np.asarray(v)) for key, v in batch.items())}
+         for key, v in ((key, np.asarray(v)) for key, v in batch.items()
+                        if key != device_augment.KEY)}
   out["image"] = np.concatenate([image, extra])
+  if device_augment.KEY in batch:
+    out[device_augment.KEY] = jax.tree.map(
+        lambda a, b: np.concatenate([a, b]), batch[device_augment.KEY],
+        extra_batch[device_augment.KEY])
   out["labelled"] = np.arange(len(image) + k) < len(image)
   return out
 

@@ -66,7 +66,8 @@ trainer's `pipeline.iterate`; they change how batches reach the device, not
 which batches (uint8 quantises the image to 1/255). `augment_on_device=True`
 moves the training augmentation into the jitted step
 (`kd_jax.data.device_augment`): `train_transforms` is then one
-`DeviceAugment` that draws each view's parameters on the host.
+`DeviceAugment` that draws each view's parameters on the host (the
+unlabelled pool's views too: `pipeline.train_batches` runs them through it).
 
 Unlabelled pool. Every data set takes `unlabelled` (default None: no pool),
 `dict(sources=(...), per_batch=k)`: images the student sees with the
@@ -190,10 +191,6 @@ def build(cfg) -> Datasets:
                      f"{name!r}; its options are {sorted(OPTIONS[name])}")
   pool = _pool_config(given.get("unlabelled"), name)
   _check_loader(given)
-  if given.get("augment_on_device") and pool is not None:
-    raise ValueError("data.augment_on_device=True with data.unlabelled: "
-                     "the pool's views are augmented on the host only; "
-                     "set data.augment_on_device=False")
   merged = {**OPTIONS[name], **given, "name": name}
   augment = merged.get("augment", False)
   scale_crop = augment == "scale_crop"

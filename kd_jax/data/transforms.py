@@ -325,15 +325,19 @@ class Warp:
   coordinates, what the device applies (`kd_jax.data.device_augment`):
   output (row, col) `o` samples the input at `matrix @ o + offset` when `o`
   lies in `box` (rows [box[0], box[1]), cols [box[2], box[3])), else the
-  fill (image 0, maps `fill`). `clamp`: coordinates outside the input take
-  the edge (scipy's mode "nearest", a resize); else they give the fill
-  (mode "constant", a rotation). Float64 on the host."""
+  fill (image 0, maps `fill`). The input is its region `limits` (rows
+  [limits[0], limits[1]], cols [limits[2], limits[3]], pixel centres; the
+  whole image by default, a crop's pixels for `RandomResizedCrop`).
+  `clamp`: coordinates outside it take its edge (scipy's mode "nearest", a
+  resize); else they give the fill (mode "constant", a rotation). Float64
+  on the host."""
 
   def __init__(self, matrix, offset, box=(0., np.inf, 0., np.inf),
-               clamp=False, fill=0):
+               clamp=False, fill=0, limits=(0., np.inf, 0., np.inf)):
     self.matrix = np.asarray(matrix, np.float64)
     self.offset = np.asarray(offset, np.float64)
     self.box = np.asarray(box, np.float64)
+    self.limits = np.asarray(limits, np.float64)
     self.clamp, self.fill = bool(clamp), fill
 
   @classmethod
@@ -344,7 +348,7 @@ class Warp:
     """This warp followed by the map out[o] = prev[matrix @ o + offset] (a
     box-free, clamp-free step: rot90, flip, rotation)."""
     return Warp(self.matrix @ matrix, self.matrix @ offset + self.offset,
-                self.box, self.clamp, self.fill)
+                self.box, self.clamp, self.fill, self.limits)
 
   def inverse(self) -> tuple[np.ndarray, np.ndarray]:
     """(matrix, offset) of the forward map, input (row, col) → output: how
@@ -574,13 +578,43 @@ class RandomResizedCrop(grain.transforms.RandomMap):
       ch, cw = h, w
     return (h - ch) // 2, (w - cw) // 2, ch, cw
 
+  def draw(self, hw: Sequence[int], rng: np.random.Generator) -> dict:
+    """This example's draw for an image of height, width `hw`: the region
+    ("top", "left", "height", "width") and the flip (shared by the host and
+    the device, see `SegmentationAugment.draw`)."""
+    top, left, ch, cw = self.box(int(hw[0]), int(hw[1]), rng)
+    flipped = bool(self.flip and rng.random() < 0.5)
+    return {"top": top, "left": left, "height": ch, "width": cw,
+            "flip": flipped}
+
   def random_map(self, element: Example, rng: np.random.Generator) -> Example:
     image = element["image"]
-    top, left, ch, cw = self.box(*image.shape[:2], rng)
-    out = resize_image(image[top:top + ch, left:left + cw], self.size)
-    if self.flip and rng.random() < 0.5:
+    p = self.draw(image.shape[:2], rng)
+    top, left = p["top"], p["left"]
+    out = resize_image(image[top:top + p["height"], left:left + p["width"]],
+                       self.size)
+    if p["flip"]:
       out = out[:, ::-1]
     return {**element, "image": np.ascontiguousarray(out)}
+
+  def geometry(self, hw: Sequence[int], p: dict) -> Warp:
+    """The draw `p` as one `Warp`: output (i, j) samples the region at
+    (i + 0.5) · height / H - 0.5 rows below its top (`resize_image`'s
+    pixel-area alignment; columns alike, from the right when flipped),
+    clamped to the region's pixels (its edges replicate)."""
+    if tuple(hw) != self.size:
+      raise ValueError(f"RandomResizedCrop(size={self.size}) on {tuple(hw)} "
+                       "images changes the image size; the device warp "
+                       "keeps it: build the images at that size")
+    (h, w), top, left = self.size, p["top"], p["left"]
+    zy, zx = p["height"] / h, p["width"] / w
+    if p["flip"]:  # Output column j is resized column W - 1 - j.
+      mx, ox = -zx, left + (w - 0.5) * zx - 0.5
+    else:
+      mx, ox = zx, left + 0.5 * zx - 0.5
+    return Warp(np.diag([zy, mx]), np.array([top + 0.5 * zy - 0.5, ox]),
+                clamp=True, limits=(top, top + p["height"] - 1, left,
+                                    left + p["width"] - 1))
 
 
 def dino_augment(size: Sequence[int], channels: int = 3) -> list:
