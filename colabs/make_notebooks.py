@@ -397,7 +397,18 @@ config = load_config("distillo", f"study,{PRESET}")
 # The smoke run trains the teacher and the distilled student only.
 config.stage_order = ("teacher", "kd") if TINY else ("teacher", "student",
                                                      "kd")
-size = 32 if TINY else config.data.image_size
+# The smoke run: 16×16 slices (TransUNet's smallest, one ViT token), batch
+# 4, and the smallest TransUNet and SqueezeU-Net the layouts allow (one
+# unit per ResNet stage, one ViT block, one pooling step): a few compiles.
+size = 16 if TINY else config.data.image_size
+if TINY:
+  tiny_teacher = dict(resnet_width=8, hidden=16, depth=1, num_heads=1,
+                      mlp_dim=16, head_channels=8,
+                      decoder_channels=(8, 8, 8, 8))
+  config.stages.teacher.model.update(tiny_teacher)
+  config.stages.kd.teacher.model.update(tiny_teacher)
+  config.stages.kd.model.update(width=8, depth=1)
+  config.batch_size = 4
 if use_acdc:
   config.data.update(root=root, image_size=size)
   # A budget: the first slices and validation volumes only.

@@ -1157,9 +1157,12 @@ def _train_and_evaluate(config, workdir, datasets, cache):
       feature = explain.model_cam_feature(method.model, images.shape)
       variables = {"params": state.params[key],
                    "batch_stats": state.batch_stats[key]}
+      # The report's numpy images go to `local` first, as `images` did: a
+      # numpy argument would compile `predict` a second time.
       results[name].update(
-          predict=lambda x, p=predict, s=state: np.asarray(
-              jnp.argmax(p(s.params, s.batch_stats, x), -1)),
+          predict=lambda x, p=predict, s=state, d=local: np.asarray(
+              jnp.argmax(p(s.params, s.batch_stats, jax.device_put(x, d)),
+                         -1)),
           cam_feature=feature,
           explain=lambda x, c, m=method.model, v=variables, f=feature: tuple(
               np.asarray(a) for a in explain.explainer(m, f, c)(v, x)))
