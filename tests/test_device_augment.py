@@ -322,7 +322,8 @@ def test_step_from_a_device_augmented_cache_equals_the_live_teacher(
       data_options={"name": "synthetic"}, examples=len(ds.train),
       transforms=aug, input_shape=(16, 16, 1), seed=5,
       outputs=jax.eval_shape(method.teacher_outputs, frozen,
-                             jnp.zeros((1, 16, 16, 1))))
+                             jnp.zeros((1, 16, 16, 1))),
+      views=method.view_table)
   cache = teacher_cache.TeacherCache(str(tmp_path), m)
   cache.build(method, frozen, ds.train, aug, 2, batch_size=5)
   live = pipeline.train_batches(ds.train, batch_size=8, seed=5,
