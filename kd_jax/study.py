@@ -538,10 +538,16 @@ def run_heads(config, workdir: str, datasets, heads, **records) -> dict:
                                         for k, v in per_seed[seed][
                                             stage].items()}))
     if stage not in model_info:
-      summ = models.summary(method.model, (1,) + example.shape)
-      model_info[stage] = dict(
-          model=_describe_model(cfg.stages[stage].model.to_dict()),
-          params=int(summ["params"]), gflops=float(summ["flops"]) / 1e9)
+      # What is deployed: an explain stage's explainer + student together.
+      deployed = getattr(method, "deployed", method.model)
+      summ = models.summary(deployed, (1,) + example.shape)
+      name = _describe_model(cfg.stages[stage].model.to_dict())
+      if deployed is not method.model:
+        explainer = cfg.stages[stage].get("explainer") or {}
+        name = (_describe_model(dict(explainer.get("model") or dict(
+            name="medtex_explainer"))) + " + " + name)
+      model_info[stage] = dict(model=name, params=int(summ["params"]),
+                               gflops=float(summ["flops"]) / 1e9)
   table = aggregate(per_seed)
   return write_heads_report(workdir, config, datasets, heads, table,
                             model_info, per_seed, timings)

@@ -97,3 +97,14 @@ def test_tiny_study_writes_the_fidelity_columns(tmp_path):
     text = f.read()
   assert "| fidelity_accuracy | fidelity_f1_positive |" in text
   assert "macro F1 over both classes" in text
+  # The explain stage's params are what it deploys: explainer + student.
+  from kd_jax import models  # pylint: disable=import-outside-toplevel
+  shape = (1,) + ds.train[0]["image"].shape
+  count = lambda m: models.summary(models.build(**m.to_dict()), shape)[
+      "params"]
+  want = (count(c.stages.medtex.explainer.model)
+          + count(c.stages.medtex.model))
+  row = next(line for line in text.splitlines()
+             if line.startswith("| medtex |"))
+  assert f"| {want:,} |" in row, row
+  assert " + " in row.split("|")[2], row
