@@ -23,6 +23,7 @@ training step of a shipped config measurably faster on the CPU
   image-sized window).
 """
 import dataclasses
+import functools
 from functools import partial
 from typing import Any, Optional
 
@@ -294,9 +295,15 @@ def _form(default, forms):
   if issubclass(default, nn.ConvTranspose):
     return ConvTranspose if "conv_transpose" in forms else None
   if issubclass(default, nn.Conv):
-    return (partial(default, conv_general_dilated=conv_general_dilated)
-            if "conv" in forms else None)
+    return _cpu_conv(default) if "conv" in forms else None
   return None
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_conv(default):
+  """One partial per conv class: two builds of a model then compare and hash
+  equal, so jit caches keyed on the module (`explain.explainer`) hit."""
+  return partial(default, conv_general_dilated=conv_general_dilated)
 
 
 def apply(model: nn.Module, forms=FORMS, backend: Optional[str] = None):

@@ -1143,7 +1143,8 @@ def _train_and_evaluate(config, workdir, datasets, cache):
     # it is a collective, so process 0 alone may run the report's
     # predictions.
     local = jax.local_devices()[0]
-    state = jax.device_put(host_copy(state), local)
+    host = host_copy(state)
+    state = jax.device_put(host, local)
     images = jax.device_put(
         np.stack([datasets.test[i % len(datasets.test)]["image"]
                   for i in range(config.batch_size)]), local)
@@ -1155,8 +1156,11 @@ def _train_and_evaluate(config, workdir, datasets, cache):
     if segmentation:
       key = method.model_key
       feature = explain.model_cam_feature(method.model, images.shape)
-      variables = {"params": state.params[key],
-                   "batch_stats": state.batch_stats[key]}
+      # Numpy variables, as `export.restore_stage` gives: a later explainer
+      # call on restored ones (the Distillo notebook's) reuses the compile,
+      # which committed device arrays would not.
+      variables = {"params": host.params[key],
+                   "batch_stats": host.batch_stats[key]}
       # The report's numpy images go to `local` first, as `images` did: a
       # numpy argument would compile `predict` a second time.
       results[name].update(

@@ -212,3 +212,42 @@ def test_explainer_equals_separate_calls(model):
                              atol=1e-7)
   np.testing.assert_allclose(cam, explain.grad_cam(apply_fn, x, "conv2", 1),
                              rtol=1e-5, atol=1e-6)
+
+
+TRACES = []
+
+
+class CountedNet(TinyNet):
+  """TinyNet that records each Python run of its forward (a trace)."""
+
+  def __call__(self, x, *, train=False):
+    TRACES.append(x.shape)
+    return super().__call__(x, train=train)
+
+
+def test_explainer_traces_once_for_every_class():
+  net = CountedNet(segment=True)
+  x = jax.random.normal(jax.random.key(4), (2, 8, 8, 2))
+  variables = net.init(jax.random.key(5), x)
+  maps = {}
+  for c in (1, 2):
+    maps[c] = explain.explainer(net, "conv2", c)(variables, x)
+    if c == 1:
+      traced = len(TRACES)
+  assert traced > 0
+  # The second class reuses the first one's trace (and compile).
+  assert len(TRACES) == traced
+  for c, (sal, cam) in maps.items():
+    # Saliency: |∂ mean logit_c / ∂x|, max over channels.
+    def score(x, c=c):
+      return net.apply(variables, x)[0][..., c].mean((1, 2)).sum()
+    want_sal = np.abs(np.asarray(jax.grad(score)(x))).max(-1)
+    np.testing.assert_allclose(sal, want_sal, rtol=1e-6, atol=1e-6)
+    # Grad-CAM from the split model's feature gradient, resized, normalized.
+    a2, g = _reference_feature_grad(net, variables, x, jnp.array([c, c]))
+    raw = jax.nn.relu((g.mean((1, 2), keepdims=True) * a2).sum(-1))
+    up = np.maximum(np.asarray(jax.image.resize(raw, (2, 8, 8), "bilinear")),
+                    0)
+    want_cam = up / up.max((1, 2), keepdims=True)
+    np.testing.assert_allclose(cam, want_cam, rtol=1e-6, atol=1e-6)
+  assert not np.allclose(maps[1][0], maps[2][0])

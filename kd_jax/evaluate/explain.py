@@ -21,7 +21,8 @@ that follows the contract, provided the returned array is the one the
 network goes on to use (a dtype cast of it is followed back to its source)
 and is not produced inside a `remat`/`scan` region; otherwise a ValueError
 says so. The functions are traceable: wrap them in `jax.jit` with
-`apply_fn`, `feature` and `target_class` fixed.
+`apply_fn` and `feature` fixed; `target_class` may be a traced int32
+(`explainer` does so, one compile for every class).
 """
 
 from __future__ import annotations
@@ -284,16 +285,29 @@ def default_class(labels, num_classes: int) -> int:
   return int(np.argmax(counts[1:])) + 1
 
 
+def _explain(model, feature: str, variables, images, target_class):
+  apply_fn = functools.partial(model.apply, variables, train=False)
+  return (saliency(apply_fn, images, target_class),
+          grad_cam(apply_fn, images, feature, target_class))
+
+
+# The class is a traced int32 argument, so one compile per (model, feature,
+# input shapes) serves every class: a report's figure and a notebook's own
+# cell for another class reuse it. Linen modules hash by their fields.
+_explain_jit = jax.jit(_explain, static_argnums=(0, 1))
+
+
 def explainer(model, feature: str, target_class):
-  """Jitted (variables, images) -> (saliency, Grad-CAM), each (N, H, W), of
-  `model` (the contract's linen module) for `target_class`."""
-
-  def fn(variables, images):
-    apply_fn = functools.partial(model.apply, variables, train=False)
-    return (saliency(apply_fn, images, target_class),
-            grad_cam(apply_fn, images, feature, target_class))
-
-  return jax.jit(fn)
+  """(variables, images) -> (saliency, Grad-CAM), each (N, H, W), of
+  `model` (the contract's linen module) for `target_class` (an int or one
+  per example), jitted once per model and feature for all classes."""
+  target = np.asarray(target_class, np.int32)
+  try:
+    hash(model)
+    fn = functools.partial(_explain_jit, model, feature)
+  except TypeError:  # a module with unhashable fields: a jit of its own
+    fn = jax.jit(functools.partial(_explain, model, feature))
+  return lambda variables, images: fn(variables, images, target)
 
 
 # --------------------------------------------------------------------------
