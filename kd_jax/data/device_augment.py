@@ -29,7 +29,6 @@ from kd_jax.data import transforms as T
 
 KEY = "augment"
 _GEOMETRIC = (T.SegmentationAugment, T.RandomScaleCrop, T.RandomResizedCrop)
-_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
 class DeviceAugment(grain.transforms.RandomMap):
@@ -184,7 +183,7 @@ def _jitter(p, x):
   mean = jnp.mean(x, axis=-1, keepdims=True).mean()
   x = (x - mean) * c + mean
   if x.shape[-1] == 3:
-    grey = (x @ _LUMA)[..., None]
+    grey = (x @ T.LUMA)[..., None]
     x = jnp.where(p["saturate"], (x - grey) * s + grey, x)
   return jnp.where(p["clip"], jnp.clip(x, 0.0, 1.0), x)
 

@@ -38,6 +38,8 @@ Example = dict[str, Any]
 SPATIAL_KEYS = ("label", "mask", "fov", "lesion_mask")
 POINT_KEYS = ("fovea_xy", "disc_xy")
 UNIT_KEYS = ("fovea", "optic_disc")
+# ITU-R BT.601 luma weights: ColorJitter's grey, on the host and the device.
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
 # --------------------------------------------------------------------------
@@ -509,7 +511,7 @@ class ColorJitter(grain.transforms.RandomMap):
     grey = x.mean(axis=-1, keepdims=True)
     x = (x - grey.mean()) * p["contrast"] + grey.mean()
     if p["saturate"]:
-      grey = x @ np.array([0.299, 0.587, 0.114], np.float32)
+      grey = x @ LUMA
       x = (x - grey[..., None]) * p["saturation"] + grey[..., None]
     if self.clip:
       x = np.clip(x, 0.0, 1.0)
