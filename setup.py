@@ -18,6 +18,8 @@ INSTALL_REQUIRES = [
     "tensorboard>=2.16",
     "numpy",
     "scipy",
+    # kd_jax.probe fits its linear probes and k-NN with scikit-learn.
+    "scikit-learn",
     "matplotlib",
     "h5py",
     "pillow",
