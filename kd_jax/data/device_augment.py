@@ -24,6 +24,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.scipy import ndimage
 
 from kd_jax.data import transforms as T
 
@@ -147,26 +148,21 @@ def _coordinates(p, hw_out):
   return jnp.clip(y, lim[0], lim[1]), jnp.clip(x, lim[2], lim[3]), ok
 
 
-def _bilinear(image, y, x, ok):
-  h, w = image.shape[:2]
-  y0, x0 = jnp.floor(y), jnp.floor(x)
-  fy, fx = (y - y0)[..., None], (x - x0)[..., None]
-  y0, x0 = y0.astype(jnp.int32), x0.astype(jnp.int32)
-  y1, x1 = jnp.minimum(y0 + 1, h - 1), jnp.minimum(x0 + 1, w - 1)
-  top = (1 - fx) * image[y0, x0] + fx * image[y0, x1]
-  bottom = (1 - fx) * image[y1, x0] + fx * image[y1, x1]
-  out = (1 - fy) * top + fy * bottom
-  return jnp.where(ok[..., None], out, 0).astype(image.dtype)
+def _sample(array, y, x, order):
+  """`array` (H, W, ...) at the source coordinates (y, x), which
+  `_coordinates` keeps inside it: JAX's `map_coordinates` (scipy's order 1,
+  bilinear, or order 0, nearest with half-pixel ties upwards, as scipy's
+  floor(c + 0.5) for c >= 0) per trailing channel."""
+  flat = array.reshape(array.shape[:2] + (-1,))
+  out = jax.vmap(
+      lambda a: ndimage.map_coordinates(a, (y, x), order, mode="nearest"),
+      in_axes=2, out_axes=-1)(flat)
+  return out.reshape(y.shape + array.shape[2:])
 
 
-def _nearest(array, y, x, ok, fill):
-  # scipy's order 0: floor(x + 0.5), half-pixel ties upwards.
-  h, w = array.shape[:2]
-  yi = jnp.clip(jnp.floor(y + 0.5), 0, h - 1).astype(jnp.int32)
-  xi = jnp.clip(jnp.floor(x + 0.5), 0, w - 1).astype(jnp.int32)
-  out = array[yi, xi]
-  ok = ok.reshape(ok.shape + (1,) * (array.ndim - 2))
-  return jnp.where(ok, out, fill.astype(array.dtype))
+def _masked(value, ok, fill):
+  ok = ok.reshape(ok.shape + (1,) * (value.ndim - ok.ndim))
+  return jnp.where(ok, value, jnp.asarray(fill, value.dtype))
 
 
 def _move_points(p, xy):
@@ -176,29 +172,17 @@ def _move_points(p, xy):
   return out[..., ::-1].astype(xy.dtype)
 
 
-def _jitter(p, x):
-  """`transforms.ColorJitter` with the drawn factors."""
-  b, c, s = p["jitter"][0], p["jitter"][1], p["jitter"][2]
-  x = x * b
-  mean = jnp.mean(x, axis=-1, keepdims=True).mean()
-  x = (x - mean) * c + mean
-  if x.shape[-1] == 3:
-    grey = (x @ T.LUMA)[..., None]
-    x = jnp.where(p["saturate"], (x - grey) * s + grey, x)
-  return jnp.where(p["clip"], jnp.clip(x, 0.0, 1.0), x)
-
-
 def _one(p, example):
   p = _fields(p)
   image = example["image"]
   hw = image.shape[:2]
   y, x, ok = _coordinates(p, hw)
   out = dict(example)
-  out["image"] = _bilinear(image, y, x, ok)
+  out["image"] = _masked(_sample(image, y, x, 1), ok, 0)
   for key in T.SPATIAL_KEYS:
     value = example.get(key)
     if value is not None and value.ndim >= 2 and value.shape[:2] == hw:
-      out[key] = _nearest(value, y, x, ok, p["fill"])
+      out[key] = _masked(_sample(value, y, x, 0), ok, p["fill"])
   for key in T.POINT_KEYS:
     if key in example:
       out[key] = _move_points(p, example[key])
@@ -209,7 +193,9 @@ def _one(p, example):
       xy = _move_points(p, uv.astype(jnp.float32) * wh - 0.5)
       out[key] = ((xy + 0.5) / wh).astype(uv.dtype)
   if "jitter" in p:
-    out["image"] = _jitter(p, out["image"])
+    b, c, s = p["jitter"][0], p["jitter"][1], p["jitter"][2]
+    out["image"] = T.jitter(out["image"], b, c, s, p["saturate"], p["clip"],
+                            xp=jnp)
   return out
 
 

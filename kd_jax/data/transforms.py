@@ -506,16 +506,22 @@ class ColorJitter(grain.transforms.RandomMap):
   def random_map(self, element: Example, rng: np.random.Generator) -> Example:
     image = element["image"]
     p = self.draw(image.shape[-1], rng)
-    x = image.astype(np.float32)
-    x = x * p["brightness"]
-    grey = x.mean(axis=-1, keepdims=True)
-    x = (x - grey.mean()) * p["contrast"] + grey.mean()
-    if p["saturate"]:
-      grey = x @ LUMA
-      x = (x - grey[..., None]) * p["saturation"] + grey[..., None]
-    if self.clip:
-      x = np.clip(x, 0.0, 1.0)
+    x = jitter(image.astype(np.float32), p["brightness"], p["contrast"],
+               p["saturation"], p["saturate"], self.clip)
     return {**element, "image": x.astype(image.dtype)}
+
+
+def jitter(x, brightness, contrast, saturation, saturate, clip, xp=np):
+  """`ColorJitter`'s arithmetic on an (..., H, W, C) float image with drawn
+  factors, in numpy (`xp=np`, the host) or jax.numpy (`xp=jnp`, the device
+  path, where `saturate` and `clip` may be traced booleans)."""
+  x = x * brightness
+  mean = x.mean(axis=-1, keepdims=True).mean()
+  x = (x - mean) * contrast + mean
+  if x.shape[-1] == 3:
+    grey = (x @ LUMA)[..., None]
+    x = xp.where(saturate, (x - grey) * saturation + grey, x)
+  return xp.where(clip, xp.clip(x, 0.0, 1.0), x)
 
 
 class CTWindow(grain.transforms.Map):
