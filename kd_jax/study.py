@@ -38,7 +38,12 @@ has them all), and `fidelity` (optional, a stage name, one classifier
 head): every other stage's post-hoc fidelity to that stage's predictions
 (`metrics.fidelity`: fidelity_accuracy, fidelity_f1 macro,
 fidelity_f1_positive) and, for a binary task, each stage's own
-positive-class F1 against the labels (f1_positive) (MED-TEX's read-out).
+positive-class F1 against the labels (f1_positive) (MED-TEX's read-out);
+`lesion_iou` (optional, a run on IDRiD's images): the top-K overlap of
+every stage's explanation with the lesion masks, mean ± std over seeds, in
+study.md and lesion_iou.png (`kd_jax.evaluate.lesion_iou.study`);
+`fractions` (optional): the study once per less-data fraction
+(`run_fractions`).
 """
 import contextlib
 import copy
@@ -284,6 +289,8 @@ def write_report(workdir, config, datasets, table, model_info, gaps,
                                      "no gap to close" if g is None else
                                      f"{100 * g:.0f} % ({s:.3f} → {d:.3f}, "
                                      f"teacher {t:.3f})"))
+  if lesions:
+    lines += _lesion_lines(lesions)
   if timings:
     lines += ["", "Wall time of the stages trained in this run (s): "
               + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]
@@ -325,7 +332,7 @@ def seed_config(config, seed: int):
   return c
 
 
-def _latest_step(stage_dir: str):
+def latest_step(stage_dir: str):
   folder = os.path.join(stage_dir, "checkpoints")
   steps = [int(d) for d in os.listdir(folder) if d.isdigit()] \
       if os.path.isdir(folder) else []
@@ -386,7 +393,7 @@ def _trained_stages(config, workdir, datasets, mesh, timings, records):
       record.resolve(cfg, seed_dir, **records)
     for stage in cfg.stage_order:
       stage_dir = os.path.join(seed_dir, stage)
-      done = (_latest_step(stage_dir) or 0) >= int(
+      done = (latest_step(stage_dir) or 0) >= int(
           train.stage_config(cfg, stage)["steps"])
       t = time.perf_counter()
       method, state = train.train_stage(
@@ -397,10 +404,56 @@ def _trained_stages(config, workdir, datasets, mesh, timings, records):
       yield i, seed, cfg, stage, stage_dir, method, state
 
 
+def fraction_config(config, fraction: float):
+  """The study at one less-data `fraction`: every stage whose data sets a
+  `train_fraction` (those that learn from the subset; the teacher, which
+  trains on all of train, sets none) trains on `fraction` instead."""
+  c = copy.deepcopy(config)
+  for name in c.stages:
+    stage_data = c.stages[name].get("data")
+    if stage_data is not None and "train_fraction" in stage_data:
+      stage_data.train_fraction = float(fraction)
+  c.study.fractions = ()
+  return c
+
+
+def run_fractions(config, workdir: str, **records) -> dict:
+  """`study.fractions`: the whole study at each less-data fraction, in
+  `<workdir>/fraction<f>/` (each with its own study.md and figures), and
+  `<workdir>/study.md` with every fraction's table in one page."""
+  fractions = [float(f) for f in config.study.fractions]
+  if not fractions or any(not 0 < f <= 1 for f in fractions):
+    raise train.ConfigError(f"study.fractions={fractions}: fractions in "
+                            "(0, 1] of the training split, or () for one")
+  if not any("train_fraction" in (config.stages[n].get("data") or {})
+             for n in config.stage_order):
+    raise train.ConfigError("study.fractions: no stage sets "
+                            "data.train_fraction, so every fraction would "
+                            "train the same study; set it on the stages "
+                            "that learn from the subset")
+  results, lines = {}, ["# Study over data fractions", ""]
+  for f in fractions:
+    sub = os.path.join(workdir, f"fraction{f:g}")
+    results[f] = run(fraction_config(config, f), sub, **records)
+    with open(os.path.join(sub, "study.md")) as page:
+      body = page.read().splitlines()
+    # From the first table on: the tables and their notes, not the header.
+    table = body[next((i for i, l in enumerate(body) if l.startswith("|")),
+                      len(body)):]
+    lines += [f"## {f:g} of the training split ({sub}/study.md)", "",
+              *table, ""]
+  with open(os.path.join(workdir, "study.md"), "w") as page:
+    page.write("\n".join(lines))
+  return results
+
+
 def run(config, workdir: str, **records) -> dict:
   """Trains (or reuses) every stage for every seed, evaluates, reports.
   `records`: `restart` / `allow_config_change` (`kd_jax.record.resolve`)."""
   from kd_jax.evaluate import explain, figures  # matplotlib only here
+
+  if config.study.get("fractions"):
+    return run_fractions(config, workdir, **records)
 
   try:
     datasets = data.build(config.data)
@@ -549,8 +602,12 @@ def run_heads(config, workdir: str, datasets, heads, **records) -> dict:
       model_info[stage] = dict(model=name, params=int(summ["params"]),
                                gflops=float(summ["flops"]) / 1e9)
   table = aggregate(per_seed)
+  lesions = None
+  if config.study.get("lesion_iou"):  # MED-TEX's explanation read-out.
+    from kd_jax.evaluate import lesion_iou  # pylint: disable=g-import-not-at-top
+    lesions = lesion_iou.study(config, workdir, seeds)
   return write_heads_report(workdir, config, datasets, heads, table,
-                            model_info, per_seed, timings)
+                            model_info, per_seed, timings, lesions)
 
 
 def predictions(method, state, source, batch_size: int):
@@ -597,8 +654,29 @@ def _fidelity_text(config) -> str:
           "labels.")
 
 
+def _lesion_lines(lesions) -> list[str]:
+  """study.md's top-K lesion overlap section (`lesion_iou.study`)."""
+  ks = lesions["k"]
+  lines = ["", "Top-K overlap of each explanation with IDRiD's lesion masks "
+           f"(MA ∪ HE ∪ EX ∪ SE; {lesions['num_images']} lesion images, "
+           f"{lesions['also_grading_images']} of them also grading images), "
+           "mean ± sample std over seeds; K = k·32·32 pixels of 224² scaled "
+           f"to the input ({', '.join(map(str, lesions['num_pixels']))} "
+           "pixels); bars: lesion_iou.png."]
+  for form, text in lesions["forms"].items():
+    lines += ["", f"{form}: {text}", "",
+              "| method | " + " | ".join(f"k={k}" for k in ks) + " |",
+              "|---|" + "---:|" * len(ks)]
+    for method, scores in lesions["scores"].items():
+      s = scores[form]
+      lines.append(f"| {method} | " + " | ".join(
+          _pm(dict(mean=m, std=d if len(lesions["seeds"]) > 1 else None))
+          for m, d in zip(s["mean"], s["std"])) + " |")
+  return lines
+
+
 def write_heads_report(workdir, config, datasets, heads, table, model_info,
-                       per_seed, timings) -> dict:
+                       per_seed, timings, lesions=None) -> dict:
   """study.md / study.json of `run_heads`."""
   seeds = sorted(per_seed)
   columns = list(config.study.get("columns") or
@@ -627,6 +705,8 @@ def write_heads_report(workdir, config, datasets, heads, table, model_info,
         f"{info.get('gflops', 0):.3f} | " + " | ".join(
             _pm(scores[c], 1 if c.endswith("_px") else 3)
             if c in scores else "–" for c in columns) + " |")
+  if lesions:
+    lines += _lesion_lines(lesions)
   if timings:
     lines += ["", "Wall time of the stages trained in this run (s): "
               + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]
@@ -636,6 +716,7 @@ def write_heads_report(workdir, config, datasets, heads, table, model_info,
       data=config.data.name, heads={str(n): h.kind for n, h in heads.items()},
       seeds=seeds, table=table, models=model_info,
       per_seed={str(k): v for k, v in per_seed.items()}, timings_s=timings,
+      lesion_iou=lesions,
       config=json.loads(config.to_json_best_effort()))
   with open(os.path.join(workdir, "study.json"), "w") as f:
     json.dump(_jsonable(result), f, indent=1)

@@ -8,6 +8,8 @@ retinopathy or not (binary), with less data.
         --workdir=runs/medtex_palm_100    # one seed, report.md
     python -m kd_jax.study --config=configs/medtex/medtex.py:cpu,0.25,idrid \
         --workdir=runs/medtex_idrid_25    # referable DR on IDRiD
+    python -m kd_jax.study --config=configs/medtex/medtex.py:cpu,all,idrid \
+        --workdir=runs/medtex_idrid       # every fraction: the whole study
 
 The stages (`medtex_*` models; `kd_jax.methods.explain`):
 
@@ -26,9 +28,11 @@ The stages (`medtex_*` models; `kd_jax.methods.explain`):
   l2x      the baseline L2X: the student on K hard-selected 8×8 patches
            (medtex_l2x_student; Gumbel-softmax top-K in training), as kd
 
-Explanations are scored against IDRiD's lesion masks by
-`python -m kd_jax.evaluate.lesion_iou` (Θ of med_ex / med_tex, the masks of
-attention / l2x, the teacher's saliency and Grad-CAM).
+On IDRiD the study also scores the explanations against the lesion masks
+(`study.lesion_iou`: Θ of med_ex / med_tex, the masks of attention / l2x,
+the teacher's saliency and Grad-CAM; top-K overlap per k, mean ± std over
+seeds, in study.md and lesion_iou.png); `python -m
+kd_jax.evaluate.lesion_iou` does the same for one run.
 
 λ = 0.01 and Adam 1e-3 for every trained group, as the paper. The teacher
 trains on all of the train split; the other stages on `data.train_fraction`
@@ -43,7 +47,10 @@ The arg is `<preset>[,<fraction>][,<data>]`:
         3; batch 16, 30 epochs of the 320 training images.
   full  the paper's setting: 224×224, the teacher of the paper's size
         (~390 k parameters), batch 64, 100 epochs: for a GPU/TPU.
-  fraction  0.25, 0.5 or 1.0 (default) of the training split.
+  fraction  0.25, 0.5 or 1.0 (default) of the training split, or all:
+        the study runs once per fraction (`study.fractions`), in
+        <workdir>/fraction0.25, fraction0.5, fraction1, with one study.md
+        over all three (`kd_jax.main` trains the 1.0 stages).
   data  palm (default): PALM's 400 images, pathologic myopia or not;
         idrid: IDRiD grading's 413 images (data set "idrid_referable"),
         referable DR (grade >= 2: moderate NPDR or worse, the usual referral
@@ -65,19 +72,19 @@ LAMBDA = 0.01
 TRAIN_IMAGES = {"palm": 320, "idrid": 330}
 
 
-def parse_arg(arg) -> tuple[str, float, str]:
+def parse_arg(arg) -> tuple[str, float | str, str]:
   parts = [p.strip() for p in (arg or "cpu").split(",")]
   preset = parts[0] or "cpu"
   try:
     fraction = float(parts[1]) if len(parts) > 1 and parts[1] else 1.0
   except ValueError:
-    fraction = None
+    fraction = "all" if parts[1] == "all" else None
   name = parts[2] if len(parts) > 2 else "palm"
-  if (preset not in PRESETS or fraction not in FRACTIONS
+  if (preset not in PRESETS or fraction not in (*FRACTIONS, "all")
       or name not in DATA or len(parts) > 3):
     raise ValueError(f"config arg {arg!r}: expected {USAGE} with preset in "
                      f"{', '.join(PRESETS)}, fraction in "
-                     f"{', '.join(map(str, FRACTIONS))} and data in "
+                     f"{', '.join(map(str, FRACTIONS))} or all and data in "
                      f"{', '.join(DATA)}, e.g. "
                      "configs/medtex/medtex.py:cpu,0.25,idrid")
   return preset, fraction, name
@@ -132,7 +139,9 @@ def get_config(arg=None):
                    depth=3)
   frozen = dict(model=teacher, stage="teacher")
   soft = dict(soft_ce=dict(fn="soft_cross_entropy", temperature=1.0))
-  less = dict(train_fraction=fraction)
+  # "all": the stages at 1.0; the study moves them through FRACTIONS.
+  sweep = fraction == "all"
+  less = dict(train_fraction=1.0 if sweep else fraction)
   config.stages = dict(
       teacher=dict(method="supervised", model=teacher,
                    losses=dict(ce=dict(fn="cross_entropy"))),
@@ -164,8 +173,11 @@ def get_config(arg=None):
   # Post-hoc fidelity to the teacher (MED-TEX's read-out; the table shows
   # the positive-class F1 and the macro F1, study.json has both) beside
   # each stage's own accuracy / F1 / AUC against the labels.
+  # On IDRiD the study also scores every stage's explanation against the
+  # lesion masks (`kd_jax.evaluate.lesion_iou.study`).
   config.study = dict(
-      seeds=(0, 1, 2), fidelity="teacher",
+      seeds=(0, 1, 2), fidelity="teacher", lesion_iou=name == "idrid",
+      fractions=FRACTIONS if sweep else (),
       columns=("fidelity_accuracy", "fidelity_f1_positive", "fidelity_f1",
                "accuracy", "f1_positive", "macro_f1", "auc"))
   return config

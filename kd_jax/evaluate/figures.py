@@ -186,10 +186,10 @@ def training_curves(path: str | os.PathLike | None,
 
 def topk_bars(path: str | os.PathLike | None, ks: Sequence[int],
               scores: Mapping[str, Mapping[str, Sequence[float]]],
-              dpi: int = 100) -> Figure:
+              dpi: int = 100, errors=None) -> Figure:
   """Top-K overlap with lesions: one panel per form ("jaccard", "dice"),
   grouped bars per k with one bar per method. `scores[method][form]` holds
-  one value per k."""
+  one value per k; `errors` (optional, the same structure) error bars."""
   if not scores:
     raise ValueError("topk_bars got no method")
   forms = list(next(iter(scores.values())))
@@ -202,7 +202,9 @@ def topk_bars(path: str | os.PathLike | None, ks: Sequence[int],
   for ax, form in zip(axes, forms):
     for i, (name, s) in enumerate(scores.items()):
       ax.bar(x + (i - (len(scores) - 1) / 2) * width, s[form], width,
-             label=name, color=cmap(i % cmap.N))
+             label=name, color=cmap(i % cmap.N),
+             yerr=None if errors is None else errors[name][form],
+             capsize=1.5, error_kw=dict(linewidth=0.6))
     ax.set_xticks(x, [f"{k}" for k in ks])
     ax.set_xlabel("k (K = k·32·32 px at 224²)")
     ax.set_title(f"top-K overlap with lesions ({form})")

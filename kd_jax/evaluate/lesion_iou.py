@@ -169,7 +169,9 @@ def evaluate(config, workdir: str, stages=None, max_images: int = 0,
              num_figure_examples: int = 4) -> dict:
   """Writes `<workdir>/lesion_iou/` (module docstring); returns the JSON."""
   from kd_jax.evaluate import __main__ as cli
+  from kd_jax import study  # pylint: disable=g-import-not-at-top
   names = cli._stages(config, workdir, stages)  # pylint: disable=protected-access
+  steps = {n: study.latest_step(os.path.join(workdir, n)) for n in names}
   datasets, images, lesions = lesion_set(config, max_images)
   heads = train.run_heads(config, datasets)
   maps = {}
@@ -197,13 +199,70 @@ def evaluate(config, workdir: str, stages=None, max_images: int = 0,
       num_pixels=[num_pixels(k, images.shape[1:3]) for k in KS],
       forms=dict(jaccard="|A∩B| / |A∪B|",
                  dice="2|A∩B| / (|A|+|B|) (MED-TEX's printed 'IoU')"),
-      scores=scores,
+      scores=scores, steps=steps,
       also_grading_images=(None if overlap is None else
                            int((overlap >= 0).sum())),
       figures=dict(bars="lesion_iou.png", overlays="overlays.png"))
   with open(os.path.join(out_dir, "lesion_iou.json"), "w") as f:
     json.dump(report, f, indent=1)
   return report
+
+
+def combine(reports) -> dict:
+  """{method: {form: {"mean", "std"}: per k}} over the `reports` of several
+  seeds (`evaluate`'s JSON): sample std (ddof 1; 0 for one seed), methods
+  present in every report."""
+  methods = [m for m in reports[0]["scores"]
+             if all(m in r["scores"] for r in reports)]
+  out = {}
+  for m in methods:
+    out[m] = {}
+    for form in reports[0]["scores"][m]:
+      v = np.array([r["scores"][m][form] for r in reports], np.float64)
+      out[m][form] = dict(mean=v.mean(0).tolist(), std=(
+          v.std(0, ddof=1) if len(v) > 1 else np.zeros(v.shape[1])).tolist())
+  return out
+
+
+def study(config, workdir: str, seeds) -> dict:
+  """The read-out over a study's seeds (`kd_jax.study` with
+  `study.lesion_iou`): `evaluate` in every `<workdir>/seed<k>` (its JSON
+  reused while every stage's checkpoint step is the one it scored), then
+  mean ± std over seeds (`combine`) in `<workdir>/lesion_iou.json` and
+  `lesion_iou.png` (bars with ± 1 std). Returns that JSON."""
+  from kd_jax import study as study_lib  # pylint: disable=g-import-not-at-top
+  reports = []
+  for seed in seeds:
+    seed_dir = os.path.join(workdir, f"seed{seed}")
+    path = os.path.join(seed_dir, "lesion_iou", "lesion_iou.json")
+    report = None
+    if os.path.isfile(path):
+      with open(path) as f:
+        report = json.load(f)
+      steps = report.get("steps")
+      if not steps or any(
+          study_lib.latest_step(os.path.join(seed_dir, n)) != s
+          for n, s in steps.items()):
+        report = None  # A stage trained on since: score it again.
+    reports.append(report or evaluate(study_lib.seed_config(config, seed),
+                                      seed_dir))
+  combined = combine(reports)
+  figures.topk_bars(
+      os.path.join(workdir, "lesion_iou.png"), KS,
+      {m: {f: v["mean"] for f, v in c.items()} for m, c in combined.items()},
+      errors={m: {f: v["std"] for f, v in c.items()}
+              for m, c in combined.items()})
+  result = dict(seeds=list(seeds), k=list(KS),
+                num_pixels=reports[0]["num_pixels"],
+                input_hw=reports[0]["input_hw"],
+                num_images=reports[0]["num_images"],
+                also_grading_images=reports[0]["also_grading_images"],
+                forms=reports[0]["forms"], scores=combined,
+                figures=dict(bars="lesion_iou.png", overlays=os.path.join(
+                    f"seed{seeds[0]}", "lesion_iou", "overlays.png")))
+  with open(os.path.join(workdir, "lesion_iou.json"), "w") as f:
+    json.dump(result, f, indent=1)
+  return result
 
 
 def main(argv):
