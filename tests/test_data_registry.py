@@ -80,6 +80,12 @@ def test_unknown_name_and_unknown_key_are_one_line_errors():
     (dict(name="idrid_lesions", lesions=("MA", "XX")), "non-empty subset"),
     (dict(name="folder"), "data.csv is empty"),
     (dict(name="tfds"), "data.dataset is empty"),
+    (dict(name="drive", augment="scale_crop", crop_size=-3),
+     r"data.crop_size=-3 for drive: expected a positive int or \(H, W\)"),
+    (dict(name="drive", augment="scale_crop", crop_size=(64, 0)),
+     r"data.crop_size=\(64, 0\) for drive: expected a positive int"),
+    (dict(name="drive", crop_size=64),
+     "data.crop_size=64 for drive: only augment='scale_crop' crops"),
 ])
 def test_bad_values_name_the_key_and_the_choices(kw, match):
   with pytest.raises(ValueError, match=match):

@@ -59,6 +59,25 @@ def test_paper_preset_is_the_papers_setting():
   assert c.compute_dtype == "bfloat16"
 
 
+def test_cpu_drive_trains_on_crops_and_evaluates_whole_images():
+  c = _module().get_config("cpu,drive")
+  assert (c.data.image_size, c.data.crop_size) == (256, 64)
+  assert _module().get_config("cpu,acdc").data.crop_size == 0  # 64² slices.
+  try:
+    ds = data.build(c.data)
+  except FileNotFoundError:
+    pytest.skip("DRIVE is not in the shared data folder")
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  crop = ds.train_transforms[0]
+  for i in range(3):
+    view = crop.random_map(ds.train[i], np.random.default_rng(i))
+    assert view["image"].shape == (64, 64, 3)
+    assert view["label"].shape == view["fov"].shape == (64, 64)
+  assert ds.val[0]["image"].shape == (256, 256, 3)
+  # The crop is the scaled image's pixels: labels stay {0, 1}.
+  assert set(np.unique(view["label"])) <= {0, 1}
+
+
 @pytest.mark.parametrize("arg", ["gpu", "cpu,cityscapes", "cpu,student=x"])
 def test_bad_args_name_the_choices(arg):
   with pytest.raises(ValueError, match="expected <preset>"):

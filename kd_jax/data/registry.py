@@ -51,9 +51,10 @@ synthetic, acdc and synapse keep their options and behaviour (a square int
 `image_size`, no `channels`, TransUNet's augmentation). On a segmentation
 set, `augment="scale_crop"` is Structured KD's augmentation instead
 (`transforms.RandomScaleCrop`): a random scale uniform in `scale_range`
-(default (0.5, 2.0)), a random crop back to the image size (padding with
-image 0 and label 0 where the scaled image is smaller), a random left-right
-flip.
+(default (0.5, 2.0)), a random crop back to the image size or to
+`crop_size` (an int for a square, or (H, W); 0 = the image size; training
+views only, evaluation sees whole images) (padding with image 0 and label 0
+where the scaled image is smaller), a random left-right flip.
 
 Keys are checked per data set: a config that switches `data.name` must
 carry only the new set's options (ml_collections cannot drop a key from the
@@ -163,6 +164,7 @@ def _register(name: str, **options):
     OPTIONS[name] = {**options, "unlabelled": None, **LOADER_OPTIONS}
     if "augment" in options:  # Read by augment="scale_crop" (`build`).
       OPTIONS[name]["scale_range"] = (0.5, 2.0)
+      OPTIONS[name]["crop_size"] = 0
     return fn
   return wrap
 
@@ -199,6 +201,10 @@ def build(cfg) -> Datasets:
                      "(the set's own augmentation), False or 'scale_crop'")
   if scale_crop:  # The builder adds no augmentation of its own.
     merged["augment"] = False
+  elif merged.get("crop_size", 0) not in (0, (0, 0), [0, 0]):
+    raise ValueError(f"data.crop_size={merged['crop_size']!r} for {name}: "
+                     "only augment='scale_crop' crops; set data.augment="
+                     "'scale_crop' or data.crop_size=0")
   merged = ml_collections.ConfigDict(merged)
   scale_crop = _scale_crop(merged) if scale_crop else None
   out = BUILDERS[name](merged)
@@ -340,9 +346,18 @@ def _augment(cfg, rgb: bool = False):
 
 def _scale_crop(cfg):
   """Structured KD's augmentation (`data.augment="scale_crop"`): random
-  scale in `data.scale_range`, crop back to the image size, flip."""
+  scale in `data.scale_range`, crop back to the image size (or to
+  `data.crop_size`), flip."""
+  crop = cfg.crop_size
+  crop = (crop, crop) if isinstance(crop, int) else tuple(crop)
+  if (len(crop) != 2 or not all(isinstance(c, int) for c in crop)
+      or (0 in crop and crop != (0, 0)) or min(crop) < 0):
+    raise _bad(cfg, "crop_size", "a positive int or (H, W) of the training "
+               "crops, or 0 for the image size")
   try:
-    return transforms.RandomScaleCrop(scale_range=tuple(cfg.scale_range))
+    return transforms.RandomScaleCrop(
+        crop_size=None if crop == (0, 0) else crop,
+        scale_range=tuple(cfg.scale_range))
   except (TypeError, ValueError):
     raise _bad(cfg, "scale_range", "(low, high) with 0 < low <= high, e.g. "
                "(0.5, 2.0)") from None
