@@ -84,7 +84,7 @@ def test_pipeline_on_a_tiny_medtex_run(tmp_path):
     train.train_stage(c, stage, workdir, ds)
   report = lesion_iou.evaluate(c, workdir, max_images=3)
   assert set(report["scores"]) == {"teacher/saliency", "teacher/grad_cam",
-                                   "medtex/theta"}
+                                   "medtex/theta", "chance/random"}
   assert report["input_hw"] == [16, 16] and report["num_images"] == 3
   for s in report["scores"].values():
     assert len(s["jaccard"]) == len(s["dice"]) == 6

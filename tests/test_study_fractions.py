@@ -98,7 +98,8 @@ def test_tiny_sweep_with_the_lesion_read_out(tmp_path):
              for s in (0, 1)]
     combined = json.load(open(os.path.join(sub, "lesion_iou.json")))
     assert set(combined["scores"]) == {"teacher/saliency",
-                                       "teacher/grad_cam", "medtex/theta"}
+                                       "teacher/grad_cam", "medtex/theta",
+                                       "chance/random"}
     for m, forms in combined["scores"].items():
       for form, s in forms.items():
         np.testing.assert_allclose(

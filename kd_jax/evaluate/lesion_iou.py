@@ -23,7 +23,9 @@ is scored in both forms (`explain.topk_iou`): "jaccard" |A∩B|/|A∪B| and
 the paper's k·32·32 pixels of a 224×224 image, k = 1…6, scaled by the
 input's area: K = round(k·32·32·H·W / 224²), so K covers the same share of
 the image at every input size (2.0 % … 12.2 %). Scores are averaged over
-the lesion images with a non-empty mask.
+the lesion images with a non-empty mask. "chance/random" scores a uniform
+random map (seed 0): the overlap of K pixels drawn at random, the level an
+explanation must beat to say anything about the lesions.
 
 Outputs, in `<workdir>/lesion_iou/`: lesion_iou.json (per method and form,
 the mean per k; K in pixels; which lesion images are also grading images),
@@ -59,6 +61,11 @@ KS = (1, 2, 3, 4, 5, 6)
 PAPER_SIZE = 224
 LESIONS = ("MA", "HE", "EX", "SE")
 POSITIVE = 1
+# The chance reference: a uniform random map of this seed ("chance/random").
+CHANCE = "chance/random"
+CHANCE_SEED = 0
+# lesion_iou.json's layout; `study` scores a seed again when it differs.
+FORMAT = 2
 # Mean absolute difference (grey levels, 0-255) of 32×32 block means below
 # which two fundus images count as one photograph.
 SAME_PHOTO_TOL = 1.0
@@ -182,6 +189,9 @@ def evaluate(config, workdir: str, stages=None, max_images: int = 0,
                               config.batch_size).items():
       maps[f"{name}/{kind}"] = m
   scores = {k: topk_scores(m, lesions) for k, m in maps.items()}
+  # What K pixels drawn at random overlap, to read the others against.
+  scores[CHANCE] = topk_scores(
+      np.random.default_rng(CHANCE_SEED).random(lesions.shape), lesions)
   out_dir = os.path.join(workdir, "lesion_iou")
   os.makedirs(out_dir, exist_ok=True)
   figures.topk_bars(os.path.join(out_dir, "lesion_iou.png"), KS, scores)
@@ -193,7 +203,8 @@ def evaluate(config, workdir: str, stages=None, max_images: int = 0,
   overlap = (part_overlap(config.data.get("root") or None)
              if not max_images else None)
   report = dict(
-      workdir=os.path.abspath(workdir), lesions=list(LESIONS),
+      format=FORMAT, workdir=os.path.abspath(workdir),
+      lesions=list(LESIONS),
       num_images=int(lesions.any(axis=(1, 2)).sum()),
       input_hw=list(images.shape[1:3]), k=list(KS),
       num_pixels=[num_pixels(k, images.shape[1:3]) for k in KS],
@@ -240,7 +251,7 @@ def study(config, workdir: str, seeds) -> dict:
       with open(path) as f:
         report = json.load(f)
       steps = report.get("steps")
-      if not steps or any(
+      if report.get("format") != FORMAT or not steps or any(
           study_lib.latest_step(os.path.join(seed_dir, n)) != s
           for n, s in steps.items()):
         report = None  # A stage trained on since: score it again.
