@@ -198,11 +198,13 @@ def topk_bars(path: str | os.PathLike | None, ks: Sequence[int],
   axes = np.asarray(fig.subplots(1, len(forms), squeeze=False)).ravel()
   x = np.arange(len(ks))
   width = 0.8 / len(scores)
-  cmap = colormaps["tab10"]
+  cmap = colormaps["tab10" if len(scores) <= 10 else "tab20"]
   for ax, form in zip(axes, forms):
     for i, (name, s) in enumerate(scores.items()):
+      # A chance reference ("chance/...") in grey, the methods in colour.
       ax.bar(x + (i - (len(scores) - 1) / 2) * width, s[form], width,
-             label=name, color=cmap(i % cmap.N),
+             label=name, color="0.6" if name.startswith("chance")
+             else cmap(i % cmap.N),
              yerr=None if errors is None else errors[name][form],
              capsize=1.5, error_kw=dict(linewidth=0.6))
     ax.set_xticks(x, [f"{k}" for k in ks])

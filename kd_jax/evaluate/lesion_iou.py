@@ -240,7 +240,8 @@ def study(config, workdir: str, seeds) -> dict:
   `study.lesion_iou`): `evaluate` in every `<workdir>/seed<k>` (its JSON
   reused while every stage's checkpoint step is the one it scored), then
   mean ± std over seeds (`combine`) in `<workdir>/lesion_iou.json` and
-  `lesion_iou.png` (bars with ± 1 std). Returns that JSON."""
+  `lesion_iou.png` (bars with ± 1 std: the `study.fidelity` reference's
+  maps, every stage's own mask and chance). Returns that JSON."""
   from kd_jax import study as study_lib  # pylint: disable=g-import-not-at-top
   reports = []
   for seed in seeds:
@@ -258,11 +259,17 @@ def study(config, workdir: str, seeds) -> dict:
     reports.append(report or evaluate(study_lib.seed_config(config, seed),
                                       seed_dir))
   combined = combine(reports)
+  # The bars: the reference stage's saliency and Grad-CAM (MED-TEX's
+  # baselines), every learnt mask and chance; study.md tabulates them all.
+  reference = config.study.get("fidelity")
+  bars = {m: c for m, c in combined.items()
+          if not reference or m.startswith(f"{reference}/")
+          or m.endswith("/theta") or m == CHANCE}
   figures.topk_bars(
       os.path.join(workdir, "lesion_iou.png"), KS,
-      {m: {f: v["mean"] for f, v in c.items()} for m, c in combined.items()},
+      {m: {f: v["mean"] for f, v in c.items()} for m, c in bars.items()},
       errors={m: {f: v["std"] for f, v in c.items()}
-              for m, c in combined.items()})
+              for m, c in bars.items()})
   result = dict(seeds=list(seeds), k=list(KS),
                 num_pixels=reports[0]["num_pixels"],
                 input_hw=reports[0]["input_hw"],
