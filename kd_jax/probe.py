@@ -11,9 +11,11 @@ Each encoder is a folder, frozen as it is:
   `run_record.json`, or given with `--model` / `--model_args`),
 - a folder written by `python -m kd_jax.export`.
 
-`label=folder` names a row (default: the folder's name). A checkpoint that
-does not fit the model is one line naming the first parameter that differs
-and both shapes.
+`label=folder` names a row (default: the folder's name). `label=init:folder`
+is that folder's architecture freshly initialised (`--seed`), its
+checkpoint unread: the random-encoder reference a distilled student has to
+beat. A checkpoint that does not fit the model is one line naming the
+first parameter that differs and both shapes.
 
 Embeddings. `--feature=embedding` (the default) takes the model's
 `features["embedding"]`: a ViT's [CLS] token after the final LayerNorm, an
@@ -139,12 +141,25 @@ def check_fits(folder: str, saved: dict, built: dict, name: str) -> None:
           "--model/--model_args as the encoder was trained")
 
 
-def load_encoder(folder: str, model_config=None, image_size=None):
+INIT = "init:"
+
+
+def load_encoder(folder: str, model_config=None, image_size=None,
+                 seed: int = 0):
   """(module, variables, model config) of the encoder in `folder` (see the
   module docstring); `model_config` (dict(name=..., **fields)) overrides
   what the folder says. `image_size` is the probe's input side, used to
-  check the checkpoint's shapes."""
+  check the checkpoint's shapes. `init:<folder>`: the folder's model with
+  fresh variables (`jax.random.key(seed)`)."""
   from kd_jax import checkpoint, export  # pylint: disable=g-import-not-at-top
+  if folder.startswith(INIT):
+    module, variables, cfg = load_encoder(folder[len(INIT):], model_config,
+                                          image_size)
+    size = image_size or models.default_input(cfg["name"])[1]
+    fresh = module.init(jax.random.key(seed),
+                        jnp.zeros((1, size, size, 3), jnp.float32),
+                        train=False)
+    return module, fresh, cfg
   spec_path = os.path.join(folder, "model.json")
   spec = None
   if os.path.isfile(spec_path):
@@ -354,8 +369,9 @@ def parse_encoders(items) -> list:
     label, sep, folder = item.partition("=")
     if not sep:
       label, folder = os.path.basename(os.path.normpath(item)), item
-    if not os.path.isdir(folder):
-      raise ValueError(f"--encoders: {folder!r} is not a folder")
+    if not os.path.isdir(folder.removeprefix(INIT)):
+      raise ValueError(f"--encoders: {folder.removeprefix(INIT)!r} is not "
+                       "a folder")
     out.append((label, folder))
   return out
 
@@ -473,10 +489,13 @@ def run(encoders, set_names, out, *, image_size, model_config=None,
   results = {}
   names = [feature] if isinstance(feature, str) else list(feature)
   for label, folder in encoders:
-    module, variables, cfg = load_encoder(folder, model_config, image_size)
+    module, variables, cfg = load_encoder(folder, model_config, image_size,
+                                          seed)
     feature = pick_feature(module, variables, shape, names)
+    init = folder.startswith(INIT)
     results[label] = dict(
-        folder=os.path.abspath(folder), model=cfg, feature=feature,
+        folder=(INIT if init else "") + os.path.abspath(
+            folder.removeprefix(INIT)), model=cfg, feature=feature,
         image_size=int(image_size), size=size(module, shape),
         speed=speed(forward(module, feature), variables, shape,
                     batch=speed_batch, repeats=speed_repeats, warmup=warmup,
@@ -524,7 +543,8 @@ if __name__ == "__main__":
   from absl import app, flags
   flags.DEFINE_list("encoders", None, "Encoder folders (a kd_jax.convert "
                     "output, a stage folder, a kd_jax.export folder), each "
-                    "optionally label=folder.")
+                    "optionally label=folder; init:<folder> is its model "
+                    "freshly initialised.")
   flags.DEFINE_list("sets", ["pneumoniamnist", "palm", "idrid"],
                     f"Labelled sets: {', '.join(SETS)}.")
   flags.DEFINE_string("out", None, "Folder for probe.json and probe.md.")
@@ -540,7 +560,8 @@ if __name__ == "__main__":
                     "Logistic-regression C grid (one value: fixed C).")
   flags.DEFINE_integer("k", 20, "Neighbours of the k-NN classifier.")
   flags.DEFINE_float("val_fraction", 0.2, "Share of train that chooses C.")
-  flags.DEFINE_integer("seed", 0, "Seed of the C split and the probe.")
+  flags.DEFINE_integer("seed", 0, "Seed of the C split, the probe and "
+                       "init: encoders.")
   flags.DEFINE_string("data_root", "", "Shared data folder (default "
                       "$KD_JAX_DATA or ../shared/data).")
   flags.DEFINE_integer("speed_batch", 256, "Batch of the throughput test.")

@@ -203,6 +203,24 @@ def test_load_encoder_reads_the_model_of_a_stage_from_its_run_record(
                                 tiny[1]["params"]["cls_token"])
 
 
+def test_init_is_the_folders_model_freshly_initialised(tiny, encoder_folder):
+  import jax  # pylint: disable=import-outside-toplevel
+  module, variables, cfg = probe.load_encoder("init:" + encoder_folder,
+                                              image_size=SIZE, seed=3)
+  assert cfg["name"] == TINY["name"]
+  want = module.init(jax.random.key(3), np.zeros((1, SIZE, SIZE, 3),
+                                                 np.float32), train=False)
+  got, trained = (jax.tree.leaves(v["params"]) for v in (variables, tiny[1]))
+  assert len(got) == len(trained)
+  for a, b in zip(got, jax.tree.leaves(want["params"])):
+    np.testing.assert_array_equal(a, b)
+  assert any(not np.array_equal(a, b) for a, b in zip(got, trained))
+  assert probe.parse_encoders([f"random=init:{encoder_folder}"]) == [
+      ("random", f"init:{encoder_folder}")]
+  with pytest.raises(ValueError, match="is not a folder"):
+    probe.parse_encoders(["init:/no/such/folder"])
+
+
 def test_a_checkpoint_of_another_architecture_is_one_line(encoder_folder):
   other = dict(TINY, width=8)
   with pytest.raises(ValueError) as e:

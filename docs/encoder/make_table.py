@@ -43,7 +43,7 @@ def table(root, feature):
   lines = [f"### feature: {feature} (seeds: {', '.join(runs)})", "",
            "| encoder | set | n | linear bal. acc | linear F1 | linear AUC "
            "| k-NN bal. acc | kept (linear) | params (M) | GFLOPs | images/s "
-           "| latency ms (median) |", "|" + "---|" * 12]
+           "| latency ms (median / p95) |", "|" + "---|" * 12]
   for name, rec in first.items():
     for set_name in rec["sets"]:
       def col(read, name=name, set_name=set_name):
@@ -61,7 +61,8 @@ def table(root, feature):
           f"| {_stat(kept) if name != 'teacher' else '—'} "
           f"| {rec['size']['params'] / 1e6:.2f} | {rec['size']['gflops']:.4f} "
           f"| {rec['speed']['throughput_images_per_s']:.1f} "
-          f"| {rec['speed']['latency_ms_median']:.2f} |")
+          f"| {rec['speed']['latency_ms_median']:.2f} / "
+          f"{rec['speed']['latency_ms_p95']:.2f} |")
   return "\n".join(lines) + "\n"
 
 
