@@ -29,12 +29,11 @@ The arg is `<preset>[,<student>]`:
                300 steps of batch 32 (~2 passes), float32, kd_jax's CPU
                layers (`layers="cpu"`), `study.seeds=(0, 1)`.
 
-               The budget is the study's, not the method's: a step of
-               this preset takes ~1 s on 2 shared cores (mostly the
-               student's forward and backward; the teacher forward is
-               ~0.13 s, the input pipeline ~0.07 s), so 5 arms × 300
-               steps × 2 seeds plus compiles and probes take ~2 h of a
-               shared 2-core VM (docs/encoder/study_2026-12-06.md). For a closer look at
+               The budget is the study's, not the method's: on a free
+               2-core VM a step takes 0.6–1 s (mostly the student's
+               forward and backward), so a seed's 5 arms take ~25 min
+               and its two probe runs ~22 min
+               (docs/encoder/study_2026-12-07.md). For a closer look at
                the recipe: --config.steps=600 --config.study.seeds="(0,1,2)".
   paper        an imported ViT-L/16 (`python -m kd_jax.convert`, e.g. UNI or
                DINOv2 weights; no default) → EfficientViT-B0 (or B1:

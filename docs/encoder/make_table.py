@@ -1,9 +1,10 @@
 """The encoder study's table from its probe runs (docs/encoder/study_*.md).
 
-    python docs/encoder/make_table.py /work/runs/encoder_study2
+    python docs/encoder/make_table.py runs/encoder_study
 
-Reads <root>/s<seed>/probe_<feature>/probe.json for every seed folder
-present and prints, per feature and set, each encoder's linear-probe
+Reads <root>/s<seed>/probe_<feature>/probe.json (and
+probe_<feature>_*/probe.json beside it) for every seed folder present and
+prints, per feature and set, each encoder's linear-probe
 balanced accuracy, macro F1 and AUC and k-NN balanced accuracy as mean ±
 sample std over the seeds found (ddof 1; no ± with one seed; n = seeds),
 the share of the teacher's linear balanced accuracy kept (per seed, then
@@ -18,11 +19,18 @@ import numpy as np
 
 
 def _load(root, feature):
+  """{seed: {encoder: record}} from probe_<feature>/probe.json and any
+  probe_<feature>_<more>/probe.json beside it (e.g. the random-init
+  reference, probed later); an encoder's first record wins."""
   runs = {}
   for seed_dir in sorted(pathlib.Path(root).glob("s[0-9]*")):
-    path = seed_dir / f"probe_{feature}" / "probe.json"
-    if path.is_file():
-      runs[seed_dir.name] = json.loads(path.read_text())
+    main = seed_dir / f"probe_{feature}" / "probe.json"
+    if not main.is_file():
+      continue
+    runs[seed_dir.name] = json.loads(main.read_text())
+    for path in sorted(seed_dir.glob(f"probe_{feature}_*/probe.json")):
+      for name, rec in json.loads(path.read_text()).items():
+        runs[seed_dir.name].setdefault(name, rec)
   return runs
 
 
