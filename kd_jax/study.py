@@ -670,7 +670,7 @@ def _lesion_lines(lesions) -> list[str]:
     for method, scores in lesions["scores"].items():
       s = scores[form]
       lines.append(f"| {method} | " + " | ".join(
-          _pm(dict(mean=m, std=d if len(lesions["seeds"]) > 1 else None))
+          _pm(dict(mean=m, std=d))
           for m, d in zip(s["mean"], s["std"])) + " |")
   return lines
 

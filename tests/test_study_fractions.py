@@ -69,7 +69,8 @@ def test_seed_mean_and_std_against_numpy():
       np.testing.assert_allclose(got[m][f]["std"],
                                  values[:, i, j].std(0, ddof=1))
   one = lesion_iou.combine(reports[:1])
-  assert one["a/theta"]["dice"]["std"] == [0.0] * 6
+  assert one["a/theta"]["dice"]["std"] == [None] * 6  # study.mean_std's rule.
+  np.testing.assert_allclose(one["a/theta"]["dice"]["mean"], values[0, 0, 1])
 
 
 @pytest.mark.slow  # 2 fractions × 2 seeds of a tiny MED-TEX run (~2 min).

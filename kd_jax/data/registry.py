@@ -201,11 +201,11 @@ def build(cfg) -> Datasets:
                      "(the set's own augmentation), False or 'scale_crop'")
   if scale_crop:  # The builder adds no augmentation of its own.
     merged["augment"] = False
-  elif merged.get("crop_size", 0) not in (0, (0, 0), [0, 0]):
-    raise ValueError(f"data.crop_size={merged['crop_size']!r} for {name}: "
+  merged = ml_collections.ConfigDict(merged)
+  if "crop_size" in merged and not scale_crop and _crop_size(merged):
+    raise ValueError(f"data.crop_size={merged.crop_size!r} for {name}: "
                      "only augment='scale_crop' crops; set data.augment="
                      "'scale_crop' or data.crop_size=0")
-  merged = ml_collections.ConfigDict(merged)
   scale_crop = _scale_crop(merged) if scale_crop else None
   out = BUILDERS[name](merged)
   if scale_crop is not None:
@@ -344,20 +344,25 @@ def _augment(cfg, rgb: bool = False):
   return out + ([transforms.ColorJitter()] if rgb else [])
 
 
-def _scale_crop(cfg):
-  """Structured KD's augmentation (`data.augment="scale_crop"`): random
-  scale in `data.scale_range`, crop back to the image size (or to
-  `data.crop_size`), flip."""
+def _crop_size(cfg):
+  """`data.crop_size` as (H, W), or None for 0 (the image size)."""
   crop = cfg.crop_size
   crop = (crop, crop) if isinstance(crop, int) else tuple(crop)
   if (len(crop) != 2 or not all(isinstance(c, int) for c in crop)
       or (0 in crop and crop != (0, 0)) or min(crop) < 0):
     raise _bad(cfg, "crop_size", "a positive int or (H, W) of the training "
                "crops, or 0 for the image size")
+  return None if crop == (0, 0) else crop
+
+
+def _scale_crop(cfg):
+  """Structured KD's augmentation (`data.augment="scale_crop"`): random
+  scale in `data.scale_range`, crop back to the image size (or to
+  `data.crop_size`), flip."""
+  crop = _crop_size(cfg)
   try:
-    return transforms.RandomScaleCrop(
-        crop_size=None if crop == (0, 0) else crop,
-        scale_range=tuple(cfg.scale_range))
+    return transforms.RandomScaleCrop(crop_size=crop,
+                                      scale_range=tuple(cfg.scale_range))
   except (TypeError, ValueError):
     raise _bad(cfg, "scale_range", "(low, high) with 0 < low <= high, e.g. "
                "(0.5, 2.0)") from None

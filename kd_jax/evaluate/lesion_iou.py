@@ -45,6 +45,7 @@ images; `lesion_iou.json` lists them. Models trained on PALM saw none.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -155,21 +156,23 @@ def stage_maps(method, variables, images: np.ndarray, batch: int = 16,
   return {"saliency": sal, "grad_cam": cam}
 
 
-def lesion_set(config, max_images: int = 0):
-  """(images float (N, H, W, 3) at the run's input size, lesion masks bool
-  (N, H, W), names) of IDRiD part A."""
-  datasets = data.build(config.data)
-  hw = tuple(np.asarray(datasets.val[0]["image"]).shape[:2])
-  src = sources.idrid_lesions(config.data.get("root") or None,
-                              lesions=LESIONS, image_size=hw,
+@functools.lru_cache(maxsize=2)
+def lesion_set(root, hw: tuple, max_images: int = 0):
+  """(images float (N, H, W, 3) at `hw`, lesion masks bool (N, H, W),
+  chance scores, the number of them that are also grading images or None)
+  of IDRiD part A. Cached: the seeds of a study share one load (treat the
+  arrays as read-only)."""
+  src = sources.idrid_lesions(root, lesions=LESIONS, image_size=hw,
                               max_examples=max_images or None)
   examples = [src[i] for i in range(len(src))]
   images = np.stack([e["image"] for e in examples]).astype(np.float32)
-  if images.shape[-1] != 3:
-    raise ValueError(f"the run's images have {images.shape[-1]} channels; "
-                     "the lesion images are RGB: use an RGB run")
   masks = np.stack([e["label"] for e in examples]) > 0
-  return datasets, images, masks
+  # What K pixels drawn at random overlap, to read the others against.
+  chance = topk_scores(
+      np.random.default_rng(CHANCE_SEED).random(masks.shape), masks)
+  overlap = part_overlap(root) if not max_images else None
+  also = None if overlap is None else int((overlap >= 0).sum())
+  return images, masks, chance, also
 
 
 def evaluate(config, workdir: str, stages=None, max_images: int = 0,
@@ -179,7 +182,13 @@ def evaluate(config, workdir: str, stages=None, max_images: int = 0,
   from kd_jax import study  # pylint: disable=g-import-not-at-top
   names = cli._stages(config, workdir, stages)  # pylint: disable=protected-access
   steps = {n: study.latest_step(os.path.join(workdir, n)) for n in names}
-  datasets, images, lesions = lesion_set(config, max_images)
+  datasets = data.build(config.data)
+  channels = np.asarray(datasets.val[0]["image"]).shape
+  if channels[-1] != 3:
+    raise ValueError(f"the run's images have {channels[-1]} channels; "
+                     "the lesion images are RGB: use an RGB run")
+  images, lesions, chance, also = lesion_set(
+      config.data.get("root") or None, tuple(channels[:2]), max_images)
   heads = train.run_heads(config, datasets)
   maps = {}
   for name in names:
@@ -189,9 +198,7 @@ def evaluate(config, workdir: str, stages=None, max_images: int = 0,
                               config.batch_size).items():
       maps[f"{name}/{kind}"] = m
   scores = {k: topk_scores(m, lesions) for k, m in maps.items()}
-  # What K pixels drawn at random overlap, to read the others against.
-  scores[CHANCE] = topk_scores(
-      np.random.default_rng(CHANCE_SEED).random(lesions.shape), lesions)
+  scores[CHANCE] = chance
   out_dir = os.path.join(workdir, "lesion_iou")
   os.makedirs(out_dir, exist_ok=True)
   figures.topk_bars(os.path.join(out_dir, "lesion_iou.png"), KS, scores)
@@ -200,8 +207,6 @@ def evaluate(config, workdir: str, stages=None, max_images: int = 0,
                            images[shown], {k: m[shown]
                                            for k, m in maps.items()},
                            masks=lesions[shown])
-  overlap = (part_overlap(config.data.get("root") or None)
-             if not max_images else None)
   report = dict(
       format=FORMAT, workdir=os.path.abspath(workdir),
       lesions=list(LESIONS),
@@ -211,8 +216,7 @@ def evaluate(config, workdir: str, stages=None, max_images: int = 0,
       forms=dict(jaccard="|A∩B| / |A∪B|",
                  dice="2|A∩B| / (|A|+|B|) (MED-TEX's printed 'IoU')"),
       scores=scores, steps=steps,
-      also_grading_images=(None if overlap is None else
-                           int((overlap >= 0).sum())),
+      also_grading_images=also,
       figures=dict(bars="lesion_iou.png", overlays="overlays.png"))
   with open(os.path.join(out_dir, "lesion_iou.json"), "w") as f:
     json.dump(report, f, indent=1)
@@ -221,17 +225,18 @@ def evaluate(config, workdir: str, stages=None, max_images: int = 0,
 
 def combine(reports) -> dict:
   """{method: {form: {"mean", "std"}: per k}} over the `reports` of several
-  seeds (`evaluate`'s JSON): sample std (ddof 1; 0 for one seed), methods
-  present in every report."""
+  seeds (`evaluate`'s JSON), each value by `kd_jax.study.mean_std` (sample
+  std, None for one seed); methods present in every report."""
+  from kd_jax import study as study_lib  # pylint: disable=g-import-not-at-top
   methods = [m for m in reports[0]["scores"]
              if all(m in r["scores"] for r in reports)]
   out = {}
   for m in methods:
     out[m] = {}
     for form in reports[0]["scores"][m]:
-      v = np.array([r["scores"][m][form] for r in reports], np.float64)
-      out[m][form] = dict(mean=v.mean(0).tolist(), std=(
-          v.std(0, ddof=1) if len(v) > 1 else np.zeros(v.shape[1])).tolist())
+      per_k = [study_lib.mean_std(v) for v in
+               zip(*(r["scores"][m][form] for r in reports))]
+      out[m][form] = {key: [s[key] for s in per_k] for key in ("mean", "std")}
   return out
 
 
@@ -268,8 +273,8 @@ def study(config, workdir: str, seeds) -> dict:
   figures.topk_bars(
       os.path.join(workdir, "lesion_iou.png"), KS,
       {m: {f: v["mean"] for f, v in c.items()} for m, c in bars.items()},
-      errors={m: {f: v["std"] for f, v in c.items()}
-              for m, c in bars.items()})
+      errors=None if len(reports) < 2 else {
+          m: {f: v["std"] for f, v in c.items()} for m, c in bars.items()})
   result = dict(seeds=list(seeds), k=list(KS),
                 num_pixels=reports[0]["num_pixels"],
                 input_hw=reports[0]["input_hw"],
