@@ -38,8 +38,9 @@ setup(
         "cuda12": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
         # nbclient + ipykernel run the colabs/ notebooks (tests/test_colabs.py).
+        # pyflakes: tests/test_static_names.py (undefined names).
         "test": ["pytest>=7", "pytest-xdist", "nbformat>=5.7", "nbclient>=0.8",
-                 "ipykernel>=6"],
+                 "ipykernel>=6", "pyflakes>=3"],
         # PyTorch eager is the baseline the benchmarks compare against.
         "bench": ["torch>=2.1"],
         # kd_jax.convert reads PyTorch / safetensors files; its tests compare

@@ -289,8 +289,6 @@ def write_report(workdir, config, datasets, table, model_info, gaps,
                                      "no gap to close" if g is None else
                                      f"{100 * g:.0f} % ({s:.3f} → {d:.3f}, "
                                      f"teacher {t:.3f})"))
-  if lesions:
-    lines += _lesion_lines(lesions)
   if timings:
     lines += ["", "Wall time of the stages trained in this run (s): "
               + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]

@@ -242,3 +242,49 @@ def test_head_study_table_is_the_mean_and_sample_std_over_seeds(tmp_path):
   assert row == (f"| student | m | 10 | 0.100 | {np.mean(kappas):.3f} ± "
                  f"{np.std(kappas, ddof=1):.3f} | 15.0 ± 7.1 |")
   assert "dice" not in open(tmp_path / "study.md").read().lower()
+
+
+def test_segmentation_study_table_is_the_mean_and_sample_std_over_seeds(
+    tmp_path):
+  # write_report alone (the end-to-end study is slow): the table rows and
+  # the gap closed from made-up per-seed scores, against numpy.
+  import dataclasses
+  from configs import default
+  from kd_jax import data as data_lib
+  c = default.get_config()
+  c.data.num_train, c.data.num_val, c.data.num_test = 4, 2, 2
+  ds = data_lib.build(c.data)
+  ds = dataclasses.replace(ds, volumes_split="val",
+                           volumes=sources.images_as_volumes(
+                               ds.val, ds.num_classes,
+                               class_names=ds.class_names))
+  names = ds.class_names
+  rng = np.random.default_rng(3)
+  per_seed = {}
+  for seed in (0, 1, 2):
+    per_seed[seed] = {}
+    for stage, level in (("teacher", 0.8), ("student", 0.5), ("kd", 0.6)):
+      dice = list(level + 0.05 * rng.random(len(names)))
+      per_seed[seed][stage] = study.flat_scores(dict(
+          mean_dice=float(np.mean(dice[1:])), mean_iou=level - 0.1,
+          mean_iou_all=level, pixel_accuracy=0.9, mean_hd95=3.0,
+          dice=[None] + dice[1:], iou=dice, hd95=[None] + [3.0] * (
+              len(names) - 1)), names)
+  table = study.aggregate(per_seed)
+  mean = {k: np.mean([per_seed[s][k]["mean_dice"] for s in per_seed])
+          for k in ("teacher", "student", "kd")}
+  gaps = {"kd": study.gap_closed(mean["teacher"], mean["student"],
+                                 mean["kd"])}
+  info = {k: dict(model=k, params=1, gflops=0.5) for k in mean}
+  result = study.write_report(str(tmp_path), c, ds, table, info, gaps,
+                              per_seed, {}, {})
+  values = [per_seed[s]["kd"]["mean_dice"] for s in per_seed]
+  row = result["table"]["kd"]["mean_dice"]
+  np.testing.assert_allclose([row["mean"], row["std"]],
+                             [np.mean(values), np.std(values, ddof=1)])
+  md = open(tmp_path / "study.md").read()
+  assert (f"| kd | kd | 1 | 0.500 | {np.mean(values):.3f} ± "
+          f"{np.std(values, ddof=1):.3f} |") in md
+  closed = (mean["kd"] - mean["student"]) / (mean["teacher"] - mean["student"])
+  assert f"- kd: {100 * closed:.0f} % (" in md
+  assert json.load(open(tmp_path / "study.json"))["seeds"] == [0, 1, 2]
