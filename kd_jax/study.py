@@ -44,6 +44,12 @@ every stage's explanation with the lesion masks, mean ± std over seeds, in
 study.md and lesion_iou.png (`kd_jax.evaluate.lesion_iou.study`);
 `fractions` (optional): the study once per less-data fraction
 (`run_fractions`).
+
+A study's seeds can run apart (on two machines, or one seed a day) and be
+tabulated together: run each part with its own `--config.study.seeds`,
+then the same config with `--merge=<part>/study.json,...` writes the table
+over all their seeds, training nothing (`merge`; each study.json records
+the date, code commit, devices and command of its run).
 """
 import contextlib
 import copy
@@ -51,6 +57,7 @@ import dataclasses
 import datetime
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -244,22 +251,42 @@ def _steps_text(config, num_train: int) -> str:
   return ", ".join(f"{k} {epochs(v)}" for k, v in steps.items())
 
 
-def _header() -> list[str]:
+def provenance() -> dict:
+  """Where and from which code this run's results come (study.json)."""
   device = jax.devices()[0]
-  return ["# Study report", "",
-          f"- date: {datetime.date.today().isoformat()}",
-          f"- devices: {jax.device_count()} × {device.platform} "
-          f"({device.device_kind})",
-          f"- command: `{' '.join(sys.argv) if sys.argv else ''}`"]
+  try:  # The code's commit, "-dirty" with uncommitted changes.
+    code = subprocess.run(
+        ["git", "describe", "--always", "--dirty"], capture_output=True,
+        text=True, timeout=10, check=True,
+        cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    code = None
+  return dict(date=datetime.date.today().isoformat(),
+              devices=f"{jax.device_count()} × {device.platform} "
+              f"({device.device_kind})",
+              command=" ".join(sys.argv) if sys.argv else "", code=code)
+
+
+def _header(merged_from=None) -> list[str]:
+  p = provenance()
+  lines = ["# Study report", "", f"- date: {p['date']}",
+           f"- command: `{p['command']}`", f"- code: {p['code'] or '–'}"]
+  if not merged_from:
+    return lines + [f"- devices: {p['devices']}"]
+  lines.append("- merged (`--merge`), nothing trained now; the seeds come "
+               "from:")
+  return lines + [f"  - seeds {src['seeds']}: {src['path']} ({src.get('date')}"
+                  f", code {src.get('code') or '–'}, {src.get('devices')}, "
+                  f"`{src.get('command')}`)" for src in merged_from]
 
 
 def write_report(workdir, config, datasets, table, model_info, gaps,
-                 per_seed, timings, figures_written) -> dict:
+                 per_seed, timings, figures_written, merged_from=None) -> dict:
   vols = datasets.volumes
   spacing = "mm (the volumes' spacing)" if vols.spacing is not None else (
       "pixels of the original slices (the data has no voxel spacing)")
   seeds = sorted(per_seed)
-  lines = _header() + [
+  lines = _header(merged_from) + [
       f"- data: {config.data.name}, {len(datasets.train)} training slices at "
       f"{config.data.image_size}²; evaluated on the {len(vols)} "
       + (f"{datasets.volumes_split} images, image by image (2-D data)"
@@ -308,7 +335,8 @@ def write_report(workdir, config, datasets, table, model_info, gaps,
       class_names=list(datasets.class_names), seeds=seeds,
       table=table, models=model_info, gap_closed=gaps,
       per_seed={str(k): v for k, v in per_seed.items()},
-      timings_s=timings, config=json.loads(config.to_json_best_effort()))
+      timings_s=timings, config=json.loads(config.to_json_best_effort()),
+      **_origin(seeds, merged_from))
   with open(os.path.join(workdir, "study.json"), "w") as f:
     json.dump(_jsonable(result), f, indent=1)
   return result
@@ -429,10 +457,19 @@ def run_fractions(config, workdir: str, **records) -> dict:
                             "data.train_fraction, so every fraction would "
                             "train the same study; set it on the stages "
                             "that learn from the subset")
-  results, lines = {}, ["# Study over data fractions", ""]
+  results = {}
+  for f in fractions:
+    results[f] = run(fraction_config(config, f),
+                     os.path.join(workdir, f"fraction{f:g}"), **records)
+  _fractions_page(workdir, fractions)
+  return results
+
+
+def _fractions_page(workdir: str, fractions) -> None:
+  """`<workdir>/study.md`: every fraction's tables in one page."""
+  lines = ["# Study over data fractions", ""]
   for f in fractions:
     sub = os.path.join(workdir, f"fraction{f:g}")
-    results[f] = run(fraction_config(config, f), sub, **records)
     with open(os.path.join(sub, "study.md")) as page:
       body = page.read().splitlines()
     # From the first table on: the tables and their notes, not the header.
@@ -442,7 +479,6 @@ def run_fractions(config, workdir: str, **records) -> dict:
               *table, ""]
   with open(os.path.join(workdir, "study.md"), "w") as page:
     page.write("\n".join(lines))
-  return results
 
 
 def run(config, workdir: str, **records) -> dict:
@@ -460,13 +496,7 @@ def run(config, workdir: str, **records) -> dict:
   heads = train.run_heads(config, datasets)
   if not tasks.is_segmentation(heads):
     return run_heads(config, workdir, datasets, heads, **records)
-  if datasets.volumes is None:
-    # 2-D data (DRIVE): every validation image is a one-slice volume.
-    datasets = dataclasses.replace(datasets, volumes_split="val",
-                                   volumes=sources.images_as_volumes(
-                                       datasets.val, datasets.num_classes,
-                                       class_names=datasets.class_names,
-                                       name=f"{config.data.name} val"))
+  datasets = _with_volumes(config, datasets)
   study = config.study
   try:
     target = _class_index(study.get("cam_class", 1), datasets.class_names)
@@ -514,14 +544,7 @@ def run(config, workdir: str, **records) -> dict:
         fig_models[name] = (model, _variables(state, key), predict_fn)
 
   table = aggregate(per_seed)
-  gaps = {}
-  if TEACHER in table and STUDENT in table:
-    t = table[TEACHER]["mean_dice"]["mean"]
-    s = table[STUDENT]["mean_dice"]["mean"]
-    # The distilled students only (a mutual peer is the teacher's model).
-    gaps = {k: gap_closed(t, s, v["mean_dice"]["mean"])
-            for k, v in table.items()
-            if k not in (TEACHER, STUDENT) and not k.endswith("_peer")}
+  gaps = _gaps(table)
 
   figures_written = {}
   if study.get("num_figure_examples", 4) > 0:
@@ -548,6 +571,30 @@ def run(config, workdir: str, **records) -> dict:
     figures_written = {"class": class_name}
   return write_report(workdir, config, datasets, table, model_info, gaps,
                       per_seed, timings, figures_written)
+
+
+def _with_volumes(config, datasets):
+  """`datasets`, with each validation image a one-slice volume where the
+  data has no volumes (2-D data: DRIVE)."""
+  if datasets.volumes is not None:
+    return datasets
+  return dataclasses.replace(datasets, volumes_split="val",
+                             volumes=sources.images_as_volumes(
+                                 datasets.val, datasets.num_classes,
+                                 class_names=datasets.class_names,
+                                 name=f"{config.data.name} val"))
+
+
+def _gaps(table: dict) -> dict:
+  """The gap in mean Dice each distilled stage closes (`gap_closed`)."""
+  if TEACHER not in table or STUDENT not in table:
+    return {}
+  t = table[TEACHER]["mean_dice"]["mean"]
+  s = table[STUDENT]["mean_dice"]["mean"]
+  # The distilled students only (a mutual peer is the teacher's model).
+  return {k: gap_closed(t, s, v["mean_dice"]["mean"])
+          for k, v in table.items()
+          if k not in (TEACHER, STUDENT) and not k.endswith("_peer")}
 
 
 def run_heads(config, workdir: str, datasets, heads, **records) -> dict:
@@ -606,6 +653,135 @@ def run_heads(config, workdir: str, datasets, heads, **records) -> dict:
     lesions = lesion_iou.study(config, workdir, seeds)
   return write_heads_report(workdir, config, datasets, heads, table,
                             model_info, per_seed, timings, lesions)
+
+
+def _origin(seeds, merged_from) -> dict:
+  """study.json's record of where its seeds were run: this run's
+  `provenance`, or the sources of a merge."""
+  if merged_from:
+    return dict(merged_from=merged_from)
+  return dict(provenance=dict(provenance(), seeds=list(seeds)))
+
+
+def _comparable(config_json: dict) -> dict:
+  """A saved config with what may differ between the parts of one study
+  left out: the run seed and the seeds of the study."""
+  flat = {}
+  record._flatten(config_json, "", flat)  # pylint: disable=protected-access
+  return {k: v for k, v in flat.items()
+          if k not in ("seed", "study.seeds")}
+
+
+def _load_study(path: str) -> dict:
+  if os.path.isdir(path):
+    path = os.path.join(path, "study.json")
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (OSError, ValueError) as e:
+    raise train.ConfigError(f"--merge {path}: not a readable study.json "
+                            f"({type(e).__name__}); name the study.json of "
+                            "a finished study (or its folder)") from None
+  if "per_seed" not in saved or "config" not in saved:
+    raise train.ConfigError(f"--merge {path}: no per_seed / config: not a "
+                            "study.json written by kd_jax.study")
+  saved["path"] = path
+  return saved
+
+
+def _merge_one(config, workdir: str, studies) -> dict:
+  want = _comparable(json.loads(config.to_json_best_effort()))
+  owner, merged_from = {}, []
+  for saved in studies:
+    got = _comparable(saved["config"])
+    diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+    if diff:
+      raise train.ConfigError(
+          f"--merge {saved['path']}: not a run of this config (config."
+          f"{diff[0]}: {got.get(diff[0])!r} there, {want.get(diff[0])!r} "
+          f"here; {len(diff)} key(s) differ); merge only the seeds of one "
+          "study")
+    for seed in saved["per_seed"]:
+      if seed in owner:
+        raise train.ConfigError(
+            f"--merge: seed {seed} is in both {owner[seed]} and "
+            f"{saved['path']}; give each seed once")
+      owner[seed] = saved["path"]
+    # A merged study.json names its own sources: keep them.
+    merged_from += saved.get("merged_from") or [
+        dict(saved.get("provenance", {}), path=saved["path"],
+             seeds=sorted(int(k) for k in saved["per_seed"]))]
+  per_seed = {int(k): v for saved in studies
+              for k, v in saved["per_seed"].items()}
+  per_seed = dict(sorted(per_seed.items()))
+  model_info = {}
+  for saved in studies:
+    for stage, info in saved["models"].items():
+      model_info.setdefault(stage, info)
+  table = aggregate(per_seed)
+  os.makedirs(workdir, exist_ok=True)
+  try:
+    datasets = data.build(config.data)
+  except (ValueError, FileNotFoundError) as e:
+    raise train.ConfigError(f"data: {e}") from None
+  heads = train.run_heads(config, datasets)
+  if tasks.is_segmentation(heads):
+    return write_report(workdir, config, _with_volumes(config, datasets),
+                        table, model_info, _gaps(table), per_seed, {}, {},
+                        merged_from=merged_from)
+  lesions = None
+  if config.study.get("lesion_iou"):
+    from kd_jax.evaluate import lesion_iou  # pylint: disable=g-import-not-at-top
+    parts = []
+    for saved in studies:
+      got = saved.get("lesion_iou") or {}
+      if "per_seed" not in got:
+        raise train.ConfigError(f"--merge {saved['path']}: no per-seed "
+                                "lesion scores (study.lesion_iou): rerun "
+                                "that study's command to write them")
+      parts += [(int(k), dict(got, scores=v))
+                for k, v in got["per_seed"].items()]
+    parts.sort(key=lambda p: p[0])
+    lesions = lesion_iou.write_combined(config, workdir,
+                                        [k for k, _ in parts],
+                                        [r for _, r in parts])
+  return write_heads_report(workdir, config, datasets, heads, table,
+                            model_info, per_seed, {}, lesions,
+                            merged_from=merged_from)
+
+
+def merge(config, workdir: str, paths) -> dict:
+  """`kd_jax.study --merge`: the table of one study whose seeds ran apart
+  (other machines, other days), from their study.json files; nothing is
+  trained. Each must be a run of `config` (equal but for `seed` and
+  `study.seeds`), each seed in one file only. With `study.fractions`, each
+  file is matched to its fraction and every fraction merged in
+  `<workdir>/fraction<f>/`. study.md / study.json name every source (its
+  path, seeds, date, code, devices and command). lesion_iou.png is redrawn
+  over all seeds; predictions.png and explanations.png are not (the
+  sources have them)."""
+  studies = [_load_study(p) for p in paths]
+  if not studies:
+    raise train.ConfigError("--merge: name at least one study.json")
+  fractions = [float(f) for f in config.study.get("fractions") or ()]
+  if not fractions:
+    return _merge_one(config, workdir, studies)
+  wants = {f: _comparable(json.loads(
+      fraction_config(config, f).to_json_best_effort())) for f in fractions}
+  match = [next((f for f in fractions if _comparable(s["config"]) == wants[f]),
+                None) for s in studies]
+  if None in match:
+    raise train.ConfigError(
+        f"--merge {studies[match.index(None)]['path']}: a run of none of "
+        f"the fractions {fractions} of this config")
+  results = {}
+  for f in fractions:
+    mine = [s for s, m in zip(studies, match) if m == f]
+    if mine:
+      results[f] = _merge_one(fraction_config(config, f),
+                              os.path.join(workdir, f"fraction{f:g}"), mine)
+  _fractions_page(workdir, list(results))
+  return results
 
 
 def predictions(method, state, source, batch_size: int):
@@ -674,7 +850,8 @@ def _lesion_lines(lesions) -> list[str]:
 
 
 def write_heads_report(workdir, config, datasets, heads, table, model_info,
-                       per_seed, timings, lesions=None) -> dict:
+                       per_seed, timings, lesions=None,
+                       merged_from=None) -> dict:
   """study.md / study.json of `run_heads`."""
   seeds = sorted(per_seed)
   columns = list(config.study.get("columns") or
@@ -682,7 +859,7 @@ def write_heads_report(workdir, config, datasets, heads, table, model_info,
                   for k in tasks.HEADLINE[h.kind]])
   split = ("val split (the data set has no separate test split here)"
            if datasets.test_is_val else "test split")
-  lines = _header() + [
+  lines = _header(merged_from) + [
       f"- data: {datasets.description}",
       f"- evaluated on the {len(datasets.test)} images of the {split}",
       f"- seeds: {seeds}; steps of batch {config.batch_size} per stage: "
@@ -715,7 +892,8 @@ def write_heads_report(workdir, config, datasets, heads, table, model_info,
       seeds=seeds, table=table, models=model_info,
       per_seed={str(k): v for k, v in per_seed.items()}, timings_s=timings,
       lesion_iou=lesions,
-      config=json.loads(config.to_json_best_effort()))
+      config=json.loads(config.to_json_best_effort()),
+      **_origin(seeds, merged_from))
   with open(os.path.join(workdir, "study.json"), "w") as f:
     json.dump(_jsonable(result), f, indent=1)
   return result
@@ -730,15 +908,23 @@ def main(argv):
     sys.exit("error: the config has no `study` section (seeds, figures); "
              "use configs/distillo.py:study,<preset> or add one")
   try:
-    run(config, flags.FLAGS.workdir, restart=flags.FLAGS.restart,
-        allow_config_change=flags.FLAGS.allow_config_change)
+    paths = getattr(flags.FLAGS, "merge", None)
+    if paths:
+      merge(config, flags.FLAGS.workdir, paths)
+    else:
+      run(config, flags.FLAGS.workdir, restart=flags.FLAGS.restart,
+          allow_config_change=flags.FLAGS.allow_config_change)
   except (train.ConfigError, train.TrainingDiverged) as e:
     sys.exit(f"error: {e}")
   print(f"wrote {os.path.join(flags.FLAGS.workdir, 'study.md')}")
 
 
 if __name__ == "__main__":
-  from absl import app
+  from absl import app, flags
+  flags.DEFINE_list(
+      "merge", None, "study.json files (or their folders) of runs of this "
+      "config with other seeds: write the table over all their seeds in "
+      "--workdir, training nothing (`merge`).")
   # --config (with --config.<key> overrides) and --workdir exactly as
   # training defines and parses them.
   from kd_jax import main as train_main

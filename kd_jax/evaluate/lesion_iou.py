@@ -263,6 +263,13 @@ def study(config, workdir: str, seeds) -> dict:
         report = None  # A stage trained on since: score it again.
     reports.append(report or evaluate(study_lib.seed_config(config, seed),
                                       seed_dir))
+  return write_combined(config, workdir, seeds, reports)
+
+
+def write_combined(config, workdir: str, seeds, reports) -> dict:
+  """`<workdir>/lesion_iou.json` and `lesion_iou.png` over the seeds'
+  `reports` (`evaluate`'s JSONs; `kd_jax.study --merge` passes those a
+  study kept in its `per_seed`); returns the JSON."""
   combined = combine(reports)
   # The bars: the reference stage's saliency and Grad-CAM (MED-TEX's
   # baselines), every learnt mask and chance; study.md tabulates them all.
@@ -275,14 +282,16 @@ def study(config, workdir: str, seeds) -> dict:
       {m: {f: v["mean"] for f, v in c.items()} for m, c in bars.items()},
       errors=None if len(reports) < 2 else {
           m: {f: v["std"] for f, v in c.items()} for m, c in bars.items()})
+  first = reports[0]
   result = dict(seeds=list(seeds), k=list(KS),
-                num_pixels=reports[0]["num_pixels"],
-                input_hw=reports[0]["input_hw"],
-                num_images=reports[0]["num_images"],
-                also_grading_images=reports[0]["also_grading_images"],
-                forms=reports[0]["forms"], scores=combined,
-                figures=dict(bars="lesion_iou.png", overlays=os.path.join(
-                    f"seed{seeds[0]}", "lesion_iou", "overlays.png")))
+                num_pixels=first["num_pixels"], input_hw=first["input_hw"],
+                num_images=first["num_images"],
+                also_grading_images=first["also_grading_images"],
+                forms=first["forms"], scores=combined,
+                per_seed={str(s): r["scores"] for s, r in zip(seeds, reports)},
+                figures=dict(bars="lesion_iou.png", overlays=first.get(
+                    "overlays", os.path.join(f"seed{seeds[0]}", "lesion_iou",
+                                             "overlays.png"))))
   with open(os.path.join(workdir, "lesion_iou.json"), "w") as f:
     json.dump(result, f, indent=1)
   return result
