@@ -304,6 +304,14 @@ def write_report(workdir, config, datasets, table, model_info, gaps,
       "model at batch 1 (XLA cost analysis, a multiply-add = 2 FLOPs).", "",
   ]
   lines += markdown_table(table, model_info, datasets.class_names)
+  names = list(datasets.class_names)
+  lines += ["", "IoU per class, background included (mIoU (all) is their "
+            "mean; mIoU (fg) leaves out the background):", "",
+            "| stage | " + " | ".join(f"IoU {c}" for c in names) + " |",
+            "|---|" + "---:|" * len(names)]
+  lines += [f"| {stage} | " + " | ".join(_pm(scores[f"iou/{c}"])
+                                         for c in names) + " |"
+            for stage, scores in table.items()]
   if gaps:
     lines += ["", "Fraction of the teacher–student gap in mean Dice closed "
               "by each distilled stage, (stage − student) / (teacher − "

@@ -285,6 +285,9 @@ def test_segmentation_study_table_is_the_mean_and_sample_std_over_seeds(
   md = open(tmp_path / "study.md").read()
   assert (f"| kd | kd | 1 | 0.500 | {np.mean(values):.3f} ± "
           f"{np.std(values, ddof=1):.3f} |") in md
+  iou = [per_seed[s]["kd"][f"iou/{names[-1]}"] for s in per_seed]
+  assert (f" | {np.mean(iou):.3f} ± {np.std(iou, ddof=1):.3f} |\n"
+          in md.split("IoU per class")[1].split("| kd |")[1])
   closed = (mean["kd"] - mean["student"]) / (mean["teacher"] - mean["student"])
   assert f"- kd: {100 * closed:.0f} % (" in md
   assert json.load(open(tmp_path / "study.json"))["seeds"] == [0, 1, 2]
