@@ -771,6 +771,13 @@ def merge(config, workdir: str, paths) -> dict:
   studies = [_load_study(p) for p in paths]
   if not studies:
     raise train.ConfigError("--merge: name at least one study.json")
+  own = os.path.join(workdir, "study.json")
+  if os.path.isfile(own):
+    with open(own) as f:
+      merged_before = "merged_from" in json.load(f)
+    if not merged_before:  # A study's own report: never overwritten.
+      raise train.ConfigError(f"--workdir {workdir} holds a study's own "
+                              "study.json; merge into a new folder")
   fractions = [float(f) for f in config.study.get("fractions") or ()]
   if not fractions:
     return _merge_one(config, workdir, studies)

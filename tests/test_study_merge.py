@@ -140,6 +140,13 @@ def test_merge_refusals_are_one_line(tmp_path):
     study.merge(other, out, [a])
   assert "\n" not in str(e.value)
   assert not os.path.exists(out)
+  # A part's own folder is never written over.
+  part = os.path.dirname(a)
+  before = open(a).read()
+  with pytest.raises(train.ConfigError, match="holds a study's own "
+                     "study.json; merge into a new folder"):
+    study.merge(c, part, [a])
+  assert open(a).read() == before
 
 
 def test_merge_puts_each_file_in_its_fraction(tmp_path):
