@@ -747,7 +747,10 @@ def _merge_one(config, workdir: str, studies) -> dict:
         raise train.ConfigError(f"--merge {saved['path']}: no per-seed "
                                 "lesion scores (study.lesion_iou): rerun "
                                 "that study's command to write them")
-      parts += [(int(k), dict(got, scores=v))
+      # The overlays stay in the part's folder: point there.
+      overlays = os.path.join(os.path.dirname(saved["path"]),
+                              got["figures"]["overlays"])
+      parts += [(int(k), dict(got, scores=v, overlays=overlays))
                 for k, v in got["per_seed"].items()]
     parts.sort(key=lambda p: p[0])
     lesions = lesion_iou.write_combined(config, workdir,

@@ -30,7 +30,8 @@ def _lesions(seeds, rng):
   return dict(seeds=list(seeds), k=list(lesion_iou.KS), num_pixels=[1] * 6,
               input_hw=[8, 8], num_images=3, also_grading_images=2,
               forms=dict(jaccard="j", dice="d"), scores={},
-              per_seed=per_seed)
+              per_seed=per_seed, figures=dict(
+                  bars="lesion_iou.png", overlays=f"seed{seeds[0]}/o.png"))
 
 
 def _heads_part(tmp_path, c, seeds, rng, lesions=False):
@@ -77,6 +78,8 @@ def test_merged_head_table_is_over_every_seed_with_its_sources(tmp_path):
   np.testing.assert_allclose(got["mean"], dice.mean(0))
   np.testing.assert_allclose(got["std"], dice.std(0, ddof=1))
   assert os.path.getsize(out / "lesion_iou.png") > 0
+  assert result["lesion_iou"]["figures"]["overlays"] == os.path.join(
+      os.path.dirname(a), "seed0/o.png")
   md = open(out / "study.md").read()
   assert "merged (`--merge`)" in md and f"seeds [2]: {b}" in md
   # A merged study merges again, keeping the original sources.

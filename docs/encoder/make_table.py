@@ -1,6 +1,6 @@
 """The encoder study's table from its probe runs (docs/encoder/study_*.md).
 
-    python docs/encoder/make_table.py runs/encoder_study
+    python docs/encoder/make_table.py runs/encoder_study [--readme]
 
 Reads <root>/s<seed>/probe_<feature>/probe.json (and
 probe_<feature>_*/probe.json beside it) for every seed folder present and
@@ -74,6 +74,28 @@ def table(root, feature):
   return "\n".join(lines) + "\n"
 
 
+def compact(root, feature):
+  """The README's short form: per encoder, linear-probe balanced accuracy
+  on each set (mean ± std over seeds), size and speed (first seed)."""
+  runs = _load(root, feature)
+  first = next(iter(runs.values()))
+  sets = list(first["teacher"]["sets"])
+  lines = ["| encoder | " + " | ".join(sets) + " | params (M) | GFLOPs "
+           "| images/s | ms (batch 1) |", "|---|" + "---:|" * (len(sets) + 4)]
+  for name, rec in first.items():
+    accs = [_stat([r[name]["sets"][s]["linear"]["balanced_accuracy"]
+                   for r in runs.values() if name in r]) for s in sets]
+    lines.append(f"| {name} | " + " | ".join(accs) +
+                 f" | {rec['size']['params'] / 1e6:.2f} "
+                 f"| {rec['size']['gflops']:.3f} "
+                 f"| {rec['speed']['throughput_images_per_s']:.0f} "
+                 f"| {rec['speed']['latency_ms_median']:.1f} |")
+  return "\n".join(lines) + "\n"
+
+
 if __name__ == "__main__":
-  for feat in ("embedding", "pooled"):
-    print(table(sys.argv[1], feat))
+  if "--readme" in sys.argv:
+    print(compact(sys.argv[1], "embedding"))
+  else:
+    for feat in ("embedding", "pooled"):
+      print(table(sys.argv[1], feat))
