@@ -83,8 +83,10 @@ def compact(root, feature):
   lines = ["| encoder | " + " | ".join(sets) + " | params (M) | GFLOPs "
            "| images/s | ms (batch 1) |", "|---|" + "---:|" * (len(sets) + 4)]
   for name, rec in first.items():
-    accs = [_stat([r[name]["sets"][s]["linear"]["balanced_accuracy"]
-                   for r in runs.values() if name in r]) for s in sets]
+    accs = [[r[name]["sets"][s]["linear"]["balanced_accuracy"]
+             for r in runs.values() if name in r] for s in sets]
+    # The same value on every seed (the teacher, trained once): no ±.
+    accs = [f"{a[0]:.3f}" if len(set(a)) == 1 else _stat(a) for a in accs]
     lines.append(f"| {name} | " + " | ".join(accs) +
                  f" | {rec['size']['params'] / 1e6:.2f} "
                  f"| {rec['size']['gflops']:.3f} "
