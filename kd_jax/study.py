@@ -57,6 +57,7 @@ import dataclasses
 import datetime
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -267,8 +268,9 @@ def provenance() -> dict:
               command=" ".join(sys.argv) if sys.argv else "", code=code)
 
 
-def _header(merged_from=None) -> list[str]:
-  p = provenance()
+def _header(p: dict, merged_from=None) -> list[str]:
+  """study.md's first lines from `p` (`provenance()`, computed once per
+  report for the page and study.json alike)."""
   lines = ["# Study report", "", f"- date: {p['date']}",
            f"- command: `{p['command']}`", f"- code: {p['code'] or '–'}"]
   if not merged_from:
@@ -286,7 +288,8 @@ def write_report(workdir, config, datasets, table, model_info, gaps,
   spacing = "mm (the volumes' spacing)" if vols.spacing is not None else (
       "pixels of the original slices (the data has no voxel spacing)")
   seeds = sorted(per_seed)
-  lines = _header(merged_from) + [
+  p = provenance()
+  lines = _header(p, merged_from) + [
       f"- data: {config.data.name}, {len(datasets.train)} training slices at "
       f"{config.data.image_size}²; evaluated on the {len(vols)} "
       + (f"{datasets.volumes_split} images, image by image (2-D data)"
@@ -344,7 +347,7 @@ def write_report(workdir, config, datasets, table, model_info, gaps,
       table=table, models=model_info, gap_closed=gaps,
       per_seed={str(k): v for k, v in per_seed.items()},
       timings_s=timings, config=json.loads(config.to_json_best_effort()),
-      **_origin(seeds, merged_from))
+      **_origin(p, seeds, merged_from))
   with open(os.path.join(workdir, "study.json"), "w") as f:
     json.dump(_jsonable(result), f, indent=1)
   return result
@@ -454,7 +457,9 @@ def fraction_config(config, fraction: float):
 def run_fractions(config, workdir: str, **records) -> dict:
   """`study.fractions`: the whole study at each less-data fraction, in
   `<workdir>/fraction<f>/` (each with its own study.md and figures), and
-  `<workdir>/study.md` with every fraction's table in one page."""
+  `<workdir>/study.md` with every fraction's table in one page. A stage
+  that trains alike at every fraction (the teacher, on all of train) trains
+  at the first and is copied to the others (`_reuse_stages`)."""
   fractions = [float(f) for f in config.study.fractions]
   if not fractions or any(not 0 < f <= 1 for f in fractions):
     raise train.ConfigError(f"study.fractions={fractions}: fractions in "
@@ -465,12 +470,36 @@ def run_fractions(config, workdir: str, **records) -> dict:
                             "data.train_fraction, so every fraction would "
                             "train the same study; set it on the stages "
                             "that learn from the subset")
-  results = {}
+  results, done = {}, []
   for f in fractions:
-    results[f] = run(fraction_config(config, f),
-                     os.path.join(workdir, f"fraction{f:g}"), **records)
+    sub = os.path.join(workdir, f"fraction{f:g}")
+    for earlier, earlier_dir in done:
+      _reuse_stages(earlier, earlier_dir, fraction_config(config, f), sub)
+    results[f] = run(fraction_config(config, f), sub, **records)
+    done.append((fraction_config(config, f), sub))
   _fractions_page(workdir, fractions)
   return results
+
+
+def _reuse_stages(done_config, done_dir, config, workdir) -> None:
+  """Copies into `workdir` every finished stage of the study in `done_dir`
+  that `config` would train identically (equal `record.defining` for that
+  seed: the teacher, which trains on all of train at every fraction), so a
+  sweep trains it once. A stage already in `workdir` is left as it is."""
+  for seed in config.study.seeds:
+    old, new = seed_config(done_config, seed), seed_config(config, seed)
+    for stage in config.stage_order:
+      src = os.path.join(done_dir, f"seed{seed}", stage)
+      dst = os.path.join(workdir, f"seed{seed}", stage)
+      if (os.path.exists(dst) or stage not in old.stages
+          or (latest_step(src) or 0) < int(
+              train.stage_config(new, stage)["steps"])
+          or record.defining(old, stage) != record.defining(new, stage)):
+        continue
+      logging.info("seed %d %s: the same stage as %s, copied (not trained "
+                   "again)", seed, stage, src)
+      shutil.copytree(src, dst, ignore=shutil.ignore_patterns(
+          train.LOCK_FILE))
 
 
 def _fractions_page(workdir: str, fractions) -> None:
@@ -663,12 +692,12 @@ def run_heads(config, workdir: str, datasets, heads, **records) -> dict:
                             model_info, per_seed, timings, lesions)
 
 
-def _origin(seeds, merged_from) -> dict:
+def _origin(p: dict, seeds, merged_from) -> dict:
   """study.json's record of where its seeds were run: this run's
-  `provenance`, or the sources of a merge."""
+  provenance `p`, or the sources of a merge."""
   if merged_from:
     return dict(merged_from=merged_from)
-  return dict(provenance=dict(provenance(), seeds=list(seeds)))
+  return dict(provenance=dict(p, seeds=list(seeds)))
 
 
 def _comparable(config_json: dict) -> dict:
@@ -877,7 +906,8 @@ def write_heads_report(workdir, config, datasets, heads, table, model_info,
                   for k in tasks.HEADLINE[h.kind]])
   split = ("val split (the data set has no separate test split here)"
            if datasets.test_is_val else "test split")
-  lines = _header(merged_from) + [
+  p = provenance()
+  lines = _header(p, merged_from) + [
       f"- data: {datasets.description}",
       f"- evaluated on the {len(datasets.test)} images of the {split}",
       f"- seeds: {seeds}; steps of batch {config.batch_size} per stage: "
@@ -911,7 +941,7 @@ def write_heads_report(workdir, config, datasets, heads, table, model_info,
       per_seed={str(k): v for k, v in per_seed.items()}, timings_s=timings,
       lesion_iou=lesions,
       config=json.loads(config.to_json_best_effort()),
-      **_origin(seeds, merged_from))
+      **_origin(p, seeds, merged_from))
   with open(os.path.join(workdir, "study.json"), "w") as f:
     json.dump(_jsonable(result), f, indent=1)
   return result

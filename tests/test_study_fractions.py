@@ -113,3 +113,38 @@ def test_tiny_sweep_with_the_lesion_read_out(tmp_path):
   before = os.path.getmtime(path)
   study.run(c, workdir)
   assert os.path.getmtime(path) == before
+
+
+# 2 fractions of a tiny MED-TEX run, one seed (~20 s: in the fast set).
+def test_a_stage_alike_at_every_fraction_trains_once(tmp_path):
+  sys.path.insert(0, ROOT)
+  from tests.test_explain_method import _write_folder, tiny_config
+  c = tiny_config(_write_folder(tmp_path / "pngs"), steps=2)
+  c.stages.medtex.data = dict(train_fraction=1.0)
+  c.study = dict(seeds=(0,), fidelity="teacher", fractions=(0.5, 1.0),
+                 columns=("fidelity_accuracy", "accuracy"))
+  workdir = str(tmp_path / "run")
+  study.run(c, workdir)
+  timed = {f: json.load(open(os.path.join(workdir, f"fraction{f}",
+                                          "study.json")))["timings_s"]
+           for f in ("0.5", "1")}
+  assert set(timed["0.5"]) == {"seed0/teacher", "seed0/medtex"}
+  assert set(timed["1"]) == {"seed0/medtex"}  # The teacher: copied.
+  first, second = (os.path.join(workdir, f"fraction{f}", "seed0", "teacher")
+                   for f in ("0.5", "1"))
+  files = sorted(os.path.relpath(os.path.join(d, n), first)
+                 for d, _, names in os.walk(first) for n in names
+                 if n != train.LOCK_FILE)
+  assert files == sorted(os.path.relpath(os.path.join(d, n), second)
+                         for d, _, names in os.walk(second) for n in names)
+  for name in files:
+    assert open(os.path.join(first, name), "rb").read() == open(
+        os.path.join(second, name), "rb").read(), name
+  # Its scores in the second fraction are those of the same checkpoint.
+  tables = [json.load(open(os.path.join(workdir, f"fraction{f}",
+                                        "study.json")))["per_seed"]["0"]
+            for f in ("0.5", "1")]
+  assert tables[0]["teacher"] == tables[1]["teacher"]
+  study.run(c, workdir)  # Rerun: nothing trains again.
+  assert json.load(open(os.path.join(second, "..", "..", "study.json")))[
+      "timings_s"] == {}

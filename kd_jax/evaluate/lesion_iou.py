@@ -183,12 +183,12 @@ def evaluate(config, workdir: str, stages=None, max_images: int = 0,
   names = cli._stages(config, workdir, stages)  # pylint: disable=protected-access
   steps = {n: study.latest_step(os.path.join(workdir, n)) for n in names}
   datasets = data.build(config.data)
-  channels = np.asarray(datasets.val[0]["image"]).shape
-  if channels[-1] != 3:
-    raise ValueError(f"the run's images have {channels[-1]} channels; "
+  shape = np.asarray(datasets.val[0]["image"]).shape
+  if shape[-1] != 3:
+    raise ValueError(f"the run's images have {shape[-1]} channels; "
                      "the lesion images are RGB: use an RGB run")
   images, lesions, chance, also = lesion_set(
-      config.data.get("root") or None, tuple(channels[:2]), max_images)
+      config.data.get("root") or None, tuple(shape[:2]), max_images)
   heads = train.run_heads(config, datasets)
   maps = {}
   for name in names:
