@@ -57,6 +57,7 @@ import dataclasses
 import datetime
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -265,7 +266,22 @@ def provenance() -> dict:
   return dict(date=datetime.date.today().isoformat(),
               devices=f"{jax.device_count()} × {device.platform} "
               f"({device.device_kind})",
-              command=" ".join(sys.argv) if sys.argv else "", code=code)
+              command=_command(sys.argv), code=code)
+
+
+def _command(argv) -> str:
+  """`argv` as a shell line to paste: a module run by `python -m` (whose
+  argv[0] is its file) written so, the arguments quoted where a shell needs
+  it (`--config.study.seeds='(0,)'`)."""
+  if not argv:
+    return ""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  head, path = list(argv[:1]), os.path.abspath(argv[0])
+  if path.endswith(".py") and path.startswith(
+      os.path.join(root, "kd_jax") + os.sep):
+    module = os.path.relpath(path, root)[:-3].replace(os.sep, ".")
+    head = ["python", "-m", module.removesuffix(".__main__")]
+  return shlex.join(head + list(argv[1:]))
 
 
 def _header(p: dict, merged_from=None) -> list[str]:

@@ -201,3 +201,17 @@ def test_the_command_merges(tmp_path):
   assert bad.stderr.strip().splitlines()[-1].startswith(
       f"error: --merge {a}: not a run of this config")
   assert not os.path.exists(tmp_path / "bad")
+
+
+def test_the_recorded_command_is_the_line_to_paste():
+  here = os.path.dirname(os.path.abspath(study.__file__))
+  got = study._command([os.path.join(here, "study.py"),
+                        "--config=configs/medtex/medtex.py:cpu,0.25",
+                        "--config.study.seeds=(0,)", "--workdir=runs/a b"])
+  assert got == ("python -m kd_jax.study "
+                 "--config=configs/medtex/medtex.py:cpu,0.25 "
+                 "'--config.study.seeds=(0,)' '--workdir=runs/a b'")
+  assert study._command([os.path.join(here, "evaluate", "__main__.py"),
+                         "--x=1"]) == "python -m kd_jax.evaluate --x=1"
+  assert study._command(["my_script.py", "--y"]) == "my_script.py --y"
+  assert study._command([]) == ""
