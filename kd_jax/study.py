@@ -488,11 +488,12 @@ def run_fractions(config, workdir: str, **records) -> dict:
                             "that learn from the subset")
   results, done = {}, []
   for f in fractions:
-    sub = os.path.join(workdir, f"fraction{f:g}")
+    sub, cfg = os.path.join(workdir, f"fraction{f:g}"), fraction_config(
+        config, f)
     for earlier, earlier_dir in done:
-      _reuse_stages(earlier, earlier_dir, fraction_config(config, f), sub)
-    results[f] = run(fraction_config(config, f), sub, **records)
-    done.append((fraction_config(config, f), sub))
+      _reuse_stages(earlier, earlier_dir, cfg, sub)
+    results[f] = run(cfg, sub, **records)
+    done.append((cfg, sub))
   _fractions_page(workdir, fractions)
   return results
 
