@@ -8,8 +8,9 @@ fraction present and prints, per set, each arm's post-hoc agreement with
 the teacher (accuracy and positive-class F1, MED-TEX's read-out) at every
 fraction, mean ± sample std over the study's seeds (as study.json has
 them; the teacher row: its own accuracy against the labels). --readme: one
-compact table, set × fraction columns, "agreement accuracy / F1", each
-mean±std to 2 digits (one val image is 0.0125 on PALM, 0.012 on IDRiD).
+compact table, set × fraction columns, "agreement accuracy/F1", each
+mean±std to 2 digits without the leading zero (one val image is 0.0125 on
+PALM, 0.012 on IDRiD).
 """
 import json
 import pathlib
@@ -18,6 +19,9 @@ import sys
 ARMS = {"teacher": "teacher (own acc.)", "student": "student alone",
         "kd": "KD", "vid": "VID", "med_ex": "MED-EX", "med_tex": "MED-TEX",
         "attention": "soft attention", "l2x": "L2X"}
+
+
+SETS = {"palm": "PALM", "idrid": "IDRiD"}  # README order and names.
 
 
 def load(root):
@@ -36,6 +40,11 @@ def _cell(score, digits=3, sep=" ± "):
   if score.get("std") is None:
     return f"{score['mean']:.{digits}f}"
   return f"{score['mean']:.{digits}f}{sep}{score['std']:.{digits}f}"
+
+
+def _short(score):
+  """A README cell: 2 digits, no leading zero (the paper's ".933")."""
+  return _cell(score, 2, "±").replace("0.", ".")
 
 
 def _scores(study, arm):
@@ -66,15 +75,18 @@ def tables(root) -> str:
 
 def readme(root) -> str:
   data = load(root)
-  cols = [(n, f) for n, fr in data.items() for f in fr]
-  lines = ["| arm | " + " | ".join(f"{n} {f:.0%}" for n, f in cols) + " |",
+  order = sorted(data, key=lambda n: (n not in SETS, list(SETS).index(n)
+                                      if n in SETS else n))
+  cols = [(n, f) for n in order for f in data[n]]
+  lines = ["| arm | " + " | ".join(f"{SETS.get(n, n)} {100 * f:g} %"
+                                   for n, f in cols) + " |",
            "|---|" + "---:|" * len(cols)]
   for arm, label in ARMS.items():
     cells = []
     for n, f in cols:
       acc, f1 = _scores(data[n][f], arm)
-      cells.append(_cell(acc, 2, "±") if arm == "teacher" else
-                   f"{_cell(acc, 2, '±')} / {_cell(f1, 2, '±')}")
+      cells.append(_short(acc) if arm == "teacher" else
+                   f"{_short(acc)}/{_short(f1)}")
     lines.append(f"| {label} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
