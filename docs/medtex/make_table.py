@@ -16,7 +16,7 @@ import json
 import pathlib
 import sys
 
-ARMS = {"teacher": "teacher (own acc.)", "student": "student alone",
+ARMS = {"teacher": "teacher (acc.)", "student": "student alone",
         "kd": "KD", "vid": "VID", "med_ex": "MED-EX", "med_tex": "MED-TEX",
         "attention": "soft attention", "l2x": "L2X"}
 
