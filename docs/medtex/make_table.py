@@ -75,8 +75,7 @@ def tables(root) -> str:
 
 def readme(root) -> str:
   data = load(root)
-  order = sorted(data, key=lambda n: (n not in SETS, list(SETS).index(n)
-                                      if n in SETS else n))
+  order = [n for n in SETS if n in data] + sorted(set(data) - set(SETS))
   cols = [(n, f) for n in order for f in data[n]]
   lines = ["| arm | " + " | ".join(f"{SETS.get(n, n)} {100 * f:g} %"
                                    for n, f in cols) + " |",

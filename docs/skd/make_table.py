@@ -15,6 +15,8 @@ import json
 import pathlib
 import sys
 
+from kd_jax import study as study_lib
+
 # The paper's Table 1 rows in its order, then its comparison rows.
 ARMS = {"teacher": "teacher", "student": "student alone", "pixel": "+pixel",
         "pixel_pair": "+pixel +pair", "skd": "+pixel +pair +holistic",
@@ -36,13 +38,12 @@ def _cell(score, digits):
 
 
 def _gap(table, arm):
-  """(arm − student) / (teacher − student) of mIoU (all), as a percentage."""
-  means = [table.get(a, {}).get("mean_iou_all", {}).get("mean")
-           for a in ("teacher", "student", arm)]
-  t, s, d = means
-  if None in means or t <= s or arm in ("teacher", "student"):
+  """The share of the teacher–student mIoU (all) gap `arm` closes."""
+  if arm in ("teacher", "student"):
     return "–"
-  return f"{100 * (d - s) / (t - s):.0f} %"
+  g = study_lib.gap_closed(*(table.get(a, {}).get("mean_iou_all", {}).get(
+      "mean") for a in ("teacher", "student", arm)))
+  return "–" if g is None else f"{100 * g:.0f} %"
 
 
 def table(study, digits=3, model=True) -> str:
