@@ -9,7 +9,10 @@ paper's convention) and over the foreground classes, the IoU of each
 class, pixel accuracy, mean HD95 and the model's params and GFLOPs, mean ±
 sample std over the study's seeds (as study.json has them), then the share
 of the teacher–student mIoU (all) gap each arm closes. --readme: the same
-with 2-digit cells (HD95: 1 digit) and no model column.
+as compact as the README needs: 2-digit cells without the leading zero
+(HD95: whole pixels), short class names, and the models' params and GFLOPs
+in the line above the table instead of in columns (every student arm is
+one model).
 """
 import json
 import pathlib
@@ -21,6 +24,9 @@ from kd_jax import study as study_lib
 ARMS = {"teacher": "teacher", "student": "student alone", "pixel": "+pixel",
         "pixel_pair": "+pixel +pair", "skd": "+pixel +pair +holistic",
         "mimic": "MIMIC", "at": "attention transfer"}
+SETS = {"acdc": "ACDC", "drive": "DRIVE"}  # README order and names.
+SHORT = {"background": "BG", "right_ventricle": "RV", "myocardium": "Myo",
+         "left_ventricle": "LV"}
 
 
 def load(root):
@@ -29,12 +35,15 @@ def load(root):
           for p in sorted(pathlib.Path(root).glob("*/study.json"))}
 
 
-def _cell(score, digits):
+def _cell(score, digits, short=False):
   if not score or score.get("mean") is None:
     return "–"
-  if score.get("std") is None:
-    return f"{score['mean']:.{digits}f}"
-  return f"{score['mean']:.{digits}f}±{score['std']:.{digits}f}"
+  parts = [score["mean"]] + ([score["std"]] if score.get("std") is not None
+                             else [])
+  cells = [f"{v:.{digits}f}" for v in parts]
+  if short:  # .42 for 0.42; whole numbers stay.
+    cells = [c[1:] if c.startswith("0.") else c for c in cells]
+  return "±".join(cells)
 
 
 def _gap(table, arm):
@@ -46,30 +55,53 @@ def _gap(table, arm):
   return "–" if g is None else f"{100 * g:.0f} %"
 
 
-def table(study, digits=3, model=True) -> str:
+def _size(info):
+  return (f"{info['params'] / 1e6:.2f}" if "params" in info else "–",
+          f"{info['gflops']:.3f}" if "gflops" in info else "–")
+
+
+def table(study, readme=False) -> str:
+  """One set's table; readme: the compact form (module docstring)."""
   t = study["table"]
-  names = study["class_names"]
+  digits = 2 if readme else 3
+  names = [SHORT.get(c, c) if readme else c for c in study["class_names"]]
   cols = ([("mIoU (all)", "mean_iou_all", digits),
            ("mIoU (fg)", "mean_iou", digits)]
-          + [(f"IoU {c}", f"iou/{c}", digits) for c in names]
+          + [(f"IoU {n}", f"iou/{c}", digits)
+             for n, c in zip(names, study["class_names"])]
           + [("pixel acc.", "pixel_accuracy", digits),
-             ("HD95", "mean_hd95", max(digits - 2, 1))])
-  head = ["arm"] + (["model"] if model else []) + [
-      "params (M)", "GFLOPs"] + [c[0] for c in cols] + ["gap closed"]
+             ("HD95", "mean_hd95", 0 if readme else 1)])
+  if all(t[a].get("mean_hd95") is None for a in t):
+    cols.pop()
+  head = (["arm"] + ([] if readme else ["model", "params (M)", "GFLOPs"])
+          + [c[0] for c in cols] + ["gap closed"])
   lines = ["| " + " | ".join(head) + " |",
-           "|---|" + ("---|" if model else "") + "---:|" * (len(head) - 1
-                                                            - model)]
+           "|---|" + ("" if readme else "---|") + "---:|" * (
+               len(head) - (1 if readme else 2))]
   for arm, label in ARMS.items():
     if arm not in t:
       continue
     info = study["models"].get(arm, {})
-    cells = [label] + ([info.get("model", "–")] if model else [])
-    cells += [f"{info['params'] / 1e6:.2f}" if "params" in info else "–",
-              f"{info['gflops']:.3f}" if "gflops" in info else "–"]
-    cells += [_cell(t[arm].get(key), d) for _, key, d in cols]
+    cells = [label] + ([] if readme else [info.get("model", "–"),
+                                          *_size(info)])
+    cells += [_cell(t[arm].get(key), d, readme) for _, key, d in cols]
     cells.append(_gap(t, arm))
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
+
+
+def heading(name, study, readme=False) -> str:
+  seeds = ", ".join(str(s) for s in study["seeds"])
+  if not readme:
+    return f"### {name} (seeds {seeds})"
+  models = study["models"]
+  sizes = []
+  for arm in ("teacher", "student"):
+    if arm in models:
+      params, gflops = _size(models[arm])
+      sizes.append(f"{arm} {models[arm].get('model', '–')}: {params} M "
+                   f"params, {gflops} GFLOPs")
+  return f"**{SETS.get(name, name)}**, seeds {seeds}; " + "; ".join(sizes) + ":"
 
 
 def main(argv):
@@ -77,9 +109,12 @@ def main(argv):
     sys.exit(__doc__)
   readme = "--readme" in argv[2:]
   out = []
-  for name, study in load(argv[1]).items():
-    out += [f"### {name} (seeds {study['seeds']})", "",
-            table(study, 2 if readme else 3, model=not readme), ""]
+  studies = load(argv[1])
+  order = [s for s in SETS if s in studies] + [
+      s for s in studies if s not in SETS]
+  for name in order:
+    out += [heading(name, studies[name], readme), "",
+            table(studies[name], readme), ""]
   print("\n".join(out))
 
 
