@@ -10,9 +10,10 @@ class, pixel accuracy, mean HD95 and the model's params and GFLOPs, mean ±
 sample std over the study's seeds (as study.json has them), then the share
 of the teacher–student mIoU (all) gap each arm closes. --readme: the same
 as compact as the README needs: 2-digit cells without the leading zero
-(HD95: whole pixels), short class names, and the models' params and GFLOPs
-in the line above the table instead of in columns (every student arm is
-one model).
+(pixel accuracy: 3 digits; HD95: whole pixels), the foreground classes'
+IoU under short names only where there are several (the background's
+follows from the two means), and the models' params and GFLOPs in the line
+above the table instead of in columns (every student arm is one model).
 """
 import json
 import pathlib
@@ -64,12 +65,16 @@ def table(study, readme=False) -> str:
   """One set's table; readme: the compact form (module docstring)."""
   t = study["table"]
   digits = 2 if readme else 3
-  names = [SHORT.get(c, c) if readme else c for c in study["class_names"]]
+  classes = study["class_names"]
+  if readme:
+    # The background's IoU follows from the two means, and a single
+    # foreground class's IoU is mIoU (fg): the README leaves them out.
+    classes = classes[1:] if len(classes) > 2 else []
   cols = ([("mIoU (all)", "mean_iou_all", digits),
            ("mIoU (fg)", "mean_iou", digits)]
-          + [(f"IoU {n}", f"iou/{c}", digits)
-             for n, c in zip(names, study["class_names"])]
-          + [("pixel acc.", "pixel_accuracy", digits),
+          + [(f"IoU {SHORT.get(c, c) if readme else c}", f"iou/{c}", digits)
+             for c in classes]
+          + [("pixel acc.", "pixel_accuracy", 3),
              ("HD95", "mean_hd95", 0 if readme else 1)])
   if all(t[a].get("mean_hd95") is None for a in t):
     cols.pop()
