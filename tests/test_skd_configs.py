@@ -61,7 +61,7 @@ def test_paper_preset_is_the_papers_setting():
 
 def test_cpu_drive_trains_on_crops_and_evaluates_whole_images():
   c = _module().get_config("cpu,drive")
-  assert (c.data.image_size, c.data.crop_size) == (256, 64)
+  assert (c.data.image_size, c.data.crop_size) == (512, 64)
   assert _module().get_config("cpu,acdc").data.crop_size == 0  # 64² slices.
   try:
     ds = data.build(c.data)
@@ -73,7 +73,7 @@ def test_cpu_drive_trains_on_crops_and_evaluates_whole_images():
     view = crop.random_map(ds.train[i], np.random.default_rng(i))
     assert view["image"].shape == (64, 64, 3)
     assert view["label"].shape == view["fov"].shape == (64, 64)
-  assert ds.val[0]["image"].shape == (256, 256, 3)
+  assert ds.val[0]["image"].shape == (512, 512, 3)
   # The crop is the scaled image's pixels: labels stay {0, 1}.
   assert set(np.unique(view["label"])) <= {0, 1}
 
