@@ -9,8 +9,8 @@ the teacher (accuracy and positive-class F1, MED-TEX's read-out) at every
 fraction, mean ± sample std over the study's seeds (as study.json has
 them; the teacher row: its own accuracy against the labels). --readme: one
 compact table, set × fraction columns, "agreement accuracy/F1", each
-mean±std to 2 digits without the leading zero (one val image is 0.0125 on
-PALM, 0.012 on IDRiD).
+mean±std in whole percent (one val image is 1.25 % on PALM, 1.2 % on
+IDRiD).
 """
 import json
 import pathlib
@@ -43,8 +43,11 @@ def _cell(score, digits=3, sep=" ± "):
 
 
 def _short(score):
-  """A README cell: 2 digits, no leading zero (the paper's ".933")."""
-  return _cell(score, 2, "±").replace("0.", ".")
+  """A README cell: whole percent (one val image is 1.2–1.25 %)."""
+  if not score or score.get("mean") is None:
+    return "–"
+  return "±".join(f"{100 * v:.0f}" for v in (score["mean"], score.get("std"))
+                  if v is not None)
 
 
 def _scores(study, arm):

@@ -9,8 +9,8 @@ paper's convention) and over the foreground classes, the IoU of each
 class, pixel accuracy, mean HD95 and the model's params and GFLOPs, mean ±
 sample std over the study's seeds (as study.json has them), then the share
 of the teacher–student mIoU (all) gap each arm closes. --readme: the same
-as compact as the README needs: 2-digit cells without the leading zero
-(pixel accuracy: 3 digits; HD95: whole pixels), the foreground classes'
+as compact as the README needs: scores in percent (whole, pixel accuracy
+to 0.1; HD95 in whole pixels), as the paper's mIoU, the foreground classes'
 IoU under short names only where there are several (the background's
 follows from the two means), and the models' params and GFLOPs in the line
 above the table instead of in columns (every student arm is one model).
@@ -36,15 +36,12 @@ def load(root):
           for p in sorted(pathlib.Path(root).glob("*/study.json"))}
 
 
-def _cell(score, digits, short=False):
+def _cell(score, digits, scale=1.0):
   if not score or score.get("mean") is None:
     return "–"
-  parts = [score["mean"]] + ([score["std"]] if score.get("std") is not None
-                             else [])
-  cells = [f"{v:.{digits}f}" for v in parts]
-  if short:  # .42 for 0.42; whole numbers stay.
-    cells = [c[1:] if c.startswith("0.") else c for c in cells]
-  return "±".join(cells)
+  return "±".join(f"{scale * v:.{digits}f}" for v in (score["mean"],
+                                                      score.get("std"))
+                  if v is not None)
 
 
 def _gap(table, arm):
@@ -64,7 +61,7 @@ def _size(info):
 def table(study, readme=False) -> str:
   """One set's table; readme: the compact form (module docstring)."""
   t = study["table"]
-  digits = 2 if readme else 3
+  digits, scale = (0, 100.0) if readme else (3, 1.0)
   classes = study["class_names"]
   if readme:
     # The background's IoU follows from the two means, and a single
@@ -74,7 +71,7 @@ def table(study, readme=False) -> str:
            ("mIoU (fg)", "mean_iou", digits)]
           + [(f"IoU {SHORT.get(c, c) if readme else c}", f"iou/{c}", digits)
              for c in classes]
-          + [("pixel acc.", "pixel_accuracy", 3),
+          + [("pixel acc.", "pixel_accuracy", 1 if readme else 3),
              ("HD95", "mean_hd95", 0 if readme else 1)])
   if all(t[a].get("mean_hd95") is None for a in t):
     cols.pop()
@@ -89,7 +86,8 @@ def table(study, readme=False) -> str:
     info = study["models"].get(arm, {})
     cells = [label] + ([] if readme else [info.get("model", "–"),
                                           *_size(info)])
-    cells += [_cell(t[arm].get(key), d, readme) for _, key, d in cols]
+    cells += [_cell(t[arm].get(key), d, 1.0 if key == "mean_hd95" else scale)
+              for _, key, d in cols]
     cells.append(_gap(t, arm))
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
@@ -99,13 +97,8 @@ def heading(name, study, readme=False) -> str:
   seeds = ", ".join(str(s) for s in study["seeds"])
   if not readme:
     return f"### {name} (seeds {seeds})"
-  models = study["models"]
-  sizes = []
-  for arm in ("teacher", "student"):
-    if arm in models:
-      params, gflops = _size(models[arm])
-      sizes.append(f"{arm} {models[arm].get('model', '–')}: {params} M "
-                   f"params, {gflops} GFLOPs")
+  sizes = [f"{arm} %s M params, %s GFLOPs" % _size(study["models"][arm])
+           for arm in ("teacher", "student") if arm in study["models"]]
   return f"**{SETS.get(name, name)}**, seeds {seeds}; " + "; ".join(sizes) + ":"
 
 
