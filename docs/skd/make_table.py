@@ -8,12 +8,13 @@ per set, each arm's mIoU over all classes (background included, the
 paper's convention) and over the foreground classes, the IoU of each
 class, pixel accuracy, mean HD95 and the model's params and GFLOPs, mean ±
 sample std over the study's seeds (as study.json has them), then the share
-of the teacher–student mIoU (all) gap each arm closes. --readme: the same
-as compact as the README needs: scores in percent (whole, pixel accuracy
-to 0.1; HD95 in whole pixels), as the paper's mIoU, the foreground classes'
-IoU under short names only where there are several (the background's
-follows from the two means), and the models' params and GFLOPs in the line
-above the table instead of in columns (every student arm is one model).
+of the teacher–student mIoU (all) gap each arm closes. --readme: one
+compact table over the sets for the README: scores in percent (whole;
+pixel accuracy to 0.1; HD95 in whole pixels), as the paper's mIoU; the
+foreground classes' IoU under short names only where there are several
+(the background's follows from the two means); HD95 of README_HD95's
+sets; the seeds and the models' params and GFLOPs in the line above (every
+student arm is one model); rows named by the term each adds.
 """
 import json
 import pathlib
@@ -26,6 +27,11 @@ ARMS = {"teacher": "teacher", "student": "student alone", "pixel": "+pixel",
         "pixel_pair": "+pixel +pair", "skd": "+pixel +pair +holistic",
         "mimic": "MIMIC", "at": "attention transfer"}
 SETS = {"acdc": "ACDC", "drive": "DRIVE"}  # README order and names.
+README_HD95 = ("acdc",)  # The other sets' HD95 stays in their study.md.
+# The README's rows: each adds its term to the row above, as in the paper.
+README_ARMS = {"teacher": "teacher", "student": "student alone",
+               "pixel": "+pixel", "pixel_pair": "+pair",
+               "skd": "+holistic (SKD)", "mimic": "MIMIC", "at": "AT"}
 SHORT = {"background": "BG", "right_ventricle": "RV", "myocardium": "Myo",
          "left_ventricle": "LV"}
 
@@ -58,61 +64,89 @@ def _size(info):
           f"{info['gflops']:.3f}" if "gflops" in info else "–")
 
 
-def table(study, readme=False) -> str:
-  """One set's table; readme: the compact form (module docstring)."""
-  t = study["table"]
+def _columns(study, readme, hd95=True):
+  """[(header, key, digits, scale)] of one set's table."""
   digits, scale = (0, 100.0) if readme else (3, 1.0)
   classes = study["class_names"]
   if readme:
     # The background's IoU follows from the two means, and a single
     # foreground class's IoU is mIoU (fg): the README leaves them out.
     classes = classes[1:] if len(classes) > 2 else []
-  cols = ([("mIoU (all)", "mean_iou_all", digits),
-           ("mIoU (fg)", "mean_iou", digits)]
-          + [(f"IoU {SHORT.get(c, c) if readme else c}", f"iou/{c}", digits)
-             for c in classes]
-          + [("pixel acc.", "pixel_accuracy", 1 if readme else 3),
-             ("HD95", "mean_hd95", 0 if readme else 1)])
-  if all(t[a].get("mean_hd95") is None for a in t):
+  cols = ([("mIoU (all)", "mean_iou_all", digits, scale),
+           ("mIoU (fg)", "mean_iou", digits, scale)]
+          + [(f"IoU {SHORT.get(c, c) if readme else c}", f"iou/{c}", digits,
+              scale) for c in classes]
+          + [("pixel acc.", "pixel_accuracy", 1 if readme else 3, scale),
+             ("HD95", "mean_hd95", 0 if readme else 1, 1.0)])
+  if not hd95 or all(row.get("mean_hd95") is None
+                    for row in study["table"].values()):
     cols.pop()
-  head = (["arm"] + ([] if readme else ["model", "params (M)", "GFLOPs"])
-          + [c[0] for c in cols] + ["gap closed"])
+  return cols
+
+
+def _cells(study, arm, cols):
+  row = study["table"].get(arm, {})
+  return [_cell(row.get(key), d, scale) for _, key, d, scale in cols] + [
+      _gap(study["table"], arm)]
+
+
+def table(study) -> str:
+  """One set's full table."""
+  cols = _columns(study, readme=False)
+  head = ["arm", "model", "params (M)", "GFLOPs"] + [c[0] for c in cols] + [
+      "gap closed"]
   lines = ["| " + " | ".join(head) + " |",
-           "|---|" + ("" if readme else "---|") + "---:|" * (
-               len(head) - (1 if readme else 2))]
+           "|---|---|" + "---:|" * (len(head) - 2)]
   for arm, label in ARMS.items():
-    if arm not in t:
-      continue
-    info = study["models"].get(arm, {})
-    cells = [label] + ([] if readme else [info.get("model", "–"),
-                                          *_size(info)])
-    cells += [_cell(t[arm].get(key), d, 1.0 if key == "mean_hd95" else scale)
-              for _, key, d in cols]
-    cells.append(_gap(t, arm))
-    lines.append("| " + " | ".join(cells) + " |")
+    if arm in study["table"]:
+      info = study["models"].get(arm, {})
+      cells = [label, info.get("model", "–"), *_size(info)]
+      lines.append("| " + " | ".join(cells + _cells(study, arm, cols)) + " |")
   return "\n".join(lines)
 
 
-def heading(name, study, readme=False) -> str:
-  seeds = ", ".join(str(s) for s in study["seeds"])
-  if not readme:
-    return f"### {name} (seeds {seeds})"
-  sizes = [f"{arm} %s M params, %s GFLOPs" % _size(study["models"][arm])
-           for arm in ("teacher", "student") if arm in study["models"]]
-  return f"**{SETS.get(name, name)}**, seeds {seeds}; " + "; ".join(sizes) + ":"
+def readme(studies) -> str:
+  """All sets in one compact table (module docstring), their seeds and
+  model sizes in the line above."""
+  names = [s for s in SETS if s in studies] + [
+      s for s in studies if s not in SETS]
+  cols = {n: _columns(studies[n], readme=True, hd95=n in README_HD95)
+          for n in names}
+  about = []
+  for n in names:
+    models = studies[n]["models"]
+    sizes = [f"{arm} %s M params, %s GFLOPs" % _size(models[arm])
+             for arm in ("teacher", "student") if arm in models]
+    if len(sizes) == 2:
+      sizes[1] = sizes[1].replace(" params", "").replace(" GFLOPs", "")
+    seeds = ", ".join(str(s) for s in studies[n]["seeds"])
+    about.append(f"{SETS.get(n, n)} (seeds {seeds}): " + "; ".join(sizes))
+  head = ["arm"]
+  for n in names:
+    head += [f"{SETS.get(n, n)} {cols[n][0][0]}"] + [c[0] for c in cols[n][1:]]
+    head.append("gap closed")
+  lines = [". ".join(about) + ".", "",
+           "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+  for arm, label in README_ARMS.items():
+    if any(arm in studies[n]["table"] for n in names):
+      cells = [label]
+      for n in names:
+        cells += _cells(studies[n], arm, cols[n])
+      lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
 
 
 def main(argv):
   if len(argv) < 2:
     sys.exit(__doc__)
-  readme = "--readme" in argv[2:]
-  out = []
   studies = load(argv[1])
-  order = [s for s in SETS if s in studies] + [
-      s for s in studies if s not in SETS]
-  for name in order:
-    out += [heading(name, studies[name], readme), "",
-            table(studies[name], readme), ""]
+  if "--readme" in argv[2:]:
+    print(readme(studies))
+    return
+  out = []
+  for name, study in studies.items():
+    seeds = ", ".join(str(s) for s in study["seeds"])
+    out += [f"### {name} (seeds {seeds})", "", table(study), ""]
   print("\n".join(out))
 
 
