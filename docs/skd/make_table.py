@@ -32,8 +32,7 @@ README_HD95 = ("acdc",)  # The other sets' HD95 stays in their study.md.
 README_ARMS = {"teacher": "teacher", "student": "student alone",
                "pixel": "+pixel", "pixel_pair": "+pair",
                "skd": "+holistic (SKD)", "mimic": "MIMIC", "at": "AT"}
-SHORT = {"background": "BG", "right_ventricle": "RV", "myocardium": "Myo",
-         "left_ventricle": "LV"}
+SHORT = {"right_ventricle": "RV", "myocardium": "Myo", "left_ventricle": "LV"}
 
 
 def load(root):
