@@ -34,20 +34,17 @@ def load(root):
   return {s: dict(sorted(f.items())) for s, f in out.items()}
 
 
-def _cell(score, digits=3, sep=" ± "):
+def _cell(score, digits=3, sep=" ± ", scale=1.0):
   if not score or score.get("mean") is None:
     return "–"
-  if score.get("std") is None:
-    return f"{score['mean']:.{digits}f}"
-  return f"{score['mean']:.{digits}f}{sep}{score['std']:.{digits}f}"
+  return sep.join(f"{scale * v:.{digits}f}" for v in (score["mean"],
+                                                      score.get("std"))
+                  if v is not None)
 
 
 def _short(score):
   """A README cell: whole percent (one val image is 1.2–1.25 %)."""
-  if not score or score.get("mean") is None:
-    return "–"
-  return "±".join(f"{100 * v:.0f}" for v in (score["mean"], score.get("std"))
-                  if v is not None)
+  return _cell(score, 0, "±", 100.0)
 
 
 def _scores(study, arm):
