@@ -35,6 +35,9 @@ def get_config():
   config.steps = 800
   config.log_every = 100
   config.eval_every = 400
+  # 0: evaluate on whole images; N: on N² sliding windows (models trained
+  # on N² crops, docs/usage.md).
+  config.eval_window = 0
   config.checkpoint_every = 200
   config.optimizer = dict(name="adamw", lr=3e-3, weight_decay=1e-4,
                           momentum=0.9, warmup_steps=30, grad_clip=1.0)

@@ -135,6 +135,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config.on_nonfinite = "stop"  # or "skip" (max_skipped_steps times)
   config.max_skipped_steps = 10
   config.eval_every = p["eval_every"]
+  # 0: evaluate on whole images; N: on N² sliding windows (models trained
+  # on N² crops, docs/usage.md).
+  config.eval_window = 0
   config.checkpoint_every = p["checkpoint_every"]
   config.optimizer = p["optimizer"]
   config.data = _data(opts["dataset"], p["image_size"])

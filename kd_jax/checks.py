@@ -42,6 +42,11 @@ def run_values(config, workdir: str) -> None:
     if not _whole(v) or v < 1:
       raise train.ConfigError(f"config.{key}={v!r}: give a whole number >= 1 "
                               f"({what})")
+  window = config.get("eval_window", 0)
+  if not _whole(window) or window < 0:
+    raise train.ConfigError(f"config.eval_window={window!r}: give 0 (whole "
+                            "images) or the side in pixels of the windows "
+                            "to evaluate on (the training crop size)")
   if config.get("compute_dtype", "float32") not in COMPUTE_DTYPES:
     raise train.ConfigError(f"config.compute_dtype={config.compute_dtype!r}:"
                             f" choose one of {list(COMPUTE_DTYPES)}")

@@ -33,6 +33,7 @@ RECORD_FILE = "run_record.json"
 # Where `restart` moves a stage's earlier files, inside the stage folder.
 SET_ASIDE = "set_aside"
 # Run-wide keys that change how a run is watched or saved, not its result.
+# `eval_window` is how the trained models are evaluated.
 # `epochs` is a config's own reference its `steps` are computed from (the
 # resolved steps are recorded); `study` holds kd_jax.study's read-out;
 # `teacher_cache` is where the teacher's outputs come from (a float32 cache
@@ -43,7 +44,7 @@ SET_ASIDE = "set_aside"
 NOT_DEFINING = frozenset({"log_every", "eval_every", "checkpoint_every",
                           "on_nonfinite", "max_skipped_steps", "epochs",
                           "study", "mesh", "shard_student", "remat",
-                          "teacher_cache"})
+                          "teacher_cache", "eval_window"})
 # Data options that change how batches are read, not which: the same
 # batches come with 0 or N loader workers.
 NOT_DEFINING_DATA = frozenset({"data.workers"})

@@ -143,13 +143,16 @@ def _jsonable(x):
   return x
 
 
-def _cached_eval(path: str, step: int, compute) -> dict:
+def _cached_eval(path: str, step: int, compute, window: int = 0) -> dict:
+  """`compute()`'s scores of the checkpoint at `step`, kept in `path` and
+  reused while the step and the evaluation's window (`eval_window`; files
+  from before it existed were whole-image, 0) are the same."""
   if os.path.exists(path):
     with open(path) as f:
       cached = json.load(f)
-    if cached.get("step") == step:
+    if cached.get("step") == step and cached.get("eval_window", 0) == window:
       return cached
-  result = dict(compute(), step=step)
+  result = dict(compute(), step=step, eval_window=window)
   with open(path, "w") as f:
     json.dump(result, f)
   return result
@@ -567,9 +570,11 @@ def run(config, workdir: str, **records) -> dict:
   for i, seed, cfg, stage, stage_dir, method, state in _trained_stages(
       config, workdir, datasets, mesh, timings, records):
     per_seed.setdefault(seed, {})
-    predictors = {stage: (method.predict, method.model)}
+    predictors = {stage: (train.eval_predict(method.predict, cfg),
+                          method.model)}
     if hasattr(method, "predict_peer"):
-      predictors[f"{stage}_peer"] = (method.predict_peer, method.peer)
+      predictors[f"{stage}_peer"] = (train.eval_predict(method.predict_peer,
+                                                        cfg), method.peer)
     for name, (predict, model) in predictors.items():
       fn = jax.jit(predict)
       predict_fn = lambda x, f=fn, s=state: jnp.argmax(
@@ -579,7 +584,7 @@ def run(config, workdir: str, **records) -> dict:
                        else f"volume_eval_{name}.json"), int(state.step),
           lambda p=predict_fn: evaluate_volumes(
               p, datasets.volumes, datasets.num_classes, size,
-              cfg.batch_size))
+              cfg.batch_size), int(cfg.get("eval_window", 0)))
       per_seed[seed][name] = flat_scores(result["summary"],
                                          datasets.class_names)
       mean_dice = result["summary"]["mean_dice"]
@@ -679,7 +684,8 @@ def run_heads(config, workdir: str, datasets, heads, **records) -> dict:
         lambda st=state, e=step: _jsonable(train.evaluate(
             e, st, datasets.test, cfg.batch_size, mesh, heads)))
     per_seed[seed][stage] = {k: v for k, v in result.items()
-                             if k != "step" and not isinstance(v, list)}
+                             if k not in ("step", "eval_window")
+                             and not isinstance(v, list)}
     if config.study.get("fidelity"):  # Post-hoc fidelity to a stage.
       per_seed[seed][stage].update(_fidelity(
           config.study.fidelity, stage, method, state, datasets.test,

@@ -35,6 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from kd_jax import (checkpoint, cpu_layers, data, methods, models, sharding,
                     tasks)
+from kd_jax.evaluate import metrics as metrics_lib
 
 
 @flax.struct.dataclass
@@ -292,10 +293,21 @@ def jit_train_step(train_step, mesh: Mesh, state_shardings=None,
                  donate_argnums=(0,))
 
 
-def make_eval_step(method, heads, mesh: Mesh):
+def eval_predict(predict, config):
+  """An eval forward `predict(params, batch_stats, images)` (a method's
+  `predict`) as the run evaluates it: with `config.eval_window` = N > 0 on
+  N² sliding windows (`metrics.sliding_window`), for models trained on N²
+  crops; else on whole images."""
+  window = int(config.get("eval_window", 0))
+  return metrics_lib.sliding_window(predict, window) if window else predict
+
+
+def make_eval_step(method, heads, mesh: Mesh, config=None):
   """Jitted (params, batch_stats, batch) -> per-head pieces of the scores
-  (`kd_jax.tasks.make_eval_step`)."""
-  return tasks.make_eval_step(method.predict, heads, mesh)
+  (`kd_jax.tasks.make_eval_step`), of `eval_predict` under `config`."""
+  predict = (method.predict if config is None
+             else eval_predict(method.predict, config))
+  return tasks.make_eval_step(predict, heads, mesh)
 
 
 def make_images_step(method, mesh: Mesh, source):
@@ -500,7 +512,7 @@ CONFIG_KEYS = {"seed", "compute_dtype", "layers", "batch_size", "steps",
                "optimizer", "data", "heads", "stage_order", "stages",
                "teacher_cache", "teacher_cache_dtype", "teacher_cache_top_k",
                "study", "on_nonfinite", "max_skipped_steps",
-               "mesh", "shard_student", "remat"}
+               "mesh", "shard_student", "remat", "eval_window"}
 
 
 def validate(config, workdir, datasets, cache=None) -> None:
@@ -534,6 +546,10 @@ def validate(config, workdir, datasets, cache=None) -> None:
     try:
       ds = stage_datasets(config, name, datasets, cache)
       heads = run_heads(config, ds)
+      if config.get("eval_window") and not tasks.is_segmentation(heads):
+        raise ConfigError(f"config.eval_window={config.eval_window}: "
+                          "sliding-window evaluation is for one segmentation "
+                          "output; set eval_window=0")
       image = ds.train[0]["image"]
       example = jnp.zeros((1,) + image.shape, jnp.float32)
       if config.data.get("transfer_dtype") == "uint8":
@@ -986,7 +1002,7 @@ def _train_stage(config, name, workdir, datasets, mesh):
   step_fn = jit_train_step(
       make_train_step(method, tx, skip_nonfinite=mode == "skip"),
       mesh, state_shardings, frozen_shardings)
-  eval_step = make_eval_step(method, heads, mesh)
+  eval_step = make_eval_step(method, heads, mesh, config)
   # A few fixed val images for a method's image summaries (MED-TEX: Θ).
   images_step = make_images_step(method, mesh, datasets.val)
   writer = metric_writers.create_default_writer(
@@ -1135,7 +1151,7 @@ def _train_and_evaluate(config, workdir, datasets, cache):
                                 mesh)
     # Every stage is scored on the run's test split (stages change only
     # what they train on).
-    eval_step = make_eval_step(method, heads, mesh)
+    eval_step = make_eval_step(method, heads, mesh, config)
     scores = evaluate(eval_step, state, datasets.test, config.batch_size,
                       mesh, heads)
     # What follows runs on this process's first device, on a whole local
@@ -1148,7 +1164,7 @@ def _train_and_evaluate(config, workdir, datasets, cache):
     images = jax.device_put(
         np.stack([datasets.test[i % len(datasets.test)]["image"]
                   for i in range(config.batch_size)]), local)
-    predict = jax.jit(method.predict)
+    predict = jax.jit(eval_predict(method.predict, config))
     results[name] = dict(
         scores=scores,
         summary=models.summary(method.model, (1,) + images.shape[1:]),

@@ -28,6 +28,15 @@ def test_presets_validate_and_the_arms_differ_only_in_teachers(arg, tmp_path):
   assert len({str(s[f"teacher{i}"]["model"]) for i in range(3)}) == 1
 
 
+def test_sliding_window_evaluation_is_refused_without_a_segmentation_map(
+    tmp_path):
+  c = fundus_mtl.get_config("cpu,synthetic")
+  c.eval_window = 64
+  with pytest.raises(train.ConfigError,
+                     match=r"config.eval_window=64: .* segmentation"):
+    train.validate(c, str(tmp_path), data.build(c.data))
+
+
 def test_idrid_preset_has_the_unlabelled_arm(tmp_path):
   if not os.path.isdir(os.path.join(DATA, "idrid")):
     pytest.skip("IDRiD is not in ../shared/data")

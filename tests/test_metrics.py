@@ -260,6 +260,93 @@ def test_evaluate_volume_slice_by_slice_with_resize():
 
 
 # --------------------------------------------------------------------------
+# sliding_window.
+
+
+@pytest.mark.parametrize("size,window", [(512, 64), (100, 32), (65, 64),
+                                         (64, 64), (20, 32), (7, 3)])
+def test_window_starts_cover_the_axis_at_the_official_stride(size, window):
+  starts = metrics.window_starts(size, window)
+  if window >= size:
+    assert starts == [0]
+    return
+  stride = -(-2 * window // 3)  # ceil(window · 2/3)
+  assert starts[0] == 0 and starts[-1] == size - window
+  # Every step but the last (moved back to the border) is the stride, and
+  # the windows cover every pixel.
+  assert all(b - a == stride for a, b in zip(starts[:-2], starts[1:-1]))
+  assert 0 < starts[-1] - starts[-2] <= stride
+  covered = np.zeros(size, bool)
+  for a in starts:
+    covered[a:a + window] = True
+  assert covered.all()
+
+
+def _pixelwise(params, batch_stats, images):
+  del batch_stats
+  return images @ params  # A 1×1 convolution: no context.
+
+
+def _contextual(params, batch_stats, images):
+  del batch_stats
+  # Each pixel minus its input's mean (global pooling's context).
+  return (images - images.mean(axis=(1, 2), keepdims=True)) @ params
+
+
+def _softmax(z):
+  e = np.exp(z - z.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("shape,window", [((2, 40, 70, 3), 32),
+                                          ((1, 24, 24, 2), 10)])
+def test_sliding_window_of_a_pixelwise_model_is_the_whole_image(shape,
+                                                                window):
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=shape).astype(np.float32)
+  params = rng.normal(size=(shape[-1], 4)).astype(np.float32)
+  out = jax.jit(metrics.sliding_window(_pixelwise, window))(params, None,
+                                                            images)
+  assert out.shape == shape[:3] + (4,)
+  np.testing.assert_allclose(np.asarray(jax.nn.softmax(out)),
+                             _softmax(images @ params), rtol=1e-5, atol=1e-6)
+
+
+def test_sliding_window_averages_window_probabilities_as_numpy():
+  rng = np.random.default_rng(1)
+  images = rng.normal(size=(2, 30, 45, 3)).astype(np.float32)
+  params = rng.normal(size=(3, 5)).astype(np.float32)
+  window, stride = 16, 11  # ceil(16 · 2/3) = 11
+  total = np.zeros((2, 30, 45, 5))
+  count = np.zeros((30, 45))
+  rows = list(range(0, 30 - window, stride)) + [30 - window]
+  cols = list(range(0, 45 - window, stride)) + [45 - window]
+  for y in rows:
+    for x in cols:
+      crop = images[:, y:y + window, x:x + window]
+      crop = crop - crop.mean(axis=(1, 2), keepdims=True)
+      total[:, y:y + window, x:x + window] += _softmax(crop @ params)
+      count[y:y + window, x:x + window] += 1
+  expected = total / count[:, :, None]
+  out = metrics.sliding_window(_contextual, window)(params, None, images)
+  np.testing.assert_allclose(np.exp(np.asarray(out)), expected, rtol=1e-5,
+                             atol=1e-6)
+  # Windows differ from the whole image where the model has context.
+  whole = _softmax(_contextual(params, None, images))
+  assert np.abs(whole - expected).max() > 1e-2
+
+
+def test_sliding_window_no_larger_than_the_image_is_the_whole_image():
+  rng = np.random.default_rng(2)
+  images = rng.normal(size=(1, 12, 12, 2)).astype(np.float32)
+  params = rng.normal(size=(2, 3)).astype(np.float32)
+  out = metrics.sliding_window(_contextual, 12)(params, None, images)
+  np.testing.assert_allclose(np.exp(np.asarray(out)),
+                             _softmax(_contextual(params, None, images)),
+                             rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------
 # Classification and landmarks.
 
 

@@ -59,10 +59,12 @@ def test_paper_preset_is_the_papers_setting():
   assert c.compute_dtype == "bfloat16"
 
 
-def test_cpu_drive_trains_on_crops_and_evaluates_whole_images():
+def test_cpu_drive_trains_on_crops_and_evaluates_on_crop_sized_windows():
   c = _module().get_config("cpu,drive")
-  assert (c.data.image_size, c.data.crop_size) == (512, 64)
-  assert _module().get_config("cpu,acdc").data.crop_size == 0  # 64² slices.
+  assert (c.data.image_size, c.data.crop_size, c.eval_window) == (512, 64, 64)
+  acdc = _module().get_config("cpu,acdc")  # 64² slices, seen whole.
+  assert (acdc.data.crop_size, acdc.eval_window) == (0, 0)
+  assert _module().get_config("paper,drive").eval_window == 0  # 512² whole.
   try:
     ds = data.build(c.data)
   except FileNotFoundError:

@@ -58,6 +58,27 @@ def test_mean_std_leaves_out_missing_values():
                                                            std=None, n=1)
 
 
+def test_cached_evaluation_is_redone_for_another_step_or_window(tmp_path):
+  path = str(tmp_path / "volume_eval.json")
+  calls = []
+
+  def compute():
+    calls.append(1)
+    return {"summary": {"mean_dice": float(len(calls))}}
+
+  assert study._cached_eval(path, 5, compute)["summary"]["mean_dice"] == 1
+  assert study._cached_eval(path, 5, compute)["summary"]["mean_dice"] == 1
+  assert study._cached_eval(path, 5, compute, window=64)["eval_window"] == 64
+  assert study._cached_eval(path, 6, compute, window=64)["step"] == 6
+  assert len(calls) == 3
+  # A file from before eval_window existed holds whole-image scores.
+  with open(path, "w") as f:
+    json.dump({"step": 6, "summary": {"mean_dice": 0.5}}, f)
+  assert study._cached_eval(path, 6, compute)["summary"]["mean_dice"] == 0.5
+  assert study._cached_eval(path, 6, compute, window=64)["summary"][
+      "mean_dice"] == 4
+
+
 def test_gap_closed():
   # The seed paper: 0.51 → 0.61 against a 0.78 teacher closes 37 %.
   np.testing.assert_allclose(study.gap_closed(0.78, 0.51, 0.61),

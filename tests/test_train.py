@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from kd_jax import checkpoint, data, train
+from kd_jax.evaluate import metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -163,6 +164,27 @@ def test_one_and_eight_devices_give_the_same_losses():
   np.testing.assert_allclose(one, eight, rtol=1e-5, atol=1e-5)
 
 
+def test_eval_window_scores_the_sliding_window_predictions(trained):
+  c, ds, workdir, state = trained
+  method, _ = train.build_method(c, "teacher", workdir, ds.num_classes,
+                                 load_teacher=False)
+  heads = train.run_heads(c, ds)
+  mesh = train.make_mesh()
+  windowed = dict(eval_window=8)  # Windows of 8² on the 16² images.
+  scores = train.evaluate(train.make_eval_step(method, heads, mesh, windowed),
+                          state, ds.val, 4, mesh, heads)
+  images = np.stack([ds.val[i]["image"] for i in range(len(ds.val))])
+  labels = np.stack([ds.val[i]["label"] for i in range(len(ds.val))])
+  logits = metrics.sliding_window(method.predict, 8)(
+      state.params, state.batch_stats, images)
+  want = metrics.segmentation_scores(metrics.confusion_matrix(
+      np.argmax(logits, -1), labels, ds.num_classes))
+  for k in ("mean_dice", "mean_iou_all", "pixel_accuracy"):
+    np.testing.assert_allclose(scores[k], want[k], rtol=1e-6)
+  assert train.eval_predict(method.predict, dict(eval_window=0)) == (
+      method.predict)
+
+
 @pytest.mark.parametrize("override,match", [
     (("stages.teacher.model.name", "unetx"), "unknown model 'unetx'"),
     (("stages.teacher.losses", {"dice": {"fn": "dicee"}}), "dicee"),
@@ -172,6 +194,7 @@ def test_one_and_eight_devices_give_the_same_losses():
      ".*'checkpoint_every'"),
     (("data.transfer_dtype", "int8"), r"data.transfer_dtype='int8'.*uint8"),
     (("data.workers", -2), r"data.workers=-2"),
+    (("eval_window", -1), r"config.eval_window=-1: give 0"),
 ])
 def test_bad_configs_fail_before_training(tmp_path, override, match):
   c = tiny_config()

@@ -22,9 +22,10 @@ every arm of the paper's Table 1 plus its two comparison rows:
 
 The arg is `<preset>[,<data>][,student=<name>]`:
   cpu    (default) 64×64 input (DRIVE: 512×512 images, trained on 64×64
-         crops: vessels vanish at 64²); the teacher at width 16 (4.4 M parameters
-         instead of 70 M), PSPNet-ResNet18 at width 16 (0.8 M), the other
-         students at their own size; AdamW with the poly schedule.
+         crops and evaluated on 64×64 sliding windows: vessels vanish at
+         64²); the teacher at width 16 (4.4 M parameters instead of 70 M),
+         PSPNet-ResNet18 at width 16 (0.8 M), the other students at their
+         own size; AdamW with the poly schedule.
   paper  the paper's setting for a GPU/TPU: 512×512 crops of the scaled
          (0.5–2.0) and flipped images, 40k iterations at batch 8, SGD 0.01
          with momentum 0.9, weight decay 5e-4 and the poly schedule (power
@@ -107,6 +108,10 @@ def get_config(arg=None):
     # learn vessels. Training on 64² crops keeps a step at the cost of
     # ACDC's 64² step; evaluation sees the whole 512² images.
     size, crop = 512, 64
+  # Models trained on crops are evaluated on windows of the crop size, as
+  # the official code's sliding evaluation: PSPNet's pyramid pooling then
+  # sees at test time the context it was trained on (docs/skd/drive.md).
+  config.eval_window = crop
   # Random scale 0.5–2.0 + crop + flip, the paper's augmentation.
   config.data = dict(name=a["dataset"], image_size=size,
                      augment="scale_crop", scale_range=(0.5, 2.0),

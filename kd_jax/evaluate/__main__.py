@@ -183,13 +183,14 @@ def evaluate_checkpoints(config, workdir: str, stages=None,
   results, predictions, maps = {}, {}, {}
   for name, (method, variables) in restored.items():
     state = _state(method, variables)
-    eval_step = train.make_eval_step(method, heads, mesh)
+    eval_step = train.make_eval_step(method, heads, mesh, config)
     scores = train.evaluate(eval_step, state, source, config.batch_size, mesh,
                             heads)
     results[name] = dict(method=config.stages[name].method,
                          model=config.stages[name].model.to_dict(),
                          **_scores_json(scores, datasets.class_names))
-    logits = jax.jit(method.predict)(state.params, state.batch_stats, images)
+    logits = jax.jit(train.eval_predict(method.predict, config))(
+        state.params, state.batch_stats, images)
     predictions[name] = np.asarray(jnp.argmax(logits, -1))
     # The deployed module, as `variables` are its own (an explain stage:
     # explainer + student, the saliency through the mask too).

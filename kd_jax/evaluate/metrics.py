@@ -19,7 +19,8 @@ Conventions (tested in tests/test_metrics.py):
 Volumes (numpy/scipy): `hd95`, `volume_scores` (per-class Dice and HD95 of a
 3D volume, with the empty-mask conventions described before
 `binary_volume_scores`), `predict_volume` / `evaluate_volume` (a 2D model run
-slice by slice over a volume) and `summarize_volumes`.
+slice by slice over a volume) and `summarize_volumes`. `sliding_window`
+runs a model on overlapping crop-sized windows of an image (jittable).
 
 Classification (numpy): `accuracy`, `f1_scores` / `macro_f1`, `roc_auc`
 (binary and one-vs-rest macro), `quadratic_weighted_kappa`, `fidelity`
@@ -332,6 +333,58 @@ def evaluate_volume(predict_fn: Callable[[np.ndarray], Array],
                          pooled)
   scores["pred"] = pred
   return scores
+
+
+# --------------------------------------------------------------------------
+# Sliding-window inference (jittable).
+
+# Neighbouring windows share a third of a window, as in the evaluation of
+# the Structured KD / PSPNet code (`predict_sliding`).
+WINDOW_OVERLAP = 1 / 3
+
+
+def window_starts(size: int, window: int) -> list[int]:
+  """Start offsets of windows of `window` pixels covering `size` pixels at a
+  stride of ceil(window · (1 − WINDOW_OVERLAP)), the last one moved back to
+  end at the border (so every window lies inside); [0] when the window
+  covers the whole size."""
+  if window >= size:
+    return [0]
+  stride = int(np.ceil(window * (1 - WINDOW_OVERLAP)))
+  count = int(np.ceil((size - window) / stride)) + 1
+  return [min(i * stride, size - window) for i in range(count)]
+
+
+def sliding_window(predict: Callable[..., Array], window: int
+                   ) -> Callable[..., Array]:
+  """`predict(params, batch_stats, images) -> (B, H, W, K) logits` run on
+  `window`² windows of the images (`window_starts` in each axis) instead of
+  the whole images, for a model trained on crops of that size: a model
+  with global context (PSPNet's pyramid pooling) sees at test time what it
+  saw in training. The windows' softmax probabilities are averaged where
+  they overlap; the result is their log (as logits: argmax and softmax are
+  the average's). All B · n windows go through the model in one call, so
+  it compiles once per image shape. An axis shorter than the window is
+  taken whole."""
+
+  def windowed(params, batch_stats, images):
+    b, h, w = images.shape[:3]
+    th, tw = min(window, h), min(window, w)
+    corners = [(y, x) for y in window_starts(h, th)
+               for x in window_starts(w, tw)]
+    crops = jnp.concatenate([images[:, y:y + th, x:x + tw]
+                             for y, x in corners])
+    probs = jax.nn.softmax(
+        predict(params, batch_stats, crops).astype(jnp.float32), -1)
+    probs = probs.reshape((len(corners), b) + probs.shape[1:])
+    total = jnp.zeros((b, h, w, probs.shape[-1]), jnp.float32)
+    count = np.zeros((h, w), np.float32)
+    for i, (y, x) in enumerate(corners):
+      total = total.at[:, y:y + th, x:x + tw].add(probs[i])
+      count[y:y + th, x:x + tw] += 1
+    return jnp.log(total / count[:, :, None])
+
+  return windowed
 
 
 # --------------------------------------------------------------------------
