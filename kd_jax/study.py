@@ -313,7 +313,9 @@ def write_report(workdir, config, datasets, table, model_info, gaps,
       f"{config.data.image_size}²; evaluated on the {len(vols)} "
       + (f"{datasets.volumes_split} images, image by image (2-D data)"
          if set(vols.depths) == {1} else
-         f"{datasets.volumes_split} volumes, whole 3D volumes"),
+         f"{datasets.volumes_split} volumes, whole 3D volumes")
+      + (f", each slice on {config.eval_window}² sliding windows "
+         "(`eval_window`)" if config.get("eval_window") else ""),
       f"- seeds: {seeds}; steps of batch {config.batch_size} per stage: "
       f"{_steps_text(config, len(datasets.train))}; optimizer {config.optimizer.name}, lr "
       f"{config.optimizer.lr}", "",

@@ -92,6 +92,7 @@ def test_merged_segmentation_table_and_gap(tmp_path):
   c = default.get_config()
   c.data.num_train, c.data.num_val, c.data.num_test = 4, 2, 2
   c.study = dict(seeds=(0, 1, 2))
+  c.eval_window = 16  # Named in the report.
   ds = study._with_volumes(c, data.build(c.data))  # pylint: disable=protected-access
   rng = np.random.default_rng(1)
   names, parts, dice = ds.class_names, [], {}
@@ -119,6 +120,8 @@ def test_merged_segmentation_table_and_gap(tmp_path):
                              [np.mean(dice["kd"]), np.std(dice["kd"], ddof=1)])
   t, s, k = (np.mean(dice[n]) for n in ("teacher", "student", "kd"))
   assert result["gap_closed"]["kd"] == study.gap_closed(t, s, k)
+  md = open(tmp_path / "m" / "study.md").read()
+  assert "each slice on 16² sliding windows" in md
 
 
 def test_merge_refusals_are_one_line(tmp_path):
