@@ -80,7 +80,9 @@ def _launch(config, workdir, processes, devices, module="kd_jax.main"):
   port = _free_port()
   procs = []
   for i in range(processes):
-    env = dict(os.environ, PYTHONPATH=ROOT,
+    # PYTHONFAULTHANDLER: a hung process killed by `_wait` with SIGABRT
+    # prints every thread's Python stack into the failure message.
+    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONFAULTHANDLER="1",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     if processes > 1:
       env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
@@ -98,9 +100,18 @@ def _wait(procs, timeout=600):
     try:
       text, _ = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      pytest.fail("a process hung (a collective one side never joined)")
+      tails = []
+      for i, q in enumerate(procs):
+        if q.poll() is not None:
+          continue
+        q.send_signal(signal.SIGABRT)
+        try:
+          tails.append(f"process {i}:\n" + q.communicate(timeout=30)[0][-3000:])
+        except subprocess.TimeoutExpired:
+          q.kill()
+          tails.append(f"process {i}: no stack")
+      pytest.fail("a process hung (a collective one side never joined):\n"
+                  + "\n".join(tails))
     out.append((p.returncode, text))
   return out
 
