@@ -96,6 +96,10 @@ def evaluate_volumes(predict_fn, volumes, num_classes: int, input_size,
                      batch_size: int) -> dict:
   """Per-volume and averaged Dice, IoU and HD95 of a 2D model run slice by
   slice over every volume of `volumes` (a `VolumeSource`)."""
+  # Batches no larger than the deepest volume: one-slice "volumes" (DRIVE's
+  # images) are not padded to a batch of blank slices, 8× the windows.
+  if None not in volumes.depths:
+    batch_size = min(batch_size, max(volumes.depths))
   per_volume = []
   for i in range(len(volumes)):
     vol = volumes[i]
@@ -152,7 +156,9 @@ def _cached_eval(path: str, step: int, compute, window: int = 0) -> dict:
       cached = json.load(f)
     if cached.get("step") == step and cached.get("eval_window", 0) == window:
       return cached
-  result = dict(compute(), step=step, eval_window=window)
+  result = dict(compute(), step=step)
+  if window:  # Absent = whole images, as in files from before windows.
+    result["eval_window"] = window
   with open(path, "w") as f:
     json.dump(result, f)
   return result
@@ -686,8 +692,7 @@ def run_heads(config, workdir: str, datasets, heads, **records) -> dict:
         lambda st=state, e=step: _jsonable(train.evaluate(
             e, st, datasets.test, cfg.batch_size, mesh, heads)))
     per_seed[seed][stage] = {k: v for k, v in result.items()
-                             if k not in ("step", "eval_window")
-                             and not isinstance(v, list)}
+                             if k != "step" and not isinstance(v, list)}
     if config.study.get("fidelity"):  # Post-hoc fidelity to a stage.
       per_seed[seed][stage].update(_fidelity(
           config.study.fidelity, stage, method, state, datasets.test,

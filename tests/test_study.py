@@ -71,12 +71,15 @@ def test_cached_evaluation_is_redone_for_another_step_or_window(tmp_path):
   assert study._cached_eval(path, 5, compute, window=64)["eval_window"] == 64
   assert study._cached_eval(path, 6, compute, window=64)["step"] == 6
   assert len(calls) == 3
+  # Whole-image scores carry no window key (head scores are read as is).
+  assert "eval_window" not in study._cached_eval(path, 7, compute)
+  assert len(calls) == 4
   # A file from before eval_window existed holds whole-image scores.
   with open(path, "w") as f:
     json.dump({"step": 6, "summary": {"mean_dice": 0.5}}, f)
   assert study._cached_eval(path, 6, compute)["summary"]["mean_dice"] == 0.5
   assert study._cached_eval(path, 6, compute, window=64)["summary"][
-      "mean_dice"] == 4
+      "mean_dice"] == 5
 
 
 def test_gap_closed():
@@ -153,9 +156,14 @@ def test_images_as_volumes_scores_each_image_as_a_one_slice_volume():
   np.testing.assert_array_equal(vols[1]["image"], images[1][None])
   np.testing.assert_array_equal(vols.get_slice(2, 0)["label"], labels[2])
   preds = rng.integers(0, 3, (3, 8, 6)).astype(np.int32)
-  calls = iter(preds)
-  out = study.evaluate_volumes(lambda x: next(calls)[None], vols, 3, None,
-                               batch_size=4)
+  calls, batches = iter(preds), []
+
+  def predict(x):
+    batches.append(len(x))
+    return next(calls)[None]
+
+  out = study.evaluate_volumes(predict, vols, 3, None, batch_size=4)
+  assert batches == [1, 1, 1]  # No blank slices padded to the batch of 4.
   for i, v in enumerate(out["per_volume"]):
     for c in range(3):
       p, g = preds[i] == c, labels[i] == c
