@@ -106,7 +106,7 @@ def get_config(arg=None):
     # Vessels are 1-8 px wide at DRIVE's 565 px. At 256² the stride-8
     # PSPNets learn only the class prior (docs/skd/drive.md); at 512² they
     # learn vessels. Training on 64² crops keeps a step at the cost of
-    # ACDC's 64² step; evaluation sees the whole 512² images.
+    # ACDC's 64² step; evaluation runs on 64² windows of the 512² images.
     size, crop = 512, 64
   # Models trained on crops are evaluated on windows of the crop size, as
   # the official code's sliding evaluation: PSPNet's pyramid pooling then
