@@ -115,8 +115,10 @@ def readme(studies) -> str:
   for n in names:
     models = studies[n]["models"]
     # Every study has both; the units once: "teacher 4.42 M params, 0.466
-    # GFLOPs; student 0.82 M, 0.077".
-    sizes = ["teacher %s M params, %s GFLOPs" % _size(models["teacher"]),
+    # GFLOPs at 64²; student 0.82 M, 0.077" (GFLOPs of one whole image).
+    side = studies[n]["config"]["data"]["image_size"]
+    sizes = [("teacher %s M params, %s GFLOPs" % _size(models["teacher"]))
+             + f" at {side}²",
              "student %s M, %s" % _size(models["student"])]
     seeds = ", ".join(str(s) for s in studies[n]["seeds"])
     about.append(f"{SETS.get(n, n)} (seeds {seeds}): " + "; ".join(sizes))
