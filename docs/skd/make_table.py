@@ -14,7 +14,8 @@ pixel accuracy to 0.1; HD95 in whole pixels), as the paper's mIoU; the
 foreground classes' IoU under short names only where there are several
 (the background's follows from the two means); HD95 of README_HD95's
 sets; the seeds and the models' params and GFLOPs in the line above (every
-student arm is one model); rows named by the term each adds.
+student arm is one model); rows named by the term each adds; no gap column
+for a set whose teacher does not beat its student.
 """
 import json
 import pathlib
@@ -83,10 +84,15 @@ def _columns(study, readme, hd95=True):
   return cols
 
 
-def _cells(study, arm, cols):
+def _has_gap(study):
+  """Whether the teacher beats the student (else no gap to close)."""
+  return any(_gap(study["table"], arm) != "–" for arm in study["table"])
+
+
+def _cells(study, arm, cols, gap=True):
   row = study["table"].get(arm, {})
-  return [_cell(row.get(key), d, scale) for _, key, d, scale in cols] + [
-      _gap(study["table"], arm)]
+  return [_cell(row.get(key), d, scale) for _, key, d, scale in cols] + (
+      [_gap(study["table"], arm)] if gap else [])
 
 
 def table(study) -> str:
@@ -125,14 +131,15 @@ def readme(studies) -> str:
   head = ["arm"]
   for n in names:
     head += [f"{SETS.get(n, n)} {cols[n][0][0]}"] + [c[0] for c in cols[n][1:]]
-    head.append("gap closed")
+    if _has_gap(studies[n]):  # A column of dashes says nothing.
+      head.append("gap closed")
   lines = [". ".join(about) + ".", "",
            "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
   for arm, label in README_ARMS.items():
     if any(arm in studies[n]["table"] for n in names):
       cells = [label]
       for n in names:
-        cells += _cells(studies[n], arm, cols[n])
+        cells += _cells(studies[n], arm, cols[n], _has_gap(studies[n]))
       lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
