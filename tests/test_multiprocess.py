@@ -106,7 +106,11 @@ def _wait(procs, timeout=600):
           continue
         q.send_signal(signal.SIGABRT)
         try:
-          tails.append(f"process {i}:\n" + q.communicate(timeout=30)[0][-3000:])
+          text = q.communicate(timeout=30)[0]
+          # The stacks, without faulthandler's list of extension modules.
+          text = text[max(text.rfind("Fatal Python error"), 0):]
+          tails.append(f"process {i}:\n" + text.split(
+              "\nExtension modules:")[0])
         except subprocess.TimeoutExpired:
           q.kill()
           tails.append(f"process {i}: no stack")
