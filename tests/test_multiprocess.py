@@ -106,10 +106,10 @@ def _wait(procs, timeout=600):
           continue
         q.send_signal(signal.SIGABRT)
         try:
-          text = q.communicate(timeout=30)[0]
+          dump = q.communicate(timeout=30)[0]
           # The stacks, without faulthandler's list of extension modules.
-          text = text[max(text.rfind("Fatal Python error"), 0):]
-          tails.append(f"process {i}:\n" + text.split(
+          dump = dump[max(dump.rfind("Fatal Python error"), 0):]
+          tails.append(f"process {i}:\n" + dump.split(
               "\nExtension modules:")[0])
         except subprocess.TimeoutExpired:
           q.kill()
